@@ -1,0 +1,575 @@
+//! Access requests, approvals and grants: the state machine and its transactions.
+//!
+//! Every transition is one conditional UPDATE plus its audit event in one write
+//! transaction; a transition that loses a race changes nothing and reports a conflict.
+//! The rules themselves live in `policy`; this module applies them to stored state,
+//! re-reading the actor's groups inside the transaction so a membership change takes
+//! effect at once.
+
+use chrono::Duration;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::audit::NewEvent;
+use crate::config::RoleConfig;
+use crate::error::{Error, Result};
+use crate::policy::{self, Actor, CountedApproval, RequestInput};
+use crate::state::{AppState, Metrics};
+use crate::store::{self, ApprovalRow, Conn, GrantRow, RequestRow};
+
+/// How a decision reached twokey.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Web,
+    Api,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Web => "web",
+            Channel::Api => "api",
+        }
+    }
+}
+
+/// A request with everything needed to show or decide on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestView {
+    #[serde(flatten)]
+    pub request: RequestRow,
+    pub required_approvals: u32,
+    pub all_groups: bool,
+    pub approver_groups: Vec<String>,
+    pub approvals: Vec<ApprovalRow>,
+    pub grant: Option<GrantRow>,
+}
+
+impl RequestView {
+    /// Approvers who approved, counted once each.
+    pub fn approval_count(&self) -> usize {
+        self.approvals
+            .iter()
+            .filter(|a| a.decision == "approve")
+            .map(|a| a.approver_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
+
+    pub fn decided_by(&self, user_id: &str) -> bool {
+        self.approvals.iter().any(|a| a.approver_id == user_id)
+    }
+}
+
+/// Re-reads the actor inside the transaction: groups may have changed since the HTTP
+/// request was authenticated, and decisions use membership as of now.
+async fn current_actor(state: &AppState, conn: &mut Conn, user_id: &str) -> Result<Actor> {
+    store::load_actor(conn, user_id, &state.config.auth.admin_groups)
+        .await?
+        .ok_or(Error::Unauthenticated)
+}
+
+fn role_of<'a>(state: &'a AppState, req: &RequestRow) -> Option<&'a RoleConfig> {
+    state.config.role(&req.resource, &req.role).map(|(_, r)| r)
+}
+
+async fn load_view(state: &AppState, conn: &mut Conn, req: RequestRow) -> Result<RequestView> {
+    let approvals = store::approvals_for(conn, &req.id).await?;
+    let grant = store::grant_for_request(conn, &req.id).await?;
+    let role = role_of(state, &req);
+    let mut view = RequestView {
+        required_approvals: role.map_or(0, |r| r.min_approvals),
+        all_groups: role.is_some_and(|r| r.all_groups),
+        approver_groups: role.map(|r| r.approver_groups.clone()).unwrap_or_default(),
+        request: req,
+        approvals,
+        grant,
+    };
+    // Show what holds now even if the sweeper has not caught up yet.
+    let now = state.now_ms();
+    if view.request.status == "pending" && view.request.expires_at <= now {
+        view.request.status = "expired".into();
+    }
+    if let Some(g) = view.grant.as_mut()
+        && g.status == "active"
+        && g.ends_at <= now
+    {
+        g.status = "ended".into();
+    }
+    Ok(view)
+}
+
+fn refuse<T>(state: &AppState, err: Error) -> Result<T> {
+    Metrics::inc(&state.metrics.refusals);
+    Err(err)
+}
+
+/// Files a new request.
+pub async fn create_request(
+    state: &AppState,
+    actor: &Actor,
+    input: &RequestInput,
+    channel: Channel,
+) -> Result<RequestView> {
+    let Some(resource) = state.config.resource(&input.resource) else {
+        return Err(Error::invalid(
+            "resource",
+            format!("no resource named {:?}", input.resource),
+        ));
+    };
+    let Some(role) = resource.roles.iter().find(|r| r.name == input.role) else {
+        return Err(Error::invalid(
+            "role",
+            format!("{:?} has no role named {:?}", resource.name, input.role),
+        ));
+    };
+    let valid = policy::check_request(input, role).map_err(Error::Invalid)?;
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
+    if !policy::may_request(&actor, role) {
+        return refuse(
+            state,
+            Error::forbidden(format!(
+                "you may not request {} on {}: it is open to {}",
+                role.name,
+                resource.name,
+                role.requester_groups.join(", ")
+            )),
+        );
+    }
+    let ttl = Duration::from_std(state.config.pending_ttl(role)).unwrap_or(Duration::hours(24));
+    let id = store::insert_request(
+        &mut tx,
+        &store::NewRequest {
+            requester_id: &actor.user_id,
+            resource: &resource.name,
+            role: &role.name,
+            duration_secs: valid.duration.as_secs() as i64,
+            reason: &valid.reason,
+            ticket: valid.ticket.as_deref(),
+            created_at: now,
+            expires_at: now + ttl.num_milliseconds(),
+        },
+    )
+    .await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: &actor.email,
+            action: "request.created",
+            subject: &id,
+            details: json!({
+                "requester_id": actor.user_id,
+                "resource": resource.name,
+                "role": role.name,
+                "duration_secs": valid.duration.as_secs(),
+                "reason": valid.reason,
+                "ticket": valid.ticket,
+                "channel": channel.as_str(),
+            }),
+        },
+    )
+    .await?;
+    let req = store::get_request(&mut tx, &id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let view = load_view(state, &mut tx, req).await?;
+    tx.commit().await?;
+    Metrics::inc(&state.metrics.requests_created);
+    tracing::info!(request = %id, requester = %actor.email, resource = %resource.name, role = %role.name, "request filed");
+    Ok(view)
+}
+
+/// A request the actor may see.
+pub async fn view(state: &AppState, actor: &Actor, id: &str) -> Result<RequestView> {
+    let mut conn = state.db.acquire().await?;
+    let req = store::get_request(&mut conn, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    if !policy::may_view(actor, &req.requester_id, role_of(state, &req)) {
+        return refuse(state, Error::forbidden("you may not see this request"));
+    }
+    load_view(state, &mut conn, req).await
+}
+
+/// Requests the actor may see, newest first.
+pub async fn list(
+    state: &AppState,
+    actor: &Actor,
+    status: Option<&str>,
+) -> Result<Vec<RequestView>> {
+    if let Some(s) = status
+        && !["pending", "approved", "denied", "cancelled", "expired"].contains(&s)
+    {
+        return Err(Error::invalid(
+            "status",
+            "must be one of pending, approved, denied, cancelled, expired",
+        ));
+    }
+    let rows = store::list_requests(&state.db, status, 500).await?;
+    let mut conn = state.db.acquire().await?;
+    let mut out = Vec::new();
+    for req in rows {
+        if policy::may_view(actor, &req.requester_id, role_of(state, &req)) {
+            out.push(load_view(state, &mut conn, req).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// Pending requests this actor may decide on and has not yet.
+pub async fn queue(state: &AppState, actor: &Actor) -> Result<Vec<RequestView>> {
+    let now = state.now_ms();
+    Ok(list(state, actor, Some("pending"))
+        .await?
+        .into_iter()
+        .filter(|v| v.request.expires_at > now && !v.decided_by(&actor.user_id))
+        .filter(|v| {
+            role_of(state, &v.request)
+                .is_some_and(|r| policy::may_decide(actor, &v.request.requester_id, r).is_ok())
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Approve,
+    Deny,
+}
+
+/// Records an approval or a denial; on the approval that meets the role's rule, the
+/// request becomes a grant in the same transaction.
+pub async fn decide(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    decision: Decision,
+    comment: Option<&str>,
+    channel: Channel,
+) -> Result<RequestView> {
+    let comment = policy::check_comment(comment).map_err(|e| Error::Invalid(vec![e]))?;
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let req = store::get_request(&mut tx, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
+    let role = role_of(state, &req);
+    if !policy::may_view(&actor, &req.requester_id, role) {
+        return refuse(state, Error::forbidden("you may not see this request"));
+    }
+    let Some(role) = role else {
+        return refuse(
+            state,
+            Error::conflict("this role is no longer in the policy"),
+        );
+    };
+    if let Err(why) = policy::may_decide(&actor, &req.requester_id, role) {
+        return refuse(state, Error::forbidden(why.message()));
+    }
+    if req.status != "pending" {
+        return refuse(
+            state,
+            Error::conflict(format!("this request is already {}", req.status)),
+        );
+    }
+    if req.expires_at <= now {
+        return refuse(state, Error::conflict("this request has expired"));
+    }
+    let groups = policy::counted_groups(&actor, role);
+    let verb = match decision {
+        Decision::Approve => "approve",
+        Decision::Deny => "deny",
+    };
+    let recorded = store::insert_approval(
+        &mut tx,
+        &store::NewApproval {
+            request_id: id,
+            approver_id: &actor.user_id,
+            decision: verb,
+            comment: comment.as_deref(),
+            channel: channel.as_str(),
+            approver_groups: &groups,
+            now,
+        },
+    )
+    .await?;
+    if !recorded {
+        return refuse(
+            state,
+            Error::conflict("you have already decided on this request"),
+        );
+    }
+    let details = json!({
+        "approver_id": actor.user_id,
+        "channel": channel.as_str(),
+        "comment": comment,
+        "groups": groups,
+    });
+    match decision {
+        Decision::Deny => {
+            if !store::decide_request(&mut tx, id, "denied", now).await? {
+                return refuse(state, Error::conflict("this request is no longer pending"));
+            }
+            audit(&mut tx, now, &actor.email, "request.denied", id, details).await?;
+            Metrics::inc(&state.metrics.denials);
+        }
+        Decision::Approve => {
+            audit(&mut tx, now, &actor.email, "request.approval", id, details).await?;
+            Metrics::inc(&state.metrics.approvals);
+            let approvals = store::approvals_for(&mut tx, id).await?;
+            let group_lists: Vec<Vec<String>> = approvals.iter().map(ApprovalRow::groups).collect();
+            let counted: Vec<CountedApproval<'_>> = approvals
+                .iter()
+                .zip(&group_lists)
+                .filter(|(a, _)| a.decision == "approve")
+                .map(|(a, g)| CountedApproval {
+                    approver_id: &a.approver_id,
+                    groups: g,
+                })
+                .collect();
+            if policy::rule_met(role, &counted) {
+                if !store::decide_request(&mut tx, id, "approved", now).await? {
+                    return refuse(state, Error::conflict("this request is no longer pending"));
+                }
+                let ends = now + req.duration_secs * 1000;
+                let grant_id = store::insert_grant(&mut tx, &req, now, ends).await?;
+                let approvers: Vec<&str> = approvals
+                    .iter()
+                    .filter(|a| a.decision == "approve")
+                    .map(|a| a.approver_email.as_str())
+                    .collect();
+                audit(
+                    &mut tx,
+                    now,
+                    &actor.email,
+                    "request.approved",
+                    id,
+                    json!({ "approvers": approvers, "grant_id": grant_id }),
+                )
+                .await?;
+                audit(
+                    &mut tx,
+                    now,
+                    "system",
+                    "grant.started",
+                    &grant_id,
+                    json!({
+                        "request_id": id,
+                        "user": req.requester_email,
+                        "resource": req.resource,
+                        "role": req.role,
+                        "starts_at": now,
+                        "ends_at": ends,
+                    }),
+                )
+                .await?;
+                Metrics::inc(&state.metrics.grants_started);
+            }
+        }
+    }
+    let req = store::get_request(&mut tx, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let view = load_view(state, &mut tx, req).await?;
+    tx.commit().await?;
+    tracing::info!(request = %id, approver = %actor.email, decision = verb, status = %view.request.status, "decision recorded");
+    Ok(view)
+}
+
+/// The requester withdraws a pending request.
+pub async fn cancel(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    comment: Option<&str>,
+) -> Result<RequestView> {
+    let comment = policy::check_comment(comment).map_err(|e| Error::Invalid(vec![e]))?;
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let req = store::get_request(&mut tx, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    if req.requester_id != actor.user_id {
+        return refuse(
+            state,
+            Error::forbidden("only the requester may cancel a request"),
+        );
+    }
+    if !store::decide_request(&mut tx, id, "cancelled", now).await? {
+        return refuse(
+            state,
+            Error::conflict(format!("this request is {}, not pending", req.status)),
+        );
+    }
+    audit(
+        &mut tx,
+        now,
+        &actor.email,
+        "request.cancelled",
+        id,
+        json!({ "comment": comment }),
+    )
+    .await?;
+    let req = store::get_request(&mut tx, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let view = load_view(state, &mut tx, req).await?;
+    tx.commit().await?;
+    Metrics::inc(&state.metrics.cancellations);
+    Ok(view)
+}
+
+/// Ends a live grant early. Its approvers, admins, and the holder may.
+pub async fn revoke(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    comment: Option<&str>,
+) -> Result<RequestView> {
+    let comment = policy::check_comment(comment).map_err(|e| Error::Invalid(vec![e]))?;
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let req = store::get_request(&mut tx, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
+    let role = role_of(state, &req);
+    if !policy::may_view(&actor, &req.requester_id, role) {
+        return refuse(state, Error::forbidden("you may not see this request"));
+    }
+    if !policy::may_revoke(&actor, &req.requester_id, role) {
+        return refuse(
+            state,
+            Error::forbidden("only an approver, an admin or the holder may revoke this grant"),
+        );
+    }
+    let Some(grant) = store::grant_for_request(&mut tx, id).await? else {
+        return refuse(
+            state,
+            Error::conflict(format!("this request is {} and has no grant", req.status)),
+        );
+    };
+    if !store::end_grant(
+        &mut tx,
+        &grant.id,
+        "revoked",
+        now,
+        Some(&actor.user_id),
+        comment.as_deref(),
+    )
+    .await?
+    {
+        return refuse(state, Error::conflict("this grant has already ended"));
+    }
+    audit(
+        &mut tx,
+        now,
+        &actor.email,
+        "grant.revoked",
+        &grant.id,
+        json!({ "request_id": id, "revoked_by_id": actor.user_id, "comment": comment }),
+    )
+    .await?;
+    let view = load_view(state, &mut tx, req).await?;
+    tx.commit().await?;
+    Metrics::inc(&state.metrics.grants_revoked);
+    tracing::info!(request = %id, grant = %grant.id, by = %actor.email, "grant revoked");
+    Ok(view)
+}
+
+/// What one sweep changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub expired_requests: usize,
+    pub ended_grants: usize,
+}
+
+/// Expires pending requests past their TTL and ends grants past their end, each with
+/// its audit event, in one transaction.
+pub async fn sweep(state: &AppState) -> Result<Swept> {
+    let now = state.now_ms();
+    let mut swept = Swept::default();
+    {
+        // Cheap read first so an idle server does not take the write lock every tick.
+        let mut conn = state.db.acquire().await?;
+        if store::overdue_requests(&mut conn, now).await?.is_empty()
+            && store::overdue_grants(&mut conn, now).await?.is_empty()
+        {
+            return Ok(swept);
+        }
+    }
+    let mut tx = store::begin_write(&state.db).await?;
+    for req in store::overdue_requests(&mut tx, now).await? {
+        if store::decide_request(&mut tx, &req.id, "expired", now).await? {
+            audit(
+                &mut tx,
+                now,
+                "system",
+                "request.expired",
+                &req.id,
+                json!({ "expires_at": req.expires_at }),
+            )
+            .await?;
+            swept.expired_requests += 1;
+        }
+    }
+    for grant in store::overdue_grants(&mut tx, now).await? {
+        if store::end_grant(&mut tx, &grant.id, "ended", now, None, None).await? {
+            audit(
+                &mut tx,
+                now,
+                "system",
+                "grant.ended",
+                &grant.id,
+                json!({ "request_id": grant.request_id, "ends_at": grant.ends_at }),
+            )
+            .await?;
+            swept.ended_grants += 1;
+        }
+    }
+    tx.commit().await?;
+    for _ in 0..swept.expired_requests {
+        Metrics::inc(&state.metrics.expirations);
+    }
+    for _ in 0..swept.ended_grants {
+        Metrics::inc(&state.metrics.grants_ended);
+    }
+    Ok(swept)
+}
+
+async fn audit(
+    conn: &mut Conn,
+    ts: i64,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    details: serde_json::Value,
+) -> Result<()> {
+    store::append_audit(
+        conn,
+        ts,
+        &NewEvent {
+            actor,
+            action,
+            subject,
+            details,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Live grants the actor may see (their own; all for approvers of the role and admins).
+pub async fn live_grants(state: &AppState, actor: &Actor) -> Result<Vec<GrantRow>> {
+    Ok(store::live_grants(&state.db, state.now_ms())
+        .await?
+        .into_iter()
+        .filter(|g| {
+            let role = state.config.role(&g.resource, &g.role).map(|(_, r)| r);
+            policy::may_view(actor, &g.user_id, role)
+        })
+        .collect())
+}

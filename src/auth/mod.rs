@@ -1,0 +1,191 @@
+//! Who is asking: demo sign-in, browser sessions, CSRF tokens and personal API tokens.
+//!
+//! Tokens are random 256-bit values shown once; only their SHA-256 is stored, and the
+//! stored hash is compared in constant time. Nothing here logs a token.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::audit::NewEvent;
+use crate::error::{Error, Result};
+use crate::policy::Actor;
+use crate::state::AppState;
+use crate::store;
+
+/// Prefix that makes a leaked twokey token easy to recognise (and to scan for).
+pub const TOKEN_PREFIX: &str = "tk_";
+
+/// Session keys.
+pub const SESSION_USER: &str = "user_id";
+pub const SESSION_CSRF: &str = "csrf";
+
+fn random_b64(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// A fresh CSRF token for a session.
+pub fn new_csrf() -> String {
+    random_b64(32)
+}
+
+/// Constant-time comparison of two secrets.
+pub fn secrets_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A personal API token and the hash to store.
+pub fn new_api_token() -> (String, String) {
+    let token = format!("{TOKEN_PREFIX}{}", random_b64(32));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// The user behind a bearer token, with their current groups.
+pub async fn authenticate_token(state: &AppState, token: &str) -> Result<Actor> {
+    if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
+        return Err(Error::Unauthenticated);
+    }
+    let hash = hash_token(token);
+    let Some((stored, user_id)) = store::token_owner(&state.db, &hash).await? else {
+        return Err(Error::Unauthenticated);
+    };
+    // The lookup matched on the hash already; compare again in constant time so the
+    // decision never rests on a variable-time comparison.
+    if !secrets_equal(&stored, &hash) {
+        return Err(Error::Unauthenticated);
+    }
+    let mut conn = state.db.acquire().await?;
+    store::load_actor(&mut conn, &user_id, &state.config.auth.admin_groups)
+        .await?
+        .ok_or(Error::Unauthenticated)
+}
+
+/// Loads the signed-in user of a session.
+pub async fn session_actor(state: &AppState, user_id: &str) -> Result<Option<Actor>> {
+    let mut conn = state.db.acquire().await?;
+    store::load_actor(&mut conn, user_id, &state.config.auth.admin_groups).await
+}
+
+/// Demo sign-in: only for users listed in config, only when `auth.dev_login` is on.
+/// Refreshes the user's groups from config and records the sign-in.
+pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
+    if !state.config.auth.dev_login {
+        return Err(Error::NotFound("page"));
+    }
+    let Some(dev) = state.config.dev_user(email) else {
+        return Err(Error::forbidden("no such demo user"));
+    };
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let user_id = sync_user(&mut tx, dev, now).await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: &dev.email,
+            action: "auth.signed_in",
+            subject: &user_id,
+            details: json!({ "method": "dev", "groups": dev.groups }),
+        },
+    )
+    .await?;
+    let actor = store::load_actor(&mut tx, &user_id, &state.config.auth.admin_groups)
+        .await?
+        .ok_or(Error::Unauthenticated)?;
+    tx.commit().await?;
+    Ok(actor)
+}
+
+async fn sync_user(
+    conn: &mut store::Conn,
+    dev: &crate::config::DevUser,
+    now: i64,
+) -> Result<String> {
+    let name = dev.name.clone().unwrap_or_else(|| dev.email.clone());
+    let id = store::upsert_user(conn, &dev.email, &name, now).await?;
+    store::set_user_groups(conn, &id, &dev.groups, now).await?;
+    Ok(id)
+}
+
+/// Makes every configured demo user exist with the groups config gives them, so
+/// approvers can be told about requests before they first sign in.
+pub async fn sync_dev_users(state: &AppState) -> Result<()> {
+    if !state.config.auth.dev_login {
+        return Ok(());
+    }
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    for dev in &state.config.auth.dev_users {
+        sync_user(&mut tx, dev, now).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Creates a personal API token for an existing user. Returns the token, which is
+/// never stored and cannot be shown again.
+pub async fn create_api_token(state: &AppState, email: &str, label: &str) -> Result<String> {
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let user_id = match store::user_id_by_email(&mut tx, email).await? {
+        Some(id) => id,
+        None => match state.config.dev_user(email) {
+            Some(dev) if state.config.auth.dev_login => sync_user(&mut tx, dev, now).await?,
+            _ => {
+                return Err(Error::invalid(
+                    "user",
+                    format!("no user {email}: they must sign in once first"),
+                ));
+            }
+        },
+    };
+    let (token, hash) = new_api_token();
+    let token_id = store::insert_token(&mut tx, &user_id, &hash, label, now).await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: "cli",
+            action: "token.created",
+            subject: &user_id,
+            details: json!({ "user": email, "token_id": token_id, "label": label }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hashed() {
+        let (a, ha) = new_api_token();
+        let (b, hb) = new_api_token();
+        assert!(a.starts_with(TOKEN_PREFIX));
+        assert_ne!(a, b);
+        assert_ne!(ha, hb);
+        assert_eq!(hash_token(&a), ha);
+        assert!(!ha.contains(&a[TOKEN_PREFIX.len()..]));
+    }
+
+    #[test]
+    fn secret_comparison() {
+        assert!(secrets_equal("abc", "abc"));
+        assert!(!secrets_equal("abc", "abd"));
+        assert!(!secrets_equal("abc", "abcd"));
+        assert!(!secrets_equal("", "a"));
+    }
+}

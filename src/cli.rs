@@ -1,0 +1,286 @@
+//! The command line: server commands (`demo`, `serve`, `check-config`), admin
+//! commands (`token`, `audit`). Errors print as one line and a non-zero exit.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::clock::SystemClock;
+use crate::config::{Config, demo_config_toml};
+use crate::{audit, auth, server, store};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "twokey",
+    version,
+    about = "Just-in-time access with separation of duties"
+)]
+pub struct Cli {
+    /// The TOML config file.
+    #[arg(
+        long,
+        global = true,
+        env = "TWOKEY_CONFIG",
+        default_value = "twokey.toml"
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run on the embedded default (SQLite, demo sign-in) with a demo policy.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[arg(long, default_value = "./twokey-demo")]
+        data_dir: PathBuf,
+    },
+    /// Serve with the given config.
+    Serve,
+    /// Check a config file and exit.
+    CheckConfig,
+    /// Personal API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a new API token for a user (shown once; only its hash is kept).
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "cli")]
+        label: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Verify the hash chain; names the first bad event.
+    Verify {
+        /// Verify an exported JSONL file instead of the database (offline).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Write every event, oldest first.
+    Export {
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Runs a command; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("twokey: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Demo { listen, data_dir } => demo(&listen, &data_dir).await,
+        Command::Serve => {
+            let config = load(&cli.config)?;
+            run_server(config).await
+        }
+        Command::CheckConfig => {
+            let config = load(&cli.config)?;
+            println!(
+                "{}: OK ({} resources, {} roles)",
+                cli.config.display(),
+                config.resources.len(),
+                config
+                    .resources
+                    .iter()
+                    .map(|r| r.roles.len())
+                    .sum::<usize>()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command: TokenCommand::Create { user, label },
+        } => {
+            let state = open(&cli.config).await?;
+            let token = auth::create_api_token(&state, &user, &label)
+                .await
+                .map_err(|e| describe(&e))?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file: Some(file) },
+        } => verify_file(&file),
+        Command::Audit {
+            command: AuditCommand::Verify { file: None },
+        } => {
+            let state = open(&cli.config).await?;
+            let result = store::verify_audit(&state.db)
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok(report(result))
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    format: ExportFormat::Jsonl,
+                    output,
+                },
+        } => {
+            let state = open(&cli.config).await?;
+            export(&state, output.as_deref()).await
+        }
+    }
+}
+
+fn describe(e: &crate::Error) -> String {
+    match e {
+        crate::Error::Invalid(fields) => fields
+            .iter()
+            .map(|f| format!("{}: {}", f.field, f.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, String> {
+    Config::load(path).map_err(|e| e.to_string())
+}
+
+async fn open(path: &Path) -> Result<crate::state::AppState, String> {
+    let config = load(path)?;
+    server::open_state(config, Arc::new(SystemClock))
+        .await
+        .map_err(|e| describe(&e))
+}
+
+async fn demo(listen: &str, data_dir: &Path) -> Result<ExitCode, String> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let path = data_dir.join("twokey.toml");
+    if path.exists() {
+        eprintln!("Using the existing {}", path.display());
+    } else {
+        std::fs::write(&path, demo_config_toml(listen, &data_dir))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("Wrote {}", path.display());
+    }
+    let mut config = load(&path)?;
+    config.server.listen = listen.to_string();
+    config.validate().map_err(|e| e.to_string())?;
+    if !config.auth.dev_login {
+        return Err(format!(
+            "{}: auth.dev_login must be true for the demo",
+            path.display()
+        ));
+    }
+    run_server(config).await
+}
+
+async fn run_server(config: Config) -> Result<ExitCode, String> {
+    let demo_users: Vec<String> = config
+        .auth
+        .dev_users
+        .iter()
+        .map(|u| format!("{} ({})", u.email, u.groups.join(", ")))
+        .collect();
+    let dev = config.auth.dev_login;
+    let srv = server::serve(config, Arc::new(SystemClock))
+        .await
+        .map_err(|e| describe(&e))?;
+    println!("twokey is serving at {}", srv.url());
+    if dev {
+        println!("Demo sign-in is ON. Sign in as one of:");
+        for u in demo_users {
+            println!("  {u}");
+        }
+    }
+    let _ = std::io::stdout().flush();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("Shutting down");
+            srv.stop().await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(result: Result<audit::ChainOk, audit::ChainBreak>) -> ExitCode {
+    match result {
+        Ok(ok) => {
+            println!("OK: {} events, head {}", ok.events, ok.head);
+            ExitCode::SUCCESS
+        }
+        Err(b) => {
+            println!("FAIL: first bad event is seq {}: {}", b.seq, b.reason);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_file(path: &Path) -> Result<ExitCode, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let lines = std::io::BufReader::new(file)
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(|(n, l)| {
+            let l = l.map_err(|e| format!("line {}: {e}", n + 1))?;
+            audit::parse_export_line(&l).map_err(|e| format!("line {}: {e}", n + 1))
+        });
+    let result = audit::verify(lines)?;
+    Ok(report(result))
+}
+
+async fn export(state: &crate::state::AppState, output: Option<&Path>) -> Result<ExitCode, String> {
+    let mut out: Box<dyn Write> = match output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut after = 0;
+    let mut count = 0u64;
+    loop {
+        let page = store::audit_page(&state.db, after, 5000)
+            .await
+            .map_err(|e| describe(&e))?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for ev in &page {
+            writeln!(out, "{}", ev.to_export_line()).map_err(|e| e.to_string())?;
+            count += 1;
+        }
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    eprintln!("exported {count} events");
+    Ok(ExitCode::SUCCESS)
+}

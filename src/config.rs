@@ -1,0 +1,684 @@
+//! The typed configuration: one TOML file, `TWOKEY_*` environment overrides, and
+//! validation that names the offending key and what to do about it.
+//!
+//! This module owns parsing and checking only. It never logs a secret: `Debug` on
+//! anything that may hold one is redacted by hand.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::parse_duration;
+
+/// Everything twokey runs with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the web app and API listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The URL users reach twokey at; decides whether cookies are `Secure`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Where the SQLite database (and later recordings) live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH`; defaults to `DATA_DIR/twokey.db`. May carry a password for
+    /// other backends, hence the redacted `Debug`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// How often expired requests and grants are swept (`"1s"`, `"5s"`); `"0s"`
+    /// turns the background sweeper off (tests drive it by hand).
+    #[serde(default = "default_sweep_interval")]
+    pub sweep_interval: String,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
+            )
+            .field("sweep_interval", &self.sweep_interval)
+            .finish()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            public_url: None,
+            data_dir: default_data_dir(),
+            database_url: None,
+            sweep_interval: default_sweep_interval(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./twokey-data")
+}
+fn default_sweep_interval() -> String {
+    "1s".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Sign-in by picking a listed user, with no password. For demos only: every
+    /// page shows a warning banner while it is on.
+    #[serde(default)]
+    pub dev_login: bool,
+    #[serde(default)]
+    pub dev_users: Vec<DevUser>,
+    /// Members of these groups may see every request and the audit log. Being an
+    /// admin never lets anyone approve their own request.
+    #[serde(default = "default_admin_groups")]
+    pub admin_groups: Vec<String>,
+    /// Idle time after which a browser session is dropped.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_timeout: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            dev_login: false,
+            dev_users: Vec::new(),
+            admin_groups: default_admin_groups(),
+            session_idle_timeout: default_session_idle(),
+        }
+    }
+}
+
+fn default_admin_groups() -> Vec<String> {
+    vec!["admins".into()]
+}
+fn default_session_idle() -> String {
+    "8h".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevUser {
+    pub email: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// How long a request may wait for approval before it expires.
+    #[serde(default = "default_pending_ttl")]
+    pub pending_ttl: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            pending_ttl: default_pending_ttl(),
+        }
+    }
+}
+
+fn default_pending_ttl() -> String {
+    "24h".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Ssh,
+    Postgres,
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResourceKind::Ssh => "ssh",
+            ResourceKind::Postgres => "postgres",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub name: String,
+    pub kind: ResourceKind,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub roles: Vec<RoleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Groups whose members may ask for this role.
+    pub requester_groups: Vec<String>,
+    /// Groups whose members may approve it.
+    pub approver_groups: Vec<String>,
+    /// Distinct approvers needed.
+    #[serde(default = "one")]
+    pub min_approvals: u32,
+    /// When true, every listed approver group must be represented among the approvers.
+    #[serde(default)]
+    pub all_groups: bool,
+    /// Longest grant, e.g. `"4h"`.
+    pub max_duration: String,
+    /// Overrides `policy.pending_ttl` for this role.
+    #[serde(default)]
+    pub pending_ttl: Option<String>,
+    #[serde(default)]
+    pub require_ticket: bool,
+    /// Fewest characters a reason may have (after trimming).
+    #[serde(default = "default_reason_min")]
+    pub reason_min_chars: usize,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_reason_min() -> usize {
+    3
+}
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, applies `TWOKEY_*` overrides, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.apply_env(|k| std::env::var(k).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML; unknown keys are errors that name the key and its line.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `TWOKEY_LISTEN`, `TWOKEY_PUBLIC_URL`, `TWOKEY_DATA_DIR`, `TWOKEY_DATABASE_URL`
+    /// (or `TWOKEY_DATABASE_URL_FILE`, read from a file so it stays out of `ps`).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = var("TWOKEY_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = var("TWOKEY_PUBLIC_URL") {
+            self.server.public_url = Some(v);
+        }
+        if let Some(v) = var("TWOKEY_DATA_DIR") {
+            self.server.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("TWOKEY_DATABASE_URL") {
+            self.server.database_url = Some(v);
+        } else if let Some(file) = var("TWOKEY_DATABASE_URL_FILE")
+            && let Ok(v) = std::fs::read_to_string(file)
+        {
+            self.server.database_url = Some(v.trim().to_string());
+        }
+    }
+
+    /// Checks every rule a running server relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| invalid("server.listen", "must be IP:PORT, e.g. \"127.0.0.1:8080\""))?;
+        if let Some(url) = &self.server.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "server.public_url",
+                "must start with http:// or https://",
+            ));
+        }
+        check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
+        check_duration("policy.pending_ttl", &self.policy.pending_ttl, false)?;
+        check_duration(
+            "auth.session_idle_timeout",
+            &self.auth.session_idle_timeout,
+            false,
+        )?;
+        if self.auth.dev_login && self.auth.dev_users.is_empty() {
+            return Err(invalid(
+                "auth.dev_users",
+                "dev_login is on but no dev_users are listed",
+            ));
+        }
+        let mut emails = HashSet::new();
+        for (i, u) in self.auth.dev_users.iter().enumerate() {
+            let key = format!("auth.dev_users[{i}].email");
+            if !looks_like_email(&u.email) {
+                return Err(invalid(
+                    key,
+                    format!("{:?} is not an email address", u.email),
+                ));
+            }
+            if !emails.insert(u.email.to_lowercase()) {
+                return Err(invalid(key, format!("{} is listed twice", u.email)));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            let key = format!("resources[{i}]");
+            check_name(&format!("{key}.name"), &r.name)?;
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("resource {:?} is declared twice", r.name),
+                ));
+            }
+            if r.roles.is_empty() {
+                return Err(invalid(
+                    format!("{key}.roles"),
+                    format!(
+                        "resource {:?} has no roles; add [[resources.roles]]",
+                        r.name
+                    ),
+                ));
+            }
+            let mut role_names = HashSet::new();
+            for (j, role) in r.roles.iter().enumerate() {
+                let key = format!("{key}.roles[{j}]");
+                check_name(&format!("{key}.name"), &role.name)?;
+                if !role_names.insert(role.name.as_str()) {
+                    return Err(invalid(
+                        format!("{key}.name"),
+                        format!("role {:?} is declared twice on {:?}", role.name, r.name),
+                    ));
+                }
+                if role.requester_groups.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.requester_groups"),
+                        "must list at least one group",
+                    ));
+                }
+                if role.approver_groups.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.approver_groups"),
+                        "must list at least one group",
+                    ));
+                }
+                if role.min_approvals == 0 {
+                    return Err(invalid(
+                        format!("{key}.min_approvals"),
+                        "must be at least 1 (use break-glass for self-service)",
+                    ));
+                }
+                if role.all_groups && (role.min_approvals as usize) < role.approver_groups.len() {
+                    return Err(invalid(
+                        format!("{key}.min_approvals"),
+                        format!(
+                            "all_groups needs one approver per group, so min_approvals must be at least {}",
+                            role.approver_groups.len()
+                        ),
+                    ));
+                }
+                let max =
+                    check_duration(&format!("{key}.max_duration"), &role.max_duration, false)?;
+                if max < Duration::from_secs(crate::policy::MIN_GRANT_SECS) {
+                    return Err(invalid(
+                        format!("{key}.max_duration"),
+                        "must be at least 1m",
+                    ));
+                }
+                if let Some(ttl) = &role.pending_ttl {
+                    check_duration(&format!("{key}.pending_ttl"), ttl, false)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // Checked in validate().
+        self.server
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.server.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.server.data_dir.join("twokey.db").display()
+            ),
+        }
+    }
+
+    pub fn secure_cookies(&self) -> bool {
+        self.server
+            .public_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        parse_duration(&self.server.sweep_interval).unwrap_or(Duration::from_secs(1))
+    }
+
+    pub fn session_idle_timeout(&self) -> Duration {
+        parse_duration(&self.auth.session_idle_timeout).unwrap_or(Duration::from_secs(8 * 3600))
+    }
+
+    /// The pending TTL that applies to a role.
+    pub fn pending_ttl(&self, role: &RoleConfig) -> Duration {
+        let ttl = role
+            .pending_ttl
+            .as_deref()
+            .unwrap_or(&self.policy.pending_ttl);
+        parse_duration(ttl).unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&ResourceConfig> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    pub fn role(&self, resource: &str, role: &str) -> Option<(&ResourceConfig, &RoleConfig)> {
+        let r = self.resource(resource)?;
+        let role = r.roles.iter().find(|x| x.name == role)?;
+        Some((r, role))
+    }
+
+    pub fn dev_user(&self, email: &str) -> Option<&DevUser> {
+        self.auth
+            .dev_users
+            .iter()
+            .find(|u| u.email.eq_ignore_ascii_case(email))
+    }
+}
+
+impl RoleConfig {
+    pub fn max_duration(&self) -> Duration {
+        parse_duration(&self.max_duration).unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+fn check_duration(key: &str, value: &str, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let d = parse_duration(value).map_err(|e| invalid(key, e))?;
+    if d.is_zero() && !zero_ok {
+        return Err(invalid(key, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{name:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'"),
+        ))
+    }
+}
+
+fn looks_like_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => !local.is_empty() && domain.contains('.') && !s.contains(' '),
+        None => false,
+    }
+}
+
+/// The configuration `twokey demo` writes and runs with.
+pub fn demo_config_toml(listen: &str, data_dir: &Path) -> String {
+    let data_dir = toml::Value::String(data_dir.display().to_string());
+    format!(
+        r#"# Written by `twokey demo`. Edit and run `twokey serve --config <this file>`.
+# Demo sign-in needs no password: never turn it on for real users.
+
+[server]
+listen = "{listen}"
+data_dir = {data_dir}
+
+[auth]
+dev_login = true
+admin_groups = ["admins"]
+
+[[auth.dev_users]]
+email = "alice@example.com"
+name = "Alice (requester)"
+groups = ["engineers"]
+
+[[auth.dev_users]]
+email = "bob@example.com"
+name = "Bob (approver)"
+groups = ["sre-leads"]
+
+[[auth.dev_users]]
+email = "carol@example.com"
+name = "Carol (approver)"
+groups = ["sre-leads"]
+
+[[auth.dev_users]]
+email = "dave@example.com"
+name = "Dave (admin)"
+groups = ["admins"]
+
+[policy]
+pending_ttl = "24h"
+
+[[resources]]
+name = "demo-db"
+kind = "postgres"
+description = "Demo PostgreSQL database"
+
+[[resources.roles]]
+name = "read"
+description = "Read-only access"
+requester_groups = ["engineers", "admins"]
+approver_groups = ["sre-leads"]
+min_approvals = 1
+max_duration = "4h"
+
+[[resources]]
+name = "demo-ssh"
+kind = "ssh"
+description = "Demo SSH host"
+
+[[resources.roles]]
+name = "admin"
+description = "Root shell"
+requester_groups = ["engineers", "admins"]
+approver_groups = ["sre-leads"]
+min_approvals = 2
+max_duration = "1h"
+require_ticket = true
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> Config {
+        Config::parse(
+            &demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x")),
+            "demo",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = demo();
+        c.validate().unwrap();
+        assert!(c.auth.dev_login);
+        let (_, role) = c.role("demo-ssh", "admin").unwrap();
+        assert_eq!(role.min_approvals, 2);
+        assert!(role.require_ticket);
+        assert_eq!(role.max_duration(), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../twokey.example.toml");
+        Config::parse(text, "twokey.example.toml")
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "min_approvals = 1",
+                "min_approvals = 0",
+                "resources[0].roles[0].min_approvals",
+            ),
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"4 hours\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"10s\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+                "approver_groups = []\nmin_approvals = 1",
+                "resources[0].roles[0].approver_groups",
+            ),
+            (
+                "listen = \"127.0.0.1:8080\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            (
+                "name = \"demo-db\"",
+                "name = \"demo db\"",
+                "resources[0].name",
+            ),
+            (
+                "name = \"demo-ssh\"",
+                "name = \"demo-db\"",
+                "resources[1].name",
+            ),
+            (
+                "pending_ttl = \"24h\"",
+                "pending_ttl = \"0s\"",
+                "policy.pending_ttl",
+            ),
+            (
+                "email = \"bob@example.com\"",
+                "email = \"alice@example.com\"",
+                "auth.dev_users[1].email",
+            ),
+        ];
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (from, to, key) in cases {
+            assert!(base.contains(from), "{from}");
+            let text = base.replacen(from, to, 1);
+            let err = Config::parse(&text, "t")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn all_groups_needs_enough_approvals() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let text = base.replacen(
+            "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+            "approver_groups = [\"sre-leads\", \"dbas\"]\nall_groups = true\nmin_approvals = 1",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = demo();
+        c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()));
+        assert_eq!(c.listen_addr().port(), 9999);
+    }
+
+    #[test]
+    fn debug_redacts_database_url() {
+        let mut c = demo();
+        c.server.database_url = Some("postgres://u:hunter2@db/twokey".into());
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,30 @@
+//! twokey: just-in-time access with separation of duties enforced where the
+//! connection flows.
+//!
+//! A tour, following a request through the code:
+//! - [`config`] reads the TOML policy: resources, roles, who requests and approves.
+//! - [`policy`] holds the pure rules (no I/O): may this person request, approve, see?
+//! - [`web`] serves pages and `/api/v1`; its extractors are the permission checks.
+//! - [`auth`] knows who is asking: demo sign-in, sessions, CSRF, API tokens.
+//! - [`access`] runs the state machine `pending → approved | denied | cancelled |
+//!   expired`, grants `active → ended | revoked`, each transition one conditional
+//!   UPDATE plus its audit event in one transaction.
+//! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
+//! - [`server`] wires it together; [`cli`] is the command line.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod policy;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod web;
+
+pub use error::{Error, Result};

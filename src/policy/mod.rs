@@ -1,0 +1,489 @@
+//! Pure access rules: who may request, who may approve, when a request's rule is met,
+//! what a valid duration, reason and ticket are.
+//!
+//! No I/O and no clock here: callers pass in what the rules need, so every rule can be
+//! table-tested. The access module applies these rules inside its transactions.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::config::RoleConfig;
+
+/// The shortest grant anyone may ask for.
+pub const MIN_GRANT_SECS: u64 = 60;
+pub const MAX_REASON_CHARS: usize = 2000;
+pub const MAX_TICKET_CHARS: usize = 128;
+pub const MAX_COMMENT_CHARS: usize = 2000;
+
+/// Who is acting, with the groups they hold right now.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub user_id: String,
+    pub email: String,
+    pub display_name: String,
+    pub groups: BTreeSet<String>,
+    pub is_admin: bool,
+}
+
+impl Actor {
+    fn in_any(&self, groups: &[String]) -> bool {
+        groups.iter().any(|g| self.groups.contains(g))
+    }
+}
+
+/// May this actor file a request for this role?
+pub fn may_request(actor: &Actor, role: &RoleConfig) -> bool {
+    actor.in_any(&role.requester_groups)
+}
+
+/// Why an approver may not decide on a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecideRefusal {
+    /// Separation of duties: nobody decides on their own request, admins included.
+    OwnRequest,
+    /// Not a member (now) of any approver group of the role.
+    NotApprover,
+}
+
+impl DecideRefusal {
+    pub fn message(&self) -> &'static str {
+        match self {
+            DecideRefusal::OwnRequest => "you cannot approve or deny your own request",
+            DecideRefusal::NotApprover => "you are not in an approver group for this role",
+        }
+    }
+}
+
+/// May this actor approve or deny a request filed by `requester_id`?
+/// Group membership is the actor's *current* membership: someone removed from a group
+/// loses the right at once.
+pub fn may_decide(
+    actor: &Actor,
+    requester_id: &str,
+    role: &RoleConfig,
+) -> Result<(), DecideRefusal> {
+    // Checked first and unconditionally: there is no admin exemption.
+    if actor.user_id == requester_id {
+        return Err(DecideRefusal::OwnRequest);
+    }
+    if !actor.in_any(&role.approver_groups) {
+        return Err(DecideRefusal::NotApprover);
+    }
+    Ok(())
+}
+
+/// The role's approver groups that this actor holds, recorded with each approval so the
+/// rule is evaluated on membership as of the approval.
+pub fn counted_groups(actor: &Actor, role: &RoleConfig) -> Vec<String> {
+    role.approver_groups
+        .iter()
+        .filter(|g| actor.groups.contains(*g))
+        .cloned()
+        .collect()
+}
+
+/// May this actor see a request (and its timeline)?
+pub fn may_view(actor: &Actor, requester_id: &str, role: Option<&RoleConfig>) -> bool {
+    actor.user_id == requester_id
+        || actor.is_admin
+        || role.is_some_and(|r| actor.in_any(&r.approver_groups))
+}
+
+/// May this actor revoke a live grant? Its approvers and admins may; so may the holder,
+/// since giving access back early only ever reduces it.
+pub fn may_revoke(actor: &Actor, holder_id: &str, role: Option<&RoleConfig>) -> bool {
+    actor.user_id == holder_id
+        || actor.is_admin
+        || role.is_some_and(|r| actor.in_any(&r.approver_groups))
+}
+
+/// One approval as counted by [`rule_met`]: the approver and the approver groups they
+/// held when they approved.
+pub struct CountedApproval<'a> {
+    pub approver_id: &'a str,
+    pub groups: &'a [String],
+}
+
+/// Is the role's approval rule met by these approvals? Distinct humans count once.
+pub fn rule_met(role: &RoleConfig, approvals: &[CountedApproval<'_>]) -> bool {
+    let approvers: BTreeSet<&str> = approvals.iter().map(|a| a.approver_id).collect();
+    if approvers.len() < role.min_approvals as usize {
+        return false;
+    }
+    if role.all_groups {
+        let covered: BTreeSet<&str> = approvals
+            .iter()
+            .flat_map(|a| a.groups.iter().map(String::as_str))
+            .collect();
+        return role
+            .approver_groups
+            .iter()
+            .all(|g| covered.contains(g.as_str()));
+    }
+    true
+}
+
+/// A problem with one input field, shown next to that field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn field(field: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// What a requester typed, before checking.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInput {
+    pub resource: String,
+    pub role: String,
+    pub duration: String,
+    pub reason: String,
+    pub ticket: Option<String>,
+}
+
+/// A checked request.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub duration: Duration,
+    pub reason: String,
+    pub ticket: Option<String>,
+}
+
+/// Checks duration, reason and ticket against the role. Returns every field error at
+/// once so a form can show them all.
+pub fn check_request(
+    input: &RequestInput,
+    role: &RoleConfig,
+) -> Result<ValidRequest, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let max = role.max_duration();
+    let duration = match parse_duration(&input.duration) {
+        Ok(d) if d.as_secs() < MIN_GRANT_SECS => {
+            errors.push(field("duration", "must be at least 1m"));
+            d
+        }
+        Ok(d) if d > max => {
+            errors.push(field(
+                "duration",
+                format!("must be at most {} for this role", format_duration(max)),
+            ));
+            d
+        }
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(field("duration", e));
+            Duration::ZERO
+        }
+    };
+    let reason = input.reason.trim().to_string();
+    let reason_chars = reason.chars().count();
+    if reason_chars < role.reason_min_chars.max(1) {
+        errors.push(field(
+            "reason",
+            if reason.is_empty() {
+                "a reason is required".to_string()
+            } else {
+                format!("must be at least {} characters", role.reason_min_chars)
+            },
+        ));
+    } else if reason_chars > MAX_REASON_CHARS {
+        errors.push(field(
+            "reason",
+            format!("must be at most {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    let ticket = input
+        .ticket
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
+    match &ticket {
+        None if role.require_ticket => errors.push(field("ticket", "this role requires a ticket")),
+        Some(t) if t.chars().count() > MAX_TICKET_CHARS => errors.push(field(
+            "ticket",
+            format!("must be at most {MAX_TICKET_CHARS} characters"),
+        )),
+        Some(t) if t.chars().any(char::is_control) => {
+            errors.push(field("ticket", "must not contain control characters"))
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(ValidRequest {
+            duration,
+            reason,
+            ticket,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Checks an approver's or revoker's optional comment.
+pub fn check_comment(comment: Option<&str>) -> Result<Option<String>, FieldError> {
+    let c = comment.map(str::trim).filter(|c| !c.is_empty());
+    match c {
+        Some(c) if c.chars().count() > MAX_COMMENT_CHARS => Err(field(
+            "comment",
+            format!("must be at most {MAX_COMMENT_CHARS} characters"),
+        )),
+        other => Ok(other.map(str::to_string)),
+    }
+}
+
+/// Parses `"90"` (seconds), `"30m"`, `"1h30m"`, `"2h"`, `"1d"`, `"45s"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || format!("{s:?} is not a duration; write e.g. \"30m\", \"1h30m\" or seconds");
+    if s.is_empty() {
+        return Err("a duration is required, e.g. \"30m\"".into());
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u64>().map(Duration::from_secs).map_err(|_| bad());
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        num.clear();
+    }
+    if !num.is_empty() {
+        return Err(bad());
+    }
+    // Cap far beyond any sane grant so arithmetic on timestamps cannot overflow.
+    if total > 366 * 86400 {
+        return Err(format!("{s:?} is longer than a year"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// `5400s` → `"1h30m"`.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if sec > 0 || out.is_empty() {
+        out.push_str(&format!("{sec}s"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(min: u32, all: bool, groups: &[&str]) -> RoleConfig {
+        RoleConfig {
+            name: "r".into(),
+            description: String::new(),
+            requester_groups: vec!["engineers".into()],
+            approver_groups: groups.iter().map(|g| g.to_string()).collect(),
+            min_approvals: min,
+            all_groups: all,
+            max_duration: "4h".into(),
+            pending_ttl: None,
+            require_ticket: false,
+            reason_min_chars: 3,
+        }
+    }
+
+    fn actor(id: &str, groups: &[&str], admin: bool) -> Actor {
+        Actor {
+            user_id: id.into(),
+            email: format!("{id}@example.com"),
+            display_name: id.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            is_admin: admin,
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("90", 90),
+            ("30m", 1800),
+            ("1h30m", 5400),
+            ("2h", 7200),
+            ("1d", 86400),
+            (" 45s ", 45),
+        ];
+        for (s, secs) in ok {
+            assert_eq!(parse_duration(s).unwrap().as_secs(), secs, "{s}");
+        }
+        for s in [
+            "",
+            "m",
+            "30x",
+            "1h30",
+            "-5",
+            "1.5h",
+            "99999999999999999999h",
+            "400d",
+        ] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(format_duration(Duration::from_secs(0)), "0s");
+    }
+
+    #[test]
+    fn self_decision_refused_even_for_admins() {
+        let r = role(1, false, &["sre-leads"]);
+        let admin_approver = actor("u1", &["sre-leads", "admins"], true);
+        assert_eq!(
+            may_decide(&admin_approver, "u1", &r),
+            Err(DecideRefusal::OwnRequest)
+        );
+        assert_eq!(may_decide(&admin_approver, "u2", &r), Ok(()));
+        let outsider = actor("u3", &["engineers"], true);
+        assert_eq!(
+            may_decide(&outsider, "u2", &r),
+            Err(DecideRefusal::NotApprover)
+        );
+    }
+
+    #[test]
+    fn rule_counts_distinct_humans() {
+        let r = role(2, false, &["sre-leads"]);
+        let g = vec!["sre-leads".to_string()];
+        let one = [CountedApproval {
+            approver_id: "b",
+            groups: &g,
+        }];
+        let same_twice = [
+            CountedApproval {
+                approver_id: "b",
+                groups: &g,
+            },
+            CountedApproval {
+                approver_id: "b",
+                groups: &g,
+            },
+        ];
+        let two = [
+            CountedApproval {
+                approver_id: "b",
+                groups: &g,
+            },
+            CountedApproval {
+                approver_id: "c",
+                groups: &g,
+            },
+        ];
+        assert!(!rule_met(&r, &one));
+        assert!(!rule_met(&r, &same_twice));
+        assert!(rule_met(&r, &two));
+    }
+
+    #[test]
+    fn all_groups_rule_needs_each_group() {
+        let r = role(2, true, &["sre-leads", "dbas"]);
+        let sre = vec!["sre-leads".to_string()];
+        let dba = vec!["dbas".to_string()];
+        let both_sre = [
+            CountedApproval {
+                approver_id: "b",
+                groups: &sre,
+            },
+            CountedApproval {
+                approver_id: "c",
+                groups: &sre,
+            },
+        ];
+        let mixed = [
+            CountedApproval {
+                approver_id: "b",
+                groups: &sre,
+            },
+            CountedApproval {
+                approver_id: "c",
+                groups: &dba,
+            },
+        ];
+        assert!(!rule_met(&r, &both_sre));
+        assert!(rule_met(&r, &mixed));
+    }
+
+    #[test]
+    fn request_checks() {
+        let mut r = role(1, false, &["sre-leads"]);
+        let input = |d: &str, reason: &str, ticket: Option<&str>| RequestInput {
+            resource: "x".into(),
+            role: "r".into(),
+            duration: d.into(),
+            reason: reason.into(),
+            ticket: ticket.map(str::to_string),
+        };
+        assert!(check_request(&input("30m", "fix prod", None), &r).is_ok());
+        let fields = |res: Result<ValidRequest, Vec<FieldError>>| -> Vec<&'static str> {
+            res.unwrap_err().iter().map(|e| e.field).collect()
+        };
+        assert_eq!(
+            fields(check_request(&input("5h", "fix prod", None), &r)),
+            ["duration"]
+        );
+        assert_eq!(
+            fields(check_request(&input("30s", "fix prod", None), &r)),
+            ["duration"]
+        );
+        assert_eq!(
+            fields(check_request(&input("soon", "  ", None), &r)),
+            ["duration", "reason"]
+        );
+        r.require_ticket = true;
+        assert_eq!(
+            fields(check_request(&input("1h", "fix prod", Some(" ")), &r)),
+            ["ticket"]
+        );
+        let ok = check_request(&input("4h", "  fix prod  ", Some("OPS-1")), &r).unwrap();
+        assert_eq!(ok.reason, "fix prod");
+        assert_eq!(ok.duration.as_secs(), 4 * 3600);
+    }
+
+    #[test]
+    fn visibility_and_revocation() {
+        let r = role(1, false, &["sre-leads"]);
+        assert!(may_view(&actor("a", &[], false), "a", Some(&r)));
+        assert!(!may_view(&actor("x", &["engineers"], false), "a", Some(&r)));
+        assert!(may_view(&actor("b", &["sre-leads"], false), "a", Some(&r)));
+        assert!(may_view(&actor("d", &["admins"], true), "a", None));
+        assert!(!may_revoke(
+            &actor("x", &["engineers"], false),
+            "a",
+            Some(&r)
+        ));
+        assert!(may_revoke(
+            &actor("b", &["sre-leads"], false),
+            "a",
+            Some(&r)
+        ));
+    }
+}

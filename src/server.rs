@@ -1,0 +1,130 @@
+//! Starting and stopping the server: database, sessions, sweeper, listener.
+//!
+//! Tests call [`start`] with a listener on `127.0.0.1:0` and their own clock, exactly
+//! as `twokey serve` does with the configured address and the wall clock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_sessions::ExpiredDeletion;
+use tower_sessions_sqlx_store::SqliteStore;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::state::AppState;
+use crate::{access, auth, store, web};
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    serve: JoinHandle<()>,
+    sweeper: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, finishes in-flight requests, stops the sweeper.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.serve.await;
+        if let Some(s) = self.sweeper {
+            s.abort();
+        }
+    }
+
+    /// Waits until the server stops (for `serve`, until Ctrl-C).
+    pub async fn wait(self) {
+        let _ = self.serve.await;
+    }
+}
+
+/// Opens the database, runs migrations, and builds the shared state.
+pub async fn open_state(config: Config, clock: Arc<dyn Clock>) -> Result<AppState> {
+    if config.server.database_url.is_none() {
+        std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
+            Error::Internal(format!(
+                "cannot create data dir {}: {e}",
+                config.server.data_dir.display()
+            ))
+        })?;
+    }
+    let db = store::connect(&config.database_url()).await?;
+    let state = AppState::new(config, db, clock);
+    auth::sync_dev_users(&state).await?;
+    Ok(state)
+}
+
+/// Starts serving on `listener`.
+pub async fn start(config: Config, clock: Arc<dyn Clock>, listener: TcpListener) -> Result<Server> {
+    let state = open_state(config, clock).await?;
+    let sessions = SqliteStore::new(state.db.clone());
+    sessions.migrate().await?;
+    web::pages::set_dev_banner(state.config.auth.dev_login);
+    let app = web::router(state.clone(), sessions.clone());
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("listener: {e}")))?;
+    let (shutdown, mut rx) = watch::channel(false);
+    let serve = tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "server stopped with an error");
+        }
+    });
+    let interval = state.config.sweep_interval();
+    let sweeper = (!interval.is_zero()).then(|| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match access::sweep(&state).await {
+                    Ok(s) if s != access::Swept::default() => {
+                        tracing::info!(
+                            expired = s.expired_requests,
+                            ended = s.ended_grants,
+                            "swept"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
+                }
+                if let Err(e) = sessions.delete_expired().await {
+                    tracing::warn!(error = %e, "session cleanup failed");
+                }
+            }
+        })
+    });
+    Ok(Server {
+        addr,
+        state,
+        shutdown,
+        serve,
+        sweeper,
+    })
+}
+
+/// Binds the configured address and starts.
+pub async fn serve(config: Config, clock: Arc<dyn Clock>) -> Result<Server> {
+    let addr = config.listen_addr();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?;
+    start(config, clock, listener).await
+}

@@ -1,0 +1,119 @@
+//! What every handler and background task shares: config, database, clock, metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::clock::{Clock, to_millis};
+use crate::config::Config;
+use crate::store::Db;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            config: Arc::new(config),
+            db,
+            clock,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// Now, in the database's unit (ms since the epoch).
+    pub fn now_ms(&self) -> i64 {
+        to_millis(self.clock.now())
+    }
+}
+
+/// Counters exported at `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub requests_created: AtomicU64,
+    pub approvals: AtomicU64,
+    pub denials: AtomicU64,
+    pub cancellations: AtomicU64,
+    pub expirations: AtomicU64,
+    pub grants_started: AtomicU64,
+    pub grants_ended: AtomicU64,
+    pub grants_revoked: AtomicU64,
+    pub refusals: AtomicU64,
+    pub http_requests: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text format, with the two gauges read from the store.
+    pub fn render(&self, pending: i64, live_grants: i64) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "twokey_requests_created_total",
+                "Access requests filed.",
+                &self.requests_created,
+            ),
+            (
+                "twokey_approvals_total",
+                "Approvals recorded.",
+                &self.approvals,
+            ),
+            ("twokey_denials_total", "Requests denied.", &self.denials),
+            (
+                "twokey_cancellations_total",
+                "Requests cancelled by their requester.",
+                &self.cancellations,
+            ),
+            (
+                "twokey_expirations_total",
+                "Pending requests that expired.",
+                &self.expirations,
+            ),
+            (
+                "twokey_grants_started_total",
+                "Grants started.",
+                &self.grants_started,
+            ),
+            (
+                "twokey_grants_ended_total",
+                "Grants that reached their end.",
+                &self.grants_ended,
+            ),
+            (
+                "twokey_grants_revoked_total",
+                "Grants revoked.",
+                &self.grants_revoked,
+            ),
+            (
+                "twokey_refusals_total",
+                "Actions refused (403/409).",
+                &self.refusals,
+            ),
+            (
+                "twokey_http_requests_total",
+                "HTTP requests served.",
+                &self.http_requests,
+            ),
+        ];
+        for (name, help, c) in counters {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                c.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP twokey_pending_requests Requests awaiting a decision.\n# TYPE twokey_pending_requests gauge\ntwokey_pending_requests {pending}\n"
+        ));
+        out.push_str(&format!(
+            "# HELP twokey_live_grants Grants live now.\n# TYPE twokey_live_grants gauge\ntwokey_live_grants {live_grants}\n"
+        ));
+        out
+    }
+}

@@ -1,0 +1,521 @@
+//! All SQL lives here, so another backend changes nothing else.
+//!
+//! Functions that take part in a business step take a `&mut Conn` so the caller holds
+//! one transaction for the whole step. State changes are conditional UPDATEs whose
+//! `rows_affected()` the caller checks. Write transactions start with
+//! `BEGIN IMMEDIATE` ([`begin_write`]) so SQLite serialises them from their first
+//! statement: the read-check-write inside cannot be raced.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
+
+use crate::audit::{AuditEvent, GENESIS, NewEvent};
+use crate::error::Result;
+use crate::policy::Actor;
+
+pub type Db = SqlitePool;
+pub type Conn = SqliteConnection;
+pub type Tx = Transaction<'static, Sqlite>;
+
+/// Opens (creating if needed) the database and runs the embedded migrations.
+pub async fn connect(url: &str) -> Result<Db> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    let db = SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await?;
+    sqlx::migrate!("./migrations").run(&db).await?;
+    Ok(db)
+}
+
+/// Starts a write transaction that holds SQLite's write lock from its first statement.
+pub async fn begin_write(db: &Db) -> Result<Tx> {
+    Ok(db.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+// ---------------------------------------------------------------- users and groups
+
+/// Creates the user if new (keyed by email) and returns their id.
+pub async fn upsert_user(
+    conn: &mut Conn,
+    email: &str,
+    display_name: &str,
+    now: i64,
+) -> Result<String> {
+    let id: String = sqlx::query_scalar(
+        "INSERT INTO users (id, email, display_name, created_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT (email) DO UPDATE SET display_name = excluded.display_name
+         RETURNING id",
+    )
+    .bind(new_id())
+    .bind(email)
+    .bind(display_name)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Replaces a user's group membership.
+pub async fn set_user_groups(
+    conn: &mut Conn,
+    user_id: &str,
+    groups: &[String],
+    now: i64,
+) -> Result<()> {
+    sqlx::query("DELETE FROM user_groups WHERE user_id = ?")
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
+    for g in groups.iter().collect::<BTreeSet<_>>() {
+        sqlx::query("INSERT INTO user_groups (user_id, group_name, synced_at) VALUES (?, ?, ?)")
+            .bind(user_id)
+            .bind(g)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A user with their current groups, or `None` if there is no such user.
+pub async fn load_actor(
+    conn: &mut Conn,
+    user_id: &str,
+    admin_groups: &[String],
+) -> Result<Option<Actor>> {
+    let Some(row) = sqlx::query("SELECT id, email, display_name FROM users WHERE id = ?")
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let groups: BTreeSet<String> =
+        sqlx::query_scalar("SELECT group_name FROM user_groups WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    let is_admin = admin_groups.iter().any(|g| groups.contains(g));
+    Ok(Some(Actor {
+        user_id: row.get("id"),
+        email: row.get("email"),
+        display_name: row.get("display_name"),
+        groups,
+        is_admin,
+    }))
+}
+
+pub async fn user_id_by_email(conn: &mut Conn, email: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar("SELECT id FROM users WHERE email = ?")
+        .bind(email)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
+// ---------------------------------------------------------------- API tokens
+
+pub async fn insert_token(
+    conn: &mut Conn,
+    user_id: &str,
+    token_hash: &str,
+    label: &str,
+    now: i64,
+) -> Result<String> {
+    let id = new_id();
+    sqlx::query(
+        "INSERT INTO api_tokens (id, user_id, token_hash, label, created_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(user_id)
+    .bind(token_hash)
+    .bind(label)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// The (token hash, user id) stored for a token hash, if live.
+pub async fn token_owner(db: &Db, token_hash: &str) -> Result<Option<(String, String)>> {
+    let row = sqlx::query(
+        "SELECT token_hash, user_id FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+    )
+    .bind(token_hash)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|r| (r.get("token_hash"), r.get("user_id"))))
+}
+
+// ---------------------------------------------------------------- requests
+
+/// An access request row, with its requester's email joined in.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct RequestRow {
+    pub id: String,
+    pub requester_id: String,
+    pub requester_email: String,
+    pub resource: String,
+    pub role: String,
+    pub duration_secs: i64,
+    pub reason: String,
+    pub ticket: Option<String>,
+    pub status: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub decided_at: Option<i64>,
+}
+
+const REQUEST_COLUMNS: &str =
+    "r.id, r.requester_id, u.email AS requester_email, r.resource, r.role,
+     r.duration_secs, r.reason, r.ticket, r.status, r.created_at, r.expires_at, r.decided_at
+     FROM access_requests r JOIN users u ON u.id = r.requester_id";
+
+pub struct NewRequest<'a> {
+    pub requester_id: &'a str,
+    pub resource: &'a str,
+    pub role: &'a str,
+    pub duration_secs: i64,
+    pub reason: &'a str,
+    pub ticket: Option<&'a str>,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+pub async fn insert_request(conn: &mut Conn, r: &NewRequest<'_>) -> Result<String> {
+    let id = new_id();
+    sqlx::query(
+        "INSERT INTO access_requests
+           (id, requester_id, resource, role, duration_secs, reason, ticket, status, created_at, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+    )
+    .bind(&id)
+    .bind(r.requester_id)
+    .bind(r.resource)
+    .bind(r.role)
+    .bind(r.duration_secs)
+    .bind(r.reason)
+    .bind(r.ticket)
+    .bind(r.created_at)
+    .bind(r.expires_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+pub async fn get_request(conn: &mut Conn, id: &str) -> Result<Option<RequestRow>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {REQUEST_COLUMNS} WHERE r.id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// Newest first, optionally one status only.
+pub async fn list_requests(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<RequestRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} WHERE (?1 IS NULL OR r.status = ?1)
+         ORDER BY r.created_at DESC, r.id LIMIT ?2"
+    ))
+    .bind(status)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// `pending → to`, only while pending (and, unless expiring, not past its TTL).
+/// Returns whether this call made the transition.
+pub async fn decide_request(conn: &mut Conn, id: &str, to: &str, now: i64) -> Result<bool> {
+    let live_only = to != "expired";
+    let done = sqlx::query(
+        "UPDATE access_requests SET status = ?, decided_at = ?
+         WHERE id = ? AND status = 'pending' AND (NOT ? OR expires_at > ?)",
+    )
+    .bind(to)
+    .bind(now)
+    .bind(id)
+    .bind(live_only)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Pending requests whose TTL has run out.
+pub async fn overdue_requests(conn: &mut Conn, now: i64) -> Result<Vec<RequestRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} WHERE r.status = 'pending' AND r.expires_at <= ? LIMIT 500"
+    ))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+// ---------------------------------------------------------------- approvals
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct ApprovalRow {
+    pub id: String,
+    pub approver_id: String,
+    pub approver_email: String,
+    pub decision: String,
+    pub comment: Option<String>,
+    pub channel: String,
+    pub approver_groups: String,
+    pub created_at: i64,
+}
+
+impl ApprovalRow {
+    pub fn groups(&self) -> Vec<String> {
+        serde_json::from_str(&self.approver_groups).unwrap_or_default()
+    }
+}
+
+pub struct NewApproval<'a> {
+    pub request_id: &'a str,
+    pub approver_id: &'a str,
+    pub decision: &'a str,
+    pub comment: Option<&'a str>,
+    pub channel: &'a str,
+    pub approver_groups: &'a [String],
+    pub now: i64,
+}
+
+/// Records a decision while the request is still pending and this approver has not
+/// yet decided. Returns false when either no longer holds.
+pub async fn insert_approval(conn: &mut Conn, a: &NewApproval<'_>) -> Result<bool> {
+    let groups = serde_json::to_string(a.approver_groups).unwrap_or_else(|_| "[]".into());
+    let done = sqlx::query(
+        "INSERT INTO approvals
+           (id, request_id, approver_id, decision, comment, channel, approver_groups, created_at)
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?
+         WHERE EXISTS (SELECT 1 FROM access_requests
+                       WHERE id = ? AND status = 'pending' AND expires_at > ?)
+         ON CONFLICT (request_id, approver_id) DO NOTHING",
+    )
+    .bind(new_id())
+    .bind(a.request_id)
+    .bind(a.approver_id)
+    .bind(a.decision)
+    .bind(a.comment)
+    .bind(a.channel)
+    .bind(groups)
+    .bind(a.now)
+    .bind(a.request_id)
+    .bind(a.now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn approvals_for(conn: &mut Conn, request_id: &str) -> Result<Vec<ApprovalRow>> {
+    Ok(sqlx::query_as(
+        "SELECT a.id, a.approver_id, u.email AS approver_email, a.decision, a.comment, a.channel,
+                a.approver_groups, a.created_at
+         FROM approvals a JOIN users u ON u.id = a.approver_id
+         WHERE a.request_id = ? ORDER BY a.created_at, a.id",
+    )
+    .bind(request_id)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+// ---------------------------------------------------------------- grants
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct GrantRow {
+    pub id: String,
+    pub request_id: String,
+    pub user_id: String,
+    pub user_email: String,
+    pub resource: String,
+    pub role: String,
+    pub starts_at: i64,
+    pub ends_at: i64,
+    pub status: String,
+    pub ended_at: Option<i64>,
+    pub ended_by_email: Option<String>,
+    pub end_comment: Option<String>,
+}
+
+const GRANT_COLUMNS: &str =
+    "g.id, g.request_id, g.user_id, u.email AS user_email, g.resource, g.role,
+     g.starts_at, g.ends_at, g.status, g.ended_at, e.email AS ended_by_email, g.end_comment
+     FROM grants g JOIN users u ON u.id = g.user_id LEFT JOIN users e ON e.id = g.ended_by";
+
+pub async fn insert_grant(
+    conn: &mut Conn,
+    request: &RequestRow,
+    starts_at: i64,
+    ends_at: i64,
+) -> Result<String> {
+    let id = new_id();
+    sqlx::query(
+        "INSERT INTO grants (id, request_id, user_id, resource, role, starts_at, ends_at, status)
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'active')",
+    )
+    .bind(&id)
+    .bind(&request.id)
+    .bind(&request.requester_id)
+    .bind(&request.resource)
+    .bind(&request.role)
+    .bind(starts_at)
+    .bind(ends_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+pub async fn grant_for_request(conn: &mut Conn, request_id: &str) -> Result<Option<GrantRow>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {GRANT_COLUMNS} WHERE g.request_id = ?"))
+            .bind(request_id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// `active → to` (`ended` by the clock, `revoked` by a person). Revocation applies only
+/// to a grant still inside its window; the natural end only to one past it.
+pub async fn end_grant(
+    conn: &mut Conn,
+    grant_id: &str,
+    to: &str,
+    now: i64,
+    by: Option<&str>,
+    comment: Option<&str>,
+) -> Result<bool> {
+    let natural = to == "ended";
+    let done = sqlx::query(
+        "UPDATE grants SET status = ?, ended_at = ?, ended_by = ?, end_comment = ?
+         WHERE id = ? AND status = 'active' AND ((? AND ends_at <= ?) OR (NOT ? AND ends_at > ?))",
+    )
+    .bind(to)
+    .bind(now)
+    .bind(by)
+    .bind(comment)
+    .bind(grant_id)
+    .bind(natural)
+    .bind(now)
+    .bind(natural)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Grants still marked active whose end has passed.
+pub async fn overdue_grants(conn: &mut Conn, now: i64) -> Result<Vec<GrantRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} WHERE g.status = 'active' AND g.ends_at <= ? LIMIT 500"
+    ))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Grants live right now: active and inside their window.
+pub async fn live_grants(db: &Db, now: i64) -> Result<Vec<GrantRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} WHERE g.status = 'active' AND g.starts_at <= ?1 AND g.ends_at > ?1
+         ORDER BY g.ends_at"
+    ))
+    .bind(now)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Counts for the metrics page: pending requests and live grants.
+pub async fn gauges(db: &Db, now: i64) -> Result<(i64, i64)> {
+    let row = sqlx::query(
+        "SELECT (SELECT COUNT(*) FROM access_requests WHERE status = 'pending' AND expires_at > ?1),
+                (SELECT COUNT(*) FROM grants WHERE status = 'active' AND ends_at > ?1)",
+    )
+    .bind(now)
+    .fetch_one(db)
+    .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+// ---------------------------------------------------------------- audit
+
+/// Appends one event to the chain. Must run inside a [`begin_write`] transaction,
+/// which makes reading the head and inserting after it atomic.
+pub async fn append_audit(conn: &mut Conn, ts: i64, event: &NewEvent<'_>) -> Result<AuditEvent> {
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (seq, prev) = head.unwrap_or((0, GENESIS.to_string()));
+    let ev = AuditEvent::chain(seq, &prev, ts, event);
+    sqlx::query(
+        "INSERT INTO audit_events (seq, ts, actor, action, subject, details, prev_hash, hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(ev.seq)
+    .bind(ev.ts)
+    .bind(&ev.actor)
+    .bind(&ev.action)
+    .bind(&ev.subject)
+    .bind(&ev.details)
+    .bind(&ev.prev_hash)
+    .bind(&ev.hash)
+    .execute(&mut *conn)
+    .await?;
+    Ok(ev)
+}
+
+/// Every event in sequence order, a page at a time.
+pub async fn audit_page(db: &Db, after_seq: i64, limit: i64) -> Result<Vec<AuditEvent>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, ts, actor, action, subject, details, prev_hash, hash
+         FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
+    )
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The newest events first, for the admin page; optionally about one subject.
+pub async fn recent_audit(db: &Db, subject: Option<&str>, limit: i64) -> Result<Vec<AuditEvent>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, ts, actor, action, subject, details, prev_hash, hash
+         FROM audit_events WHERE (?1 IS NULL OR subject = ?1) ORDER BY seq DESC LIMIT ?2",
+    )
+    .bind(subject)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Walks the whole chain in pages and verifies it.
+pub async fn verify_audit(
+    db: &Db,
+) -> Result<std::result::Result<crate::audit::ChainOk, crate::audit::ChainBreak>> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = audit_page(db, after, 5000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        all.extend(page);
+    }
+    crate::audit::verify(all.into_iter().map(Ok::<_, crate::error::Error>))
+}

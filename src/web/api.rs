@@ -1,0 +1,224 @@
+//! `/api/v1`: JSON over bearer tokens, for the CLI and automation.
+//!
+//! 401 without a valid token, 403 when the caller may not act (self-approval
+//! included), 404 for an unknown id, 409 when the request is no longer in a state that
+//! allows the action, 422 with field-level messages for bad input.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::extract::ApiUser;
+use crate::access::{self, Channel, Decision, RequestView};
+use crate::clock::from_millis;
+use crate::error::Error;
+use crate::policy::{FieldError, RequestInput};
+use crate::state::AppState;
+
+fn iso(ms: i64) -> String {
+    from_millis(ms).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The API's view of a request.
+pub fn request_json(v: &RequestView) -> Value {
+    let r = &v.request;
+    json!({
+        "id": r.id,
+        "status": r.status,
+        "resource": r.resource,
+        "role": r.role,
+        "requester": r.requester_email,
+        "duration_secs": r.duration_secs,
+        "reason": r.reason,
+        "ticket": r.ticket,
+        "created_at": iso(r.created_at),
+        "expires_at": iso(r.expires_at),
+        "decided_at": r.decided_at.map(iso),
+        "required_approvals": v.required_approvals,
+        "all_groups": v.all_groups,
+        "approver_groups": v.approver_groups,
+        "approval_count": v.approval_count(),
+        "approvals": v.approvals.iter().map(|a| json!({
+            "approver": a.approver_email,
+            "decision": a.decision,
+            "comment": a.comment,
+            "channel": a.channel,
+            "at": iso(a.created_at),
+        })).collect::<Vec<_>>(),
+        "grant": v.grant.as_ref().map(|g| json!({
+            "id": g.id,
+            "status": g.status,
+            "starts_at": iso(g.starts_at),
+            "ends_at": iso(g.ends_at),
+            "ended_at": g.ended_at.map(iso),
+            "ended_by": g.ended_by_email,
+        })),
+    })
+}
+
+fn parse_body(body: &Bytes) -> Result<serde_json::Map<String, Value>, Error> {
+    if body.is_empty() {
+        return Ok(Default::default());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::invalid("body", "must be a JSON object")),
+        Err(e) => Err(Error::invalid("body", format!("is not valid JSON: {e}"))),
+    }
+}
+
+/// A string field; `required` fields must be present.
+fn string_field(
+    map: &serde_json::Map<String, Value>,
+    name: &'static str,
+    required: bool,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    match map.get(name) {
+        Some(Value::String(s)) => Some(s.clone()),
+        None | Some(Value::Null) if !required => None,
+        None | Some(Value::Null) => {
+            errors.push(FieldError {
+                field: name,
+                message: "is required".into(),
+            });
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError {
+                field: name,
+                message: "must be a string".into(),
+            });
+            None
+        }
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let map = parse_body(&body)?;
+    let mut errors = Vec::new();
+    let resource = string_field(&map, "resource", true, &mut errors);
+    let role = string_field(&map, "role", true, &mut errors);
+    let duration = match map.get("duration") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) if n.as_u64().is_some() => Some(n.to_string()),
+        None | Some(Value::Null) => {
+            errors.push(FieldError {
+                field: "duration",
+                message: "is required, e.g. \"30m\" or 1800".into(),
+            });
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError {
+                field: "duration",
+                message: "must be a string like \"30m\" or a whole number of seconds".into(),
+            });
+            None
+        }
+    };
+    let reason = string_field(&map, "reason", true, &mut errors);
+    let ticket = string_field(&map, "ticket", false, &mut errors);
+    for key in map.keys() {
+        if !["resource", "role", "duration", "reason", "ticket"].contains(&key.as_str()) {
+            errors.push(FieldError {
+                field: "body",
+                message: format!("unknown field {key:?}"),
+            });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors).into());
+    }
+    let input = RequestInput {
+        resource: resource.unwrap_or_default(),
+        role: role.unwrap_or_default(),
+        duration: duration.unwrap_or_default(),
+        reason: reason.unwrap_or_default(),
+        ticket,
+    };
+    let view = access::create_request(&state, &actor, &input, Channel::Api).await?;
+    Ok((StatusCode::CREATED, Json(request_json(&view))))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let view = access::view(&state, &actor, &id).await?;
+    Ok(Json(request_json(&view)))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let views = access::list(&state, &actor, q.status.as_deref()).await?;
+    Ok(Json(json!({
+        "requests": views.iter().map(request_json).collect::<Vec<_>>()
+    })))
+}
+
+pub async fn act(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let map = parse_body(&body)?;
+    let mut errors = Vec::new();
+    let comment = string_field(&map, "comment", false, &mut errors);
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors).into());
+    }
+    let comment = comment.as_deref();
+    let view = match action.as_str() {
+        "approve" => {
+            access::decide(
+                &state,
+                &actor,
+                &id,
+                Decision::Approve,
+                comment,
+                Channel::Api,
+            )
+            .await?
+        }
+        "deny" => {
+            access::decide(&state, &actor, &id, Decision::Deny, comment, Channel::Api).await?
+        }
+        "cancel" => access::cancel(&state, &actor, &id, comment).await?,
+        "revoke" => access::revoke(&state, &actor, &id, comment).await?,
+        _ => return Err(Error::NotFound("action").into()),
+    };
+    Ok(Json(request_json(&view)))
+}
+
+pub async fn whoami(ApiUser(actor): ApiUser) -> Json<Value> {
+    Json(json!({
+        "email": actor.email,
+        "name": actor.display_name,
+        "groups": actor.groups,
+        "admin": actor.is_admin,
+    }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError(Error::NotFound("endpoint"))
+}

@@ -1,0 +1,133 @@
+//! The HTTP surface: pages for people, `/api/v1` for the CLI and automation,
+//! `/healthz` and `/metrics`.
+//!
+//! Permission checks live in the extractors ([`extract`]) so a handler cannot forget
+//! them. Errors become a page or a JSON body in [`error`], which logs internals and
+//! renders only safe messages. No GET handler changes state.
+
+pub mod api;
+pub mod error;
+pub mod extract;
+pub mod pages;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, SessionManagerLayer};
+use tower_sessions_sqlx_store::SqliteStore;
+
+use crate::state::{AppState, Metrics};
+
+/// Content-Security-Policy for every response: no scripts at all, styles and images
+/// from twokey only, never framed, forms post only back to twokey.
+pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The whole app, ready to serve.
+pub fn router(state: AppState, sessions: SqliteStore) -> Router {
+    let idle = state.config.session_idle_timeout();
+    let session_layer = SessionManagerLayer::new(sessions)
+        .with_name("twokey_session")
+        .with_http_only(true)
+        .with_same_site(SameSite::Lax)
+        .with_secure(state.config.secure_cookies())
+        .with_expiry(Expiry::OnInactivity(time::Duration::seconds(
+            idle.as_secs() as i64,
+        )));
+
+    let api = Router::new()
+        .route("/requests", get(api::list).post(api::create))
+        .route("/requests/{id}", get(api::show))
+        .route("/requests/{id}/{action}", post(api::act))
+        .route("/whoami", get(api::whoami))
+        .fallback(api::not_found);
+
+    let pages = Router::new()
+        .route("/", get(pages::home))
+        .route("/login", get(pages::login_page))
+        .route("/login/dev", post(pages::dev_login))
+        .route("/logout", post(pages::logout))
+        .route(
+            "/requests",
+            get(pages::my_requests).post(pages::create_request),
+        )
+        .route("/requests/new", get(pages::new_request))
+        .route("/requests/{id}", get(pages::request_detail))
+        .route("/requests/{id}/{action}", post(pages::act))
+        .route("/queue", get(pages::queue))
+        .route("/grants", get(pages::grants))
+        .route("/audit", get(pages::audit_log))
+        .route("/policy", get(pages::policy))
+        .fallback(pages::not_found)
+        .layer(session_layer);
+
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/static/style.css", get(style))
+        .merge(pages)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(header_layer(header::CONTENT_SECURITY_POLICY, CSP))
+        .layer(header_layer(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .layer(header_layer(header::X_FRAME_OPTIONS, "DENY"))
+        // Later issues put single-use tokens in URLs: never leak them to other sites.
+        .layer(header_layer(header::REFERRER_POLICY, "no-referrer"))
+        .layer(header_layer(header::CACHE_CONTROL, "no-store"))
+        .with_state(state)
+}
+
+fn header_layer(
+    name: header::HeaderName,
+    value: &'static str,
+) -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value))
+}
+
+async fn count_requests(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    Metrics::inc(&state.metrics.http_requests);
+    next.run(req).await
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match sqlx::query("SELECT 1").execute(&state.db).await {
+        Ok(_) => (axum::http::StatusCode::OK, "ok\n"),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: database unreachable");
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "database unreachable\n",
+            )
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let (pending, live) = crate::store::gauges(&state.db, state.now_ms())
+        .await
+        .unwrap_or((-1, -1));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(pending, live),
+    )
+}
+
+async fn style() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        include_str!("../../static/style.css"),
+    )
+}

@@ -1,0 +1,732 @@
+//! Pages for requesters, approvers and admins (askama templates under `templates/`).
+//!
+//! Every POST form carries the session's CSRF token and is checked before anything
+//! else. Pages are built from view models with display strings made here, so
+//! templates stay logic-free and escape everything by default.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use tower_sessions::Session;
+
+use super::error::PageError;
+use super::extract::{AdminUser, MaybeUser, WebUser, check_csrf};
+use crate::access::{self, Channel, Decision, RequestView};
+use crate::auth::{self, SESSION_CSRF, SESSION_USER};
+use crate::clock::from_millis;
+use crate::error::Error;
+use crate::policy::{self, Actor, FieldError, RequestInput, format_duration};
+use crate::state::AppState;
+use crate::store::{self, GrantRow};
+
+static DEV_LOGIN_ON: AtomicBool = AtomicBool::new(false);
+
+/// Turns the demo warning banner on for every page this process serves.
+pub fn set_dev_banner(on: bool) {
+    if on {
+        DEV_LOGIN_ON.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What every page shows around its content: who is signed in, the sign-out form's
+/// CSRF token, and the demo warning.
+pub struct Chrome {
+    pub user: Option<String>,
+    pub is_admin: bool,
+    pub csrf: String,
+    pub dev_banner: bool,
+}
+
+impl Chrome {
+    pub fn anonymous() -> Self {
+        Chrome {
+            user: None,
+            is_admin: false,
+            csrf: String::new(),
+            dev_banner: DEV_LOGIN_ON.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn new(session: &Session, actor: Option<&Actor>) -> Result<Self, PageError> {
+        Ok(Chrome {
+            user: actor.map(|a| a.email.clone()),
+            is_admin: actor.is_some_and(|a| a.is_admin),
+            csrf: csrf_token(session).await?,
+            dev_banner: DEV_LOGIN_ON.load(Ordering::Relaxed),
+        })
+    }
+
+    async fn of(user: &WebUser) -> Result<Self, PageError> {
+        Chrome::new(&user.session, Some(&user.actor)).await
+    }
+}
+
+/// The session's CSRF token, made on first use.
+async fn csrf_token(session: &Session) -> Result<String, PageError> {
+    if let Some(t) = session.get::<String>(SESSION_CSRF).await? {
+        return Ok(t);
+    }
+    let t = auth::new_csrf();
+    session.insert(SESSION_CSRF, &t).await?;
+    Ok(t)
+}
+
+fn when(ms: i64) -> String {
+    from_millis(ms).format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+fn time_left(ends_ms: i64, now_ms: i64) -> String {
+    if ends_ms <= now_ms {
+        return "ended".into();
+    }
+    let secs = ((ends_ms - now_ms) / 1000) as u64;
+    let (h, m) = (secs / 3600, (secs % 3600) / 60);
+    if h > 0 {
+        format!("{h}h {m}m left")
+    } else if m > 0 {
+        format!("{m}m left")
+    } else {
+        format!("{secs}s left")
+    }
+}
+
+/// A request as pages show it.
+pub struct RequestVm {
+    pub id: String,
+    pub resource: String,
+    pub role: String,
+    pub requester: String,
+    pub duration: String,
+    pub reason: String,
+    pub ticket: String,
+    pub status: String,
+    pub created: String,
+    pub expires: String,
+    pub have: usize,
+    pub need: u32,
+    pub grant: Option<GrantVm>,
+}
+
+pub struct GrantVm {
+    pub id: String,
+    pub request_id: String,
+    pub holder: String,
+    pub resource: String,
+    pub role: String,
+    pub status: String,
+    pub starts: String,
+    pub ends: String,
+    pub left: String,
+}
+
+fn grant_vm(g: &GrantRow, now: i64) -> GrantVm {
+    GrantVm {
+        id: g.id.clone(),
+        request_id: g.request_id.clone(),
+        holder: g.user_email.clone(),
+        resource: g.resource.clone(),
+        role: g.role.clone(),
+        status: g.status.clone(),
+        starts: when(g.starts_at),
+        ends: when(g.ends_at),
+        left: if g.status == "active" {
+            time_left(g.ends_at, now)
+        } else {
+            g.status.clone()
+        },
+    }
+}
+
+fn request_vm(v: &RequestView, now: i64) -> RequestVm {
+    let r = &v.request;
+    RequestVm {
+        id: r.id.clone(),
+        resource: r.resource.clone(),
+        role: r.role.clone(),
+        requester: r.requester_email.clone(),
+        duration: format_duration(std::time::Duration::from_secs(r.duration_secs as u64)),
+        reason: r.reason.clone(),
+        ticket: r.ticket.clone().unwrap_or_default(),
+        status: r.status.clone(),
+        created: when(r.created_at),
+        expires: when(r.expires_at),
+        have: v.approval_count(),
+        need: v.required_approvals,
+        grant: v.grant.as_ref().map(|g| grant_vm(g, now)),
+    }
+}
+
+pub struct TimelineItem {
+    pub when: String,
+    pub what: String,
+    pub who: String,
+    pub note: String,
+}
+
+fn timeline(v: &RequestView) -> Vec<TimelineItem> {
+    let r = &v.request;
+    let mut items = vec![(
+        r.created_at,
+        TimelineItem {
+            when: when(r.created_at),
+            what: "filed".into(),
+            who: r.requester_email.clone(),
+            note: String::new(),
+        },
+    )];
+    for a in &v.approvals {
+        items.push((
+            a.created_at,
+            TimelineItem {
+                when: when(a.created_at),
+                what: if a.decision == "approve" {
+                    "approved".into()
+                } else {
+                    "denied".into()
+                },
+                who: a.approver_email.clone(),
+                note: format!(
+                    "via {}{}",
+                    a.channel,
+                    a.comment
+                        .as_deref()
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default()
+                ),
+            },
+        ));
+    }
+    if let Some(g) = &v.grant {
+        items.push((
+            g.starts_at,
+            TimelineItem {
+                when: when(g.starts_at),
+                what: "granted".into(),
+                who: String::new(),
+                note: format!("until {}", when(g.ends_at)),
+            },
+        ));
+        if let Some(ended) = g.ended_at {
+            items.push((
+                ended,
+                TimelineItem {
+                    when: when(ended),
+                    what: if g.status == "revoked" {
+                        "revoked".into()
+                    } else {
+                        "ended".into()
+                    },
+                    who: g.ended_by_email.clone().unwrap_or_default(),
+                    note: g.end_comment.clone().unwrap_or_default(),
+                },
+            ));
+        }
+    }
+    if matches!(r.status.as_str(), "cancelled" | "expired") {
+        let at = r.decided_at.unwrap_or(r.expires_at);
+        let who = if r.status == "cancelled" {
+            r.requester_email.clone()
+        } else {
+            String::new()
+        };
+        items.push((
+            at,
+            TimelineItem {
+                when: when(at),
+                what: r.status.clone(),
+                who,
+                note: String::new(),
+            },
+        ));
+    }
+    items.sort_by_key(|(t, _)| *t);
+    items.into_iter().map(|(_, i)| i).collect()
+}
+
+// ------------------------------------------------------------------ sign-in
+
+pub async fn home(user: MaybeUser) -> Redirect {
+    if user.actor.is_some() {
+        Redirect::to("/requests")
+    } else {
+        Redirect::to("/login")
+    }
+}
+
+pub struct DevUserVm {
+    pub email: String,
+    pub name: String,
+    pub groups: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "login.html")]
+struct LoginPage {
+    chrome: Chrome,
+    dev_users: Vec<DevUserVm>,
+}
+
+pub async fn login_page(
+    State(state): State<AppState>,
+    user: MaybeUser,
+) -> Result<impl IntoResponse, PageError> {
+    let dev_users = if state.config.auth.dev_login {
+        state
+            .config
+            .auth
+            .dev_users
+            .iter()
+            .map(|u| DevUserVm {
+                email: u.email.clone(),
+                name: u.name.clone().unwrap_or_default(),
+                groups: u.groups.join(", "),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(LoginPage {
+        chrome: Chrome::new(&user.session, user.actor.as_ref()).await?,
+        dev_users,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct DevLoginForm {
+    csrf: String,
+    email: String,
+}
+
+pub async fn dev_login(
+    State(state): State<AppState>,
+    session: Session,
+    Form(form): Form<DevLoginForm>,
+) -> Result<Redirect, PageError> {
+    // Login CSRF: the form must come from this browser's own sign-in page.
+    check_csrf(&session, &form.csrf).await?;
+    let actor = auth::dev_sign_in(&state, &form.email).await?;
+    // A new session id at sign-in, so a fixated id is worthless.
+    session.cycle_id().await?;
+    session.insert(SESSION_USER, &actor.user_id).await?;
+    session.insert(SESSION_CSRF, auth::new_csrf()).await?;
+    tracing::info!(user = %actor.email, "signed in (demo)");
+    Ok(Redirect::to("/requests"))
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+pub async fn logout(session: Session, Form(form): Form<CsrfForm>) -> Result<Redirect, PageError> {
+    check_csrf(&session, &form.csrf).await?;
+    // Deletes the server-side record: the old cookie no longer signs anyone in.
+    session.flush().await?;
+    Ok(Redirect::to("/login"))
+}
+
+// ------------------------------------------------------------------ requests
+
+pub struct RoleOption {
+    pub value: String,
+    pub label: String,
+    pub selected: bool,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "new_request.html")]
+struct NewRequestPage {
+    chrome: Chrome,
+    options: Vec<RoleOption>,
+    duration: String,
+    reason: String,
+    ticket: String,
+    errors: Vec<FieldError>,
+}
+
+impl NewRequestPage {
+    fn err(&self, field: &str) -> String {
+        self.errors
+            .iter()
+            .filter(|e| e.field == field)
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// The resource/role pairs this actor may request, as form options.
+fn role_options(state: &AppState, actor: &Actor, selected: &str) -> Vec<RoleOption> {
+    let mut out = Vec::new();
+    for r in &state.config.resources {
+        for role in &r.roles {
+            if !policy::may_request(actor, role) {
+                continue;
+            }
+            let value = format!("{}/{}", r.name, role.name);
+            let mut label = format!(
+                "{} ({}) — {}: up to {}, {} approval{} from {}",
+                r.name,
+                r.kind,
+                role.name,
+                format_duration(role.max_duration()),
+                role.min_approvals,
+                if role.min_approvals == 1 { "" } else { "s" },
+                role.approver_groups
+                    .join(if role.all_groups { " and " } else { " or " }),
+            );
+            if role.require_ticket {
+                label.push_str(", ticket required");
+            }
+            out.push(RoleOption {
+                selected: value == selected,
+                value,
+                label,
+            });
+        }
+    }
+    out
+}
+
+pub async fn new_request(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    Ok(NewRequestPage {
+        options: role_options(&state, &user.actor, ""),
+        chrome: Chrome::of(&user).await?,
+        duration: "1h".into(),
+        reason: String::new(),
+        ticket: String::new(),
+        errors: Vec::new(),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct NewRequestForm {
+    csrf: String,
+    target: String,
+    duration: String,
+    reason: String,
+    #[serde(default)]
+    ticket: String,
+}
+
+pub async fn create_request(
+    State(state): State<AppState>,
+    user: WebUser,
+    Form(form): Form<NewRequestForm>,
+) -> Result<Response, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let (resource, role) = form
+        .target
+        .split_once('/')
+        .unwrap_or((form.target.as_str(), ""));
+    let input = RequestInput {
+        resource: resource.into(),
+        role: role.into(),
+        duration: form.duration.clone(),
+        reason: form.reason.clone(),
+        ticket: Some(form.ticket.clone()),
+    };
+    match access::create_request(&state, &user.actor, &input, Channel::Web).await {
+        Ok(view) => Ok(Redirect::to(&format!("/requests/{}", view.request.id)).into_response()),
+        // Bad input: show the form again with what was typed, nothing lost.
+        Err(Error::Invalid(errors)) => {
+            let errors = errors
+                .into_iter()
+                .map(|e| {
+                    if e.field == "resource" || e.field == "role" {
+                        FieldError {
+                            field: "target",
+                            ..e
+                        }
+                    } else {
+                        e
+                    }
+                })
+                .collect();
+            let page = NewRequestPage {
+                options: role_options(&state, &user.actor, &form.target),
+                chrome: Chrome::of(&user).await?,
+                duration: form.duration,
+                reason: form.reason,
+                ticket: form.ticket,
+                errors,
+            };
+            Ok((StatusCode::UNPROCESSABLE_ENTITY, page).into_response())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "request_list.html")]
+struct RequestListPage {
+    chrome: Chrome,
+    title: &'static str,
+    intro: &'static str,
+    empty: &'static str,
+    requests: Vec<RequestVm>,
+}
+
+pub async fn my_requests(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    let now = state.now_ms();
+    let requests = access::list(&state, &user.actor, None)
+        .await?
+        .iter()
+        .filter(|v| v.request.requester_id == user.actor.user_id)
+        .map(|v| request_vm(v, now))
+        .collect();
+    Ok(RequestListPage {
+        chrome: Chrome::of(&user).await?,
+        title: "My requests",
+        intro: "Requests you filed, newest first.",
+        empty: "You have not asked for access yet.",
+        requests,
+    })
+}
+
+pub async fn queue(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    let now = state.now_ms();
+    let requests = access::queue(&state, &user.actor)
+        .await?
+        .iter()
+        .map(|v| request_vm(v, now))
+        .collect();
+    Ok(RequestListPage {
+        chrome: Chrome::of(&user).await?,
+        title: "Approval queue",
+        intro: "Pending requests you may decide on. Your own requests never appear here.",
+        empty: "Nothing is waiting for you.",
+        requests,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "request_detail.html")]
+struct RequestDetailPage {
+    chrome: Chrome,
+    r: RequestVm,
+    reason_lines: Vec<String>,
+    timeline: Vec<TimelineItem>,
+    can_decide: bool,
+    own_request: bool,
+    can_cancel: bool,
+    can_revoke: bool,
+    approver_groups: String,
+}
+
+pub async fn request_detail(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, PageError> {
+    let view = access::view(&state, &user.actor, &id).await?;
+    let now = state.now_ms();
+    let actor = &user.actor;
+    let r = &view.request;
+    let role = state
+        .config
+        .role(&r.resource, &r.role)
+        .map(|(_, role)| role);
+    let pending = r.status == "pending";
+    let own_request = r.requester_id == actor.user_id;
+    let can_decide = pending
+        && !view.decided_by(&actor.user_id)
+        && role.is_some_and(|role| policy::may_decide(actor, &r.requester_id, role).is_ok());
+    let grant_live = view
+        .grant
+        .as_ref()
+        .is_some_and(|g| g.status == "active" && g.ends_at > now);
+    let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
+    Ok(RequestDetailPage {
+        chrome: Chrome::of(&user).await?,
+        reason_lines: r.reason.lines().map(str::to_string).collect(),
+        timeline: timeline(&view),
+        can_decide,
+        own_request,
+        can_cancel: pending && own_request,
+        can_revoke,
+        approver_groups: view
+            .approver_groups
+            .join(if view.all_groups { " and " } else { " or " }),
+        r: request_vm(&view, now),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ActionForm {
+    csrf: String,
+    #[serde(default)]
+    comment: String,
+}
+
+pub async fn act(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path((id, action)): Path<(String, String)>,
+    Form(form): Form<ActionForm>,
+) -> Result<Redirect, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let comment = Some(form.comment.as_str());
+    let actor = &user.actor;
+    match action.as_str() {
+        "approve" => {
+            access::decide(&state, actor, &id, Decision::Approve, comment, Channel::Web).await?
+        }
+        "deny" => access::decide(&state, actor, &id, Decision::Deny, comment, Channel::Web).await?,
+        "cancel" => access::cancel(&state, actor, &id, comment).await?,
+        "revoke" => access::revoke(&state, actor, &id, comment).await?,
+        _ => return Err(Error::NotFound("action").into()),
+    };
+    Ok(Redirect::to(&format!("/requests/{id}")))
+}
+
+// ------------------------------------------------------------------ grants, audit, policy
+
+#[derive(Template, WebTemplate)]
+#[template(path = "grants.html")]
+struct GrantsPage {
+    chrome: Chrome,
+    grants: Vec<GrantVm>,
+}
+
+pub async fn grants(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    let now = state.now_ms();
+    let grants = access::live_grants(&state, &user.actor)
+        .await?
+        .iter()
+        .map(|g| grant_vm(g, now))
+        .collect();
+    Ok(GrantsPage {
+        chrome: Chrome::of(&user).await?,
+        grants,
+    })
+}
+
+pub struct AuditVm {
+    pub seq: i64,
+    pub when: String,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub details: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    chrome: Chrome,
+    chain: String,
+    chain_ok: bool,
+    events: Vec<AuditVm>,
+}
+
+pub async fn audit_log(
+    State(state): State<AppState>,
+    AdminUser(user): AdminUser,
+) -> Result<impl IntoResponse, PageError> {
+    let (chain, chain_ok) = match store::verify_audit(&state.db).await? {
+        Ok(ok) => (
+            format!(
+                "chain verified: {} events, head {}",
+                ok.events,
+                &ok.head[..16]
+            ),
+            true,
+        ),
+        Err(b) => (
+            format!("chain BROKEN at event {}: {}", b.seq, b.reason),
+            false,
+        ),
+    };
+    let events = store::recent_audit(&state.db, None, 200)
+        .await?
+        .into_iter()
+        .map(|e| AuditVm {
+            seq: e.seq,
+            when: when(e.ts),
+            actor: e.actor,
+            action: e.action,
+            subject: e.subject,
+            details: e.details,
+        })
+        .collect();
+    Ok(AuditPage {
+        chrome: Chrome::of(&user).await?,
+        chain,
+        chain_ok,
+        events,
+    })
+}
+
+pub struct PolicyRowVm {
+    pub resource: String,
+    pub kind: String,
+    pub role: String,
+    pub requesters: String,
+    pub approvers: String,
+    pub approvals: String,
+    pub max: String,
+    pub ticket: bool,
+    pub pending_ttl: String,
+    pub you_may_request: bool,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "policy.html")]
+struct PolicyPage {
+    chrome: Chrome,
+    rows: Vec<PolicyRowVm>,
+}
+
+pub async fn policy(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    let mut rows = Vec::new();
+    for r in &state.config.resources {
+        for role in &r.roles {
+            rows.push(PolicyRowVm {
+                resource: r.name.clone(),
+                kind: r.kind.to_string(),
+                role: role.name.clone(),
+                requesters: role.requester_groups.join(", "),
+                approvers: role.approver_groups.join(", "),
+                approvals: if role.all_groups {
+                    format!("{} (every group)", role.min_approvals)
+                } else {
+                    role.min_approvals.to_string()
+                },
+                max: format_duration(role.max_duration()),
+                ticket: role.require_ticket,
+                pending_ttl: format_duration(state.config.pending_ttl(role)),
+                you_may_request: policy::may_request(&user.actor, role),
+            });
+        }
+    }
+    Ok(PolicyPage {
+        chrome: Chrome::of(&user).await?,
+        rows,
+    })
+}
+
+pub async fn not_found() -> PageError {
+    PageError(Error::NotFound("page"))
+}
