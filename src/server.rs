@@ -69,7 +69,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>, listener: TcpListener)
     let state = open_state(config, clock).await?;
     let sessions = SqliteStore::new(state.db.clone());
     sessions.migrate().await?;
-    web::pages::set_dev_banner(state.config.auth.dev_login);
     let app = web::router(state.clone(), sessions.clone());
     let addr = listener
         .local_addr()

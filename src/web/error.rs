@@ -78,7 +78,7 @@ impl IntoResponse for ApiError {
 
 #[derive(Template, WebTemplate)]
 #[template(path = "error.html")]
-struct ErrorPage {
+pub struct ErrorPage {
     chrome: super::pages::Chrome,
     status: u16,
     title: &'static str,
@@ -95,6 +95,14 @@ impl<E: Into<Error>> From<E> for PageError {
     }
 }
 
+/// What an error page says; rendered by [`render_error_pages`], which knows the
+/// server's settings (the demo banner) that a bare error does not.
+#[derive(Clone)]
+struct ErrorInfo {
+    title: &'static str,
+    message: String,
+}
+
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         if matches!(self.0, Error::Unauthenticated) {
@@ -108,12 +116,31 @@ impl IntoResponse for PageError {
             StatusCode::UNPROCESSABLE_ENTITY => "Please check your input",
             _ => "Something went wrong",
         };
-        let page = ErrorPage {
-            chrome: super::pages::Chrome::anonymous(),
-            status: status.as_u16(),
+        let mut resp = status.into_response();
+        resp.extensions_mut().insert(ErrorInfo {
             title,
             message: public_message(&self.0),
-        };
-        (status, page).into_response()
+        });
+        resp
     }
+}
+
+/// Middleware that turns a [`PageError`] response into the error page.
+pub async fn render_error_pages(
+    axum::extract::State(state): axum::extract::State<crate::state::AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let Some(info) = resp.extensions().get::<ErrorInfo>().cloned() else {
+        return resp;
+    };
+    let status = resp.status();
+    let page = ErrorPage {
+        chrome: super::pages::Chrome::anonymous(state.config.auth.dev_login),
+        status: status.as_u16(),
+        title: info.title,
+        message: info.message,
+    };
+    (status, page).into_response()
 }

@@ -45,10 +45,14 @@ pub fn router(state: AppState, sessions: SqliteStore) -> Router {
         .route("/whoami", get(api::whoami))
         .fallback(api::not_found);
 
-    let pages = Router::new()
+    let mut page_routes = Router::new();
+    // Demo sign-in exists only when configured: otherwise the route is simply absent.
+    if state.config.auth.dev_login {
+        page_routes = page_routes.route("/login/dev", post(pages::dev_login));
+    }
+    let pages = page_routes
         .route("/", get(pages::home))
         .route("/login", get(pages::login_page))
-        .route("/login/dev", post(pages::dev_login))
         .route("/logout", post(pages::logout))
         .route(
             "/requests",
@@ -62,6 +66,10 @@ pub fn router(state: AppState, sessions: SqliteStore) -> Router {
         .route("/audit", get(pages::audit_log))
         .route("/policy", get(pages::policy))
         .fallback(pages::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            error::render_error_pages,
+        ))
         .layer(session_layer);
 
     Router::new()

@@ -4,8 +4,6 @@
 //! else. Pages are built from view models with display strings made here, so
 //! templates stay logic-free and escape everything by default.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
@@ -25,15 +23,6 @@ use crate::policy::{self, Actor, FieldError, RequestInput, format_duration};
 use crate::state::AppState;
 use crate::store::{self, GrantRow};
 
-static DEV_LOGIN_ON: AtomicBool = AtomicBool::new(false);
-
-/// Turns the demo warning banner on for every page this process serves.
-pub fn set_dev_banner(on: bool) {
-    if on {
-        DEV_LOGIN_ON.store(true, Ordering::Relaxed);
-    }
-}
-
 /// What every page shows around its content: who is signed in, the sign-out form's
 /// CSRF token, and the demo warning.
 pub struct Chrome {
@@ -44,26 +33,30 @@ pub struct Chrome {
 }
 
 impl Chrome {
-    pub fn anonymous() -> Self {
+    pub fn anonymous(dev_banner: bool) -> Self {
         Chrome {
             user: None,
             is_admin: false,
             csrf: String::new(),
-            dev_banner: DEV_LOGIN_ON.load(Ordering::Relaxed),
+            dev_banner,
         }
     }
 
-    async fn new(session: &Session, actor: Option<&Actor>) -> Result<Self, PageError> {
+    async fn new(
+        state: &AppState,
+        session: &Session,
+        actor: Option<&Actor>,
+    ) -> Result<Self, PageError> {
         Ok(Chrome {
             user: actor.map(|a| a.email.clone()),
             is_admin: actor.is_some_and(|a| a.is_admin),
             csrf: csrf_token(session).await?,
-            dev_banner: DEV_LOGIN_ON.load(Ordering::Relaxed),
+            dev_banner: state.config.auth.dev_login,
         })
     }
 
-    async fn of(user: &WebUser) -> Result<Self, PageError> {
-        Chrome::new(&user.session, Some(&user.actor)).await
+    async fn of(state: &AppState, user: &WebUser) -> Result<Self, PageError> {
+        Chrome::new(state, &user.session, Some(&user.actor)).await
     }
 }
 
@@ -292,7 +285,7 @@ pub async fn login_page(
         Vec::new()
     };
     Ok(LoginPage {
-        chrome: Chrome::new(&user.session, user.actor.as_ref()).await?,
+        chrome: Chrome::new(&state, &user.session, user.actor.as_ref()).await?,
         dev_users,
     })
 }
@@ -400,7 +393,7 @@ pub async fn new_request(
 ) -> Result<impl IntoResponse, PageError> {
     Ok(NewRequestPage {
         options: role_options(&state, &user.actor, ""),
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         duration: "1h".into(),
         reason: String::new(),
         ticket: String::new(),
@@ -454,7 +447,7 @@ pub async fn create_request(
                 .collect();
             let page = NewRequestPage {
                 options: role_options(&state, &user.actor, &form.target),
-                chrome: Chrome::of(&user).await?,
+                chrome: Chrome::of(&state, &user).await?,
                 duration: form.duration,
                 reason: form.reason,
                 ticket: form.ticket,
@@ -488,7 +481,7 @@ pub async fn my_requests(
         .map(|v| request_vm(v, now))
         .collect();
     Ok(RequestListPage {
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         title: "My requests",
         intro: "Requests you filed, newest first.",
         empty: "You have not asked for access yet.",
@@ -507,7 +500,7 @@ pub async fn queue(
         .map(|v| request_vm(v, now))
         .collect();
     Ok(RequestListPage {
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         title: "Approval queue",
         intro: "Pending requests you may decide on. Your own requests never appear here.",
         empty: "Nothing is waiting for you.",
@@ -553,7 +546,7 @@ pub async fn request_detail(
         .is_some_and(|g| g.status == "active" && g.ends_at > now);
     let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
     Ok(RequestDetailPage {
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         reason_lines: r.reason.lines().map(str::to_string).collect(),
         timeline: timeline(&view),
         can_decide,
@@ -615,7 +608,7 @@ pub async fn grants(
         .map(|g| grant_vm(g, now))
         .collect();
     Ok(GrantsPage {
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         grants,
     })
 }
@@ -669,7 +662,7 @@ pub async fn audit_log(
         })
         .collect();
     Ok(AuditPage {
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         chain,
         chain_ok,
         events,
@@ -722,7 +715,7 @@ pub async fn policy(
         }
     }
     Ok(PolicyPage {
-        chrome: Chrome::of(&user).await?,
+        chrome: Chrome::of(&state, &user).await?,
         rows,
     })
 }

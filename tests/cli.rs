@@ -1,0 +1,282 @@
+//! The `twokey` binary itself: config checking, tokens, audit verify and export —
+//! including a chain tampered with directly in the database file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sqlx::{Connection, SqliteConnection};
+
+fn twokey(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_twokey"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("TWOKEY_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A data dir (holding its config too) with a few audited decisions made through
+/// the real server, which is stopped before the binary touches the database.
+async fn populated() -> (tempfile::TempDir, std::path::PathBuf) {
+    let app = common::start().await;
+    let alice = app.api("alice@example.com").await;
+    let bob = app.api("bob@example.com").await;
+    for _ in 0..3 {
+        let id = alice.file("demo-db", "read", "1h", None).await;
+        bob.act(&id, "approve").await;
+    }
+    let common::TestApp { server, dir, .. } = app;
+    server.stop().await;
+    let config = dir.path().join("twokey.toml");
+    std::fs::write(
+        &config,
+        twokey::config::demo_config_toml("127.0.0.1:0", dir.path()),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+fn db_path(config: &Path) -> String {
+    format!(
+        "sqlite://{}",
+        config.parent().unwrap().join("twokey.db").display()
+    )
+}
+
+/// Runs SQL as an attacker with write access to the file: triggers dropped first.
+async fn tamper(config: &Path, sql: &str) {
+    let mut conn = SqliteConnection::connect(&db_path(config)).await.unwrap();
+    sqlx::query("DROP TRIGGER IF EXISTS audit_events_no_update")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DROP TRIGGER IF EXISTS audit_events_no_delete")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        sqlx::query(stmt).execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+}
+
+/// Each tamper case gets its own copy of the data dir.
+fn copy_setup(from: &Path) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["twokey.db", "twokey.db-wal", "twokey.db-shm"] {
+        let src = from.parent().unwrap().join(f);
+        if src.exists() {
+            std::fs::copy(&src, dir.path().join(f)).unwrap();
+        }
+    }
+    let config = dir.path().join("twokey.toml");
+    std::fs::write(
+        &config,
+        twokey::config::demo_config_toml("127.0.0.1:0", dir.path()),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+#[tokio::test]
+async fn audit_verify_reports_ok_then_the_first_bad_row() {
+    let (_keep, config) = populated().await;
+    let out = twokey(&config, &["audit", "verify"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    // 2 tokens + 3 × (created, approval, approved, grant.started)
+    assert!(
+        stdout(&out).starts_with("OK: 14 events"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The table refuses edits outright while its triggers stand.
+    let mut conn = SqliteConnection::connect(&db_path(&config)).await.unwrap();
+    let err = sqlx::query("UPDATE audit_events SET actor = 'x' WHERE seq = 1")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    let err = sqlx::query("DELETE FROM audit_events WHERE seq = 1")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    conn.close().await.unwrap();
+
+    let cases = [
+        (
+            "UPDATE audit_events SET details = '{\"reason\":\"edited\"}' WHERE seq = 5",
+            5,
+        ),
+        ("DELETE FROM audit_events WHERE seq = 7", 7),
+        // Swap rows 9 and 10 by exchanging their sequence numbers.
+        (
+            "UPDATE audit_events SET seq = -1 WHERE seq = 9; UPDATE audit_events SET seq = 9 WHERE seq = 10; UPDATE audit_events SET seq = 10 WHERE seq = -1",
+            9,
+        ),
+        (
+            "UPDATE audit_events SET actor = 'mallory@example.com' WHERE seq = 3",
+            3,
+        ),
+    ];
+    for (sql, bad) in cases {
+        let (_dir, copy) = copy_setup(&config);
+        tamper(&copy, sql).await;
+        let out = twokey(&copy, &["audit", "verify"]);
+        assert!(!out.status.success(), "{sql}: tampering went unnoticed");
+        assert!(
+            stdout(&out).starts_with(&format!("FAIL: first bad event is seq {bad}:")),
+            "{sql}: {}",
+            stdout(&out)
+        );
+    }
+}
+
+#[tokio::test]
+async fn audit_export_verifies_offline_and_detects_a_tampered_file() {
+    let (keep, config) = populated().await;
+    let export = keep.path().join("audit.jsonl");
+    let out = twokey(
+        &config,
+        &[
+            "audit",
+            "export",
+            "--format",
+            "jsonl",
+            "--output",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(text.lines().count(), 14);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for key in [
+        "seq",
+        "ts",
+        "time",
+        "actor",
+        "action",
+        "subject",
+        "details",
+        "prev_hash",
+        "hash",
+    ] {
+        assert!(first.get(key).is_some(), "export lacks {key}");
+    }
+    // Stdout export is the same.
+    let out = twokey(&config, &["audit", "export"]);
+    assert_eq!(stdout(&out), text);
+
+    let out = twokey(
+        &config,
+        &["audit", "verify", "--file", export.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    let tampered = keep.path().join("tampered.jsonl");
+    std::fs::write(
+        &tampered,
+        text.replacen("bob@example.com", "carol@example.com", 1),
+    )
+    .unwrap();
+    let out = twokey(
+        &config,
+        &["audit", "verify", "--file", tampered.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).starts_with("FAIL: first bad event is seq"),
+        "{}",
+        stdout(&out)
+    );
+
+    let garbage = keep.path().join("garbage.jsonl");
+    std::fs::write(&garbage, "not json\n").unwrap();
+    let out = twokey(
+        &config,
+        &["audit", "verify", "--file", garbage.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_bad_keys() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("twokey.example.toml");
+    let out = twokey(&example, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("OK (2 resources, 3 roles)"),
+        "{}",
+        stdout(&out)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(&example).unwrap().replacen(
+        "min_approvals = 1",
+        "min_approvals = 0",
+        1,
+    );
+    std::fs::write(&bad, text).unwrap();
+    let out = twokey(&bad, &["check-config"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("resources[0].roles[0].min_approvals: must be at least 1"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&bad, "[server]\nlisten = \"127.0.0.1:1\"\ntypo = true\n").unwrap();
+    let out = twokey(&bad, &["check-config"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("typo"), "{}", stderr(&out));
+
+    let out = twokey(&dir.path().join("missing.toml"), &["check-config"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot read"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn token_create_prints_a_working_token_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("twokey.toml");
+    std::fs::write(
+        &config,
+        twokey::config::demo_config_toml("127.0.0.1:0", &dir.path().join("data")),
+    )
+    .unwrap();
+    let out = twokey(&config, &["token", "create", "--user", "alice@example.com"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    assert!(token.starts_with("tk_") && token.len() > 40);
+    let db = std::fs::read(dir.path().join("data/twokey.db")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&db).contains(&token[3..]),
+        "token stored in clear"
+    );
+
+    let out = twokey(
+        &config,
+        &["token", "create", "--user", "nobody@example.com"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("must sign in once first"),
+        "{}",
+        stderr(&out)
+    );
+}
