@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --quiet
 bin=target/release/twokey
-printf 'release binary: %s bytes (%.1f MiB)\n' "$(stat -c %s $bin)" "$(echo "$(stat -c %s $bin) / 1048576" | bc -l)"
+awk -v b="$(stat -c %s $bin)" 'BEGIN { printf "release binary: %d bytes (%.1f MiB)\n", b, b / 1048576 }'
 
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
