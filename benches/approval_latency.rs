@@ -71,12 +71,21 @@ async fn main() {
     let mut config = Config::parse(&demo_config_toml("127.0.0.1:0", dir.path()), "bench").unwrap();
     config.server.sweep_interval = "0s".into();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = twokey::server::start(config, Arc::new(SystemClock), listener).await.unwrap();
+    let server = twokey::server::start(config, Arc::new(SystemClock), listener)
+        .await
+        .unwrap();
     let state = server.state.clone();
     let base = format!("{}/api/v1", server.url());
-    let alice = twokey::auth::create_api_token(&state, "alice@example.com", "bench").await.unwrap();
-    let bob = twokey::auth::create_api_token(&state, "bob@example.com", "bench").await.unwrap();
-    let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
+    let alice = twokey::auth::create_api_token(&state, "alice@example.com", "bench")
+        .await
+        .unwrap();
+    let bob = twokey::auth::create_api_token(&state, "bob@example.com", "bench")
+        .await
+        .unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
 
     let (h, u) = (http.clone(), server.url());
     let (base_samples, base_wall) = run(move |_| {
@@ -122,8 +131,15 @@ async fn main() {
     println!("{CLIENTS} concurrent clients × {ROUNDS} rounds, server and clients on this machine");
     let (bp50, bp99) = report("baseline GET /healthz", &base_samples, base_wall);
     let (p50, p99) = report("create → approve → GET", &samples, wall);
-    println!("ratio to baseline: p50 {:.1}×, p99 {:.1}×", p50 / bp50, p99 / bp99);
+    println!(
+        "ratio to baseline: p50 {:.1}×, p99 {:.1}×",
+        p50 / bp50,
+        p99 / bp99
+    );
     let verified = twokey::store::verify_audit(&state.db).await.unwrap();
-    println!("audit chain after the run: {:?}", verified.map(|ok| ok.events));
+    println!(
+        "audit chain after the run: {:?}",
+        verified.map(|ok| ok.events)
+    );
     server.stop().await;
 }

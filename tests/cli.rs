@@ -280,3 +280,67 @@ async fn token_create_prints_a_working_token_once() {
         stderr(&out)
     );
 }
+
+/// Kills the child process when the test ends, pass or fail.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn demo_writes_its_config_and_serves() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_twokey"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("TWOKEY_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let first = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let url = first
+        .strip_prefix("twokey is serving at ")
+        .expect(&first)
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+
+    let resp = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let login = reqwest::get(format!("{url}/login"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(login.contains("Demo sign-in is on"));
+    for user in [
+        "alice@example.com",
+        "bob@example.com",
+        "carol@example.com",
+        "dave@example.com",
+    ] {
+        assert!(login.contains(user), "{user} missing from demo sign-in");
+    }
+
+    let config = data.join("twokey.toml");
+    let parsed = twokey::config::Config::load(&config).unwrap();
+    assert!(parsed.auth.dev_login);
+    assert!(data.join("twokey.db").exists());
+    let out = twokey(&config, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(child);
+}
