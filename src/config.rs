@@ -103,6 +103,105 @@ pub struct AuthConfig {
     /// Idle time after which a browser session is dropped.
     #[serde(default = "default_session_idle")]
     pub session_idle_timeout: String,
+    /// Longest a browser session lasts after sign-in, however active.
+    #[serde(default = "default_session_lifetime")]
+    pub session_lifetime: String,
+    /// Sign-in with the company's OpenID Connect provider.
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
+}
+
+/// An OpenID Connect provider (Okta, Entra ID, Google, Keycloak, Dex, ...).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer URL; discovery is read from `ISSUER/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Read the client secret from this file instead (keeps it out of the config).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Shown on the sign-in button.
+    #[serde(default = "default_oidc_name")]
+    pub display_name: String,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// The claim (in the ID token or userinfo) that lists the user's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    #[serde(default = "default_email_claim")]
+    pub email_claim: String,
+    /// When set, only emails in these domains may sign in.
+    #[serde(default)]
+    pub allowed_email_domains: Vec<String>,
+    /// IdP group → twokey groups. When set, only mapped groups count; when empty, IdP
+    /// group names are used as they are.
+    #[serde(default)]
+    pub group_map: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl fmt::Debug for OidcConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OidcConfig")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("scopes", &self.scopes)
+            .field("groups_claim", &self.groups_claim)
+            .field("email_claim", &self.email_claim)
+            .field("allowed_email_domains", &self.allowed_email_domains)
+            .field("group_map", &self.group_map)
+            .finish()
+    }
+}
+
+impl OidcConfig {
+    /// The client secret, from the config or its file.
+    pub fn secret(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.client_secret, &self.client_secret_file) {
+            (Some(_), Some(_)) => Err(invalid(
+                "auth.oidc.client_secret_file",
+                "set client_secret or client_secret_file, not both",
+            )),
+            (Some(s), None) => Ok(Some(s.clone())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| Some(s.trim().to_string()))
+                .map_err(|e| {
+                    invalid(
+                        "auth.oidc.client_secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+fn default_oidc_name() -> String {
+    "your identity provider".into()
+}
+fn default_scopes() -> Vec<String> {
+    vec![
+        "openid".into(),
+        "email".into(),
+        "profile".into(),
+        "groups".into(),
+    ]
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_email_claim() -> String {
+    "email".into()
+}
+fn default_session_lifetime() -> String {
+    "12h".into()
 }
 
 impl Default for AuthConfig {
@@ -112,6 +211,8 @@ impl Default for AuthConfig {
             dev_users: Vec::new(),
             admin_groups: default_admin_groups(),
             session_idle_timeout: default_session_idle(),
+            session_lifetime: default_session_lifetime(),
+            oidc: None,
         }
     }
 }
@@ -299,6 +400,25 @@ impl Config {
             &self.auth.session_idle_timeout,
             false,
         )?;
+        check_duration("auth.session_lifetime", &self.auth.session_lifetime, false)?;
+        if let Some(oidc) = &self.auth.oidc {
+            if !(oidc.issuer.starts_with("https://") || oidc.issuer.starts_with("http://")) {
+                return Err(invalid("auth.oidc.issuer", "must be an http(s) URL"));
+            }
+            if oidc.client_id.trim().is_empty() {
+                return Err(invalid("auth.oidc.client_id", "must not be empty"));
+            }
+            oidc.secret()?;
+            if !oidc.scopes.iter().any(|s| s == "openid") {
+                return Err(invalid("auth.oidc.scopes", "must include \"openid\""));
+            }
+            if self.server.public_url.is_none() {
+                return Err(invalid(
+                    "server.public_url",
+                    "is required with auth.oidc: the provider redirects back to PUBLIC_URL/auth/oidc/callback",
+                ));
+            }
+        }
         if self.auth.dev_login && self.auth.dev_users.is_empty() {
             return Err(invalid(
                 "auth.dev_users",
@@ -417,6 +537,20 @@ impl Config {
 
     pub fn sweep_interval(&self) -> Duration {
         parse_duration(&self.server.sweep_interval).unwrap_or(Duration::from_secs(1))
+    }
+
+    pub fn session_lifetime(&self) -> Duration {
+        parse_duration(&self.auth.session_lifetime).unwrap_or(Duration::from_secs(12 * 3600))
+    }
+
+    /// Where the identity provider sends the browser back to.
+    pub fn oidc_redirect_url(&self) -> String {
+        let base = self
+            .server
+            .public_url
+            .as_deref()
+            .unwrap_or("http://127.0.0.1:8080");
+        format!("{}/auth/oidc/callback", base.trim_end_matches('/'))
     }
 
     pub fn session_idle_timeout(&self) -> Duration {

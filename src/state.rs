@@ -13,16 +13,26 @@ pub struct AppState {
     pub db: Db,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    /// The OpenID Connect provider, when configured.
+    pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
 }
 
 impl AppState {
-    pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>) -> Self {
-        Self {
+    pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>) -> crate::Result<Self> {
+        let oidc = match &config.auth.oidc {
+            Some(o) => Some(Arc::new(crate::auth::oidc::Oidc::new(
+                o,
+                config.oidc_redirect_url(),
+            )?)),
+            None => None,
+        };
+        Ok(Self {
             config: Arc::new(config),
             db,
             clock,
             metrics: Arc::new(Metrics::default()),
-        }
+            oidc,
+        })
     }
 
     /// Now, in the database's unit (ms since the epoch).

@@ -55,7 +55,7 @@ async fn sign_in_rotates_the_session_and_sets_safe_cookie_flags() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(resp.headers()[LOCATION], "/login");
+    assert_eq!(resp.headers()[LOCATION], "/login?next=/requests");
 }
 
 #[tokio::test]
@@ -97,6 +97,37 @@ async fn every_page_has_security_headers_and_the_demo_banner() {
             "{path} lacks the demo banner"
         );
     }
+}
+
+#[tokio::test]
+async fn sign_in_returns_to_the_page_asked_for_and_nowhere_else() {
+    let app = common::start().await;
+    for (next, lands) in [
+        ("/queue", "/queue"),
+        ("/requests/abc", "/requests/abc"),
+        ("https://evil.example/", "/requests"),
+        ("//evil.example/x", "/requests"),
+        ("/\\evil.example", "/requests"),
+        ("javascript:alert(1)", "/requests"),
+    ] {
+        let b = common::Browser::new(app.server.url());
+        let csrf = b.csrf("/login").await;
+        let resp = b
+            .post(
+                "/login/dev",
+                &[("csrf", &csrf), ("email", ALICE), ("next", next)],
+            )
+            .await;
+        assert_eq!(resp.headers()[LOCATION], lands, "{next}");
+    }
+    // The login page echoes a safe `next` only, escaped.
+    let b = common::Browser::new(app.server.url());
+    let (_, html) = b
+        .get("/login?next=/queue%22%3E%3Cscript%3Ealert(1)%3C/script%3E")
+        .await;
+    assert!(!html.contains("<script>alert(1)"), "{html}");
+    let (_, html) = b.get("/login?next=/queue").await;
+    assert!(html.contains("name=\"next\" value=\"/queue\""), "{html}");
 }
 
 #[tokio::test]
@@ -337,18 +368,27 @@ async fn audit_page_is_for_admins_only() {
 async fn signed_out_visitors_are_sent_to_sign_in() {
     let app = common::start().await;
     let b = common::Browser::new(app.server.url());
+    let resp = b.get_raw("/").await;
+    assert_eq!(resp.headers()[LOCATION], "/login");
     for path in [
-        "/",
         "/requests",
         "/requests/new",
         "/queue",
         "/grants",
         "/audit",
         "/policy",
+        "/admin/users",
+        "/requests/x?a=1&b=2",
     ] {
         let resp = b.get_raw(path).await;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{path}");
-        assert_eq!(resp.headers()[LOCATION], "/login", "{path}");
+        let want = format!(
+            "/login?next={}",
+            path.replace('?', "%3F")
+                .replace('&', "%26")
+                .replace('=', "%3D")
+        );
+        assert_eq!(resp.headers()[LOCATION], want.as_str(), "{path}");
     }
     let resp = b.post("/requests/x/approve", &[("csrf", "x")]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);

@@ -162,6 +162,7 @@ pub async fn create_request(
             subject: &id,
             details: json!({
                 "requester_id": actor.user_id,
+                "by": actor.identity(),
                 "resource": resource.name,
                 "role": role.name,
                 "duration_secs": valid.duration.as_secs(),
@@ -304,6 +305,7 @@ pub async fn decide(
     }
     let details = json!({
         "approver_id": actor.user_id,
+        "by": actor.identity(),
         "channel": channel.as_str(),
         "comment": comment,
         "groups": groups,
@@ -410,7 +412,7 @@ pub async fn cancel(
         &actor.email,
         "request.cancelled",
         id,
-        json!({ "comment": comment }),
+        json!({ "comment": comment, "by": actor.identity() }),
     )
     .await?;
     let req = store::get_request(&mut tx, id)
@@ -470,7 +472,7 @@ pub async fn revoke(
         &actor.email,
         "grant.revoked",
         &grant.id,
-        json!({ "request_id": id, "revoked_by_id": actor.user_id, "comment": comment }),
+        json!({ "request_id": id, "revoked_by_id": actor.user_id, "by": actor.identity(), "comment": comment }),
     )
     .await?;
     let view = load_view(state, &mut tx, req).await?;

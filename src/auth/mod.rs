@@ -3,6 +3,8 @@
 //! Tokens are random 256-bit values shown once; only their SHA-256 is stored, and the
 //! stored hash is compared in constant time. Nothing here logs a token.
 
+pub mod oidc;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
@@ -22,6 +24,10 @@ pub const TOKEN_PREFIX: &str = "tk_";
 /// Session keys.
 pub const SESSION_USER: &str = "user_id";
 pub const SESSION_CSRF: &str = "csrf";
+/// When this session signed in (ms), for the absolute lifetime and forced re-sign-in.
+pub const SESSION_SIGNED_IN_AT: &str = "signed_in_at";
+/// An OIDC sign-in in progress ([`oidc::Pending`]).
+pub const SESSION_OIDC_PENDING: &str = "oidc_pending";
 
 fn random_b64(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
@@ -95,7 +101,7 @@ pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
             actor: &dev.email,
             action: "auth.signed_in",
             subject: &user_id,
-            details: json!({ "method": "dev", "groups": dev.groups }),
+            details: json!({ "method": "dev", "iss": "dev", "sub": dev.email, "groups": dev.groups }),
         },
     )
     .await?;
@@ -104,6 +110,63 @@ pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
         .ok_or(Error::Unauthenticated)?;
     tx.commit().await?;
     Ok(actor)
+}
+
+/// Records a verified OIDC sign-in: the identity (issuer, subject) is created or
+/// refreshed, its groups replaced by what the provider says now, and the sign-in
+/// audited with both the stable identity and the email.
+pub async fn oidc_sign_in(state: &AppState, id: &oidc::Identity) -> Result<Actor> {
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let user_id =
+        store::upsert_identity(&mut tx, &id.issuer, &id.subject, &id.email, &id.name, now).await?;
+    store::set_user_groups(&mut tx, &user_id, &id.groups, now).await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: &id.email,
+            action: "auth.signed_in",
+            subject: &user_id,
+            details: json!({
+                "method": "oidc",
+                "iss": id.issuer,
+                "sub": id.subject,
+                "email": id.email,
+                "idp_groups": id.idp_groups,
+                "groups": id.groups,
+            }),
+        },
+    )
+    .await?;
+    let actor = store::load_actor(&mut tx, &user_id, &state.config.auth.admin_groups)
+        .await?
+        .ok_or(Error::Unauthenticated)?;
+    tx.commit().await?;
+    Ok(actor)
+}
+
+/// Ends every browser session of a user at once: they must sign in again (and so get
+/// their groups refreshed).
+pub async fn force_reauth(state: &AppState, admin: &Actor, user_id: &str) -> Result<()> {
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    if !store::force_reauth(&mut tx, user_id, now).await? {
+        return Err(Error::NotFound("user"));
+    }
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: &admin.email,
+            action: "user.reauth_forced",
+            subject: user_id,
+            details: json!({ "by": admin.identity() }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn sync_user(

@@ -21,8 +21,20 @@ pub struct Actor {
     pub user_id: String,
     pub email: String,
     pub display_name: String,
+    /// The stable identity: who issued it, and the subject there.
+    pub issuer: String,
+    pub subject: String,
+    /// Browser sessions that signed in before this (ms) are no longer valid.
+    pub sessions_valid_after: i64,
     pub groups: BTreeSet<String>,
     pub is_admin: bool,
+}
+
+impl Actor {
+    /// The identity as recorded in audit details.
+    pub fn identity(&self) -> serde_json::Value {
+        serde_json::json!({ "iss": self.issuer, "sub": self.subject, "email": self.email })
+    }
 }
 
 impl Actor {
@@ -320,6 +332,9 @@ mod tests {
             user_id: id.into(),
             email: format!("{id}@example.com"),
             display_name: id.into(),
+            issuer: "dev".into(),
+            subject: id.into(),
+            sessions_valid_after: 0,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             is_admin: admin,
         }

@@ -48,25 +48,84 @@ fn new_id() -> String {
 
 // ---------------------------------------------------------------- users and groups
 
-/// Creates the user if new (keyed by email) and returns their id.
-pub async fn upsert_user(
+/// Creates the user if new (keyed by issuer and subject), refreshes their email and
+/// name, and returns their id. Fails with a conflict if the email already belongs to
+/// another identity.
+pub async fn upsert_identity(
     conn: &mut Conn,
+    issuer: &str,
+    subject: &str,
     email: &str,
     display_name: &str,
     now: i64,
 ) -> Result<String> {
-    let id: String = sqlx::query_scalar(
-        "INSERT INTO users (id, email, display_name, created_at) VALUES (?, ?, ?, ?)
-         ON CONFLICT (email) DO UPDATE SET display_name = excluded.display_name
+    let res = sqlx::query_scalar(
+        "INSERT INTO users (id, email, display_name, created_at, issuer, subject) VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (issuer, subject) DO UPDATE
+           SET email = excluded.email, display_name = excluded.display_name
          RETURNING id",
     )
     .bind(new_id())
     .bind(email)
     .bind(display_name)
     .bind(now)
+    .bind(issuer)
+    .bind(subject)
     .fetch_one(&mut *conn)
-    .await?;
-    Ok(id)
+    .await;
+    match res {
+        Ok(id) => Ok(id),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(crate::Error::conflict(
+            format!("{email} already belongs to another account; ask an admin"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A demo user: issuer `dev`, subject = email.
+pub async fn upsert_user(
+    conn: &mut Conn,
+    email: &str,
+    display_name: &str,
+    now: i64,
+) -> Result<String> {
+    upsert_identity(conn, "dev", email, email, display_name, now).await
+}
+
+/// Refuses every session of this user that signed in before `now`.
+pub async fn force_reauth(conn: &mut Conn, user_id: &str, now: i64) -> Result<bool> {
+    let done = sqlx::query("UPDATE users SET sessions_valid_after = ? WHERE id = ?")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Users with their groups and when those were last synced, for the admin page.
+pub async fn list_users(db: &Db) -> Result<Vec<UserRow>> {
+    Ok(sqlx::query_as(
+        "SELECT u.id, u.email, u.display_name, u.issuer, u.subject,
+                COALESCE((SELECT group_concat(group_name, ', ') FROM
+                          (SELECT group_name FROM user_groups g WHERE g.user_id = u.id ORDER BY group_name)), '') AS groups,
+                (SELECT MAX(synced_at) FROM user_groups g WHERE g.user_id = u.id) AS synced_at,
+                u.sessions_valid_after
+         FROM users u ORDER BY u.email",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: String,
+    pub email: String,
+    pub display_name: String,
+    pub issuer: String,
+    pub subject: String,
+    pub groups: String,
+    pub synced_at: Option<i64>,
+    pub sessions_valid_after: i64,
 }
 
 /// Replaces a user's group membership.
@@ -97,7 +156,9 @@ pub async fn load_actor(
     user_id: &str,
     admin_groups: &[String],
 ) -> Result<Option<Actor>> {
-    let Some(row) = sqlx::query("SELECT id, email, display_name FROM users WHERE id = ?")
+    let Some(row) = sqlx::query(
+        "SELECT id, email, display_name, issuer, subject, sessions_valid_after FROM users WHERE id = ?",
+    )
         .bind(user_id)
         .fetch_optional(&mut *conn)
         .await?
@@ -116,6 +177,9 @@ pub async fn load_actor(
         user_id: row.get("id"),
         email: row.get("email"),
         display_name: row.get("display_name"),
+        issuer: row.get("issuer"),
+        subject: row.get("subject"),
+        sessions_valid_after: row.get("sessions_valid_after"),
         groups,
         is_admin,
     }))

@@ -4,10 +4,11 @@
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Redirect, Response};
 use tower_sessions::Session;
 
 use super::error::{ApiError, PageError};
-use crate::auth::{self, SESSION_CSRF, SESSION_USER};
+use crate::auth::{self, SESSION_CSRF, SESSION_SIGNED_IN_AT, SESSION_USER};
 use crate::error::Error;
 use crate::policy::Actor;
 use crate::state::AppState;
@@ -42,23 +43,72 @@ async fn session_of(parts: &mut Parts, state: &AppState) -> Result<Session, Page
         .map_err(|(_, msg)| PageError(Error::Internal(format!("session layer missing: {msg}"))))
 }
 
+/// Sends a signed-out visitor to sign in, then back to the page they asked for.
+fn to_login(parts: &Parts) -> Response {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let next = if parts.method == axum::http::Method::GET {
+        format!("/login?next={}", urlencode(target))
+    } else {
+        "/login".to_string()
+    };
+    Redirect::to(&next).into_response()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The signed-in user of a session, if the session is still valid: inside its absolute
+/// lifetime and not older than the user's last forced re-sign-in.
+async fn signed_in(state: &AppState, session: &Session) -> Result<Option<Actor>, PageError> {
+    let Some(user_id) = session.get::<String>(SESSION_USER).await? else {
+        return Ok(None);
+    };
+    let signed_in_at = session.get::<i64>(SESSION_SIGNED_IN_AT).await?.unwrap_or(0);
+    let lifetime_ms = state.config.session_lifetime().as_millis() as i64;
+    let actor = auth::session_actor(state, &user_id).await?;
+    match actor {
+        Some(actor)
+            if signed_in_at >= actor.sessions_valid_after
+                && state.now_ms() - signed_in_at < lifetime_ms =>
+        {
+            Ok(Some(actor))
+        }
+        _ => {
+            // Expired, forced out, or the user is gone: end the session for good.
+            session.flush().await?;
+            Ok(None)
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for WebUser {
-    type Rejection = PageError;
+    type Rejection = Response;
 
     async fn from_request_parts(
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let session = session_of(parts, state).await?;
-        let Some(user_id) = session.get::<String>(SESSION_USER).await? else {
-            return Err(PageError(Error::Unauthenticated));
-        };
-        match auth::session_actor(state, &user_id).await? {
+        let session = session_of(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        match signed_in(state, &session)
+            .await
+            .map_err(IntoResponse::into_response)?
+        {
             Some(actor) => Ok(WebUser { actor, session }),
-            None => {
-                session.flush().await?;
-                Err(PageError(Error::Unauthenticated))
-            }
+            None => Err(to_login(parts)),
         }
     }
 }
@@ -77,10 +127,7 @@ impl FromRequestParts<AppState> for MaybeUser {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let session = session_of(parts, state).await?;
-        let actor = match session.get::<String>(SESSION_USER).await? {
-            Some(id) => auth::session_actor(state, &id).await?,
-            None => None,
-        };
+        let actor = signed_in(state, &session).await?;
         Ok(MaybeUser { actor, session })
     }
 }
@@ -89,7 +136,7 @@ impl FromRequestParts<AppState> for MaybeUser {
 pub struct AdminUser(pub WebUser);
 
 impl FromRequestParts<AppState> for AdminUser {
-    type Rejection = PageError;
+    type Rejection = Response;
 
     async fn from_request_parts(
         parts: &mut Parts,
@@ -97,7 +144,7 @@ impl FromRequestParts<AppState> for AdminUser {
     ) -> Result<Self, Self::Rejection> {
         let user = WebUser::from_request_parts(parts, state).await?;
         if !user.actor.is_admin {
-            return Err(PageError(Error::forbidden("this page is for admins")));
+            return Err(PageError(Error::forbidden("this page is for admins")).into_response());
         }
         Ok(AdminUser(user))
     }

@@ -54,6 +54,10 @@ pub fn router(state: AppState, sessions: SqliteStore) -> Router {
         .route("/", get(pages::home))
         .route("/login", get(pages::login_page))
         .route("/logout", post(pages::logout))
+        .route("/auth/oidc/start", get(pages::oidc_start))
+        .route("/auth/oidc/callback", get(pages::oidc_callback))
+        .route("/admin/users", get(pages::users))
+        .route("/admin/users/{id}/reauth", post(pages::force_reauth))
         .route(
             "/requests",
             get(pages::my_requests).post(pages::create_request),

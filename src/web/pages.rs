@@ -7,7 +7,7 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
@@ -16,7 +16,9 @@ use tower_sessions::Session;
 use super::error::PageError;
 use super::extract::{AdminUser, MaybeUser, WebUser, check_csrf};
 use crate::access::{self, Channel, Decision, RequestView};
-use crate::auth::{self, SESSION_CSRF, SESSION_USER};
+use crate::auth::{
+    self, SESSION_CSRF, SESSION_OIDC_PENDING, SESSION_SIGNED_IN_AT, SESSION_USER, oidc,
+};
 use crate::clock::from_millis;
 use crate::error::Error;
 use crate::policy::{self, Actor, FieldError, RequestInput, format_duration};
@@ -263,11 +265,19 @@ pub struct DevUserVm {
 struct LoginPage {
     chrome: Chrome,
     dev_users: Vec<DevUserVm>,
+    oidc_name: Option<String>,
+    next: String,
+}
+
+#[derive(Deserialize)]
+pub struct NextQuery {
+    next: Option<String>,
 }
 
 pub async fn login_page(
     State(state): State<AppState>,
     user: MaybeUser,
+    Query(q): Query<NextQuery>,
 ) -> Result<impl IntoResponse, PageError> {
     let dev_users = if state.config.auth.dev_login {
         state
@@ -287,13 +297,31 @@ pub async fn login_page(
     Ok(LoginPage {
         chrome: Chrome::new(&state, &user.session, user.actor.as_ref()).await?,
         dev_users,
+        oidc_name: state.oidc.as_ref().map(|o| o.display_name().to_string()),
+        next: oidc::safe_next(q.next.as_deref()),
     })
+}
+
+/// Makes `actor` the user of this session: a new session id (so a fixated id is
+/// worthless), a new CSRF token, and the sign-in time for the lifetime checks.
+async fn start_session(
+    state: &AppState,
+    session: &Session,
+    actor: &Actor,
+) -> Result<(), PageError> {
+    session.cycle_id().await?;
+    session.insert(SESSION_USER, &actor.user_id).await?;
+    session.insert(SESSION_CSRF, auth::new_csrf()).await?;
+    session.insert(SESSION_SIGNED_IN_AT, state.now_ms()).await?;
+    Ok(())
 }
 
 #[derive(Deserialize)]
 pub struct DevLoginForm {
     csrf: String,
     email: String,
+    #[serde(default)]
+    next: Option<String>,
 }
 
 pub async fn dev_login(
@@ -304,12 +332,79 @@ pub async fn dev_login(
     // Login CSRF: the form must come from this browser's own sign-in page.
     check_csrf(&session, &form.csrf).await?;
     let actor = auth::dev_sign_in(&state, &form.email).await?;
-    // A new session id at sign-in, so a fixated id is worthless.
-    session.cycle_id().await?;
-    session.insert(SESSION_USER, &actor.user_id).await?;
-    session.insert(SESSION_CSRF, auth::new_csrf()).await?;
+    start_session(&state, &session, &actor).await?;
     tracing::info!(user = %actor.email, "signed in (demo)");
-    Ok(Redirect::to("/requests"))
+    Ok(Redirect::to(&oidc::safe_next(form.next.as_deref())))
+}
+
+/// Starts an OIDC sign-in: remembers state, nonce and PKCE verifier in this browser's
+/// session and sends the browser to the provider.
+pub async fn oidc_start(
+    State(state): State<AppState>,
+    session: Session,
+    Query(q): Query<NextQuery>,
+) -> Result<Redirect, PageError> {
+    let Some(provider) = state.oidc.clone() else {
+        return Err(Error::NotFound("page").into());
+    };
+    let next = oidc::safe_next(q.next.as_deref());
+    let (url, pending) = provider.begin(next, state.now_ms()).await?;
+    session.insert(SESSION_OIDC_PENDING, &pending).await?;
+    Ok(Redirect::to(&url))
+}
+
+#[derive(Deserialize)]
+pub struct CallbackQuery {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+}
+
+/// The provider's redirect back. The pending sign-in is taken out of the session
+/// first, so a callback can be used once, and a failure leaves nobody signed in.
+pub async fn oidc_callback(
+    State(state): State<AppState>,
+    session: Session,
+    Query(q): Query<CallbackQuery>,
+) -> Result<Redirect, PageError> {
+    let Some(provider) = state.oidc.clone() else {
+        return Err(Error::NotFound("page").into());
+    };
+    let pending: Option<oidc::Pending> = session.remove(SESSION_OIDC_PENDING).await?;
+    let result = async {
+        let pending = pending.ok_or(oidc::SignInError::NoPending)?;
+        if let Some(err) = &q.error {
+            // Only the error code, filtered: it is attacker-controlled text.
+            let code: String = err
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(64)
+                .collect();
+            return Err(oidc::SignInError::Provider(code));
+        }
+        let (Some(st), Some(code)) = (q.state.as_deref(), q.code.as_deref()) else {
+            return Err(oidc::SignInError::StateMismatch);
+        };
+        let identity = provider
+            .finish(&pending, st, code, state.clock.now())
+            .await?;
+        Ok((identity, pending.next))
+    }
+    .await;
+    match result {
+        Ok((identity, next)) => {
+            let actor = auth::oidc_sign_in(&state, &identity).await?;
+            start_session(&state, &session, &actor).await?;
+            tracing::info!(user = %actor.email, iss = %identity.issuer, sub = %identity.subject, "signed in (oidc)");
+            Ok(Redirect::to(&next))
+        }
+        Err(e) => {
+            // Fail closed: whatever this session was, it is signed out now.
+            session.remove_value(SESSION_USER).await?;
+            tracing::info!(reason = %e, "OIDC sign-in refused");
+            Err(Error::from(e).into())
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -718,6 +813,55 @@ pub async fn policy(
         chrome: Chrome::of(&state, &user).await?,
         rows,
     })
+}
+
+pub struct UserVm {
+    pub id: String,
+    pub email: String,
+    pub identity: String,
+    pub groups: String,
+    pub synced: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "users.html")]
+struct UsersPage {
+    chrome: Chrome,
+    users: Vec<UserVm>,
+}
+
+/// Admins: who exists, with which groups as of which sign-in.
+pub async fn users(
+    State(state): State<AppState>,
+    AdminUser(user): AdminUser,
+) -> Result<impl IntoResponse, PageError> {
+    let users = store::list_users(&state.db)
+        .await?
+        .into_iter()
+        .map(|u| UserVm {
+            id: u.id,
+            email: u.email,
+            identity: format!("{} · {}", u.issuer, u.subject),
+            groups: u.groups,
+            synced: u.synced_at.map(when).unwrap_or_else(|| "never".into()),
+        })
+        .collect();
+    Ok(UsersPage {
+        chrome: Chrome::of(&state, &user).await?,
+        users,
+    })
+}
+
+/// Admins: end a user's browser sessions so their next request signs in again.
+pub async fn force_reauth(
+    State(state): State<AppState>,
+    AdminUser(user): AdminUser,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    auth::force_reauth(&state, &user.actor, &id).await?;
+    Ok(Redirect::to("/admin/users"))
 }
 
 pub async fn not_found() -> PageError {
