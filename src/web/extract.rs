@@ -80,7 +80,7 @@ async fn signed_in(state: &AppState, session: &Session) -> Result<Option<Actor>,
     let actor = auth::session_actor(state, &user_id).await?;
     match actor {
         Some(actor)
-            if signed_in_at >= actor.sessions_valid_after
+            if signed_in_at > actor.sessions_valid_after
                 && state.now_ms() - signed_in_at < lifetime_ms =>
         {
             Ok(Some(actor))

@@ -49,6 +49,21 @@ const provider = new Provider(issuer, {
   clientBasedCORS: () => false,
 });
 
+// Test control: POST /__test/accounts/<login> {"groups": [...]} changes what the
+// provider says about that account from the next sign-in on, as an IdP admin would.
+provider.use(async (ctx, next) => {
+  const prefix = '/__test/accounts/';
+  if (ctx.method === 'POST' && ctx.path.startsWith(prefix)) {
+    const login = decodeURIComponent(ctx.path.slice(prefix.length));
+    let body = '';
+    for await (const chunk of ctx.req) body += chunk;
+    config.accounts[login] = { ...(config.accounts[login] ?? {}), ...JSON.parse(body) };
+    ctx.status = 204;
+    return;
+  }
+  await next();
+});
+
 provider.listen(config.port, '127.0.0.1', () => {
   console.log(`ready ${issuer}`);
 });

@@ -1,0 +1,460 @@
+//! Sign-in through a real OpenID Connect provider (npm oidc-provider on loopback):
+//! the happy path in headless Chromium and over HTTP, and every refusal.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::oidc::{self, OidcApp};
+use reqwest::StatusCode;
+
+async fn refused(app: &OidcApp, http: &reqwest::Client, callback: &str, why: &str) {
+    let resp = http.get(callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{callback}");
+    let html = resp.text().await.unwrap();
+    assert!(html.contains(why), "expected {why:?} in {html}");
+    assert_eq!(
+        app.whoami(http).await,
+        None,
+        "a refused sign-in leaves nobody signed in"
+    );
+}
+
+#[tokio::test]
+async fn sign_in_lands_on_the_page_asked_for_with_idp_groups() {
+    let app = oidc::start(3600).await;
+    let (http, landed) = app.sign_in("alice", "/requests/new").await;
+    assert_eq!(landed, "/requests/new");
+    assert_eq!(
+        app.whoami(&http).await.as_deref(),
+        Some("alice@corp.example")
+    );
+    // idp-eng maps to engineers, who may request.
+    let html = http
+        .get(app.url("/requests/new"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("value=\"demo-db/read\""), "{html}");
+
+    // The identity is issuer + subject; the audit log records both and the email.
+    let users = twokey::store::list_users(&app.server.state.db)
+        .await
+        .unwrap();
+    let alice = users
+        .iter()
+        .find(|u| u.email == "alice@corp.example")
+        .unwrap();
+    assert_eq!(alice.issuer, app.provider.issuer);
+    assert_eq!(alice.subject, "alice");
+    assert_eq!(alice.groups, "engineers");
+    assert!(alice.synced_at.is_some());
+    let ev = app
+        .audit()
+        .await
+        .into_iter()
+        .find(|e| e.action == "auth.signed_in")
+        .unwrap();
+    let d: serde_json::Value = serde_json::from_str(&ev.details).unwrap();
+    assert_eq!(d["iss"], app.provider.issuer.as_str());
+    assert_eq!(d["sub"], "alice");
+    assert_eq!(d["email"], "alice@corp.example");
+    assert_eq!(d["idp_groups"], serde_json::json!(["idp-eng"]));
+    // No secret of the flow reaches the audit log.
+    assert!(!ev.details.contains(oidc::CLIENT_SECRET));
+}
+
+#[tokio::test]
+async fn tampered_state_and_callbacks_without_a_started_sign_in_are_refused() {
+    let app = oidc::start(3600).await;
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    let tampered = cb.replace("state=", "state=x");
+    refused(
+        &app,
+        &http,
+        &tampered,
+        "does not match the sign-in this browser started",
+    )
+    .await;
+    // The pending sign-in was used up by the failed attempt: the real callback is dead too.
+    refused(
+        &app,
+        &http,
+        &cb,
+        "sign-in has expired or was started in another browser",
+    )
+    .await;
+
+    // Login CSRF: an attacker's callback opened in a victim's browser that started nothing.
+    let attacker = oidc::client();
+    let cb = app.callback_url(&attacker, "outsider", "/queue").await;
+    let victim = oidc::client();
+    refused(
+        &app,
+        &victim,
+        &cb,
+        "sign-in has expired or was started in another browser",
+    )
+    .await;
+    // Nor in a victim who started a sign-in of their own.
+    let victim = oidc::client();
+    let _own = app.callback_url(&victim, "alice", "/queue").await;
+    refused(&app, &victim, &cb, "does not match").await;
+}
+
+#[tokio::test]
+async fn a_replayed_code_is_refused() {
+    let app = oidc::start(3600).await;
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    let used = http.get(&cb).send().await.unwrap();
+    assert_eq!(used.status(), StatusCode::SEE_OTHER);
+    // Start a fresh sign-in in the same browser, then present the old code with the new state.
+    let fresh = app.callback_url(&oidc::client(), "alice", "/queue").await;
+    drop(fresh);
+    let start = http
+        .get(app.url("/auth/oidc/start?next=/queue"))
+        .send()
+        .await
+        .unwrap();
+    let auth = start.headers()["location"].to_str().unwrap().to_string();
+    let new_state = reqwest::Url::parse(&auth)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .to_string();
+    let old = reqwest::Url::parse(&cb).unwrap();
+    let code = old
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    let replay = app.url(&format!(
+        "/auth/oidc/callback?code={}&state={}",
+        oidc::urlencode(&code),
+        oidc::urlencode(&new_state)
+    ));
+    let resp = http.get(&replay).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.text().await.unwrap().contains("could not be redeemed"));
+    assert_eq!(app.whoami(&http).await, None);
+}
+
+#[tokio::test]
+async fn an_expired_id_token_is_refused() {
+    // The provider's ID tokens live 60 s; twokey's clock moves 5 minutes on before the
+    // browser comes back (still inside the 10-minute sign-in window).
+    let app = oidc::start(60).await;
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    app.clock.advance(chrono::Duration::minutes(5));
+    refused(&app, &http, &cb, "failed verification").await;
+
+    // A sign-in left hanging longer than its window is refused before anything else.
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    app.clock.advance(chrono::Duration::minutes(11));
+    refused(&app, &http, &cb, "sign-in has expired").await;
+}
+
+#[tokio::test]
+async fn an_id_token_for_another_client_is_refused() {
+    let app = oidc::start(3600).await;
+    let provider = app.server.state.oidc.clone().unwrap();
+    let token = app.other_clients_id_token("alice", "n-123").await;
+    let err = provider
+        .verify(&token, "n-123", chrono::Utc::now())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("audience"), "{err}");
+    // Same token, wrong nonce too: still refused.
+    assert!(
+        provider
+            .verify(&token, "other", chrono::Utc::now())
+            .await
+            .is_err()
+    );
+    assert!(
+        provider
+            .verify("not.a.jwt", "n-123", chrono::Utc::now())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn tampered_next_never_leaves_the_site() {
+    let app = oidc::start(3600).await;
+    for next in [
+        "https%3A%2F%2Fevil.example%2F",
+        "%2F%2Fevil.example",
+        "%2F%5Cevil.example",
+        "javascript%3Aalert(1)",
+        "%2Fqueue%0D%0ALocation%3A%20https%3A%2F%2Fevil.example",
+    ] {
+        let (_, landed) = app.sign_in("alice", next).await;
+        assert_eq!(landed, "/requests", "{next}");
+    }
+}
+
+#[tokio::test]
+async fn accounts_outside_the_domain_or_unverified_are_refused() {
+    let app = oidc::start(3600).await;
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "outsider", "/queue").await;
+    refused(
+        &app,
+        &http,
+        &cb,
+        "accounts in other.example may not sign in",
+    )
+    .await;
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "unverified", "/queue").await;
+    refused(&app, &http, &cb, "not verified").await;
+    let users = twokey::store::list_users(&app.server.state.db)
+        .await
+        .unwrap();
+    assert!(users.is_empty(), "refused sign-ins create no user");
+}
+
+#[tokio::test]
+async fn a_failed_sign_in_then_a_good_one_yields_only_the_good_identity() {
+    use reqwest::cookie::CookieStore;
+    let app = oidc::start(3600).await;
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let http = oidc::client_with(jar.clone());
+    let cb = app.callback_url(&http, "outsider", "/queue").await;
+    refused(&app, &http, &cb, "may not sign in").await;
+    // Same twokey session; the provider's own session for "outsider" is dropped (the
+    // user signed out there), so the provider asks who is signing in again.
+    let twokey_url = reqwest::Url::parse(&app.base).unwrap();
+    let session = jar.cookies(&twokey_url).unwrap();
+    let session = session
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .find(|c| c.starts_with("twokey_session="))
+        .unwrap()
+        .to_string();
+    let jar2 = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    jar2.add_cookie_str(&session, &twokey_url);
+    let http = oidc::client_with(jar2);
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    assert_eq!(
+        http.get(&cb).send().await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        app.whoami(&http).await.as_deref(),
+        Some("alice@corp.example")
+    );
+}
+
+async fn csrf(http: &reqwest::Client, url: &str) -> String {
+    let html = http.get(url).send().await.unwrap().text().await.unwrap();
+    common::csrf_in(&html).unwrap()
+}
+
+#[tokio::test]
+async fn idp_groups_decide_who_requests_and_who_approves() {
+    let app = oidc::start(3600).await;
+    let (alice, _) = app.sign_in("alice", "/requests/new").await;
+    let (bob, _) = app.sign_in("bob", "/queue").await;
+    let (eve, _) = app.sign_in("eve", "/queue").await;
+
+    // bob (idp-sre → sre-leads) may not request; eve's unmapped group grants nothing.
+    let html = bob
+        .get(app.url("/requests/new"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("lets you request nothing"), "{html}");
+    let html = eve
+        .get(app.url("/requests/new"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("lets you request nothing"), "{html}");
+
+    let token = csrf(&alice, &app.url("/requests/new")).await;
+    let resp = alice
+        .post(app.url("/requests"))
+        .form(&[
+            ("csrf", token.as_str()),
+            ("target", "demo-db/read"),
+            ("duration", "1h"),
+            ("reason", "check replication"),
+            ("ticket", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let detail = app.url(resp.headers()["location"].to_str().unwrap());
+
+    // eve may not even see it; bob may approve it.
+    assert_eq!(
+        eve.get(&detail).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let token = csrf(&eve, &app.url("/queue")).await;
+    let resp = eve
+        .post(format!("{detail}/approve"))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let token = csrf(&bob, &detail).await;
+    let resp = bob
+        .post(format!("{detail}/approve"))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let html = alice
+        .get(&detail)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("id=\"status\">approved<"), "{html}");
+}
+
+#[tokio::test]
+async fn removal_from_an_idp_group_takes_effect_at_the_next_sign_in_which_an_admin_can_force() {
+    let app = oidc::start(3600).await;
+    let (alice, _) = app.sign_in("alice", "/requests").await;
+    let (carol, _) = app.sign_in("carol", "/queue").await;
+    let (dave, _) = app.sign_in("dave", "/admin/users").await;
+
+    let token = csrf(&alice, &app.url("/requests/new")).await;
+    let resp = alice
+        .post(app.url("/requests"))
+        .form(&[
+            ("csrf", token.as_str()),
+            ("target", "demo-db/read"),
+            ("duration", "1h"),
+            ("reason", "check replication"),
+            ("ticket", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let detail = app.url(resp.headers()["location"].to_str().unwrap());
+
+    // The IdP admin removes carol from idp-sre; dave forces her to sign in again.
+    app.provider.set_groups("carol", &[]).await;
+    app.clock.advance(chrono::Duration::seconds(1));
+    let users = twokey::store::list_users(&app.server.state.db)
+        .await
+        .unwrap();
+    let carol_id = users
+        .iter()
+        .find(|u| u.email == "carol@corp.example")
+        .unwrap()
+        .id
+        .clone();
+    let token = csrf(&dave, &app.url("/admin/users")).await;
+    let resp = dave
+        .post(app.url(&format!("/admin/users/{carol_id}/reauth")))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    // A non-admin cannot do that.
+    let token = csrf(&alice, &app.url("/requests")).await;
+    let resp = alice
+        .post(app.url(&format!("/admin/users/{carol_id}/reauth")))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    let resp = carol.get(&detail).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::SEE_OTHER,
+        "carol's old session is over"
+    );
+    assert!(
+        resp.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/login?next=")
+    );
+    // Signed in again, she holds no approver group any more.
+    app.clock.advance(chrono::Duration::seconds(1));
+    let cb = app.callback_url(&carol, "carol", "/queue").await;
+    assert_eq!(
+        carol.get(&cb).send().await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        carol.get(&detail).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let audit: Vec<String> = app.audit().await.into_iter().map(|e| e.action).collect();
+    assert!(audit.contains(&"user.reauth_forced".to_string()));
+}
+
+#[tokio::test]
+async fn sessions_end_after_their_lifetime_and_at_sign_out() {
+    let app = oidc::start(3600).await;
+    let (http, _) = app.sign_in("alice", "/requests").await;
+    let token = csrf(&http, &app.url("/requests")).await;
+    let resp = http
+        .post(app.url("/logout"))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(app.whoami(&http).await, None);
+
+    let (http, _) = app.sign_in("alice", "/requests").await;
+    assert!(app.whoami(&http).await.is_some());
+    app.clock.advance(chrono::Duration::hours(11));
+    assert!(app.whoami(&http).await.is_some(), "inside the 12h lifetime");
+    app.clock.advance(chrono::Duration::hours(2));
+    assert_eq!(app.whoami(&http).await, None, "12h lifetime is over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_signs_in_through_the_provider_and_lands_where_it_asked() {
+    let app = oidc::start(3600).await;
+    let b = common::webdriver::Browser::start().await;
+    b.goto(&app.url("/requests/new")).await;
+    assert!(b.url().await.contains("/login?next="), "{}", b.url().await);
+    b.click_and_wait("#oidc-sign-in").await;
+    assert!(
+        b.url().await.starts_with(&app.provider.issuer),
+        "at the provider: {}",
+        b.url().await
+    );
+    b.fill("input[name=login]", "alice").await;
+    b.fill("input[name=password]", "any").await;
+    b.click_and_wait("button[type=submit]").await;
+    b.click_and_wait("button[type=submit]").await; // consent
+    assert_eq!(b.url().await, app.url("/requests/new"));
+    assert!(b.source().await.contains("value=\"demo-db/read\""));
+    assert_eq!(b.text("span.who").await, "alice@corp.example");
+    b.quit().await;
+}
