@@ -67,6 +67,11 @@ pub enum TokenCommand {
         #[arg(long, default_value = "cli")]
         label: String,
     },
+    /// Revoke every API token of a user.
+    Revoke {
+        #[arg(long)]
+        user: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -138,6 +143,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(|e| describe(&e))?;
             println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command: TokenCommand::Revoke { user },
+        } => {
+            let state = open(&cli.config).await?;
+            let n = auth::revoke_api_tokens(&state, &user)
+                .await
+                .map_err(|e| describe(&e))?;
+            println!("revoked {n} token(s) of {user}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {

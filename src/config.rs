@@ -109,6 +109,21 @@ pub struct AuthConfig {
     /// Sign-in with the company's OpenID Connect provider.
     #[serde(default)]
     pub oidc: Option<OidcConfig>,
+    /// How long a personal API token works after it is made.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl: String,
+    /// Groups from an identity provider are trusted this long after the sign-in that
+    /// fetched them; after that, acting needs a fresh sign-in (so removal from a group
+    /// at the provider reaches API tokens too).
+    #[serde(default = "default_groups_max_age")]
+    pub groups_max_age: String,
+}
+
+fn default_token_ttl() -> String {
+    "30d".into()
+}
+fn default_groups_max_age() -> String {
+    "24h".into()
 }
 
 /// An OpenID Connect provider (Okta, Entra ID, Google, Keycloak, Dex, ...).
@@ -213,6 +228,8 @@ impl Default for AuthConfig {
             session_idle_timeout: default_session_idle(),
             session_lifetime: default_session_lifetime(),
             oidc: None,
+            token_ttl: default_token_ttl(),
+            groups_max_age: default_groups_max_age(),
         }
     }
 }
@@ -345,7 +362,7 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text, &path.display().to_string())?;
-        config.apply_env(|k| std::env::var(k).ok());
+        config.apply_env(|k| std::env::var(k).ok())?;
         config.validate()?;
         Ok(config)
     }
@@ -360,7 +377,7 @@ impl Config {
 
     /// `TWOKEY_LISTEN`, `TWOKEY_PUBLIC_URL`, `TWOKEY_DATA_DIR`, `TWOKEY_DATABASE_URL`
     /// (or `TWOKEY_DATABASE_URL_FILE`, read from a file so it stays out of `ps`).
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("TWOKEY_LISTEN") {
             self.server.listen = v;
         }
@@ -372,11 +389,16 @@ impl Config {
         }
         if let Some(v) = var("TWOKEY_DATABASE_URL") {
             self.server.database_url = Some(v);
-        } else if let Some(file) = var("TWOKEY_DATABASE_URL_FILE")
-            && let Ok(v) = std::fs::read_to_string(file)
-        {
+        } else if let Some(file) = var("TWOKEY_DATABASE_URL_FILE") {
+            let v = std::fs::read_to_string(&file).map_err(|e| {
+                invalid(
+                    "TWOKEY_DATABASE_URL_FILE",
+                    format!("cannot read {file}: {e}"),
+                )
+            })?;
             self.server.database_url = Some(v.trim().to_string());
         }
+        Ok(())
     }
 
     /// Checks every rule a running server relies on.
@@ -401,6 +423,8 @@ impl Config {
             false,
         )?;
         check_duration("auth.session_lifetime", &self.auth.session_lifetime, false)?;
+        check_duration("auth.token_ttl", &self.auth.token_ttl, false)?;
+        check_duration("auth.groups_max_age", &self.auth.groups_max_age, false)?;
         if let Some(oidc) = &self.auth.oidc {
             if !(oidc.issuer.starts_with("https://") || oidc.issuer.starts_with("http://")) {
                 return Err(invalid("auth.oidc.issuer", "must be an http(s) URL"));
@@ -537,6 +561,14 @@ impl Config {
 
     pub fn sweep_interval(&self) -> Duration {
         parse_duration(&self.server.sweep_interval).unwrap_or(Duration::from_secs(1))
+    }
+
+    pub fn token_ttl(&self) -> Duration {
+        parse_duration(&self.auth.token_ttl).unwrap_or(Duration::from_secs(30 * 86400))
+    }
+
+    pub fn groups_max_age(&self) -> Duration {
+        parse_duration(&self.auth.groups_max_age).unwrap_or(Duration::from_secs(86400))
     }
 
     pub fn session_lifetime(&self) -> Duration {
@@ -805,8 +837,17 @@ mod tests {
     #[test]
     fn env_overrides_apply() {
         let mut c = demo();
-        c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()));
+        c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()))
+            .unwrap();
         assert_eq!(c.listen_addr().port(), 9999);
+        let err = c
+            .apply_env(|k| (k == "TWOKEY_DATABASE_URL_FILE").then(|| "/nonexistent/x".to_string()))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("TWOKEY_DATABASE_URL_FILE: cannot read"),
+            "{err}"
+        );
     }
 
     #[test]

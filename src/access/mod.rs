@@ -64,9 +64,22 @@ impl RequestView {
 /// Re-reads the actor inside the transaction: groups may have changed since the HTTP
 /// request was authenticated, and decisions use membership as of now.
 async fn current_actor(state: &AppState, conn: &mut Conn, user_id: &str) -> Result<Actor> {
-    store::load_actor(conn, user_id, &state.config.auth.admin_groups)
+    let actor = store::load_actor(conn, user_id, &state.config.auth.admin_groups)
         .await?
-        .ok_or(Error::Unauthenticated)
+        .ok_or(Error::Unauthenticated)?;
+    // Groups from an identity provider are only as fresh as the last sign-in. Past
+    // their max age they are not trusted to act (an API token would otherwise keep a
+    // removed approver's rights). Demo users' groups come from config at start.
+    if actor.issuer != "dev"
+        && let Some(synced) = actor.groups_synced_at
+        && state.now_ms() - synced > state.config.groups_max_age().as_millis() as i64
+    {
+        Metrics::inc(&state.metrics.refusals);
+        return Err(Error::forbidden(
+            "your group membership was last confirmed too long ago: sign in to twokey again in the browser",
+        ));
+    }
+    Ok(actor)
 }
 
 fn role_of<'a>(state: &'a AppState, req: &RequestRow) -> Option<&'a RoleConfig> {
@@ -95,6 +108,7 @@ async fn load_view(state: &AppState, conn: &mut Conn, req: RequestRow) -> Result
         && g.ends_at <= now
     {
         g.status = "ended".into();
+        g.ended_at = Some(g.ends_at);
     }
     Ok(view)
 }
@@ -195,10 +209,34 @@ pub async fn view(state: &AppState, actor: &Actor, id: &str) -> Result<RequestVi
     load_view(state, &mut conn, req).await
 }
 
-/// Requests the actor may see, newest first.
+/// Which of the visible requests to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything the actor may see.
+    Visible,
+    /// Only the actor's own requests.
+    Mine,
+}
+
+/// The `resource/role` keys this actor approves.
+fn approvable_keys(state: &AppState, actor: &Actor) -> Vec<String> {
+    let mut keys = Vec::new();
+    for r in &state.config.resources {
+        for role in &r.roles {
+            if policy::may_view(actor, "", Some(role)) {
+                keys.push(format!("{}/{}", r.name, role.name));
+            }
+        }
+    }
+    keys
+}
+
+/// Requests the actor may see, newest first (at most 500), optionally by their status
+/// as it holds now.
 pub async fn list(
     state: &AppState,
     actor: &Actor,
+    scope: Scope,
     status: Option<&str>,
 ) -> Result<Vec<RequestView>> {
     if let Some(s) = status
@@ -209,10 +247,23 @@ pub async fn list(
             "must be one of pending, approved, denied, cancelled, expired",
         ));
     }
-    let rows = store::list_requests(&state.db, status, 500).await?;
+    let keys = if actor.is_admin {
+        Vec::new()
+    } else {
+        approvable_keys(state, actor)
+    };
+    let filter = store::ListFilter {
+        status,
+        requester: (scope == Scope::Mine).then_some(actor.user_id.as_str()),
+        visible_to: (!actor.is_admin).then_some((actor.user_id.as_str(), keys.as_slice())),
+        now: state.now_ms(),
+        limit: 500,
+    };
+    let rows = store::list_requests(&state.db, &filter).await?;
     let mut conn = state.db.acquire().await?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(rows.len());
     for req in rows {
+        // The SQL filter and the policy must agree; the policy has the last word.
         if policy::may_view(actor, &req.requester_id, role_of(state, &req)) {
             out.push(load_view(state, &mut conn, req).await?);
         }
@@ -222,11 +273,10 @@ pub async fn list(
 
 /// Pending requests this actor may decide on and has not yet.
 pub async fn queue(state: &AppState, actor: &Actor) -> Result<Vec<RequestView>> {
-    let now = state.now_ms();
-    Ok(list(state, actor, Some("pending"))
+    Ok(list(state, actor, Scope::Visible, Some("pending"))
         .await?
         .into_iter()
-        .filter(|v| v.request.expires_at > now && !v.decided_by(&actor.user_id))
+        .filter(|v| !v.decided_by(&actor.user_id))
         .filter(|v| {
             role_of(state, &v.request)
                 .is_some_and(|r| policy::may_decide(actor, &v.request.requester_id, r).is_ok())
@@ -333,6 +383,30 @@ pub async fn decide(
                 })
                 .collect();
             if policy::rule_met(role, &counted) {
+                // The policy and the requester's groups may have changed since filing:
+                // grant only what could be requested now.
+                let requester =
+                    store::load_actor(&mut tx, &req.requester_id, &state.config.auth.admin_groups)
+                        .await?;
+                if !requester
+                    .as_ref()
+                    .is_some_and(|r| policy::may_request(r, role))
+                {
+                    return refuse(
+                        state,
+                        Error::conflict(
+                            "the requester may no longer request this role; nothing was granted",
+                        ),
+                    );
+                }
+                if req.duration_secs as u64 > role.max_duration().as_secs() {
+                    return refuse(
+                        state,
+                        Error::conflict(
+                            "the requested duration is now longer than the role allows; nothing was granted",
+                        ),
+                    );
+                }
                 if !store::decide_request(&mut tx, id, "approved", now).await? {
                     return refuse(state, Error::conflict("this request is no longer pending"));
                 }
@@ -401,9 +475,14 @@ pub async fn cancel(
         );
     }
     if !store::decide_request(&mut tx, id, "cancelled", now).await? {
+        let status = if req.status == "pending" {
+            "expired"
+        } else {
+            req.status.as_str()
+        };
         return refuse(
             state,
-            Error::conflict(format!("this request is {}, not pending", req.status)),
+            Error::conflict(format!("this request is {status}, not pending")),
         );
     }
     audit(

@@ -62,18 +62,26 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<Actor> 
         return Err(Error::Unauthenticated);
     }
     let hash = hash_token(token);
-    let Some((stored, user_id)) = store::token_owner(&state.db, &hash).await? else {
+    let Some(row) = store::token_owner(&state.db, &hash).await? else {
         return Err(Error::Unauthenticated);
     };
     // The lookup matched on the hash already; compare again in constant time so the
     // decision never rests on a variable-time comparison.
-    if !secrets_equal(&stored, &hash) {
+    if !secrets_equal(&row.token_hash, &hash) {
+        return Err(Error::Unauthenticated);
+    }
+    if state.now_ms() - row.created_at >= state.config.token_ttl().as_millis() as i64 {
         return Err(Error::Unauthenticated);
     }
     let mut conn = state.db.acquire().await?;
-    store::load_actor(&mut conn, &user_id, &state.config.auth.admin_groups)
+    let actor = store::load_actor(&mut conn, &row.user_id, &state.config.auth.admin_groups)
         .await?
-        .ok_or(Error::Unauthenticated)
+        .ok_or(Error::Unauthenticated)?;
+    // A forced re-sign-in ends the user's tokens made before it too.
+    if row.created_at <= actor.sessions_valid_after {
+        return Err(Error::Unauthenticated);
+    }
+    Ok(actor)
 }
 
 /// Loads the signed-in user of a session.
@@ -146,8 +154,31 @@ pub async fn oidc_sign_in(state: &AppState, id: &oidc::Identity) -> Result<Actor
     Ok(actor)
 }
 
-/// Ends every browser session of a user at once: they must sign in again (and so get
-/// their groups refreshed).
+/// Revokes every API token of a user (by email). Returns how many were live.
+pub async fn revoke_api_tokens(state: &AppState, email: &str) -> Result<u64> {
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let Some(user_id) = store::user_id_by_email(&mut tx, email).await? else {
+        return Err(Error::invalid("user", format!("no user {email}")));
+    };
+    let n = store::revoke_tokens(&mut tx, &user_id, now).await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: "cli",
+            action: "token.revoked",
+            subject: &user_id,
+            details: json!({ "user": email, "count": n }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Ends every browser session and API token of a user at once: they must sign in
+/// again (and so get their groups refreshed).
 pub async fn force_reauth(state: &AppState, admin: &Actor, user_id: &str) -> Result<()> {
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;

@@ -26,6 +26,8 @@ pub struct Actor {
     pub subject: String,
     /// Browser sessions that signed in before this (ms) are no longer valid.
     pub sessions_valid_after: i64,
+    /// When the groups were last confirmed (by a sign-in, or from config for demo users).
+    pub groups_synced_at: Option<i64>,
     pub groups: BTreeSet<String>,
     pub is_admin: bool,
 }
@@ -335,6 +337,7 @@ mod tests {
             issuer: "dev".into(),
             subject: id.into(),
             sessions_valid_after: 0,
+            groups_synced_at: None,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             is_admin: admin,
         }

@@ -173,6 +173,11 @@ pub async fn load_actor(
             .into_iter()
             .collect();
     let is_admin = admin_groups.iter().any(|g| groups.contains(g));
+    let groups_synced_at: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(synced_at) FROM user_groups WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_one(&mut *conn)
+            .await?;
     Ok(Some(Actor {
         user_id: row.get("id"),
         email: row.get("email"),
@@ -180,6 +185,7 @@ pub async fn load_actor(
         issuer: row.get("issuer"),
         subject: row.get("subject"),
         sessions_valid_after: row.get("sessions_valid_after"),
+        groups_synced_at,
         groups,
         is_admin,
     }))
@@ -215,15 +221,39 @@ pub async fn insert_token(
     Ok(id)
 }
 
-/// The (token hash, user id) stored for a token hash, if live.
-pub async fn token_owner(db: &Db, token_hash: &str) -> Result<Option<(String, String)>> {
+/// A stored, unrevoked token.
+pub struct TokenRow {
+    pub token_hash: String,
+    pub user_id: String,
+    pub created_at: i64,
+}
+
+/// The unrevoked token with this hash, if any.
+pub async fn token_owner(db: &Db, token_hash: &str) -> Result<Option<TokenRow>> {
     let row = sqlx::query(
-        "SELECT token_hash, user_id FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        "SELECT token_hash, user_id, created_at FROM api_tokens
+         WHERE token_hash = ? AND revoked_at IS NULL",
     )
     .bind(token_hash)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|r| (r.get("token_hash"), r.get("user_id"))))
+    Ok(row.map(|r| TokenRow {
+        token_hash: r.get("token_hash"),
+        user_id: r.get("user_id"),
+        created_at: r.get("created_at"),
+    }))
+}
+
+/// Revokes every live token of a user; returns how many.
+pub async fn revoke_tokens(conn: &mut Conn, user_id: &str, now: i64) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE api_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 // ---------------------------------------------------------------- requests
@@ -291,16 +321,57 @@ pub async fn get_request(conn: &mut Conn, id: &str) -> Result<Option<RequestRow>
     )
 }
 
-/// Newest first, optionally one status only.
-pub async fn list_requests(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<RequestRow>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {REQUEST_COLUMNS} WHERE (?1 IS NULL OR r.status = ?1)
-         ORDER BY r.created_at DESC, r.id LIMIT ?2"
-    ))
-    .bind(status)
-    .bind(limit)
-    .fetch_all(db)
-    .await?)
+/// Which requests to list.
+pub struct ListFilter<'a> {
+    /// By status as it holds now: a pending request past its TTL counts as expired
+    /// even before the sweeper marks it.
+    pub status: Option<&'a str>,
+    /// Only requests filed by this user.
+    pub requester: Option<&'a str>,
+    /// `None` lists every request (admins). `Some((user, keys))` lists the user's own
+    /// requests and those for the `resource/role` keys they approve.
+    pub visible_to: Option<(&'a str, &'a [String])>,
+    pub now: i64,
+    pub limit: i64,
+}
+
+/// Newest first.
+pub async fn list_requests(db: &Db, f: &ListFilter<'_>) -> Result<Vec<RequestRow>> {
+    let mut q = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {REQUEST_COLUMNS} WHERE 1 = 1"));
+    match f.status {
+        Some("pending") => {
+            q.push(" AND r.status = 'pending' AND r.expires_at > ")
+                .push_bind(f.now);
+        }
+        Some("expired") => {
+            q.push(" AND (r.status = 'expired' OR (r.status = 'pending' AND r.expires_at <= ")
+                .push_bind(f.now)
+                .push("))");
+        }
+        Some(other) => {
+            q.push(" AND r.status = ").push_bind(other.to_string());
+        }
+        None => {}
+    }
+    if let Some(user) = f.requester {
+        q.push(" AND r.requester_id = ").push_bind(user.to_string());
+    }
+    if let Some((user, keys)) = f.visible_to {
+        q.push(" AND (r.requester_id = ")
+            .push_bind(user.to_string());
+        if !keys.is_empty() {
+            q.push(" OR (r.resource || '/' || r.role) IN (");
+            let mut sep = q.separated(", ");
+            for k in keys {
+                sep.push_bind(k.clone());
+            }
+            q.push(")");
+        }
+        q.push(")");
+    }
+    q.push(" ORDER BY r.created_at DESC, r.id LIMIT ")
+        .push_bind(f.limit);
+    Ok(q.build_query_as().fetch_all(db).await?)
 }
 
 /// `pending → to`, only while pending (and, unless expiring, not past its TTL).
@@ -456,7 +527,8 @@ pub async fn grant_for_request(conn: &mut Conn, request_id: &str) -> Result<Opti
 }
 
 /// `active → to` (`ended` by the clock, `revoked` by a person). Revocation applies only
-/// to a grant still inside its window; the natural end only to one past it.
+/// to a grant still inside its window; the natural end only to one past it, and is
+/// recorded at the grant's end time, not at the time of the sweep.
 pub async fn end_grant(
     conn: &mut Conn,
     grant_id: &str,
@@ -467,10 +539,12 @@ pub async fn end_grant(
 ) -> Result<bool> {
     let natural = to == "ended";
     let done = sqlx::query(
-        "UPDATE grants SET status = ?, ended_at = ?, ended_by = ?, end_comment = ?
+        "UPDATE grants SET status = ?, ended_at = CASE WHEN ? THEN ends_at ELSE ? END,
+                           ended_by = ?, end_comment = ?
          WHERE id = ? AND status = 'active' AND ((? AND ends_at <= ?) OR (NOT ? AND ends_at > ?))",
     )
     .bind(to)
+    .bind(natural)
     .bind(now)
     .bind(by)
     .bind(comment)

@@ -169,7 +169,7 @@ pub async fn list(
     ApiUser(actor): ApiUser,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let views = access::list(&state, &actor, q.status.as_deref()).await?;
+    let views = access::list(&state, &actor, access::Scope::Visible, q.status.as_deref()).await?;
     Ok(Json(json!({
         "requests": views.iter().map(request_json).collect::<Vec<_>>()
     })))

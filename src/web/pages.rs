@@ -371,6 +371,7 @@ pub async fn oidc_callback(
         return Err(Error::NotFound("page").into());
     };
     let pending: Option<oidc::Pending> = session.remove(SESSION_OIDC_PENDING).await?;
+    let had_pending = pending.is_some();
     let result = async {
         let pending = pending.ok_or(oidc::SignInError::NoPending)?;
         if let Some(err) = &q.error {
@@ -399,8 +400,12 @@ pub async fn oidc_callback(
             Ok(Redirect::to(&next))
         }
         Err(e) => {
-            // Fail closed: whatever this session was, it is signed out now.
-            session.remove_value(SESSION_USER).await?;
+            // A sign-in this browser started has failed: fail closed, signed out. (A
+            // stray callback with no sign-in started changes nothing, so a cross-site
+            // link to it cannot sign anyone out.)
+            if had_pending {
+                session.remove_value(SESSION_USER).await?;
+            }
             tracing::info!(reason = %e, "OIDC sign-in refused");
             Err(Error::from(e).into())
         }
@@ -569,10 +574,9 @@ pub async fn my_requests(
     user: WebUser,
 ) -> Result<impl IntoResponse, PageError> {
     let now = state.now_ms();
-    let requests = access::list(&state, &user.actor, None)
+    let requests = access::list(&state, &user.actor, access::Scope::Mine, None)
         .await?
         .iter()
-        .filter(|v| v.request.requester_id == user.actor.user_id)
         .map(|v| request_vm(v, now))
         .collect();
     Ok(RequestListPage {
