@@ -357,6 +357,18 @@ async fn pending_requests_expire_and_grants_end_on_the_injected_clock() {
     assert_eq!(s, StatusCode::CONFLICT, "{r}");
     assert!(r["message"].as_str().unwrap().contains("expired"));
 
+    // Lists go by the status as it holds now, before the sweeper runs.
+    let (_, pending) = alice.get("/requests?status=pending").await;
+    assert!(
+        pending["requests"].as_array().unwrap().is_empty(),
+        "{pending}"
+    );
+    let (_, expired) = alice.get("/requests?status=expired").await;
+    assert_eq!(expired["requests"][0]["id"], stale.as_str());
+    let (s, r) = alice.act(&stale, "cancel").await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(r["message"].as_str().unwrap().contains("expired"), "{r}");
+
     let swept = twokey::access::sweep(app.state()).await.unwrap();
     assert_eq!(
         swept,
@@ -369,6 +381,9 @@ async fn pending_requests_expire_and_grants_end_on_the_injected_clock() {
     assert_eq!(again, twokey::access::Swept::default());
     let (_, r) = alice.get(&format!("/requests/{stale}")).await;
     assert_eq!(r["status"], "expired");
+    // A natural end is recorded at the grant's end time, not at the sweep.
+    let (_, r) = alice.get(&format!("/requests/{granted}")).await;
+    assert_eq!(r["grant"]["ended_at"], "2026-11-22T12:30:00Z");
     let actions = app.audit_actions().await;
     assert!(actions.contains(&"request.expired".to_string()));
     assert!(actions.contains(&"grant.ended".to_string()));
@@ -502,4 +517,121 @@ async fn health_and_metrics() {
     assert!(text.contains("twokey_requests_created_total 1\n"), "{text}");
     assert!(text.contains("twokey_pending_requests 1\n"), "{text}");
     assert!(text.contains("# TYPE twokey_live_grants gauge"), "{text}");
+}
+
+#[tokio::test]
+async fn tokens_expire_are_revocable_and_die_with_a_forced_re_sign_in() {
+    let app = common::start().await;
+    let alice = app.api(ALICE).await;
+    let (s, _) = alice.get("/whoami").await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Forced re-sign-in by an admin ends tokens made before it.
+    app.clock.advance(chrono::Duration::seconds(1));
+    let dave = {
+        let mut conn = app.state().db.acquire().await.unwrap();
+        let id = twokey::store::user_id_by_email(&mut conn, DAVE)
+            .await
+            .unwrap()
+            .unwrap();
+        twokey::store::load_actor(&mut conn, &id, &["admins".to_string()])
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let alice_id = {
+        let mut conn = app.state().db.acquire().await.unwrap();
+        twokey::store::user_id_by_email(&mut conn, ALICE)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    twokey::auth::force_reauth(app.state(), &dave, &alice_id)
+        .await
+        .unwrap();
+    let (s, _) = alice.get("/whoami").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // A token made after it works, until it is revoked...
+    app.clock.advance(chrono::Duration::seconds(1));
+    let fresh = app.api(ALICE).await;
+    assert_eq!(fresh.get("/whoami").await.0, StatusCode::OK);
+    // Both stored tokens: the one the forced re-sign-in ended, and the fresh one.
+    assert_eq!(
+        twokey::auth::revoke_api_tokens(app.state(), ALICE)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(fresh.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
+
+    // ...or until its 30-day lifetime is over.
+    let later = app.api(ALICE).await;
+    app.clock.advance(chrono::Duration::days(29));
+    assert_eq!(later.get("/whoami").await.0, StatusCode::OK);
+    app.clock.advance(chrono::Duration::days(2));
+    assert_eq!(later.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
+    let actions = app.audit_actions().await;
+    assert!(actions.contains(&"user.reauth_forced".to_string()));
+    assert!(actions.contains(&"token.revoked".to_string()));
+}
+
+#[tokio::test]
+async fn a_requester_removed_from_the_requester_groups_gets_no_grant() {
+    let app = common::start().await;
+    let alice = app.api(ALICE).await;
+    let bob = app.api(BOB).await;
+    let id = alice.file("demo-db", "read", "1h", None).await;
+    app.user(ALICE, &["interns"]).await;
+    let (s, r) = bob.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("no longer request"));
+    let (_, r) = bob.get(&format!("/requests/{id}")).await;
+    assert_eq!(r["status"], "pending");
+    assert!(
+        r["approvals"].as_array().unwrap().is_empty(),
+        "the refused approval was rolled back"
+    );
+}
+
+#[tokio::test]
+async fn a_transition_and_its_audit_event_commit_together_or_not_at_all() {
+    let app = common::start().await;
+    let alice = app.api(ALICE).await;
+    let bob = app.api(BOB).await;
+    let id = alice.file("demo-db", "read", "1h", None).await;
+    let before = app.audit_actions().await.len();
+    // Make the audit append fail for the approval's transition, as a full disk would.
+    sqlx::query(
+        "CREATE TRIGGER fail_approved BEFORE INSERT ON audit_events WHEN NEW.action = 'request.approved'
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    )
+    .execute(&app.state().db)
+    .await
+    .unwrap();
+    let (s, r) = bob.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        !r.to_string().contains("injected failure"),
+        "internal detail leaked: {r}"
+    );
+    sqlx::query("DROP TRIGGER fail_approved")
+        .execute(&app.state().db)
+        .await
+        .unwrap();
+
+    let (_, r) = alice.get(&format!("/requests/{id}")).await;
+    assert_eq!(r["status"], "pending");
+    assert!(r["approvals"].as_array().unwrap().is_empty());
+    assert!(r["grant"].is_null());
+    assert_eq!(
+        app.audit_actions().await.len(),
+        before,
+        "no half-written step"
+    );
+    // With the fault gone the same approval goes through.
+    let (s, r) = bob.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["status"], "approved");
+    app.assert_chain_ok().await;
 }

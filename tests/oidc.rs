@@ -458,3 +458,52 @@ async fn chromium_signs_in_through_the_provider_and_lands_where_it_asked() {
     assert_eq!(b.text("span.who").await, "alice@corp.example");
     b.quit().await;
 }
+
+#[tokio::test]
+async fn stale_idp_groups_stop_an_api_token_until_the_user_signs_in_again() {
+    let app = oidc::start_with(3 * 3600, |c| c.auth.groups_max_age = "1h".into()).await;
+    let (_bob_web, _) = app.sign_in("bob", "/queue").await;
+    let token = twokey::auth::create_api_token(&app.server.state, "bob@corp.example", "cli")
+        .await
+        .unwrap();
+    let (alice, _) = app.sign_in("alice", "/requests").await;
+    let csrf = csrf(&alice, &app.url("/requests/new")).await;
+    let resp = alice
+        .post(app.url("/requests"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("target", "demo-db/read"),
+            ("duration", "1h"),
+            ("reason", "check replication"),
+            ("ticket", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["location"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("/requests/")
+        .to_string();
+
+    app.clock.advance(chrono::Duration::hours(2));
+    let approve = || {
+        reqwest::Client::new()
+            .post(app.url(&format!("/api/v1/requests/{id}/approve")))
+            .bearer_auth(&token)
+            .send()
+    };
+    let resp = approve().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("sign in to twokey again")
+    );
+
+    // A fresh sign-in refreshes the groups, and the same token may act again.
+    let (_bob_web, _) = app.sign_in("bob", "/queue").await;
+    let resp = approve().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

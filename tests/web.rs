@@ -140,8 +140,10 @@ async fn sign_in_without_csrf_or_as_unknown_user_is_refused() {
         .post("/login/dev", &[("csrf", "forged"), ("email", ALICE)])
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = b.post("/login/dev", &[("email", ALICE)]).await;
-    assert!(resp.status().is_client_error());
+    let resp = b
+        .post("/login/dev", &[("csrf", ""), ("email", ALICE)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let resp = b
         .post(
             "/login/dev",
@@ -281,9 +283,12 @@ async fn the_workflow_through_pages() {
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let resp = bob
-        .post(&format!("{detail}/approve"), &[("comment", "lgtm")])
+        .post(
+            &format!("{detail}/approve"),
+            &[("csrf", ""), ("comment", "lgtm")],
+        )
         .await;
-    assert!(resp.status().is_client_error());
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     // GET never acts.
     let (s, _) = bob.get(&format!("{detail}/approve")).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
@@ -392,4 +397,99 @@ async fn signed_out_visitors_are_sent_to_sign_in() {
     }
     let resp = b.post("/requests/x/approve", &[("csrf", "x")]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+}
+
+fn with_extra_dev_users(c: &mut twokey::config::Config) {
+    for (email, groups) in [
+        ("erin@example.com", vec!["engineers", "sre-leads", "admins"]),
+        ("frank@example.com", vec!["engineers"]),
+    ] {
+        c.auth.dev_users.push(twokey::config::DevUser {
+            email: email.into(),
+            name: None,
+            groups: groups.into_iter().map(String::from).collect(),
+        });
+    }
+}
+
+#[tokio::test]
+async fn an_approver_and_admin_cannot_approve_their_own_request_in_the_browser() {
+    let app = common::start_with(with_extra_dev_users).await;
+    let erin = app.browser("erin@example.com").await;
+    let csrf = erin.csrf("/requests/new").await;
+    let resp = erin
+        .post(
+            "/requests",
+            &[
+                ("csrf", &csrf),
+                ("target", "demo-db/read"),
+                ("duration", "1h"),
+                ("reason", "own change"),
+                ("ticket", ""),
+            ],
+        )
+        .await;
+    let detail = resp.headers()[LOCATION].to_str().unwrap().to_string();
+    let (_, html) = erin.get(&detail).await;
+    assert!(
+        !html.contains("id=\"approve\""),
+        "no approve button for the requester"
+    );
+    assert!(!html.contains("id=\"deny\""));
+    let (_, queue) = erin.get("/queue").await;
+    assert!(
+        !queue.contains(detail.trim_start_matches("/requests/")),
+        "own request not in the queue"
+    );
+    for action in ["approve", "deny"] {
+        let resp = erin
+            .post(&format!("{detail}/{action}"), &[("csrf", &csrf)])
+            .await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{action}");
+        assert!(resp.text().await.unwrap().contains("your own request"));
+    }
+    let (_, html) = erin.get(&detail).await;
+    assert!(html.contains("id=\"status\">pending<"));
+}
+
+#[tokio::test]
+async fn another_engineers_request_is_invisible_and_untouchable_in_pages() {
+    let app = common::start_with(with_extra_dev_users).await;
+    let frank = app.browser("frank@example.com").await;
+    let csrf = frank.csrf("/requests/new").await;
+    let resp = frank
+        .post(
+            "/requests",
+            &[
+                ("csrf", &csrf),
+                ("target", "demo-db/read"),
+                ("duration", "1h"),
+                ("reason", "franks change"),
+                ("ticket", ""),
+            ],
+        )
+        .await;
+    let detail = resp.headers()[LOCATION].to_str().unwrap().to_string();
+    let id = detail.trim_start_matches("/requests/").to_string();
+
+    let alice = app.browser(ALICE).await;
+    let (s, html) = alice.get(&detail).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(!html.contains("franks change"));
+    let csrf = alice.csrf("/requests").await;
+    for action in ["approve", "deny", "cancel", "revoke"] {
+        let resp = alice
+            .post(&format!("{detail}/{action}"), &[("csrf", &csrf)])
+            .await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{action}");
+    }
+    for page in ["/requests", "/queue", "/grants"] {
+        let (_, html) = alice.get(page).await;
+        assert!(
+            !html.contains(&id) && !html.contains("franks change"),
+            "{page} leaks it"
+        );
+    }
+    let (_, html) = frank.get(&detail).await;
+    assert!(html.contains("id=\"status\">pending<"), "nothing changed");
 }

@@ -117,6 +117,13 @@ pub struct OidcApp {
 /// twokey (demo sign-in off) in front of a fresh provider. The clock starts at the real
 /// time, since the provider stamps its tokens with the real time.
 pub async fn start(id_token_ttl: u64) -> OidcApp {
+    start_with(id_token_ttl, |_| {}).await
+}
+
+pub async fn start_with(
+    id_token_ttl: u64,
+    tweak: impl FnOnce(&mut twokey::config::Config),
+) -> OidcApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let provider = Provider::start(
@@ -147,6 +154,7 @@ idp-admins = ["admins"]
         secret_file.display()
     );
     config.auth.oidc = Some(toml::from_str(&toml).unwrap());
+    tweak(&mut config);
     config.validate().unwrap();
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let server = server::start(config, clock.clone(), listener)
