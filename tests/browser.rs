@@ -31,23 +31,22 @@ async fn alice_files_bob_approves_alice_sees_the_grant() {
     let base = app.server.url();
     let b = Browser::start().await;
 
-    // 1. alice files a request; a missing ticket is caught and her text kept.
+    // 1. alice picks a role, then a duration the role allows, and files.
     sign_in(&b, &base, "alice@example.com").await;
     b.goto(&format!("{base}/requests/new")).await;
-    shot(&b, "1-new-request").await;
-    b.click("#target option[value='demo-ssh/admin']").await;
-    b.fill("#duration", "45m").await;
+    shot(&b, "1-choose-role").await;
+    b.click("#target option[value='demo-db/read']").await;
+    b.click_and_wait("#choose-role").await;
+    // Only durations up to the role's 4h maximum are offered.
+    let form = b.source().await;
+    assert!(
+        form.contains("value=\"4h\"") && !form.contains("value=\"8h\""),
+        "{form}"
+    );
+    b.click("#duration option[value='2h']").await;
     b.fill("#reason", "Rotate the host keys after the incident")
         .await;
-    b.click_and_wait("#submit-request").await;
-    assert_eq!(b.text("#ticket-error").await, "this role requires a ticket");
-    assert!(
-        b.source()
-            .await
-            .contains("Rotate the host keys after the incident")
-    );
-    b.click("#target option[value='demo-db/read']").await;
-    b.fill("#duration", "2h").await;
+    shot(&b, "1-new-request").await;
     b.click_and_wait("#submit-request").await;
     let detail = b.url().await;
     assert!(detail.contains("/requests/"), "{detail}");

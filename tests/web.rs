@@ -226,7 +226,20 @@ async fn the_workflow_through_pages() {
     assert!(form.contains("up to 4h"));
     let csrf = common::csrf_in(&form).unwrap();
 
-    // Bad input: 422, the form comes back with what was typed.
+    // Step 2 offers only durations the role allows.
+    let (_, step2) = alice.get("/requests/new?target=demo-db/read").await;
+    assert!(
+        step2.contains("value=\"4h\"") && !step2.contains("value=\"8h\""),
+        "{step2}"
+    );
+    let (_, ssh) = alice.get("/requests/new?target=demo-ssh/admin").await;
+    assert!(ssh.contains("value=\"1h\"") && !ssh.contains("value=\"2h\""));
+    assert!(ssh.contains("required for this role"));
+    // A role alice may not request never reaches step 2.
+    let (_, other) = alice.get("/requests/new?target=nope/none").await;
+    assert!(other.contains("id=\"choose-role\""));
+
+    // Bad input (a forged duration): 422, the form comes back with what was typed.
     let resp = alice
         .post(
             "/requests",
@@ -243,7 +256,25 @@ async fn the_workflow_through_pages() {
     let html = resp.text().await.unwrap();
     assert!(html.contains("must be at most 4h"), "{html}");
     assert!(html.contains("keep this text"));
-    assert!(html.contains("value=\"9h\""));
+    let resp = alice
+        .post(
+            "/requests",
+            &[
+                ("csrf", &csrf),
+                ("target", "demo-ssh/admin"),
+                ("duration", "30m"),
+                ("reason", "patch the host"),
+                ("ticket", " "),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = resp.text().await.unwrap();
+    assert!(html.contains("this role requires a ticket") && html.contains("patch the host"));
+    assert!(
+        html.contains("<option value=\"30m\" selected>"),
+        "typed duration kept: {html}"
+    );
 
     let resp = alice
         .post(

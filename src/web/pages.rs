@@ -437,10 +437,100 @@ pub struct RoleOption {
 struct NewRequestPage {
     chrome: Chrome,
     options: Vec<RoleOption>,
-    duration: String,
+    /// Step 2: the role picked, with the durations it allows.
+    chosen: Option<ChosenRole>,
     reason: String,
     ticket: String,
     errors: Vec<FieldError>,
+}
+
+pub struct ChosenRole {
+    pub value: String,
+    pub label: String,
+    pub durations: Vec<RoleOption>,
+    pub ticket_required: bool,
+}
+
+/// Grant lengths offered, capped at the role's maximum (which is always offered).
+const DURATION_CHOICES: [u64; 8] = [
+    15 * 60,
+    30 * 60,
+    3600,
+    2 * 3600,
+    4 * 3600,
+    8 * 3600,
+    12 * 3600,
+    24 * 3600,
+];
+
+fn duration_options(max: std::time::Duration, selected: &str) -> Vec<RoleOption> {
+    let mut secs: Vec<u64> = DURATION_CHOICES
+        .iter()
+        .copied()
+        .filter(|s| *s < max.as_secs())
+        .collect();
+    secs.push(max.as_secs());
+    let selected = policy::parse_duration(selected).ok().map(|d| d.as_secs());
+    let default = secs
+        .iter()
+        .copied()
+        .find(|s| *s >= 3600)
+        .unwrap_or(max.as_secs());
+    secs.into_iter()
+        .map(|s| {
+            let text = format_duration(std::time::Duration::from_secs(s));
+            RoleOption {
+                selected: selected.map_or(s == default, |x| x == s),
+                value: text.clone(),
+                label: text,
+            }
+        })
+        .collect()
+}
+
+/// The new-request form: step 1 picks a role the actor may request; step 2 (with a
+/// valid `target`) offers only durations up to that role's maximum.
+/// What the requester typed, kept across a refused submission.
+#[derive(Default)]
+struct Typed {
+    target: String,
+    duration: String,
+    reason: String,
+    ticket: String,
+}
+
+fn new_request_page(
+    state: &AppState,
+    actor: &Actor,
+    chrome: Chrome,
+    typed: Typed,
+    errors: Vec<FieldError>,
+) -> NewRequestPage {
+    let Typed {
+        target,
+        duration,
+        reason,
+        ticket,
+    } = typed;
+    let options = role_options(state, actor, &target);
+    let chosen = options.iter().find(|o| o.value == target).and_then(|o| {
+        let (res, role) = target.split_once('/')?;
+        let (_, role) = state.config.role(res, role)?;
+        Some(ChosenRole {
+            value: o.value.clone(),
+            label: o.label.clone(),
+            durations: duration_options(role.max_duration(), &duration),
+            ticket_required: role.require_ticket,
+        })
+    });
+    NewRequestPage {
+        chrome,
+        options,
+        chosen,
+        reason,
+        ticket,
+        errors,
+    }
 }
 
 impl NewRequestPage {
@@ -487,18 +577,28 @@ fn role_options(state: &AppState, actor: &Actor, selected: &str) -> Vec<RoleOpti
     out
 }
 
+#[derive(Deserialize)]
+pub struct TargetQuery {
+    target: Option<String>,
+}
+
 pub async fn new_request(
     State(state): State<AppState>,
     user: WebUser,
+    Query(q): Query<TargetQuery>,
 ) -> Result<impl IntoResponse, PageError> {
-    Ok(NewRequestPage {
-        options: role_options(&state, &user.actor, ""),
-        chrome: Chrome::of(&state, &user).await?,
-        duration: "1h".into(),
-        reason: String::new(),
-        ticket: String::new(),
-        errors: Vec::new(),
-    })
+    let chrome = Chrome::of(&state, &user).await?;
+    let typed = Typed {
+        target: q.target.unwrap_or_default(),
+        ..Typed::default()
+    };
+    Ok(new_request_page(
+        &state,
+        &user.actor,
+        chrome,
+        typed,
+        Vec::new(),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -545,14 +645,14 @@ pub async fn create_request(
                     }
                 })
                 .collect();
-            let page = NewRequestPage {
-                options: role_options(&state, &user.actor, &form.target),
-                chrome: Chrome::of(&state, &user).await?,
+            let chrome = Chrome::of(&state, &user).await?;
+            let typed = Typed {
+                target: form.target,
                 duration: form.duration,
                 reason: form.reason,
                 ticket: form.ticket,
-                errors,
             };
+            let page = new_request_page(&state, &user.actor, chrome, typed, errors);
             Ok((StatusCode::UNPROCESSABLE_ENTITY, page).into_response())
         }
         Err(e) => Err(e.into()),
