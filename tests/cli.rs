@@ -130,6 +130,8 @@ async fn audit_verify_reports_ok_then_the_first_bad_row() {
             "UPDATE audit_events SET actor = 'mallory@example.com' WHERE seq = 3",
             3,
         ),
+        // The newest events deleted: the shorter chain verifies, the head does not.
+        ("DELETE FROM audit_events WHERE seq >= 12", 12),
     ];
     for (sql, bad) in cases {
         let (_dir, copy) = copy_setup(&config);

@@ -172,6 +172,31 @@ where
     }))
 }
 
+/// Compares a verified chain with the recorded head, which catches the newest events
+/// being deleted (the shorter chain still verifies on its own).
+pub fn check_head(ok: ChainOk, head: Option<(i64, String)>) -> Result<ChainOk, ChainBreak> {
+    let Some((seq, hash)) = head else {
+        return Ok(ok);
+    };
+    let last = ok.events as i64;
+    if seq > last {
+        return Err(ChainBreak {
+            seq: last + 1,
+            reason: format!(
+                "events {} to {seq} are missing (the recorded head is {seq})",
+                last + 1
+            ),
+        });
+    }
+    if seq == last && hash != ok.head {
+        return Err(ChainBreak {
+            seq,
+            reason: "the last event does not match the recorded head".into(),
+        });
+    }
+    Ok(ok)
+}
+
 /// Parses a JSONL export back into events for offline verification.
 pub fn parse_export_line(line: &str) -> Result<AuditEvent, String> {
     serde_json::from_str(line).map_err(|e| format!("not an audit event: {e}"))
@@ -244,6 +269,16 @@ mod tests {
         let a = event_hash(GENESIS, 1, 1, "ab", "c", "s", "{}");
         let b = event_hash(GENESIS, 1, 1, "a", "bc", "s", "{}");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_truncated_chain_is_caught_by_the_head() {
+        let full = chain(5);
+        let head = Some((5, full[4].hash.clone()));
+        assert!(check_head(check(full.clone()).unwrap(), head.clone()).is_ok());
+        let truncated = full[..3].to_vec();
+        let ok = check(truncated).unwrap();
+        assert_eq!(check_head(ok, head).unwrap_err().seq, 4);
     }
 
     #[test]

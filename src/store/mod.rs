@@ -616,6 +616,14 @@ pub async fn append_audit(conn: &mut Conn, ts: i64, event: &NewEvent<'_>) -> Res
     .bind(&ev.hash)
     .execute(&mut *conn)
     .await?;
+    sqlx::query(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    )
+    .bind(ev.seq)
+    .bind(&ev.hash)
+    .execute(&mut *conn)
+    .await?;
     Ok(ev)
 }
 
@@ -655,5 +663,10 @@ pub async fn verify_audit(
         after = last.seq;
         all.extend(page);
     }
-    crate::audit::verify(all.into_iter().map(Ok::<_, crate::error::Error>))
+    let result = crate::audit::verify(all.into_iter().map(Ok::<_, crate::error::Error>))?;
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_optional(db)
+            .await?;
+    Ok(result.and_then(|ok| crate::audit::check_head(ok, head)))
 }
