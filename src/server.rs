@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_sessions::ExpiredDeletion;
-use tower_sessions_sqlx_store::SqliteStore;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -67,8 +66,7 @@ pub async fn open_state(config: Config, clock: Arc<dyn Clock>) -> Result<AppStat
 /// Starts serving on `listener`.
 pub async fn start(config: Config, clock: Arc<dyn Clock>, listener: TcpListener) -> Result<Server> {
     let state = open_state(config, clock).await?;
-    let sessions = SqliteStore::new(state.db.clone());
-    sessions.migrate().await?;
+    let sessions = store::session_store(&state.db).await?;
     let app = web::router(state.clone(), sessions.clone());
     let addr = listener
         .local_addr()

@@ -346,3 +346,83 @@ async fn demo_writes_its_config_and_serves() {
     assert!(out.status.success(), "{}", stderr(&out));
     drop(child);
 }
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs_or_pages() {
+    use std::io::{BufRead, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_twokey"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("TWOKEY_LOG", "trace")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let first = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let url = first
+        .strip_prefix("twokey is serving at ")
+        .unwrap()
+        .to_string();
+    let config = data.join("twokey.toml");
+    let mint = |user: &str| stdout_of(&twokey(&config, &["token", "create", "--user", user]));
+    let (alice, bob) = (mint("alice@example.com"), mint("bob@example.com"));
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{url}/api/v1/requests"))
+        .bearer_auth(alice.trim())
+        .json(&serde_json::json!({"resource": "demo-db", "role": "read", "duration": "1h", "reason": "log check"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let mut bodies = String::new();
+    for (token, path) in [
+        (bob.trim(), "approve"),
+        (alice.trim(), "approve"),
+        ("tk_wrong", "approve"),
+    ] {
+        let resp = http
+            .post(format!("{url}/api/v1/requests/{id}/{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        bodies.push_str(&resp.text().await.unwrap());
+    }
+    drop(child.0.stdin.take());
+    let _ = child.0.kill();
+    let mut logs = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        logs.contains("decision recorded"),
+        "the server logged at trace: {logs}"
+    );
+    for token in [alice.trim(), bob.trim()] {
+        let secret = &token["tk_".len()..];
+        assert!(!logs.contains(secret), "a token reached the logs");
+        assert!(!bodies.contains(secret), "a token reached a response");
+    }
+}
+
+fn stdout_of(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

@@ -37,6 +37,22 @@ pub async fn connect(url: &str) -> Result<Db> {
     Ok(db)
 }
 
+/// The browser-session store, in the same database.
+pub type SessionStore = tower_sessions_sqlx_store::SqliteStore;
+
+/// Makes the session store, creating its table if needed.
+pub async fn session_store(db: &Db) -> Result<SessionStore> {
+    let store = SessionStore::new(db.clone());
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Whether the database answers (for `/healthz`).
+pub async fn ping(db: &Db) -> Result<()> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}
+
 /// Starts a write transaction that holds SQLite's write lock from its first statement.
 pub async fn begin_write(db: &Db) -> Result<Tx> {
     Ok(db.begin_with("BEGIN IMMEDIATE").await?)

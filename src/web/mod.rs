@@ -18,7 +18,6 @@ use axum::routing::{get, post};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
-use tower_sessions_sqlx_store::SqliteStore;
 
 use crate::state::{AppState, Metrics};
 
@@ -27,7 +26,7 @@ use crate::state::{AppState, Metrics};
 pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// The whole app, ready to serve.
-pub fn router(state: AppState, sessions: SqliteStore) -> Router {
+pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
     let idle = state.config.session_idle_timeout();
     let session_layer = SessionManagerLayer::new(sessions)
         .with_name("twokey_session")
@@ -112,7 +111,7 @@ async fn count_requests(
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match sqlx::query("SELECT 1").execute(&state.db).await {
+    match crate::store::ping(&state.db).await {
         Ok(_) => (axum::http::StatusCode::OK, "ok\n"),
         Err(e) => {
             tracing::error!(error = %e, "health check: database unreachable");
