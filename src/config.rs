@@ -26,6 +26,84 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub resources: Vec<ResourceConfig>,
+    /// Email notifications; none are sent without this section.
+    #[serde(default)]
+    pub email: Option<EmailConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP upgraded with STARTTLS (port 587).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No encryption: only for a relay on this machine or in tests.
+    None,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `twokey <twokey@example.com>`.
+    pub from: String,
+    /// Deliver into the built-in dev mailbox page instead of SMTP (demo only).
+    #[serde(default)]
+    pub dev_mailbox: bool,
+    #[serde(default)]
+    pub smtp_host: Option<String>,
+    #[serde(default)]
+    pub smtp_port: Option<u16>,
+    #[serde(default = "default_smtp_tls")]
+    pub tls: SmtpTls,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// How often the outbox is polled (`"0s"` turns the worker off; tests drive it).
+    #[serde(default = "default_outbox_interval")]
+    pub outbox_interval: String,
+}
+
+fn default_smtp_tls() -> SmtpTls {
+    SmtpTls::Starttls
+}
+fn default_outbox_interval() -> String {
+    "2s".into()
+}
+
+impl fmt::Debug for EmailConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmailConfig")
+            .field("from", &self.from)
+            .field("dev_mailbox", &self.dev_mailbox)
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+impl EmailConfig {
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        match &self.password_file {
+            None => Ok(None),
+            Some(p) => std::fs::read_to_string(p)
+                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| {
+                    invalid(
+                        "email.password_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                }),
+        }
+    }
+
+    pub fn outbox_interval(&self) -> Duration {
+        parse_duration(&self.outbox_interval).unwrap_or(Duration::from_secs(2))
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -443,6 +521,34 @@ impl Config {
                 ));
             }
         }
+        if let Some(email) = &self.email {
+            if !email.from.contains('@') {
+                return Err(invalid(
+                    "email.from",
+                    "must be an address, e.g. \"twokey <twokey@example.com>\"",
+                ));
+            }
+            if !email.dev_mailbox && email.smtp_host.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "email.smtp_host",
+                    "is required unless dev_mailbox = true",
+                ));
+            }
+            if email.dev_mailbox && !self.auth.dev_login {
+                return Err(invalid(
+                    "email.dev_mailbox",
+                    "is for demos only: it needs auth.dev_login = true",
+                ));
+            }
+            check_duration("email.outbox_interval", &email.outbox_interval, true)?;
+            email.password()?;
+            if self.server.public_url.is_none() && !email.dev_mailbox {
+                return Err(invalid(
+                    "server.public_url",
+                    "is required with email: links in messages point there",
+                ));
+            }
+        }
         if self.auth.dev_login && self.auth.dev_users.is_empty() {
             return Err(invalid(
                 "auth.dev_users",
@@ -575,6 +681,14 @@ impl Config {
         parse_duration(&self.auth.session_lifetime).unwrap_or(Duration::from_secs(12 * 3600))
     }
 
+    /// The base URL for links in messages.
+    pub fn public_url(&self) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.server.listen),
+        }
+    }
+
     /// Where the identity provider sends the browser back to.
     pub fn oidc_redirect_url(&self) -> String {
         let base = self
@@ -687,6 +801,11 @@ groups = ["sre-leads"]
 email = "dave@example.com"
 name = "Dave (admin)"
 groups = ["admins"]
+
+[email]
+from = "twokey demo <twokey@example.com>"
+# Messages land in the built-in mailbox page (/dev/mailbox) instead of SMTP.
+dev_mailbox = true
 
 [policy]
 pending_ttl = "24h"

@@ -9,6 +9,7 @@
 //! - [`access`] runs the state machine `pending → approved | denied | cancelled |
 //!   expired`, grants `active → ended | revoked`, each transition one conditional
 //!   UPDATE plus its audit event in one transaction.
+//! - [`notify`] delivers the outbox (email) and mints single-use action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
 //! - [`server`] wires it together; [`cli`] is the command line.
 
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod state;

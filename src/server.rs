@@ -24,6 +24,7 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     serve: JoinHandle<()>,
     sweeper: Option<JoinHandle<()>>,
+    outbox: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -36,8 +37,8 @@ impl Server {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.serve.await;
-        if let Some(s) = self.sweeper {
-            s.abort();
+        for task in [self.sweeper, self.outbox].into_iter().flatten() {
+            task.abort();
         }
     }
 
@@ -64,7 +65,17 @@ pub async fn open_state(config: Config, clock: Arc<dyn Clock>) -> Result<AppStat
 }
 
 /// Starts serving on `listener`.
-pub async fn start(config: Config, clock: Arc<dyn Clock>, listener: TcpListener) -> Result<Server> {
+pub async fn start(
+    mut config: Config,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+) -> Result<Server> {
+    if config.server.public_url.is_none()
+        && let Ok(addr) = listener.local_addr()
+    {
+        // Links in messages need the address actually bound (port 0 in tests).
+        config.server.public_url = Some(format!("http://{addr}"));
+    }
     let state = open_state(config, clock).await?;
     let sessions = store::session_store(&state.db).await?;
     let app = web::router(state.clone(), sessions.clone());
@@ -108,12 +119,32 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>, listener: TcpListener)
             }
         })
     });
+    let outbox = state
+        .config
+        .email
+        .as_ref()
+        .map(|e| e.outbox_interval())
+        .filter(|i| !i.is_zero())
+        .map(|interval| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = crate::notify::deliver_due(&state).await {
+                        tracing::warn!(error = %e, "outbox pass failed; will retry");
+                    }
+                }
+            })
+        });
     Ok(Server {
         addr,
         state,
         shutdown,
         serve,
         sweeper,
+        outbox,
     })
 }
 

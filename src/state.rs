@@ -15,6 +15,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The OpenID Connect provider, when configured.
     pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
+    /// Where notifications go, when email is configured.
+    pub mailer: Option<Arc<crate::notify::Mailer>>,
 }
 
 impl AppState {
@@ -26,7 +28,12 @@ impl AppState {
             )?)),
             None => None,
         };
+        let mailer = match &config.email {
+            Some(e) => Some(Arc::new(crate::notify::Mailer::new(e)?)),
+            None => None,
+        };
         Ok(Self {
+            mailer,
             config: Arc::new(config),
             db,
             clock,

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::audit::NewEvent;
 use crate::config::RoleConfig;
 use crate::error::{Error, Result};
+use crate::notify;
 use crate::policy::{self, Actor, CountedApproval, RequestInput};
 use crate::state::{AppState, Metrics};
 use crate::store::{self, ApprovalRow, Conn, GrantRow, RequestRow};
@@ -22,6 +23,7 @@ use crate::store::{self, ApprovalRow, Conn, GrantRow, RequestRow};
 pub enum Channel {
     Web,
     Api,
+    Email,
 }
 
 impl Channel {
@@ -29,6 +31,7 @@ impl Channel {
         match self {
             Channel::Web => "web",
             Channel::Api => "api",
+            Channel::Email => "email",
         }
     }
 }
@@ -190,6 +193,7 @@ pub async fn create_request(
     let req = store::get_request(&mut tx, &id)
         .await?
         .ok_or(Error::NotFound("request"))?;
+    notify::enqueue_for(state, &mut tx, &req, "approval_needed", now).await?;
     let view = load_view(state, &mut tx, req).await?;
     tx.commit().await?;
     Metrics::inc(&state.metrics.requests_created);
@@ -300,6 +304,40 @@ pub async fn decide(
     comment: Option<&str>,
     channel: Channel,
 ) -> Result<RequestView> {
+    decide_inner(state, actor, id, decision, comment, channel, None).await
+}
+
+/// A decision confirmed from an emailed link: the link's token is used up in the same
+/// transaction, so it works once and only for its approver, request and action.
+pub async fn decide_with_link(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    decision: Decision,
+    comment: Option<&str>,
+    token_hash: &str,
+) -> Result<RequestView> {
+    decide_inner(
+        state,
+        actor,
+        id,
+        decision,
+        comment,
+        Channel::Email,
+        Some(token_hash),
+    )
+    .await
+}
+
+async fn decide_inner(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    decision: Decision,
+    comment: Option<&str>,
+    channel: Channel,
+    link: Option<&str>,
+) -> Result<RequestView> {
     let comment = policy::check_comment(comment).map_err(|e| Error::Invalid(vec![e]))?;
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
@@ -334,6 +372,14 @@ pub async fn decide(
         Decision::Approve => "approve",
         Decision::Deny => "deny",
     };
+    if let Some(hash) = link
+        && !store::consume_action_token(&mut tx, hash, id, &actor.user_id, verb, now).await?
+    {
+        return refuse(
+            state,
+            Error::conflict("this link has already been used or has expired"),
+        );
+    }
     let recorded = store::insert_approval(
         &mut tx,
         &store::NewApproval {
@@ -366,6 +412,7 @@ pub async fn decide(
                 return refuse(state, Error::conflict("this request is no longer pending"));
             }
             audit(&mut tx, now, &actor.email, "request.denied", id, details).await?;
+            notify::enqueue_for(state, &mut tx, &req, "denied", now).await?;
             Metrics::inc(&state.metrics.denials);
         }
         Decision::Approve => {
@@ -442,6 +489,7 @@ pub async fn decide(
                     }),
                 )
                 .await?;
+                notify::enqueue_for(state, &mut tx, &req, "approved", now).await?;
                 Metrics::inc(&state.metrics.grants_started);
             }
         }
@@ -554,6 +602,7 @@ pub async fn revoke(
         json!({ "request_id": id, "revoked_by_id": actor.user_id, "by": actor.identity(), "comment": comment }),
     )
     .await?;
+    notify::enqueue_for(state, &mut tx, &req, "revoked", now).await?;
     let view = load_view(state, &mut tx, req).await?;
     tx.commit().await?;
     Metrics::inc(&state.metrics.grants_revoked);
@@ -594,6 +643,7 @@ pub async fn sweep(state: &AppState) -> Result<Swept> {
                 json!({ "expires_at": req.expires_at }),
             )
             .await?;
+            notify::enqueue_for(state, &mut tx, &req, "expired", now).await?;
             swept.expired_requests += 1;
         }
     }

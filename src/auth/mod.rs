@@ -51,7 +51,12 @@ pub fn hash_token(token: &str) -> String {
 
 /// A personal API token and the hash to store.
 pub fn new_api_token() -> (String, String) {
-    let token = format!("{TOKEN_PREFIX}{}", random_b64(32));
+    new_secret(TOKEN_PREFIX)
+}
+
+/// A random 256-bit secret with a recognisable prefix, and the hash to store.
+pub fn new_secret(prefix: &str) -> (String, String) {
+    let token = format!("{prefix}{}", random_b64(32));
     let hash = hash_token(&token);
     (token, hash)
 }

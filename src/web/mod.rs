@@ -8,6 +8,7 @@
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod links;
 pub mod pages;
 
 use axum::Router;
@@ -55,6 +56,8 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/logout", post(pages::logout))
         .route("/auth/oidc/start", get(pages::oidc_start))
         .route("/auth/oidc/callback", get(pages::oidc_callback))
+        .route("/a/{token}", get(links::show).post(links::confirm))
+        .route("/dev/mailbox", get(pages::dev_mailbox))
         .route("/admin/users", get(pages::users))
         .route("/admin/users/{id}/reauth", post(pages::force_reauth))
         .route(

@@ -44,7 +44,7 @@ impl Chrome {
         }
     }
 
-    async fn new(
+    pub(crate) async fn new(
         state: &AppState,
         session: &Session,
         actor: Option<&Actor>,
@@ -719,6 +719,13 @@ struct RequestDetailPage {
     can_cancel: bool,
     can_revoke: bool,
     approver_groups: String,
+    deliveries: Vec<DeliveryVm>,
+}
+
+pub struct DeliveryVm {
+    pub what: String,
+    pub to: String,
+    pub state: String,
 }
 
 pub async fn request_detail(
@@ -752,6 +759,20 @@ pub async fn request_detail(
         own_request,
         can_cancel: pending && own_request,
         can_revoke,
+        deliveries: store::outbox_for_request(&state.db, &r.id)
+            .await?
+            .into_iter()
+            .map(|o| DeliveryVm {
+                what: o.kind.replace('_', " "),
+                to: o.recipient,
+                state: match o.status.as_str() {
+                    "sent" => format!("sent {}", o.sent_at.map(when).unwrap_or_default()),
+                    "skipped" => "not needed any more".into(),
+                    _ if o.attempts > 0 => format!("retrying (attempt {} failed)", o.attempts),
+                    _ => "queued".into(),
+                },
+            })
+            .collect(),
         approver_groups: view
             .approver_groups
             .join(if view.all_groups { " and " } else { " or " }),
@@ -966,6 +987,45 @@ pub async fn force_reauth(
     user.check_csrf(&form.csrf).await?;
     auth::force_reauth(&state, &user.actor, &id).await?;
     Ok(Redirect::to("/admin/users"))
+}
+
+pub struct MailVm {
+    pub to: String,
+    pub subject: String,
+    pub when: String,
+    pub html: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "mailbox.html")]
+struct MailboxPage {
+    chrome: Chrome,
+    mails: Vec<MailVm>,
+}
+
+/// The demo's mailbox: what twokey would have emailed. Exists only with demo sign-in.
+pub async fn dev_mailbox(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    if !(state.config.auth.dev_login && state.config.email.as_ref().is_some_and(|e| e.dev_mailbox))
+    {
+        return Err(Error::NotFound("page").into());
+    }
+    let mails = store::dev_mailbox(&state.db, 100)
+        .await?
+        .into_iter()
+        .map(|m| MailVm {
+            to: m.recipient,
+            subject: m.subject,
+            when: when(m.created_at),
+            html: m.body_html,
+        })
+        .collect();
+    Ok(MailboxPage {
+        chrome: Chrome::of(&state, &user).await?,
+        mails,
+    })
 }
 
 pub async fn not_found() -> PageError {

@@ -135,6 +135,7 @@ pub async fn start_with(
     let mut config = super::test_config(dir.path());
     config.auth.dev_login = false;
     config.auth.dev_users.clear();
+    config.email = None;
     config.server.public_url = Some(base.clone());
     let secret_file = dir.path().join("oidc-secret");
     std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).unwrap();

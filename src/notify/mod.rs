@@ -1,0 +1,389 @@
+//! Notifications: the outbox worker, email (lettre), and single-use action links.
+//!
+//! Rows enter the outbox in the same transaction as the event that causes them
+//! (`access`), so a message is never lost; this worker delivers them, retrying with
+//! backoff while SMTP is down, and never blocks a request. Action links are minted
+//! here, at delivery, and only their hashes are stored.
+//!
+//! Never log or store a link token, and never let a link change state by itself: the
+//! link leads to a confirm page; acting needs the approver's signed-in POST.
+
+use std::sync::Arc;
+
+use askama::Template;
+use lettre::message::{Mailbox, MultiPart, header};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::clock::from_millis;
+use crate::config::{EmailConfig, SmtpTls};
+use crate::error::{Error, Result};
+use crate::policy::format_duration;
+use crate::state::AppState;
+use crate::store::{self, OutboxRow, RequestRow};
+
+/// How long an emailed action link works.
+pub const LINK_TTL_MS: i64 = 10 * 60 * 1000;
+/// How long a worker holds a message it is sending before another may retry it.
+const LEASE_MS: i64 = 60 * 1000;
+/// Longest wait between two attempts.
+const MAX_BACKOFF_MS: i64 = 5 * 60 * 1000;
+
+/// Where messages go.
+pub enum Mailer {
+    Smtp {
+        transport: AsyncSmtpTransport<Tokio1Executor>,
+        from: Mailbox,
+    },
+    /// The demo's mailbox page.
+    DevMailbox,
+}
+
+impl Mailer {
+    pub fn new(config: &EmailConfig) -> Result<Self> {
+        if config.dev_mailbox {
+            return Ok(Mailer::DevMailbox);
+        }
+        let from: Mailbox = config
+            .from
+            .parse()
+            .map_err(|e| Error::Internal(format!("email.from: {e}")))?;
+        let host = config.smtp_host.clone().unwrap_or_default();
+        let builder = match config.tls {
+            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
+                .map_err(|e| Error::Internal(format!("email.smtp_host: {e}")))?,
+            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
+                .map_err(|e| Error::Internal(format!("email.smtp_host: {e}")))?,
+            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host),
+        };
+        let mut builder = builder.timeout(Some(std::time::Duration::from_secs(10)));
+        if let Some(port) = config.smtp_port {
+            builder = builder.port(port);
+        }
+        let password = config
+            .password()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        if let (Some(user), Some(pass)) = (&config.username, password) {
+            builder = builder.credentials(Credentials::new(user.clone(), pass));
+        }
+        Ok(Mailer::Smtp {
+            transport: builder.build(),
+            from,
+        })
+    }
+}
+
+/// One rendered email.
+pub struct Email {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+#[derive(Template)]
+#[template(path = "email/approval_needed.txt")]
+struct ApprovalText<'a> {
+    r: &'a MailVm,
+}
+
+#[derive(Template)]
+#[template(path = "email/approval_needed.html")]
+struct ApprovalHtml<'a> {
+    r: &'a MailVm,
+}
+
+#[derive(Template)]
+#[template(path = "email/outcome.txt")]
+struct OutcomeText<'a> {
+    r: &'a MailVm,
+}
+
+#[derive(Template)]
+#[template(path = "email/outcome.html")]
+struct OutcomeHtml<'a> {
+    r: &'a MailVm,
+}
+
+/// What a message says about a request.
+pub struct MailVm {
+    pub requester: String,
+    pub resource: String,
+    pub role: String,
+    pub duration: String,
+    pub reason: String,
+    pub ticket: String,
+    pub request_url: String,
+    pub approve_url: String,
+    pub deny_url: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+fn vm(state: &AppState, r: &RequestRow) -> MailVm {
+    MailVm {
+        requester: r.requester_email.clone(),
+        resource: r.resource.clone(),
+        role: r.role.clone(),
+        duration: format_duration(std::time::Duration::from_secs(r.duration_secs as u64)),
+        reason: r.reason.clone(),
+        ticket: r.ticket.clone().unwrap_or_default(),
+        request_url: format!("{}/requests/{}", state.config.public_url(), r.id),
+        approve_url: String::new(),
+        deny_url: String::new(),
+        outcome: String::new(),
+        detail: String::new(),
+    }
+}
+
+fn render<T: Template>(t: T) -> Result<String> {
+    t.render()
+        .map_err(|e| Error::Internal(format!("template: {e}")))
+}
+
+/// What to send for an outbox row, or `None` when it is no longer worth sending (an
+/// approval request for a request already decided).
+async fn compose(state: &AppState, row: &OutboxRow) -> Result<Option<Email>> {
+    let mut conn = state.db.acquire().await?;
+    let Some(req) = store::get_request(&mut conn, &row.request_id).await? else {
+        return Ok(None);
+    };
+    drop(conn);
+    let now = state.now_ms();
+    let mut m = vm(state, &req);
+    match row.kind.as_str() {
+        "approval_needed" => {
+            if req.status != "pending" || req.expires_at <= now {
+                return Ok(None);
+            }
+            // Fresh single-use links for this approver; only hashes are stored.
+            let mut tx = store::begin_write(&state.db).await?;
+            for action in ["approve", "deny"] {
+                let (token, hash) = crate::auth::new_secret("ak_");
+                store::insert_action_token(
+                    &mut tx,
+                    &hash,
+                    &req.id,
+                    &row.recipient_id,
+                    action,
+                    now,
+                    now + LINK_TTL_MS,
+                )
+                .await?;
+                let url = format!("{}/a/{}", state.config.public_url(), token);
+                if action == "approve" {
+                    m.approve_url = url;
+                } else {
+                    m.deny_url = url;
+                }
+            }
+            tx.commit().await?;
+            Ok(Some(Email {
+                subject: format!(
+                    "Approve {} on {} for {}? ({})",
+                    req.role, req.resource, m.requester, m.duration
+                ),
+                text: render(ApprovalText { r: &m })?,
+                html: render(ApprovalHtml { r: &m })?,
+            }))
+        }
+        kind => {
+            let (outcome, detail) = outcome_words(state, &req, kind).await?;
+            m.outcome = outcome;
+            m.detail = detail;
+            Ok(Some(Email {
+                subject: format!(
+                    "Your request for {} on {} was {}",
+                    req.role, req.resource, m.outcome
+                ),
+                text: render(OutcomeText { r: &m })?,
+                html: render(OutcomeHtml { r: &m })?,
+            }))
+        }
+    }
+}
+
+async fn outcome_words(state: &AppState, req: &RequestRow, kind: &str) -> Result<(String, String)> {
+    let mut conn = state.db.acquire().await?;
+    let grant = store::grant_for_request(&mut conn, &req.id).await?;
+    let approvals = store::approvals_for(&mut conn, &req.id).await?;
+    let when = |ms: i64| from_millis(ms).format("%Y-%m-%d %H:%M UTC").to_string();
+    Ok(match kind {
+        "approved" => (
+            "approved".into(),
+            match grant {
+                Some(g) => format!(
+                    "Your access runs from {} to {}.",
+                    when(g.starts_at),
+                    when(g.ends_at)
+                ),
+                None => String::new(),
+            },
+        ),
+        "denied" => {
+            let d = approvals.iter().find(|a| a.decision == "deny");
+            (
+                "denied".into(),
+                match d {
+                    Some(a) => format!(
+                        "Denied by {}{}",
+                        a.approver_email,
+                        a.comment
+                            .as_deref()
+                            .map(|c| format!(": {c}"))
+                            .unwrap_or_default()
+                    ),
+                    None => String::new(),
+                },
+            )
+        }
+        "expired" => ("not decided in time and has expired".into(), String::new()),
+        _ => (
+            "revoked".into(),
+            match grant {
+                Some(g) => format!(
+                    "Revoked by {}{}",
+                    g.ended_by_email.unwrap_or_default(),
+                    g.end_comment.map(|c| format!(": {c}")).unwrap_or_default()
+                ),
+                None => String::new(),
+            },
+        ),
+    })
+}
+
+fn backoff_ms(attempts: i64) -> i64 {
+    let exp = attempts.clamp(0, 16) as u32;
+    (1000i64 << exp).min(MAX_BACKOFF_MS)
+}
+
+/// What one pass of the worker did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Delivered {
+    pub sent: usize,
+    pub skipped: usize,
+    pub failed: usize,
+}
+
+/// Delivers every due message once. Safe to run from several workers at once: each
+/// message is claimed before it is sent.
+pub async fn deliver_due(state: &AppState) -> Result<Delivered> {
+    let Some(mailer) = state.mailer.clone() else {
+        return Ok(Delivered::default());
+    };
+    let mut out = Delivered::default();
+    let now = state.now_ms();
+    for row in store::due_outbox(&state.db, now, 100).await? {
+        if !store::claim_outbox(&state.db, &row.id, now, LEASE_MS).await? {
+            continue;
+        }
+        match deliver(state, &mailer, &row).await {
+            Ok(true) => out.sent += 1,
+            Ok(false) => out.skipped += 1,
+            Err(e) => {
+                out.failed += 1;
+                let msg = e.to_string();
+                tracing::warn!(outbox = %row.id, attempt = row.attempts + 1, error = %msg, "delivery failed; will retry");
+                store::retry_outbox(&state.db, &row.id, now + backoff_ms(row.attempts), &msg)
+                    .await?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sends one message; `Ok(false)` when it was no longer needed.
+async fn deliver(state: &AppState, mailer: &Arc<Mailer>, row: &OutboxRow) -> Result<bool> {
+    let now = state.now_ms();
+    let Some(email) = compose(state, row).await? else {
+        let mut conn = state.db.acquire().await?;
+        store::finish_outbox(&mut conn, &row.id, "skipped", now).await?;
+        return Ok(false);
+    };
+    match mailer.as_ref() {
+        Mailer::DevMailbox => {
+            let mut tx = store::begin_write(&state.db).await?;
+            store::dev_mail(
+                &mut tx,
+                &row.id,
+                &row.recipient,
+                &email.subject,
+                &email.text,
+                &email.html,
+                now,
+            )
+            .await?;
+            store::finish_outbox(&mut tx, &row.id, "sent", now).await?;
+            tx.commit().await?;
+        }
+        Mailer::Smtp { transport, from } => {
+            let to: Mailbox = row
+                .recipient
+                .parse()
+                .map_err(|e| Error::Internal(format!("recipient address: {e}")))?;
+            let message = Message::builder()
+                .from(from.clone())
+                .to(to)
+                .subject(email.subject)
+                // One Message-ID per outbox row: a retried message is recognisably the same.
+                .message_id(Some(format!("<{}@twokey>", row.id)))
+                .header(header::ContentType::TEXT_PLAIN)
+                .multipart(MultiPart::alternative_plain_html(email.text, email.html))
+                .map_err(|e| Error::Internal(format!("building the message: {e}")))?;
+            transport
+                .send(message)
+                .await
+                .map_err(|e| Error::Internal(format!("smtp: {e}")))?;
+            let mut conn = state.db.acquire().await?;
+            store::finish_outbox(&mut conn, &row.id, "sent", now).await?;
+        }
+    }
+    tracing::info!(outbox = %row.id, kind = %row.kind, to = %row.recipient, "notification delivered");
+    Ok(true)
+}
+
+/// Queues the messages an event causes, inside the event's transaction. Does nothing
+/// when no channel is configured.
+pub async fn enqueue_for(
+    state: &AppState,
+    conn: &mut store::Conn,
+    req: &RequestRow,
+    kind: &str,
+    now: i64,
+) -> Result<()> {
+    if state.mailer.is_none() {
+        return Ok(());
+    }
+    if kind == "approval_needed" {
+        let Some((_, role)) = state.config.role(&req.resource, &req.role) else {
+            return Ok(());
+        };
+        for (id, email) in
+            store::users_in_groups(conn, &role.approver_groups, &req.requester_id).await?
+        {
+            store::enqueue(conn, &req.id, kind, &id, &email, now).await?;
+        }
+    } else {
+        store::enqueue(
+            conn,
+            &req.id,
+            kind,
+            &req.requester_id,
+            &req.requester_email,
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff_ms(0), 1000);
+        assert_eq!(backoff_ms(3), 8000);
+        assert_eq!(backoff_ms(40), MAX_BACKOFF_MS);
+    }
+}
