@@ -2,6 +2,7 @@
 //! throwaway data dir and a manual clock, and gives tests API and browser-like clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod mail;
 pub mod oidc;
 pub mod webdriver;
 
