@@ -29,6 +29,58 @@ pub struct Config {
     /// Email notifications; none are sent without this section.
     #[serde(default)]
     pub email: Option<EmailConfig>,
+    /// Slack notifications with Approve/Deny buttons.
+    #[serde(default)]
+    pub slack: Option<SlackConfig>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackConfig {
+    /// The bot token (`xoxb-…`), in a file.
+    pub bot_token_file: PathBuf,
+    /// The app's signing secret, in a file.
+    pub signing_secret_file: PathBuf,
+    /// Where requests are posted.
+    pub channel: String,
+    /// Slack's Web API; tests point it at a local server.
+    #[serde(default = "default_slack_api")]
+    pub api_base: String,
+}
+
+fn default_slack_api() -> String {
+    "https://slack.com/api".into()
+}
+
+impl fmt::Debug for SlackConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlackConfig")
+            .field("bot_token_file", &self.bot_token_file)
+            .field("signing_secret_file", &self.signing_secret_file)
+            .field("channel", &self.channel)
+            .field("api_base", &self.api_base)
+            .finish()
+    }
+}
+
+impl SlackConfig {
+    /// (bot token, signing secret), read from their files.
+    pub fn secrets(&self) -> Result<(String, String), ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", p.display())))
+        };
+        let token = read("slack.bot_token_file", &self.bot_token_file)?;
+        if token.is_empty() {
+            return Err(invalid("slack.bot_token_file", "the file is empty"));
+        }
+        let secret = read("slack.signing_secret_file", &self.signing_secret_file)?;
+        if secret.is_empty() {
+            return Err(invalid("slack.signing_secret_file", "the file is empty"));
+        }
+        Ok((token, secret))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -60,9 +112,6 @@ pub struct EmailConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// How often the outbox is polled (`"0s"` turns the worker off; tests drive it).
-    #[serde(default = "default_outbox_interval")]
-    pub outbox_interval: String,
 }
 
 fn default_smtp_tls() -> SmtpTls {
@@ -100,10 +149,6 @@ impl EmailConfig {
                 }),
         }
     }
-
-    pub fn outbox_interval(&self) -> Duration {
-        parse_duration(&self.outbox_interval).unwrap_or(Duration::from_secs(2))
-    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -126,6 +171,9 @@ pub struct ServerConfig {
     /// turns the background sweeper off (tests drive it by hand).
     #[serde(default = "default_sweep_interval")]
     pub sweep_interval: String,
+    /// How often the notification outbox is delivered; `"0s"` turns the worker off.
+    #[serde(default = "default_outbox_interval")]
+    pub outbox_interval: String,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -139,6 +187,7 @@ impl fmt::Debug for ServerConfig {
                 &self.database_url.as_ref().map(|_| "<redacted>"),
             )
             .field("sweep_interval", &self.sweep_interval)
+            .field("outbox_interval", &self.outbox_interval)
             .finish()
     }
 }
@@ -151,6 +200,7 @@ impl Default for ServerConfig {
             data_dir: default_data_dir(),
             database_url: None,
             sweep_interval: default_sweep_interval(),
+            outbox_interval: default_outbox_interval(),
         }
     }
 }
@@ -494,6 +544,26 @@ impl Config {
             ));
         }
         check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
+        check_duration("server.outbox_interval", &self.server.outbox_interval, true)?;
+        if let Some(slack) = &self.slack {
+            slack.secrets()?;
+            if slack.channel.trim().is_empty() {
+                return Err(invalid(
+                    "slack.channel",
+                    "must name a channel, e.g. \"#access-requests\" or its id",
+                ));
+            }
+            // Plain http only to loopback (tests): the bot token rides on every call.
+            let api_ok = reqwest::Url::parse(&slack.api_base).is_ok_and(|u| {
+                u.scheme() == "https" || (u.scheme() == "http" && u.host_str() == Some("127.0.0.1"))
+            });
+            if !api_ok {
+                return Err(invalid(
+                    "slack.api_base",
+                    "must be https (http only for 127.0.0.1 in tests)",
+                ));
+            }
+        }
         check_duration("policy.pending_ttl", &self.policy.pending_ttl, false)?;
         check_duration(
             "auth.session_idle_timeout",
@@ -540,7 +610,6 @@ impl Config {
                     "is for demos only: it needs auth.dev_login = true",
                 ));
             }
-            check_duration("email.outbox_interval", &email.outbox_interval, true)?;
             email.password()?;
             if self.server.public_url.is_none() && !email.dev_mailbox {
                 return Err(invalid(
@@ -663,6 +732,10 @@ impl Config {
             .public_url
             .as_deref()
             .is_some_and(|u| u.starts_with("https://"))
+    }
+
+    pub fn outbox_interval(&self) -> Duration {
+        parse_duration(&self.server.outbox_interval).unwrap_or(Duration::from_secs(2))
     }
 
     pub fn sweep_interval(&self) -> Duration {
@@ -878,6 +951,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn slack_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let secret = dir.path().join("secret");
+        std::fs::write(&token, "xoxb-1\n").unwrap();
+        std::fs::write(&secret, "").unwrap();
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with = |section: String| {
+            Config::parse(&format!("{base}\n{section}"), "t")
+                .and_then(|c| c.validate())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let slack = |channel: &str, api: &str, secret_file: &Path| {
+            format!(
+                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\napi_base = {api:?}\n",
+                token.display().to_string(),
+                secret_file.display().to_string()
+            )
+        };
+        let err = with(slack("#a", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        let missing = dir.path().join("absent");
+        let err = with(slack("#a", "https://slack.com/api", &missing)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        assert!(!err.contains("xoxb"), "{err}");
+        std::fs::write(&secret, "s3cret").unwrap();
+        with(slack("#a", "https://slack.com/api", &secret)).unwrap();
+        let err = with(slack(" ", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.channel"), "{err}");
+        for bad in [
+            "http://slack.example/api",
+            "http://127.0.0.1.evil.example/api",
+            "slack.com",
+        ] {
+            let err = with(slack("#a", bad, &secret)).unwrap_err();
+            assert!(err.starts_with("slack.api_base"), "{bad}: {err}");
+        }
+        let err = with(format!(
+            "{}verify = false\n",
+            slack("#a", "https://slack.com/api", &secret)
+        ))
+        .unwrap_err();
+        assert!(err.contains("verify"), "{err}");
     }
 
     #[test]

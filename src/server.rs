@@ -119,11 +119,8 @@ pub async fn start(
             }
         })
     });
-    let outbox = state
-        .config
-        .email
-        .as_ref()
-        .map(|e| e.outbox_interval())
+    let outbox = (state.mailer.is_some() || state.slack.is_some())
+        .then(|| state.config.outbox_interval())
         .filter(|i| !i.is_zero())
         .map(|interval| {
             let state = state.clone();

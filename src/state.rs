@@ -17,6 +17,8 @@ pub struct AppState {
     pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
     /// Where notifications go, when email is configured.
     pub mailer: Option<Arc<crate::notify::Mailer>>,
+    /// Slack, when configured.
+    pub slack: Option<Arc<crate::notify::slack::Slack>>,
 }
 
 impl AppState {
@@ -32,8 +34,13 @@ impl AppState {
             Some(e) => Some(Arc::new(crate::notify::Mailer::new(e)?)),
             None => None,
         };
+        let slack = match &config.slack {
+            Some(s) => Some(Arc::new(crate::notify::slack::Slack::new(s)?)),
+            None => None,
+        };
         Ok(Self {
             mailer,
+            slack,
             config: Arc::new(config),
             db,
             clock,

@@ -123,7 +123,7 @@ async fn filing_mails_each_approver_and_a_link_approves_once_after_sign_in() {
     let (_, detail) = bob.get(&format!("/requests/{id}")).await;
     assert!(detail.contains("via email: from my phone"), "{detail}");
     assert!(
-        detail.contains("approval needed → bob@example.com"),
+        detail.contains("approval needed (email) → bob@example.com"),
         "delivery state shown: {detail}"
     );
 

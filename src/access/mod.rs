@@ -24,6 +24,7 @@ pub enum Channel {
     Web,
     Api,
     Email,
+    Slack,
 }
 
 impl Channel {
@@ -32,6 +33,7 @@ impl Channel {
             Channel::Web => "web",
             Channel::Api => "api",
             Channel::Email => "email",
+            Channel::Slack => "slack",
         }
     }
 }

@@ -22,6 +22,8 @@ use crate::policy::format_duration;
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
+pub mod slack;
+
 /// How long an emailed action link works.
 pub const LINK_TTL_MS: i64 = 10 * 60 * 1000;
 /// How long a worker holds a message it is sending before another may retry it.
@@ -163,7 +165,7 @@ async fn compose(state: &AppState, row: &OutboxRow) -> Result<Option<Email>> {
                     &mut tx,
                     &hash,
                     &req.id,
-                    &row.recipient_id,
+                    row.recipient_id.as_deref().unwrap_or_default(),
                     action,
                     now,
                     now + LINK_TTL_MS,
@@ -267,16 +269,26 @@ pub struct Delivered {
 /// Delivers every due message once. Safe to run from several workers at once: each
 /// message is claimed before it is sent.
 pub async fn deliver_due(state: &AppState) -> Result<Delivered> {
-    let Some(mailer) = state.mailer.clone() else {
+    if state.mailer.is_none() && state.slack.is_none() {
         return Ok(Delivered::default());
-    };
+    }
     let mut out = Delivered::default();
     let now = state.now_ms();
     for row in store::due_outbox(&state.db, now, 100).await? {
         if !store::claim_outbox(&state.db, &row.id, now, LEASE_MS).await? {
             continue;
         }
-        match deliver(state, &mailer, &row).await {
+        let result = match row.channel.as_str() {
+            "slack" => match &state.slack {
+                Some(slack) => slack::deliver(state, slack, &row).await,
+                None => Err(Error::Internal("slack is not configured".into())),
+            },
+            _ => match &state.mailer {
+                Some(mailer) => deliver(state, mailer, &row).await,
+                None => Err(Error::Internal("email is not configured".into())),
+            },
+        };
+        match result {
             Ok(true) => out.sent += 1,
             Ok(false) => out.skipped += 1,
             Err(e) => {
@@ -342,7 +354,7 @@ async fn deliver(state: &AppState, mailer: &Arc<Mailer>, row: &OutboxRow) -> Res
 }
 
 /// Queues the messages an event causes, inside the event's transaction. Does nothing
-/// when no channel is configured.
+/// for a channel that is not configured.
 pub async fn enqueue_for(
     state: &AppState,
     conn: &mut store::Conn,
@@ -350,28 +362,23 @@ pub async fn enqueue_for(
     kind: &str,
     now: i64,
 ) -> Result<()> {
-    if state.mailer.is_none() {
-        return Ok(());
-    }
-    if kind == "approval_needed" {
-        let Some((_, role)) = state.config.role(&req.resource, &req.role) else {
-            return Ok(());
-        };
-        for (id, email) in
-            store::users_in_groups(conn, &role.approver_groups, &req.requester_id).await?
-        {
-            store::enqueue(conn, &req.id, kind, &id, &email, now).await?;
+    if state.mailer.is_some() {
+        if kind == "approval_needed" {
+            if let Some((_, role)) = state.config.role(&req.resource, &req.role) {
+                for (id, email) in
+                    store::users_in_groups(conn, &role.approver_groups, &req.requester_id).await?
+                {
+                    store::enqueue(conn, &req.id, kind, "email", Some(&id), &email, now).await?;
+                }
+            }
+        } else {
+            let (id, email) = (&req.requester_id, &req.requester_email);
+            store::enqueue(conn, &req.id, kind, "email", Some(id), email, now).await?;
         }
-    } else {
-        store::enqueue(
-            conn,
-            &req.id,
-            kind,
-            &req.requester_id,
-            &req.requester_email,
-            now,
-        )
-        .await?;
+    }
+    if let Some(slack) = &state.slack {
+        // One message per request in the channel, updated in place with the outcome.
+        store::enqueue(conn, &req.id, kind, "slack", None, slack.channel(), now).await?;
     }
     Ok(())
 }

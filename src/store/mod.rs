@@ -716,18 +716,20 @@ pub async fn enqueue(
     conn: &mut Conn,
     request_id: &str,
     kind: &str,
-    recipient_id: &str,
+    channel: &str,
+    recipient_id: Option<&str>,
     recipient: &str,
     now: i64,
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO outbox (id, request_id, kind, channel, recipient_id, recipient, next_attempt_at, created_at)
-         VALUES (?, ?, ?, 'email', ?, ?, ?, ?)
-         ON CONFLICT (request_id, kind, channel, recipient_id) DO NOTHING",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (request_id, kind, channel, recipient) DO NOTHING",
     )
     .bind(new_id())
     .bind(request_id)
     .bind(kind)
+    .bind(channel)
     .bind(recipient_id)
     .bind(recipient)
     .bind(now)
@@ -743,7 +745,7 @@ pub struct OutboxRow {
     pub request_id: String,
     pub kind: String,
     pub channel: String,
-    pub recipient_id: String,
+    pub recipient_id: Option<String>,
     pub recipient: String,
     pub status: String,
     pub attempts: i64,
@@ -925,4 +927,54 @@ pub async fn dev_mailbox(db: &Db, limit: i64) -> Result<Vec<DevMail>> {
     .bind(limit)
     .fetch_all(db)
     .await?)
+}
+
+pub async fn save_slack_message(
+    conn: &mut Conn,
+    request_id: &str,
+    channel: &str,
+    ts: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO slack_messages (request_id, channel, ts) VALUES (?, ?, ?)
+         ON CONFLICT (request_id) DO UPDATE SET channel = excluded.channel, ts = excluded.ts",
+    )
+    .bind(request_id)
+    .bind(channel)
+    .bind(ts)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The (channel, ts) of a request's Slack message.
+pub async fn slack_message(db: &Db, request_id: &str) -> Result<Option<(String, String)>> {
+    Ok(
+        sqlx::query_as("SELECT channel, ts FROM slack_messages WHERE request_id = ?")
+            .bind(request_id)
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Records an interaction's signature; false if it was seen before (a replay).
+/// Entries older than `forget_before` are dropped first.
+pub async fn first_sighting(
+    db: &Db,
+    signature_hash: &str,
+    now: i64,
+    forget_before: i64,
+) -> Result<bool> {
+    sqlx::query("DELETE FROM slack_replays WHERE seen_at < ?")
+        .bind(forget_before)
+        .execute(db)
+        .await?;
+    let done = sqlx::query(
+        "INSERT INTO slack_replays (signature_hash, seen_at) VALUES (?, ?) ON CONFLICT (signature_hash) DO NOTHING",
+    )
+    .bind(signature_hash)
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod links;
 pub mod pages;
+pub mod slack;
 
 use axum::Router;
 use axum::extract::State;
@@ -80,6 +81,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
 
     Router::new()
         .nest("/api/v1", api)
+        .route("/slack/interactions", post(slack::interactions))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/static/style.css", get(style))

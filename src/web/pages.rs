@@ -763,7 +763,7 @@ pub async fn request_detail(
             .await?
             .into_iter()
             .map(|o| DeliveryVm {
-                what: o.kind.replace('_', " "),
+                what: format!("{} ({})", o.kind.replace('_', " "), o.channel),
                 to: o.recipient,
                 state: match o.status.as_str() {
                     "sent" => format!("sent {}", o.sent_at.map(when).unwrap_or_default()),

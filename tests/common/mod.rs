@@ -4,6 +4,7 @@
 
 pub mod mail;
 pub mod oidc;
+pub mod slack;
 pub mod webdriver;
 
 use std::sync::Arc;
@@ -27,9 +28,7 @@ pub struct TestApp {
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::parse(&demo_config_toml("127.0.0.1:0", dir), "demo").unwrap();
     config.server.sweep_interval = "0s".into();
-    if let Some(email) = config.email.as_mut() {
-        email.outbox_interval = "0s".into();
-    }
+    config.server.outbox_interval = "0s".into();
     config.validate().unwrap();
     config
 }

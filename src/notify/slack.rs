@@ -1,0 +1,431 @@
+//! Slack: a message per request with Approve/Deny buttons, updated in place with the
+//! outcome, and the interactivity endpoint those buttons call.
+//!
+//! Every interaction is checked before anything is read from it: the
+//! `X-Slack-Signature` HMAC-SHA256 over `v0:timestamp:body` (constant-time), a
+//! timestamp under 5 minutes old, and a signature not seen before (replay). The Slack
+//! user becomes a twokey identity only through the email Slack has confirmed; then the
+//! decision goes through the same `access::decide` as every other channel, so
+//! self-approval and group rules hold here too.
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::access::{self, Channel, Decision};
+use crate::config::SlackConfig;
+use crate::error::{Error, Result};
+use crate::policy::format_duration;
+use crate::state::AppState;
+use crate::store::{self, OutboxRow, RequestRow};
+
+/// Slack rejects nothing older, and neither do we.
+pub const MAX_AGE_SECS: i64 = 5 * 60;
+
+pub struct Slack {
+    api_base: String,
+    token: String,
+    signing_secret: String,
+    channel: String,
+    http: reqwest::Client,
+}
+
+enum Body<'a> {
+    Json(Value),
+    Form(&'a [(&'a str, &'a str)]),
+}
+
+/// Why an interaction was refused before it was read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("missing Slack signature headers")]
+    MissingHeaders,
+    #[error("stale or malformed timestamp")]
+    Stale,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("replayed interaction")]
+    Replay,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+impl Slack {
+    pub fn new(config: &SlackConfig) -> Result<Self> {
+        let (token, signing_secret) = config
+            .secrets()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Internal(format!("http client: {e}")))?;
+        Ok(Slack {
+            api_base: config.api_base.trim_end_matches('/').to_string(),
+            token,
+            signing_secret,
+            channel: config.channel.clone(),
+            http,
+        })
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Calls a Web API method: write methods take JSON, read methods (`users.info`)
+    /// form-encoded arguments, as Slack documents them. Slack answers HTTP 200 with
+    /// `ok: false` on errors; anything but a 2xx (an outage, rate limiting) is an error
+    /// too, and the outbox retries it.
+    async fn call(&self, method: &str, body: Body<'_>) -> Result<Value> {
+        let req = self
+            .http
+            .post(format!("{}/{method}", self.api_base))
+            .bearer_auth(&self.token);
+        let req = match body {
+            Body::Json(v) => req.json(&v),
+            Body::Form(args) => req.form(args),
+        };
+        let fail = |what: String| Error::Internal(format!("slack {method}: {what}"));
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| fail(e.without_url().to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status().as_u16())));
+        }
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| fail(e.without_url().to_string()))?;
+        if v["ok"] != Value::Bool(true) {
+            return Err(fail(v["error"].as_str().unwrap_or("unknown_error").into()));
+        }
+        Ok(v)
+    }
+
+    async fn api(&self, method: &str, body: Value) -> Result<Value> {
+        self.call(method, Body::Json(body)).await
+    }
+
+    async fn api_form(&self, method: &str, args: &[(&str, &str)]) -> Result<Value> {
+        self.call(method, Body::Form(args)).await
+    }
+
+    /// Checks signature, age and freshness of an interaction request.
+    pub async fn verify(
+        &self,
+        state: &AppState,
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+        now: DateTime<Utc>,
+    ) -> std::result::Result<(), Refusal> {
+        let (Some(ts), Some(sig)) = (timestamp, signature) else {
+            return Err(Refusal::MissingHeaders);
+        };
+        let ts_num: i64 = ts.parse().map_err(|_| Refusal::Stale)?;
+        if (now.timestamp() - ts_num).abs() > MAX_AGE_SECS {
+            return Err(Refusal::Stale);
+        }
+        let Some(given) = sig.strip_prefix("v0=").and_then(|h| hex::decode(h).ok()) else {
+            return Err(Refusal::BadSignature);
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.signing_secret.as_bytes())
+            .map_err(|_| Refusal::BadSignature)?;
+        mac.update(b"v0:");
+        mac.update(ts.as_bytes());
+        mac.update(b":");
+        mac.update(body);
+        // verify_slice compares in constant time.
+        mac.verify_slice(&given)
+            .map_err(|_| Refusal::BadSignature)?;
+        let now_ms = now.timestamp_millis();
+        let fresh = store::first_sighting(
+            &state.db,
+            &crate::auth::hash_token(sig),
+            now_ms,
+            now_ms - 2 * MAX_AGE_SECS * 1000,
+        )
+        .await
+        .map_err(|_| Refusal::Replay)?;
+        if !fresh {
+            return Err(Refusal::Replay);
+        }
+        Ok(())
+    }
+
+    /// The message for a request as it stands now.
+    async fn blocks(&self, state: &AppState, req: &RequestRow) -> Result<(String, Value)> {
+        let mut conn = state.db.acquire().await?;
+        let approvals = store::approvals_for(&mut conn, &req.id).await?;
+        let grant = store::grant_for_request(&mut conn, &req.id).await?;
+        drop(conn);
+        let duration = format_duration(std::time::Duration::from_secs(req.duration_secs as u64));
+        let text = format!(
+            "{} asks for {} on {} for {}",
+            req.requester_email, req.role, req.resource, duration
+        );
+        let mut summary = format!(
+            "*{}* asks for *{}* on *{}* for *{}*\n>{}",
+            escape(&req.requester_email),
+            escape(&req.role),
+            escape(&req.resource),
+            duration,
+            escape(&req.reason)
+        );
+        if let Some(t) = &req.ticket {
+            summary.push_str(&format!("\nTicket: {}", escape(t)));
+        }
+        let hhmm = |ms: i64| {
+            crate::clock::from_millis(ms)
+                .format("%H:%M UTC")
+                .to_string()
+        };
+        let who = |decision: &str| {
+            approvals
+                .iter()
+                .filter(|a| a.decision == decision)
+                .map(|a| format!("{} at {}", a.approver_email, hhmm(a.created_at)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let now = state.now_ms();
+        let status = if req.status == "pending" && req.expires_at <= now {
+            "expired"
+        } else {
+            req.status.as_str()
+        };
+        let outcome = match status {
+            "approved" => match &grant {
+                Some(g) if g.status == "revoked" => format!(
+                    ":no_entry: Approved by {}; revoked by {}",
+                    who("approve"),
+                    g.ended_by_email.clone().unwrap_or_default()
+                ),
+                _ => format!(":white_check_mark: Approved by {}", who("approve")),
+            },
+            "denied" => format!(":x: Denied by {}", who("deny")),
+            "cancelled" => "Cancelled by the requester".to_string(),
+            "expired" => "Expired without a decision".to_string(),
+            _ if !approvals.is_empty() => format!("Approved so far by {}", who("approve")),
+            _ => String::new(),
+        };
+        let link = format!(
+            "<{}/requests/{}|Open in twokey>",
+            state.config.public_url(),
+            req.id
+        );
+        let mut blocks =
+            vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": summary}})];
+        if status == "pending" {
+            blocks.push(json!({
+                "type": "actions",
+                "block_id": "twokey_decision",
+                "elements": [
+                    {"type": "button", "action_id": "approve", "style": "primary",
+                     "text": {"type": "plain_text", "text": "Approve"}, "value": req.id},
+                    {"type": "button", "action_id": "deny", "style": "danger",
+                     "text": {"type": "plain_text", "text": "Deny"}, "value": req.id},
+                ]
+            }));
+        }
+        let context = if outcome.is_empty() {
+            link
+        } else {
+            format!("{} · {}", escape(&outcome), link)
+        };
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]}));
+        Ok((text, Value::Array(blocks)))
+    }
+
+    /// Posts a new request, or brings its message up to date.
+    pub async fn sync(&self, state: &AppState, request_id: &str) -> Result<bool> {
+        let mut conn = state.db.acquire().await?;
+        let Some(req) = store::get_request(&mut conn, request_id).await? else {
+            return Ok(false);
+        };
+        drop(conn);
+        let (text, blocks) = self.blocks(state, &req).await?;
+        match store::slack_message(&state.db, request_id).await? {
+            Some((channel, ts)) => {
+                self.api(
+                    "chat.update",
+                    json!({"channel": channel, "ts": ts, "text": text, "blocks": blocks}),
+                )
+                .await?;
+            }
+            None => {
+                if req.status != "pending" {
+                    return Ok(false);
+                }
+                let v = self
+                    .api(
+                        "chat.postMessage",
+                        json!({"channel": self.channel, "text": text, "blocks": blocks}),
+                    )
+                    .await?;
+                let (Some(channel), Some(ts)) = (v["channel"].as_str(), v["ts"].as_str()) else {
+                    return Err(Error::Internal(
+                        "slack chat.postMessage: no channel/ts".into(),
+                    ));
+                };
+                let mut conn = state.db.acquire().await?;
+                store::save_slack_message(&mut conn, request_id, channel, ts).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The twokey user a Slack user is, through the email Slack has confirmed.
+    async fn twokey_user(
+        &self,
+        state: &AppState,
+        slack_user: &str,
+    ) -> Result<Option<crate::policy::Actor>> {
+        let v = match self.api_form("users.info", &[("user", slack_user)]).await {
+            Ok(v) => v,
+            // An unknown Slack user is simply not a twokey user.
+            Err(Error::Internal(msg)) if msg.ends_with("user_not_found") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let user = &v["user"];
+        if user["is_email_confirmed"] == Value::Bool(false) || user["deleted"] == Value::Bool(true)
+        {
+            return Ok(None);
+        }
+        let Some(email) = user["profile"]["email"].as_str() else {
+            return Ok(None);
+        };
+        let mut conn = state.db.acquire().await?;
+        let Some(id) = store::user_id_by_email(&mut conn, email).await? else {
+            return Ok(None);
+        };
+        store::load_actor(&mut conn, &id, &state.config.auth.admin_groups).await
+    }
+
+    /// Tells the clicking user why nothing happened (only they see it).
+    async fn ephemeral(&self, response_url: Option<&str>, text: &str) {
+        let Some(url) = response_url else { return };
+        if !response_url_allowed(&self.api_base, url) {
+            tracing::warn!("slack response_url outside Slack ignored");
+            return;
+        }
+        let body = json!({"response_type": "ephemeral", "replace_original": false, "text": text});
+        if let Err(e) = self.http.post(url).json(&body).send().await {
+            tracing::warn!(error = %e.without_url(), "slack response_url failed");
+        }
+    }
+
+    /// Handles a verified `block_actions` payload.
+    pub async fn interact(&self, state: &AppState, payload: &Value) -> Result<()> {
+        let response_url = payload["response_url"].as_str();
+        let Some(action) = payload["actions"].get(0) else {
+            return Ok(());
+        };
+        let decision = match action["action_id"].as_str() {
+            Some("approve") => Decision::Approve,
+            Some("deny") => Decision::Deny,
+            _ => return Ok(()),
+        };
+        let Some(request_id) = action["value"].as_str() else {
+            return Ok(());
+        };
+        let Some(slack_user) = payload["user"]["id"].as_str() else {
+            return Ok(());
+        };
+        let Some(actor) = self.twokey_user(state, slack_user).await? else {
+            self.ephemeral(
+                response_url,
+                "twokey does not know you: your Slack account needs a confirmed email that matches a twokey user (sign in to twokey once).",
+            )
+            .await;
+            return Ok(());
+        };
+        match access::decide(state, &actor, request_id, decision, None, Channel::Slack).await {
+            Ok(_) => {
+                if let Err(e) = self.sync(state, request_id).await {
+                    tracing::warn!(error = %e, "slack message update failed; the outbox will retry");
+                }
+            }
+            Err(e @ (Error::Forbidden(_) | Error::Conflict(_) | Error::NotFound(_))) => {
+                self.ephemeral(response_url, &format!("Not done: {e}"))
+                    .await;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
+/// Only Slack's own hooks (or the configured API host, for tests) may be called back:
+/// never an attacker-chosen URL, even in a signed payload.
+pub fn response_url_allowed(api_base: &str, url: &str) -> bool {
+    let origin = |u: &str| {
+        reqwest::Url::parse(u)
+            .ok()
+            .map(|u| u.origin().ascii_serialization())
+    };
+    let Some(target) = origin(url) else {
+        return false;
+    };
+    target == "https://hooks.slack.com" || origin(api_base).is_some_and(|api| api == target)
+}
+
+/// Delivers a Slack outbox row: the first posts the message, later ones update it.
+pub async fn deliver(state: &AppState, slack: &Slack, row: &OutboxRow) -> Result<bool> {
+    let done = slack.sync(state, &row.request_id).await?;
+    let mut conn = state.db.acquire().await?;
+    store::finish_outbox(
+        &mut conn,
+        &row.id,
+        if done { "sent" } else { "skipped" },
+        state.now_ms(),
+    )
+    .await?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_urls_must_be_slacks() {
+        let api = "https://slack.com/api";
+        assert!(response_url_allowed(
+            api,
+            "https://hooks.slack.com/actions/T/1/x"
+        ));
+        assert!(response_url_allowed(
+            "http://127.0.0.1:4000/api",
+            "http://127.0.0.1:4000/actions/x"
+        ));
+        for bad in [
+            "http://hooks.slack.com/actions/x",
+            "https://hooks.slack.com.evil.example/x",
+            "https://evil.example/https://hooks.slack.com/",
+            "http://127.0.0.1:4001/actions/x",
+            "not a url",
+        ] {
+            assert!(!response_url_allowed(api, bad), "{bad}");
+            assert!(
+                !response_url_allowed("http://127.0.0.1:4000/api", bad),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn mrkdwn_is_escaped() {
+        assert_eq!(
+            escape("<!channel> & <@U1>"),
+            "&lt;!channel&gt; &amp; &lt;@U1&gt;"
+        );
+    }
+}
