@@ -56,6 +56,23 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The SSH user certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Print the CA's public key: the line for sshd's `TrustedUserCAKeys`.
+    PublicKey,
+    /// Write the key revocation list (binary) for sshd's `RevokedKeys`.
+    Krl {
+        /// Write here (atomically: sshd never reads half a file) instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +172,29 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             println!("revoked {n} token(s) of {user}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ca {
+            command: CaCommand::PublicKey,
+        } => {
+            let state = open(&cli.config).await?;
+            println!("{}", state.ca.public_key_line());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command: CaCommand::Krl { output },
+        } => {
+            let state = open(&cli.config).await?;
+            let krl = crate::access::ssh::current_krl(&state)
+                .await
+                .map_err(|e| describe(&e))?;
+            match output {
+                Some(path) => write_atomically(&path, &krl)?,
+                None => std::io::stdout()
+                    .lock()
+                    .write_all(&krl)
+                    .map_err(|e| e.to_string())?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { file: Some(file) },
         } => verify_file(&file),
@@ -178,6 +218,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             export(&state, output.as_deref()).await
         }
     }
+}
+
+/// Writes beside the target and renames over it, so a reader sees the old or the new
+/// file, never a half-written one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("twokey-tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn describe(e: &crate::Error) -> String {

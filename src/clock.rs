@@ -26,6 +26,12 @@ impl ManualClock {
         Self(Mutex::new(start))
     }
 
+    /// Jumps to `t` (tests that meet a real peer, such as sshd, set it to the wall
+    /// clock).
+    pub fn set(&self, t: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+
     pub fn advance(&self, by: Duration) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
         *t += by;

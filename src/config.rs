@@ -32,6 +32,46 @@ pub struct Config {
     /// Slack notifications with Approve/Deny buttons.
     #[serde(default)]
     pub slack: Option<SlackConfig>,
+    /// The SSH user certificate authority.
+    #[serde(default)]
+    pub ca: CaConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// The CA's private key (OpenSSH format, Ed25519); made at first start when
+    /// absent. Default: DATA_DIR/ssh_user_ca.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// A file holding the passphrase the key is encrypted with at rest.
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl CaConfig {
+    pub fn key_path(&self, data_dir: &Path) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| crate::ca::default_key_path(data_dir))
+    }
+
+    pub fn passphrase(&self) -> Result<Option<String>, ConfigError> {
+        let Some(p) = &self.passphrase_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            invalid(
+                "ca.passphrase_file",
+                format!("cannot read {}: {e}", p.display()),
+            )
+        })?;
+        let pass = text.trim_end_matches(['\n', '\r']).to_string();
+        if pass.is_empty() {
+            return Err(invalid("ca.passphrase_file", "the file is empty"));
+        }
+        Ok(Some(pass))
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -422,6 +462,12 @@ pub struct ResourceConfig {
     pub kind: ResourceKind,
     #[serde(default)]
     pub description: String,
+    /// Where engineers connect: `host:port` (`twokey ssh` uses it).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The SSH host's public key (`ssh-ed25519 AAAA…`), pinned by `twokey ssh`.
+    #[serde(default)]
+    pub host_key: Option<String>,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
 }
@@ -452,6 +498,22 @@ pub struct RoleConfig {
     /// Fewest characters a reason may have (after trimming).
     #[serde(default = "default_reason_min")]
     pub reason_min_chars: usize,
+    /// SSH: the logins a certificate is valid for (never empty, never a wildcard).
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// SSH: certificate extensions allowed (default `["permit-pty"]`).
+    #[serde(default = "default_extensions")]
+    pub extensions: Vec<String>,
+    /// SSH: the only command the certificate may run.
+    #[serde(default)]
+    pub force_command: Option<String>,
+    /// SSH: addresses (CIDR) the certificate may be used from.
+    #[serde(default)]
+    pub source_address: Vec<String>,
+}
+
+fn default_extensions() -> Vec<String> {
+    vec!["permit-pty".into()]
 }
 
 fn one() -> u32 {
@@ -480,6 +542,69 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         key: key.into(),
         message: message.into(),
     }
+}
+
+fn check_ssh_role(key: &str, role: &RoleConfig) -> Result<(), ConfigError> {
+    if role.principals.is_empty() {
+        return Err(invalid(
+            format!("{key}.principals"),
+            "an ssh role must list the logins its certificates are for, e.g. [\"deploy\"]",
+        ));
+    }
+    if let Some(p) = role
+        .principals
+        .iter()
+        .find(|p| !crate::ca::valid_principal(p))
+    {
+        return Err(invalid(
+            format!("{key}.principals"),
+            format!("{p:?} is not a login name (no wildcards, commas or spaces)"),
+        ));
+    }
+    if let Some(e) = role
+        .extensions
+        .iter()
+        .find(|e| !crate::ca::KNOWN_EXTENSIONS.contains(&e.as_str()))
+    {
+        return Err(invalid(
+            format!("{key}.extensions"),
+            format!(
+                "unknown extension {e:?}; known: {}",
+                crate::ca::KNOWN_EXTENSIONS.join(", ")
+            ),
+        ));
+    }
+    if role
+        .force_command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty() || c.contains('\n'))
+    {
+        return Err(invalid(
+            format!("{key}.force_command"),
+            "must be one non-empty line",
+        ));
+    }
+    for a in &role.source_address {
+        if !valid_cidr(a) {
+            return Err(invalid(
+                format!("{key}.source_address"),
+                format!("{a:?} is not an address or CIDR, e.g. \"10.0.0.0/8\""),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn valid_cidr(s: &str) -> bool {
+    let (addr, bits) = match s.split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (s, None),
+    };
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    bits.is_none_or(|b| b.parse::<u8>().is_ok_and(|n| n <= max))
 }
 
 impl Config {
@@ -704,6 +829,24 @@ impl Config {
                 if let Some(ttl) = &role.pending_ttl {
                     check_duration(&format!("{key}.pending_ttl"), ttl, false)?;
                 }
+                if r.kind == ResourceKind::Ssh {
+                    check_ssh_role(&key, role)?;
+                }
+            }
+            if let Some(addr) = &r.address
+                && addr
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(invalid(format!("{key}.address"), "must be host:port"));
+            }
+            if let Some(hk) = &r.host_key
+                && ssh_key::PublicKey::from_openssh(hk.trim()).is_err()
+            {
+                return Err(invalid(
+                    format!("{key}.host_key"),
+                    "must be an OpenSSH public key line, e.g. from /etc/ssh/ssh_host_ed25519_key.pub",
+                ));
             }
         }
         Ok(())
@@ -900,6 +1043,7 @@ max_duration = "4h"
 name = "demo-ssh"
 kind = "ssh"
 description = "Demo SSH host"
+address = "127.0.0.1:22"
 
 [[resources.roles]]
 name = "admin"
@@ -909,6 +1053,9 @@ approver_groups = ["sre-leads"]
 min_approvals = 2
 max_duration = "1h"
 require_ticket = true
+# Certificates for this role log in as "admin", with a terminal and nothing else.
+principals = ["admin"]
+extensions = ["permit-pty"]
 "#
     )
 }
@@ -1047,6 +1194,46 @@ mod tests {
                 "email = \"bob@example.com\"",
                 "email = \"alice@example.com\"",
                 "auth.dev_users[1].email",
+            ),
+            (
+                "principals = [\"admin\"]",
+                "principals = []",
+                "resources[1].roles[0].principals",
+            ),
+            (
+                "principals = [\"admin\"]",
+                "principals = [\"*\"]",
+                "resources[1].roles[0].principals",
+            ),
+            (
+                "principals = [\"admin\"]",
+                "principals = [\"admin,root\"]",
+                "resources[1].roles[0].principals",
+            ),
+            (
+                "extensions = [\"permit-pty\"]",
+                "extensions = [\"permit-anything\"]",
+                "resources[1].roles[0].extensions",
+            ),
+            (
+                "extensions = [\"permit-pty\"]",
+                "extensions = [\"permit-pty\"]\nsource_address = [\"10.0.0.0/33\"]",
+                "resources[1].roles[0].source_address",
+            ),
+            (
+                "extensions = [\"permit-pty\"]",
+                "extensions = [\"permit-pty\"]\nforce_command = \" \"",
+                "resources[1].roles[0].force_command",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1\"",
+                "resources[1].address",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1:22\"\nhost_key = \"ssh-ed25519 nope\"",
+                "resources[1].host_key",
             ),
         ];
         let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));

@@ -9,6 +9,7 @@
 //! - [`access`] runs the state machine `pending → approved | denied | cancelled |
 //!   expired`, grants `active → ended | revoked`, each transition one conditional
 //!   UPDATE plus its audit event in one transaction.
+//! - [`ca`] signs SSH user certificates for live grants and writes the KRL.
 //! - [`notify`] delivers the outbox (email) and mints single-use action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
 //! - [`server`] wires it together; [`cli`] is the command line.
@@ -18,6 +19,7 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -19,6 +19,8 @@ pub struct AppState {
     pub mailer: Option<Arc<crate::notify::Mailer>>,
     /// Slack, when configured.
     pub slack: Option<Arc<crate::notify::slack::Slack>>,
+    /// The SSH user CA.
+    pub ca: Arc<crate::ca::Ca>,
 }
 
 impl AppState {
@@ -38,7 +40,12 @@ impl AppState {
             Some(s) => Some(Arc::new(crate::notify::slack::Slack::new(s)?)),
             None => None,
         };
+        let ca = Arc::new(crate::ca::Ca::load_or_create(
+            &config.ca,
+            &config.server.data_dir,
+        )?);
         Ok(Self {
+            ca,
             mailer,
             slack,
             config: Arc::new(config),

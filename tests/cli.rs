@@ -426,3 +426,53 @@ fn stdout_of(o: &Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+#[tokio::test]
+async fn ca_commands_print_the_servers_ca_and_write_its_krl() {
+    // A server that minted and revoked, then stopped; the binary reads the same store.
+    let app = common::start().await;
+    let served_ca = reqwest::get(app.url("/api/v1/ca/ssh"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let served_krl = reqwest::get(app.url("/api/v1/ca/krl"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let common::TestApp { server, dir, .. } = app;
+    server.stop().await;
+    let config = dir.path().join("twokey.toml");
+    std::fs::write(
+        &config,
+        twokey::config::demo_config_toml("127.0.0.1:0", dir.path()),
+    )
+    .unwrap();
+
+    let out = twokey(&config, &["ca", "public-key"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), served_ca);
+    assert!(stdout(&out).starts_with("ssh-ed25519 "));
+    assert!(!stdout(&out).contains("PRIVATE"));
+
+    let krl = dir.path().join("revoked_keys");
+    let out = twokey(&config, &["ca", "krl", "--output", krl.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = std::fs::read(&krl).unwrap();
+    assert_eq!(&written[..8], b"SSHKRL\n\0");
+    // Same content as served, but for the generation time (bytes 20..28).
+    assert_eq!(written.len(), served_krl.len());
+    assert_eq!(&written[..20], &served_krl[..20]);
+    assert_eq!(&written[28..], &served_krl[28..]);
+    // OpenSSH reads it.
+    let out = Command::new("ssh-keygen")
+        .args(["-Q", "-l", "-f"])
+        .arg(&krl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("# KRL version"), "{}", stdout(&out));
+}

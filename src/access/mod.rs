@@ -6,6 +6,8 @@
 //! re-reading the actor's groups inside the transaction so a membership change takes
 //! effect at once.
 
+pub mod ssh;
+
 use chrono::Duration;
 use serde::Serialize;
 use serde_json::json;

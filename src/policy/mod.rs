@@ -326,6 +326,10 @@ mod tests {
             pending_ttl: None,
             require_ticket: false,
             reason_min_chars: 3,
+            principals: vec![],
+            extensions: vec![],
+            force_command: None,
+            source_address: vec![],
         }
     }
 

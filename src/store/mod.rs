@@ -978,3 +978,60 @@ pub async fn first_sighting(
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+// ---------------------------------------------------------------- ssh certificates
+
+pub struct NewCertificate<'a> {
+    pub serial: u64,
+    pub grant_id: &'a str,
+    pub user_id: &'a str,
+    pub key_id: &'a str,
+    pub fingerprint: &'a str,
+    pub principals: &'a str,
+    pub valid_after: u64,
+    pub valid_before: u64,
+    pub created_at: i64,
+}
+
+/// Records a certificate; false if its serial is taken (the caller draws another).
+pub async fn insert_certificate(conn: &mut Conn, c: &NewCertificate<'_>) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO ssh_certificates
+           (serial, grant_id, user_id, key_id, fingerprint, principals, valid_after, valid_before, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
+    )
+    .bind(c.serial as i64)
+    .bind(c.grant_id)
+    .bind(c.user_id)
+    .bind(c.key_id)
+    .bind(c.fingerprint)
+    .bind(c.principals)
+    .bind(c.valid_after as i64)
+    .bind(c.valid_before as i64)
+    .bind(c.created_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// (serial, key id) of every certificate whose grant is no longer active and which
+/// has not been expired for longer than the grace period (`valid_before >= since`,
+/// seconds), for the KRL.
+pub async fn revoked_certificates(db: &Db, since: i64) -> Result<Vec<(i64, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT c.serial, c.key_id FROM ssh_certificates c JOIN grants g ON g.id = c.grant_id
+         WHERE g.status <> 'active' AND c.valid_before >= ? ORDER BY c.serial",
+    )
+    .bind(since)
+    .fetch_all(db)
+    .await?)
+}
+
+/// A number that grows with every change to the audit chain (and so to the KRL).
+pub async fn audit_head_seq(db: &Db) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM audit_events")
+            .fetch_one(db)
+            .await?,
+    )
+}

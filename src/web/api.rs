@@ -210,6 +210,51 @@ pub async fn act(
     Ok(Json(request_json(&view)))
 }
 
+/// `POST /requests/{id}/ssh-certificate {public_key}`: a certificate for the grant's
+/// holder while the grant is live.
+pub async fn ssh_certificate(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let map = parse_body(&body)?;
+    let mut errors = Vec::new();
+    let key = string_field(&map, "public_key", true, &mut errors);
+    if let Some(k) = map.keys().find(|k| k.as_str() != "public_key") {
+        errors.push(FieldError {
+            field: "body",
+            message: format!("unknown field {k:?}"),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors).into());
+    }
+    let minted =
+        access::ssh::mint_certificate(&state, &actor, &id, &key.unwrap_or_default()).await?;
+    Ok((StatusCode::CREATED, Json(json!(minted))))
+}
+
+/// `GET /ca/ssh`: the line for sshd's `TrustedUserCAKeys`. Public, like any CA cert.
+pub async fn ca_public_key(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        format!("{}\n", state.ca.public_key_line()),
+    )
+}
+
+/// `GET /ca/krl`: the binary KRL for sshd's `RevokedKeys`, computed from the store now.
+pub async fn ca_krl(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let krl = access::ssh::current_krl(&state).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        krl,
+    ))
+}
+
 pub async fn whoami(ApiUser(actor): ApiUser) -> Json<Value> {
     Json(json!({
         "email": actor.email,

@@ -42,7 +42,10 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
     let api = Router::new()
         .route("/requests", get(api::list).post(api::create))
         .route("/requests/{id}", get(api::show))
+        .route("/requests/{id}/ssh-certificate", post(api::ssh_certificate))
         .route("/requests/{id}/{action}", post(api::act))
+        .route("/ca/ssh", get(api::ca_public_key))
+        .route("/ca/krl", get(api::ca_krl))
         .route("/whoami", get(api::whoami))
         .fallback(api::not_found);
 
@@ -67,6 +70,10 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         )
         .route("/requests/new", get(pages::new_request))
         .route("/requests/{id}", get(pages::request_detail))
+        .route(
+            "/requests/{id}/ssh-certificate",
+            post(pages::ssh_certificate),
+        )
         .route("/requests/{id}/{action}", post(pages::act))
         .route("/queue", get(pages::queue))
         .route("/grants", get(pages::grants))

@@ -720,6 +720,7 @@ struct RequestDetailPage {
     can_revoke: bool,
     approver_groups: String,
     deliveries: Vec<DeliveryVm>,
+    can_get_certificate: bool,
 }
 
 pub struct DeliveryVm {
@@ -751,7 +752,12 @@ pub async fn request_detail(
         .as_ref()
         .is_some_and(|g| g.status == "active" && g.ends_at > now);
     let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
+    let is_ssh = state
+        .config
+        .resource(&r.resource)
+        .is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);
     Ok(RequestDetailPage {
+        can_get_certificate: grant_live && own_request && is_ssh,
         chrome: Chrome::of(&state, &user).await?,
         reason_lines: r.reason.lines().map(str::to_string).collect(),
         timeline: timeline(&view),
@@ -806,6 +812,75 @@ pub async fn act(
         _ => return Err(Error::NotFound("action").into()),
     };
     Ok(Redirect::to(&format!("/requests/{id}")))
+}
+
+#[derive(Deserialize)]
+pub struct CertificateForm {
+    csrf: String,
+    #[serde(default)]
+    public_key: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "ssh_certificate.html")]
+struct CertificatePage {
+    chrome: Chrome,
+    request_id: String,
+    resource: String,
+    certificate: String,
+    certificate_uri: String,
+    valid_until: String,
+    principals: String,
+    login: String,
+    address: String,
+    host: String,
+    port: String,
+    serial: String,
+    key_id: String,
+    fingerprint: String,
+}
+
+/// The holder pastes a public key and gets a certificate for the live grant.
+pub async fn ssh_certificate(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+    Form(form): Form<CertificateForm>,
+) -> Result<impl IntoResponse, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let minted = access::ssh::mint_certificate(&state, &user.actor, &id, &form.public_key).await?;
+    let mut conn = state.db.acquire().await?;
+    let req = store::get_request(&mut conn, &id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    drop(conn);
+    let address = state
+        .config
+        .resource(&req.resource)
+        .and_then(|r| r.address.clone())
+        .unwrap_or_default();
+    let (host, port) = address
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.to_string()))
+        .unwrap_or_default();
+    Ok(CertificatePage {
+        chrome: Chrome::of(&state, &user).await?,
+        request_id: id,
+        resource: req.resource,
+        certificate_uri: form_urlencoded::byte_serialize(minted.certificate.as_bytes())
+            .collect::<String>()
+            .replace('+', "%20"),
+        certificate: minted.certificate,
+        valid_until: when(i64::try_from(minted.valid_before).unwrap_or(0) * 1000),
+        login: minted.principals.first().cloned().unwrap_or_default(),
+        principals: minted.principals.join(", "),
+        address,
+        host,
+        port,
+        serial: minted.serial.to_string(),
+        key_id: minted.key_id,
+        fingerprint: minted.fingerprint,
+    })
 }
 
 // ------------------------------------------------------------------ grants, audit, policy

@@ -5,6 +5,7 @@
 pub mod mail;
 pub mod oidc;
 pub mod slack;
+pub mod sshd;
 pub mod webdriver;
 
 use std::sync::Arc;
