@@ -1,11 +1,13 @@
--- Slack notifications. The outbox gains the 'slack' channel, whose recipient is a
+-- Slack notifications. The outbox gains the 'slack' channel (and the 'cancelled'
+-- event, which updates a request's Slack message), whose recipient is a
 -- channel rather than a person (recipient_id NULL), so uniqueness moves from the person
 -- to the recipient. SQLite cannot alter a CHECK constraint: the table is rebuilt.
 CREATE TABLE outbox_new (
     id              TEXT PRIMARY KEY,
     request_id      TEXT NOT NULL REFERENCES access_requests(id),
     kind            TEXT NOT NULL
-                    CHECK (kind IN ('approval_needed', 'approved', 'denied', 'expired', 'revoked')),
+                    CHECK (kind IN ('approval_needed', 'approved', 'denied', 'expired', 'revoked',
+                                    'cancelled')),
     channel         TEXT NOT NULL CHECK (channel IN ('email', 'slack')),
     -- The person (email), or NULL for a Slack channel.
     recipient_id    TEXT REFERENCES users(id),

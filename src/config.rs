@@ -319,6 +319,11 @@ pub struct OidcConfig {
     /// When set, only emails in these domains may sign in.
     #[serde(default)]
     pub allowed_email_domains: Vec<String>,
+    /// Refuse sign-in unless the provider says `email_verified: true` (default). Turn
+    /// off only for a provider that never sends the claim and only issues emails it
+    /// controls.
+    #[serde(default = "yes")]
+    pub require_verified_email: bool,
     /// IdP group → twokey groups. When set, only mapped groups count; when empty, IdP
     /// group names are used as they are.
     #[serde(default)]
@@ -514,6 +519,10 @@ pub struct RoleConfig {
 
 fn default_extensions() -> Vec<String> {
     vec!["permit-pty".into()]
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {

@@ -635,3 +635,33 @@ async fn a_transition_and_its_audit_event_commit_together_or_not_at_all() {
     assert_eq!(r["status"], "approved");
     app.assert_chain_ok().await;
 }
+
+#[tokio::test]
+async fn all_groups_needs_an_approver_from_each_listed_group() {
+    let app = common::start_with(|c| {
+        let role = &mut c.resources[0].roles[0];
+        role.approver_groups = vec!["sre-leads".into(), "dbas".into()];
+        role.all_groups = true;
+        role.min_approvals = 2;
+        c.validate().unwrap();
+    })
+    .await;
+    app.user("erin@example.com", &["dbas"]).await;
+    let id = app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    let (_, r) = app.api(BOB).await.act(&id, "approve").await;
+    assert_eq!(r["status"], "pending");
+    // Two distinct approvers, but both from sre-leads: the dbas group is missing.
+    let (_, r) = app.api(CAROL).await.act(&id, "approve").await;
+    assert_eq!(
+        (r["status"].as_str(), r["approval_count"].as_u64()),
+        (Some("pending"), Some(2))
+    );
+    let (s, r) = app.api("erin@example.com").await.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["status"], "approved");
+    assert!(r["grant"]["id"].is_string());
+}

@@ -427,3 +427,69 @@ async fn approver_follows_the_mailed_link_in_chromium_and_the_requester_hears_ba
             .contains("was approved")
     );
 }
+
+#[tokio::test]
+async fn the_demo_worker_fills_the_mailbox_page_and_requesters_hear_every_outcome() {
+    // The background worker on (every 50ms), as in `twokey demo`.
+    let app = common::start_with(|c| c.server.outbox_interval = "50ms".into()).await;
+    let alice = app.api(ALICE).await;
+    let bob = app.api(BOB).await;
+    let denied = alice.file("demo-db", "read", "1h", None).await;
+    let revoked = alice.file("demo-db", "read", "1h", None).await;
+    let expired = alice.file("demo-db", "read", "1h", None).await;
+    bob.act(&denied, "deny").await;
+    bob.act(&revoked, "approve").await;
+    bob.act(&revoked, "revoke").await;
+    app.clock.advance(chrono::Duration::hours(25));
+    twokey::access::sweep(app.state()).await.unwrap();
+    assert_eq!(status_of(&app, &expired).await, "expired");
+
+    // Outcomes to the requester: approved, denied, revoked, expired — one each.
+    let page_for_bob = app.browser(BOB).await;
+    let want = [
+        "was denied",
+        "was approved",
+        "was revoked",
+        "was not decided in time and has expired",
+    ];
+    let mut page = String::new();
+    for _ in 0..200 {
+        page = page_for_bob.get("/dev/mailbox").await.1;
+        if want.iter().all(|w| page.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    for w in want {
+        assert!(
+            page.contains(w),
+            "{w} missing from the mailbox page:\n{page}"
+        );
+    }
+    let outcomes = mailbox(&app, ALICE).await;
+    assert_eq!(
+        outcomes.len(),
+        4,
+        "{:?}",
+        outcomes.iter().map(|m| &m.subject).collect::<Vec<_>>()
+    );
+    let denial = outcomes
+        .iter()
+        .find(|m| m.subject.contains("denied"))
+        .unwrap();
+    assert!(
+        denial.body_text.contains("Denied by bob@example.com: ok"),
+        "{}",
+        denial.body_text
+    );
+    let revocation = outcomes
+        .iter()
+        .find(|m| m.subject.contains("revoked"))
+        .unwrap();
+    assert!(
+        revocation.body_text.contains("Revoked by bob@example.com"),
+        "{}",
+        revocation.body_text
+    );
+    assert!(page.contains("To alice@example.com"), "{page}");
+}

@@ -218,6 +218,10 @@ async fn accounts_outside_the_domain_or_unverified_are_refused() {
     let http = oidc::client();
     let cb = app.callback_url(&http, "unverified", "/queue").await;
     refused(&app, &http, &cb, "not verified").await;
+    // A provider that says nothing about verification is not taken as vouching.
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "silent", "/queue").await;
+    refused(&app, &http, &cb, "not verified").await;
     let users = twokey::store::list_users(&app.server.state.db)
         .await
         .unwrap();
@@ -506,4 +510,116 @@ async fn stale_idp_groups_stop_an_api_token_until_the_user_signs_in_again() {
     let (_bob_web, _) = app.sign_in("bob", "/queue").await;
     let resp = approve().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_emailed_link_leads_through_idp_sign_in_back_to_its_confirm_page() {
+    let app = oidc::start(3600).await;
+    let state = &app.server.state;
+    // alice and bob have signed in once; alice files a request.
+    app.sign_in("alice", "/").await;
+    app.sign_in("bob", "/").await;
+    let token = twokey::auth::create_api_token(state, "alice@corp.example", "t")
+        .await
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .post(app.url("/api/v1/requests"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"resource": "demo-db", "role": "read", "duration": "1h", "reason": "slow query"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The link the outbox would mail bob.
+    let mut conn = state.db.acquire().await.unwrap();
+    let bob = twokey::store::user_id_by_email(&mut conn, "bob@corp.example")
+        .await
+        .unwrap()
+        .unwrap();
+    drop(conn);
+    let (link, hash) = twokey::auth::new_secret("ak_");
+    let now = state.now_ms();
+    let mut tx = twokey::store::begin_write(&state.db).await.unwrap();
+    twokey::store::insert_action_token(&mut tx, &hash, &id, &bob, "approve", now, now + 600_000)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let path = format!("/a/{link}");
+
+    // Signed out: the link page offers sign-in, and sign-in offers the IdP, both
+    // carrying the way back.
+    let http = oidc::client();
+    let page = http
+        .get(app.url(&path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&format!("href=\"/login?next={path}\"")),
+        "{page}"
+    );
+    assert!(!page.contains("slow query"), "no details before sign-in");
+    let login = http
+        .get(app.url(&format!("/login?next={path}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let start = format!("/auth/oidc/start?next={path}");
+    assert!(login.contains(&start), "{login}");
+    let cb = oidc::walk(
+        &http,
+        &app.url(&start),
+        "bob",
+        &app.url("/auth/oidc/callback"),
+    )
+    .await;
+    let resp = http.get(&cb).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], path.as_str());
+
+    // Back on the confirm page, as bob: confirming approves.
+    let page = http
+        .get(app.url(&path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Approve this request?") && page.contains("slow query"),
+        "{page}"
+    );
+    let csrf = common::csrf_in(&page).unwrap();
+    let resp = http
+        .post(app.url(&path))
+        .form(&[("csrf", csrf.as_str()), ("comment", "via mail")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let mut conn = state.db.acquire().await.unwrap();
+    let req = twokey::store::get_request(&mut conn, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.status, "approved");
+    let approvals = twokey::store::approvals_for(&mut conn, &id).await.unwrap();
+    assert_eq!(
+        (
+            approvals[0].approver_email.as_str(),
+            approvals[0].channel.as_str()
+        ),
+        ("bob@corp.example", "email")
+    );
 }

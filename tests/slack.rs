@@ -321,6 +321,34 @@ async fn unmapped_users_and_self_approval_are_refused_and_told_why() {
             .contains("does not know you")
     );
 
+    // Bob's email, but Slack has not confirmed it (or does not say), or the account
+    // is deactivated: not bob.
+    for (slack_id, user) in [
+        (
+            "U_BOB2",
+            serde_json::json!({"id": "U_BOB2", "deleted": false, "is_email_confirmed": false, "profile": {"email": BOB}}),
+        ),
+        (
+            "U_BOB3",
+            serde_json::json!({"id": "U_BOB3", "deleted": false, "profile": {"email": BOB}}),
+        ),
+        (
+            "U_BOB4",
+            serde_json::json!({"id": "U_BOB4", "deleted": true, "is_email_confirmed": true, "profile": {"email": BOB}}),
+        ),
+    ] {
+        s.fake.user_as(slack_id, user);
+        assert_eq!(s.click(slack_id, "approve", &id).await, StatusCode::OK);
+        let told = s.fake.calls(&format!("response_url/{slack_id}-approve"));
+        assert!(
+            told[0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("does not know you"),
+            "{slack_id}: {told:?}"
+        );
+    }
+
     for action in ["approve", "deny"] {
         assert_eq!(s.click("U_ALICE", action, &id).await, StatusCode::OK);
         let told = s.fake.calls(&format!("response_url/U_ALICE-{action}"));
@@ -394,4 +422,46 @@ async fn slack_down_delays_messages_and_loses_none() {
             .to_string()
             .contains("Denied by bob@example.com")
     );
+}
+
+#[tokio::test]
+async fn cancelled_and_expired_requests_lose_their_buttons() {
+    let s = setup().await;
+    let alice = s.app.api(ALICE).await;
+    let cancelled = alice.file("demo-db", "read", "1h", None).await;
+    let expiring = alice.file("demo-db", "read", "1h", None).await;
+    assert_eq!(s.deliver().await.sent, 2);
+    let (st, _) = alice.act(&cancelled, "cancel").await;
+    assert_eq!(st, StatusCode::OK);
+    s.app.clock.advance(chrono::Duration::hours(25));
+    twokey::access::sweep(s.app.state()).await.unwrap();
+    assert_eq!(s.deliver().await.sent, 2);
+    let updates = s.fake.calls("chat.update");
+    let for_request = |id: &str| {
+        let posted = s
+            .fake
+            .calls("chat.postMessage")
+            .iter()
+            .position(|p| p["blocks"].to_string().contains(id))
+            .unwrap();
+        let ts = format!("1763812800.{:06}", 100 + posted);
+        updates.iter().rfind(|u| u["ts"] == ts.as_str()).unwrap()["blocks"].to_string()
+    };
+    let c = for_request(&cancelled);
+    assert!(
+        c.contains("Cancelled by the requester") && !c.contains("\"actions\""),
+        "{c}"
+    );
+    let e = for_request(&expiring);
+    assert!(
+        e.contains("Expired without a decision") && !e.contains("\"actions\""),
+        "{e}"
+    );
+    // A click on a stale button changes nothing and says why.
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(
+        s.click("U_BOB", "approve", &cancelled).await,
+        StatusCode::OK
+    );
+    assert_eq!(s.status(&cancelled).await, ("cancelled".into(), 0));
 }

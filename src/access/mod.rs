@@ -546,6 +546,7 @@ pub async fn cancel(
         json!({ "comment": comment, "by": actor.identity() }),
     )
     .await?;
+    notify::enqueue_for(state, &mut tx, &req, "cancelled", now).await?;
     let req = store::get_request(&mut tx, id)
         .await?
         .ok_or(Error::NotFound("request"))?;

@@ -98,6 +98,8 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// The groups as the provider named them, for the audit log.
     pub idp_groups: Vec<String>,
+    /// The provider said `email_verified: true`.
+    pub email_verified: bool,
 }
 
 /// Why a sign-in was refused. Messages are safe to show.
@@ -132,14 +134,18 @@ impl From<SignInError> for Error {
     }
 }
 
+/// How long discovery (and with it the provider's signing keys) is trusted before it is
+/// fetched again, so a key rotation at the provider needs no restart here.
+const DISCOVERY_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The configured provider, discovered on first use (so twokey starts even while the
-/// provider is down) and cached after that.
+/// provider is down) and refreshed every [`DISCOVERY_TTL`].
 pub struct Oidc {
     config: OidcConfig,
     secret: Option<String>,
     redirect_url: String,
     http: reqwest::Client,
-    client: Mutex<Option<Arc<Client>>>,
+    client: Mutex<Option<(Arc<Client>, std::time::Instant)>>,
 }
 
 impl Oidc {
@@ -168,9 +174,26 @@ impl Oidc {
 
     async fn client(&self) -> Result<Arc<Client>, SignInError> {
         let mut guard = self.client.lock().await;
-        if let Some(c) = guard.as_ref() {
+        if let Some((c, at)) = guard.as_ref()
+            && at.elapsed() < DISCOVERY_TTL
+        {
             return Ok(c.clone());
         }
+        match self.discover().await {
+            Ok(client) => {
+                *guard = Some((client.clone(), std::time::Instant::now()));
+                Ok(client)
+            }
+            // The provider is briefly unreachable: the keys it last published still
+            // verify what it signed with them.
+            Err(e) => match guard.as_ref() {
+                Some((c, _)) => Ok(c.clone()),
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn discover(&self) -> Result<Arc<Client>, SignInError> {
         let issuer =
             IssuerUrl::new(self.config.issuer.clone()).map_err(|_| SignInError::Unreachable)?;
         let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
@@ -187,9 +210,7 @@ impl Oidc {
             self.secret.clone().map(ClientSecret::new),
         )
         .set_redirect_uri(redirect);
-        let client = Arc::new(client);
-        *guard = Some(client.clone());
-        Ok(client)
+        Ok(Arc::new(client))
     }
 
     /// Starts a sign-in: the URL to send the browser to, and what to keep in its session.
@@ -310,6 +331,7 @@ impl Oidc {
             name: String::new(),
             groups: Vec::new(),
             idp_groups: Vec::new(),
+            email_verified: false,
         };
         let mut all = claims.additional_claims().claims.clone();
         if let Some(email) = claims.email() {
@@ -331,8 +353,10 @@ impl Oidc {
         id: &mut Identity,
         claims: &BTreeMap<String, Value>,
     ) -> Result<(), SignInError> {
-        if claims.get("email_verified") == Some(&Value::Bool(false)) {
-            return Err(SignInError::EmailUnverified);
+        match claims.get("email_verified") {
+            Some(Value::Bool(false)) => return Err(SignInError::EmailUnverified),
+            Some(Value::Bool(true)) => id.email_verified = true,
+            _ => {}
         }
         if id.email.is_empty()
             && let Some(Value::String(e)) = claims.get(&self.config.email_claim)
@@ -361,6 +385,13 @@ impl Oidc {
     fn finalize(&self, mut id: Identity) -> Result<Identity, SignInError> {
         if id.email.is_empty() || !id.email.contains('@') {
             return Err(SignInError::NoEmail);
+        }
+        // An email the provider does not vouch for may be one the user typed in: it must
+        // not pass the domain check, nor map a Slack account to this identity. Only a
+        // provider known to issue verified emails without the claim may be trusted
+        // without it (`require_verified_email = false`).
+        if !id.email_verified && self.config.require_verified_email {
+            return Err(SignInError::EmailUnverified);
         }
         let domain = id
             .email

@@ -362,7 +362,8 @@ pub async fn enqueue_for(
     kind: &str,
     now: i64,
 ) -> Result<()> {
-    if state.mailer.is_some() {
+    // The requester cancelled it themselves: no mail; only the Slack message changes.
+    if state.mailer.is_some() && kind != "cancelled" {
         if kind == "approval_needed" {
             if let Some((_, role)) = state.config.role(&req.resource, &req.role) {
                 for (id, email) in

@@ -295,7 +295,11 @@ impl Slack {
             Err(e) => return Err(e),
         };
         let user = &v["user"];
-        if user["is_email_confirmed"] == Value::Bool(false) || user["deleted"] == Value::Bool(true)
+        // Only an email Slack says it confirmed names a twokey user: a missing flag is
+        // not a yes. Deactivated accounts and bots are nobody.
+        if user["is_email_confirmed"] != Value::Bool(true)
+            || user["deleted"] == Value::Bool(true)
+            || user["is_bot"] == Value::Bool(true)
         {
             return Ok(None);
         }

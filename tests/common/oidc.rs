@@ -66,6 +66,7 @@ impl Provider {
                 "eve": {"email": "eve@corp.example", "email_verified": true, "groups": ["idp-unmapped"]},
                 "outsider": {"email": "outsider@other.example", "email_verified": true, "groups": ["idp-sre"]},
                 "unverified": {"email": "unverified@corp.example", "email_verified": false, "groups": ["idp-sre"]},
+                "silent": {"email": "silent@corp.example", "groups": ["idp-sre"]},
             },
         });
         let mut child = Command::new("node")

@@ -23,7 +23,7 @@ pub const CHANNEL_ID: &str = "C0TWOKEY";
 #[derive(Clone, Default)]
 pub struct Recorded {
     pub calls: Arc<Mutex<Vec<(String, Value)>>>,
-    users: Arc<Mutex<HashMap<String, String>>>,
+    users: Arc<Mutex<HashMap<String, Value>>>,
     /// While set, every Web API call fails the way an outage does: HTTP 503.
     down: Arc<AtomicBool>,
 }
@@ -86,10 +86,7 @@ async fn method(
                 .unwrap()
                 .push((method.clone(), json!({"user": user})));
             match rec.users.lock().unwrap().get(&user) {
-                Some(email) => json!({"ok": true, "user": {
-                    "id": user, "name": email.split('@').next(), "deleted": false,
-                    "is_email_confirmed": true, "profile": {"email": email}
-                }}),
+                Some(u) => json!({"ok": true, "user": u}),
                 None => json!({"ok": false, "error": "user_not_found"}),
             }
         }
@@ -132,11 +129,18 @@ impl FakeSlack {
 
     /// Slack user `id` has this confirmed email.
     pub fn user(&self, id: &str, email: &str) {
-        self.recorded
-            .users
-            .lock()
-            .unwrap()
-            .insert(id.into(), email.into());
+        self.user_as(
+            id,
+            json!({
+                "id": id, "name": email.split('@').next(), "deleted": false, "is_bot": false,
+                "is_email_confirmed": true, "profile": {"email": email}
+            }),
+        );
+    }
+
+    /// Slack user `id` as `users.info` describes it, exactly.
+    pub fn user_as(&self, id: &str, user: Value) {
+        self.recorded.users.lock().unwrap().insert(id.into(), user);
     }
 
     /// Takes Slack's Web API down (true) or brings it back.
