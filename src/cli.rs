@@ -1,5 +1,6 @@
 //! The command line: server commands (`demo`, `serve`, `check-config`), admin
-//! commands (`token`, `audit`). Errors print as one line and a non-zero exit.
+//! commands (`token`, `audit`, `ca`), and the engineer's commands (`login`, `request`,
+//! `status`, `ssh`, in [`crate::client`]). Errors print as one line and a non-zero exit.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -60,6 +61,53 @@ pub enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Sign this computer's twokey CLI in (browser confirmation), saving a token under
+    /// the config dir ($TWOKEY_HOME, or ~/.config/twokey) with mode 0600.
+    Login {
+        /// The twokey server, e.g. https://twokey.example.com.
+        #[arg(long, env = "TWOKEY_SERVER")]
+        server: String,
+        /// Read an API token from standard input instead of signing in in a browser.
+        #[arg(long)]
+        token_stdin: bool,
+        /// Print the sign-in URL without trying to open a browser.
+        #[arg(long)]
+        no_browser: bool,
+    },
+    /// Ask for access: a role on a resource, for a time, with a reason.
+    Request {
+        resource: String,
+        #[arg(long)]
+        role: String,
+        /// How long, e.g. 30m or 2h (up to the role's maximum).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        ticket: Option<String>,
+        /// Wait until it is approved or denied.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Your requests and grants.
+    Status,
+    /// SSH to a resource with a certificate for your live grant.
+    Ssh {
+        resource: String,
+        /// Which role's grant, when you have several on the resource.
+        #[arg(long)]
+        role: Option<String>,
+        /// Wait for a pending request to be decided.
+        #[arg(long)]
+        wait: bool,
+        /// Your private key (default ~/.ssh/id_ed25519, else one twokey makes).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// A command to run instead of a shell (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
     },
 }
 
@@ -171,6 +219,46 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                 .map_err(|e| describe(&e))?;
             println!("revoked {n} token(s) of {user}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Login {
+            server,
+            token_stdin,
+            no_browser,
+        } => crate::client::login(&server, token_stdin, !no_browser).await,
+        Command::Request {
+            resource,
+            role,
+            duration,
+            reason,
+            ticket,
+            wait,
+        } => {
+            crate::client::request(crate::client::RequestArgs {
+                resource,
+                role,
+                duration,
+                reason,
+                ticket,
+                wait,
+            })
+            .await
+        }
+        Command::Status => crate::client::status().await,
+        Command::Ssh {
+            resource,
+            role,
+            wait,
+            key,
+            command,
+        } => {
+            crate::client::ssh(crate::client::SshArgs {
+                resource,
+                role,
+                wait,
+                key,
+                command,
+            })
+            .await
         }
         Command::Ca {
             command: CaCommand::PublicKey,

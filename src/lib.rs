@@ -12,7 +12,8 @@
 //! - [`ca`] signs SSH user certificates for live grants and writes the KRL.
 //! - [`notify`] delivers the outbox (email) and mints single-use action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
-//! - [`server`] wires it together; [`cli`] is the command line.
+//! - [`server`] wires it together; [`cli`] is the command line, [`client`] the
+//!   engineer's commands (`login`, `request`, `status`, `ssh`) that call the API.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod audit;
 pub mod auth;
 pub mod ca;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -265,9 +265,83 @@ pub async fn create_api_token(state: &AppState, email: &str, label: &str) -> Res
     Ok(token)
 }
 
+/// How long a CLI sign-in code works.
+pub const CLI_CODE_TTL_MS: i64 = 2 * 60 * 1000;
+
+/// The PKCE S256 challenge of a verifier: base64url(SHA-256(verifier)), unpadded.
+pub fn pkce_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// The signed-in user confirmed `twokey login`: a one-time code for the CLI, bound to
+/// its PKCE challenge.
+pub async fn begin_cli_login(state: &AppState, actor: &Actor, challenge: &str) -> Result<String> {
+    let now = state.now_ms();
+    let (code, hash) = new_secret("lc_");
+    let mut tx = store::begin_write(&state.db).await?;
+    store::insert_cli_code(
+        &mut tx,
+        &hash,
+        &actor.user_id,
+        challenge,
+        now,
+        now + CLI_CODE_TTL_MS,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(code)
+}
+
+/// The CLI trades its code and PKCE verifier for an API token. Whoever saw the code in
+/// transit cannot: they lack the verifier, which never left the CLI.
+pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Result<String> {
+    let refused = || {
+        Error::forbidden("this sign-in code is unknown, used or expired: run twokey login again")
+    };
+    if !code.starts_with("lc_") || code.len() > 128 || verifier.len() < 43 || verifier.len() > 128 {
+        return Err(refused());
+    }
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let Some((user_id, challenge)) =
+        store::consume_cli_code(&mut tx, &hash_token(code), now).await?
+    else {
+        return Err(refused());
+    };
+    if !secrets_equal(&pkce_challenge(verifier), &challenge) {
+        // The code is spent either way: a wrong verifier burns it.
+        tx.commit().await?;
+        return Err(refused());
+    }
+    let (token, hash) = new_api_token();
+    let token_id = store::insert_token(&mut tx, &user_id, &hash, "twokey login", now).await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: "cli",
+            action: "token.created",
+            subject: &user_id,
+            details: json!({ "token_id": token_id, "label": "twokey login", "via": "browser confirmation" }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pkce_matches_rfc_7636() {
+        // The example in RFC 7636, appendix B.
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGWSg77yKg"
+        );
+    }
 
     #[test]
     fn tokens_are_random_prefixed_and_hashed() {

@@ -1035,3 +1035,45 @@ pub async fn audit_head_seq(db: &Db) -> Result<i64> {
             .await?,
     )
 }
+
+// ---------------------------------------------------------------- CLI sign-in codes
+
+pub async fn insert_cli_code(
+    conn: &mut Conn,
+    code_hash: &str,
+    user_id: &str,
+    challenge: &str,
+    now: i64,
+    expires_at: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO cli_login_codes (code_hash, user_id, challenge, created_at, expires_at)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(code_hash)
+    .bind(user_id)
+    .bind(challenge)
+    .bind(now)
+    .bind(expires_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Uses a code up: `Some((user_id, challenge))` if it was unused and unexpired. One
+/// conditional UPDATE, so a code works once even when raced.
+pub async fn consume_cli_code(
+    conn: &mut Conn,
+    code_hash: &str,
+    now: i64,
+) -> Result<Option<(String, String)>> {
+    Ok(sqlx::query_as(
+        "UPDATE cli_login_codes SET used_at = ?1
+         WHERE code_hash = ?2 AND used_at IS NULL AND expires_at > ?1
+         RETURNING user_id, challenge",
+    )
+    .bind(now)
+    .bind(code_hash)
+    .fetch_optional(&mut *conn)
+    .await?)
+}

@@ -232,7 +232,14 @@ pub async fn ssh_certificate(
     }
     let minted =
         access::ssh::mint_certificate(&state, &actor, &id, &key.unwrap_or_default()).await?;
-    Ok((StatusCode::CREATED, Json(json!(minted))))
+    // Where to connect and which host key to expect, for `twokey ssh`.
+    let mut body = json!(minted);
+    let view = access::view(&state, &actor, &id).await?;
+    if let Some(res) = state.config.resource(&view.request.resource) {
+        body["address"] = json!(res.address);
+        body["host_key"] = json!(res.host_key);
+    }
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// `GET /ca/ssh`: the line for sshd's `TrustedUserCAKeys`. Public, like any CA cert.

@@ -6,6 +6,7 @@
 //! renders only safe messages. No GET handler changes state.
 
 pub mod api;
+pub mod cli_login;
 pub mod error;
 pub mod extract;
 pub mod links;
@@ -47,6 +48,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/ca/ssh", get(api::ca_public_key))
         .route("/ca/krl", get(api::ca_krl))
         .route("/whoami", get(api::whoami))
+        .route("/cli/token", post(cli_login::token))
         .fallback(api::not_found);
 
     let mut page_routes = Router::new();
@@ -62,6 +64,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/auth/oidc/callback", get(pages::oidc_callback))
         .route("/a/{token}", get(links::show).post(links::confirm))
         .route("/dev/mailbox", get(pages::dev_mailbox))
+        .route("/cli/login", get(cli_login::show).post(cli_login::confirm))
         .route("/admin/users", get(pages::users))
         .route("/admin/users/{id}/reauth", post(pages::force_reauth))
         .route(

@@ -57,7 +57,7 @@ impl Chrome {
         })
     }
 
-    async fn of(state: &AppState, user: &WebUser) -> Result<Self, PageError> {
+    pub async fn of(state: &AppState, user: &WebUser) -> Result<Self, PageError> {
         Chrome::new(state, &user.session, Some(&user.actor)).await
     }
 }

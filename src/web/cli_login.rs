@@ -1,0 +1,128 @@
+//! `twokey login` in the browser: the signed-in user confirms, and the browser is sent
+//! to the CLI's loopback listener with a one-time code. The CLI then trades the code and
+//! its PKCE verifier for an API token (`POST /api/v1/cli/token`).
+//!
+//! The redirect goes only to `http://127.0.0.1:<port>/callback` — never to a host taken
+//! from the request — so this page cannot be made into an open redirect.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Redirect};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, PageError};
+use super::extract::WebUser;
+use super::pages::Chrome;
+use crate::auth;
+use crate::error::Error;
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+pub struct LoginQuery {
+    #[serde(default)]
+    port: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    challenge: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "cli_login.html")]
+struct CliLoginPage {
+    chrome: Chrome,
+    email: String,
+    port: u16,
+    state: String,
+    challenge: String,
+}
+
+/// What the CLI sent, checked: a loopback port, and state and challenge of the shapes it
+/// makes (so nothing odd is reflected into the page or the redirect).
+fn checked(q: &LoginQuery) -> Result<(u16, String, String), Error> {
+    let port = q
+        .port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p >= 1024)
+        .ok_or_else(|| Error::invalid("port", "must be the CLI's loopback port"))?;
+    let b64url = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !(16..=128).contains(&q.state.len()) || !b64url(&q.state) {
+        return Err(Error::invalid(
+            "state",
+            "is missing or malformed: run twokey login again",
+        ));
+    }
+    if q.challenge.len() != 43 || !b64url(&q.challenge) {
+        return Err(Error::invalid(
+            "challenge",
+            "is missing or malformed: run twokey login again",
+        ));
+    }
+    Ok((port, q.state.clone(), q.challenge.clone()))
+}
+
+/// GET: a confirm page (never an action).
+pub async fn show(
+    State(state): State<AppState>,
+    user: WebUser,
+    Query(q): Query<LoginQuery>,
+) -> Result<impl IntoResponse, PageError> {
+    let (port, st, challenge) = checked(&q)?;
+    Ok(CliLoginPage {
+        chrome: Chrome::of(&state, &user).await?,
+        email: user.actor.email.clone(),
+        port,
+        state: st,
+        challenge,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ConfirmForm {
+    csrf: String,
+    #[serde(flatten)]
+    q: LoginQuery,
+}
+
+/// POST: mint the one-time code and send the browser back to the CLI.
+pub async fn confirm(
+    State(state): State<AppState>,
+    user: WebUser,
+    Form(form): Form<ConfirmForm>,
+) -> Result<impl IntoResponse, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let (port, st, challenge) = checked(&form.q)?;
+    let code = auth::begin_cli_login(&state, &user.actor, &challenge).await?;
+    // Browsers apply form-action to the redirect after a POST: allow exactly the CLI's
+    // loopback origin for this one response.
+    let csp = super::CSP.replace(
+        "form-action 'self'",
+        &format!("form-action 'self' http://127.0.0.1:{port}"),
+    );
+    Ok((
+        [(axum::http::header::CONTENT_SECURITY_POLICY, csp)],
+        Redirect::to(&format!(
+            "http://127.0.0.1:{port}/callback?code={code}&state={st}"
+        )),
+    ))
+}
+
+/// `POST /api/v1/cli/token {code, verifier}` → `{token}`.
+pub async fn token(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|_| Error::invalid("body", "must be JSON with code and verifier"))?;
+    let (Some(code), Some(verifier)) = (v["code"].as_str(), v["verifier"].as_str()) else {
+        return Err(Error::invalid("body", "must be JSON with code and verifier").into());
+    };
+    let token = auth::redeem_cli_code(&state, code, verifier).await?;
+    Ok(Json(json!({ "token": token })))
+}
