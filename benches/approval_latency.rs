@@ -6,64 +6,16 @@
 //! the ratio to the baseline; asserts nothing about time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+use common::{CLIENTS, ROUNDS, report, run};
 
 use serde_json::json;
 use tokio::net::TcpListener;
 use twokey::clock::SystemClock;
 use twokey::config::{Config, demo_config_toml};
-
-const CLIENTS: usize = 50;
-const ROUNDS: usize = 20;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-async fn run<F, Fut>(op: F) -> (Vec<Duration>, Duration)
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for c in 0..CLIENTS {
-        let op = op.clone();
-        set.spawn(async move {
-            let mut out = Vec::with_capacity(ROUNDS);
-            for _ in 0..ROUNDS {
-                let t = Instant::now();
-                op(c).await;
-                out.push(t.elapsed());
-            }
-            out
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = set.join_next().await {
-        all.extend(r.unwrap());
-    }
-    let wall = start.elapsed();
-    all.sort();
-    (all, wall)
-}
-
-fn report(name: &str, samples: &[Duration], wall: Duration) -> (f64, f64) {
-    let (p50, p99) = (ms(pct(samples, 0.50)), ms(pct(samples, 0.99)));
-    println!(
-        "{name:<28} n={:<5} p50={p50:>8.2} ms  p99={p99:>8.2} ms  throughput={:>8.1}/s",
-        samples.len(),
-        samples.len() as f64 / wall.as_secs_f64()
-    );
-    (p50, p99)
-}
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {

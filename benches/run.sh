@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints the figures we track, each measured in this run on this machine:
 # release binary size, idle RSS of `twokey demo`, and API workflow latency at 50
-# concurrent clients with its ratio to a /healthz baseline from the same run.
+# concurrent clients with its ratio to a /healthz baseline from the same run, and SSH
+# certificates minted per second through the API against signing alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --quiet
@@ -19,3 +20,4 @@ echo "idle RSS of twokey demo: $(awk '/VmRSS/ {print $2, $3}' /proc/$pid/status)
 kill $pid
 
 cargo bench --locked --quiet --bench approval_latency
+cargo bench --locked --quiet --bench ssh_certificates

@@ -202,40 +202,18 @@ async fn a_live_grant_gets_a_certificate_sshd_accepts_and_nothing_more() {
     assert!(text.contains("Critical Options: (none)"), "{text}");
 
     // Port forwarding is not among the extensions: sshd refuses it.
-    let out = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .args([
+    let out = sshd.ssh_with(
+        &sshd::login(),
+        &keys.key,
+        &cert,
+        &[
             "-o",
             "ExitOnForwardFailure=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-        ])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            sshd.known_hosts().display()
-        ))
-        .arg("-o")
-        .arg(format!("CertificateFile={}", cert.display()))
-        .arg("-i")
-        .arg(&keys.key)
-        .args([
-            "-p",
-            &sshd.port.to_string(),
             "-L",
             "127.0.0.1:0:127.0.0.1:9",
-        ])
-        .arg(format!("{}@127.0.0.1", sshd::login()))
-        .arg("true")
-        .output()
-        .unwrap();
+        ],
+        "true",
+    );
     assert!(
         !out.status.success(),
         "port forward allowed: {}",
@@ -539,6 +517,68 @@ async fn only_the_holder_of_a_live_ssh_grant_gets_a_certificate() {
     let (s, _) = mint(&app, ALICE, "no-such-id", &key).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // No refusal minted anything: only the one good certificate is recorded.
+    let minted = app
+        .audit_actions()
+        .await
+        .into_iter()
+        .filter(|a| a == "ssh_certificate.minted")
+        .count();
+    assert_eq!(minted, 1);
+}
+
+#[tokio::test]
+async fn the_holder_gets_a_certificate_from_the_request_page() {
+    let app = start().await;
+    let keys = Keys::new();
+    let id = grant(&app, "quick", "30m").await;
+    let page_path = format!("/requests/{id}");
+
+    // Only the holder sees the form.
+    let bob = app.browser(BOB).await;
+    let (_, page) = bob.get(&page_path).await;
+    assert!(!page.contains("ssh-cert-form"), "{page}");
+    let alice = app.browser(ALICE).await;
+    let (_, page) = alice.get(&page_path).await;
+    assert!(page.contains("id=\"ssh-cert-form\""), "{page}");
+    let csrf = common::csrf_in(&page).unwrap();
+
+    let post = |b: &common::Browser, csrf: String, key: String| {
+        let path = format!("/requests/{id}/ssh-certificate");
+        let b = b.clone();
+        async move {
+            let resp = b
+                .post(
+                    &path,
+                    &[("csrf", csrf.as_str()), ("public_key", key.as_str())],
+                )
+                .await;
+            let status = resp.status();
+            (status, resp.text().await.unwrap())
+        }
+    };
+    let (status, page) = post(&alice, csrf.clone(), keys.public()).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("ssh-ed25519-cert-v01@openssh.com AAAA"),
+        "{page}"
+    );
+    assert!(page.contains("Key id</dt><dd>twokey:"), "{page}");
+    // What the page shows is a certificate OpenSSH reads, for this key.
+    let start = page.find("ssh-ed25519-cert-v01@openssh.com").unwrap();
+    let cert = &page[start..start + page[start..].find('<').unwrap()];
+    let path = keys.save_cert(cert.trim(), "web-cert.pub");
+    assert!(inspect(&path).contains(&format!("Principals: \n                {}", sshd::login())));
+
+    // Forged CSRF, bad key, and someone else's grant: refused, nothing minted.
+    let (status, _) = post(&alice, "forged".into(), keys.public()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, page) = post(&alice, csrf, "ssh-dss AAAA nonsense".into()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.contains("not an OpenSSH public key"), "{page}");
+    let (_, bob_page) = bob.get("/queue").await;
+    let bob_csrf = common::csrf_in(&bob_page).unwrap();
+    let (status, _) = post(&bob, bob_csrf, keys.public()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     let minted = app
         .audit_actions()
         .await

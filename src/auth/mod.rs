@@ -248,20 +248,35 @@ pub async fn create_api_token(state: &AppState, email: &str, label: &str) -> Res
             }
         },
     };
+    let token = issue_token(&mut tx, &user_id, label, json!({ "user": email }), now).await?;
+    tx.commit().await?;
+    Ok(token)
+}
+
+/// Stores a new API token's hash with its audit event, in the caller's transaction;
+/// returns the token (shown once, never stored).
+async fn issue_token(
+    tx: &mut store::Conn,
+    user_id: &str,
+    label: &str,
+    mut details: serde_json::Value,
+    now: i64,
+) -> Result<String> {
     let (token, hash) = new_api_token();
-    let token_id = store::insert_token(&mut tx, &user_id, &hash, label, now).await?;
+    let token_id = store::insert_token(tx, user_id, &hash, label, now).await?;
+    details["token_id"] = json!(token_id);
+    details["label"] = json!(label);
     store::append_audit(
-        &mut tx,
+        tx,
         now,
         &NewEvent {
             actor: "cli",
             action: "token.created",
-            subject: &user_id,
-            details: json!({ "user": email, "token_id": token_id, "label": label }),
+            subject: user_id,
+            details,
         },
     )
     .await?;
-    tx.commit().await?;
     Ok(token)
 }
 
@@ -313,17 +328,12 @@ pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Re
         tx.commit().await?;
         return Err(refused());
     }
-    let (token, hash) = new_api_token();
-    let token_id = store::insert_token(&mut tx, &user_id, &hash, "twokey login", now).await?;
-    store::append_audit(
+    let token = issue_token(
         &mut tx,
+        &user_id,
+        "twokey login",
+        json!({ "via": "browser confirmation" }),
         now,
-        &NewEvent {
-            actor: "cli",
-            action: "token.created",
-            subject: &user_id,
-            details: json!({ "token_id": token_id, "label": "twokey login", "via": "browser confirmation" }),
-        },
     )
     .await?;
     tx.commit().await?;

@@ -168,6 +168,7 @@ impl Api {
 }
 
 /// A cookie-keeping HTTP client that reads CSRF tokens out of pages, as a browser would.
+#[derive(Clone)]
 pub struct Browser {
     pub base: String,
     pub http: reqwest::Client,

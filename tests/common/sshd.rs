@@ -127,15 +127,22 @@ impl Sshd {
 
     /// Runs `ssh` as `user` with `key` and its certificate; returns the output.
     pub fn ssh(&self, user: &str, key: &Path, cert: &Path, command: &str) -> Output {
+        self.ssh_with(user, key, cert, &[], command)
+    }
+
+    /// Like [`Sshd::ssh`], with extra `ssh` arguments (`-L …`).
+    pub fn ssh_with(
+        &self,
+        user: &str,
+        key: &Path,
+        cert: &Path,
+        extra: &[&str],
+        command: &str,
+    ) -> Output {
         Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes"])
+            .args(["-o", "IdentitiesOnly=yes"])
+            .args(extra)
             .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
             .arg("-o")
             .arg(format!(
