@@ -408,10 +408,24 @@ async fn approver_follows_the_mailed_link_in_chromium_and_the_requester_hears_ba
         "back on the confirm page after sign-in"
     );
     b.set_window(390, 844).await;
+    // On a phone: nothing wider than the screen, buttons big enough for a thumb.
+    let (page, viewport, button) = b.phone_fit().await;
+    assert!(viewport <= 400.0, "the window did not shrink: {viewport}");
+    assert!(
+        page <= viewport,
+        "confirm page scrolls sideways: {page} > {viewport}"
+    );
+    assert!(button >= 40.0, "a button is {button}px tall");
     b.fill("#comment", "ok from the train").await;
     b.click_and_wait("#confirm").await;
     assert!(b.url().await.ends_with(&format!("/requests/{id}")));
     assert_eq!(b.text("#status").await, "approved");
+    let (page, viewport, button) = b.phone_fit().await;
+    assert!(
+        page <= viewport,
+        "request page scrolls sideways: {page} > {viewport}"
+    );
+    assert!(button >= 40.0, "a button is {button}px tall");
     b.quit().await;
 
     deliver(&app).await;

@@ -435,10 +435,62 @@ async fn sessions_end_after_their_lifetime_and_at_sign_out() {
 
     let (http, _) = app.sign_in("alice", "/requests").await;
     assert!(app.whoami(&http).await.is_some());
-    app.clock.advance(chrono::Duration::hours(11));
+    // Used every few hours, it lasts its 12h lifetime, and no longer.
+    app.clock.advance(chrono::Duration::hours(6));
+    assert!(app.whoami(&http).await.is_some(), "6h");
+    app.clock.advance(chrono::Duration::hours(5));
     assert!(app.whoami(&http).await.is_some(), "inside the 12h lifetime");
     app.clock.advance(chrono::Duration::hours(2));
     assert_eq!(app.whoami(&http).await, None, "12h lifetime is over");
+
+    // Left alone for longer than the 8h idle timeout, it ends. (Back to the real time
+    // first: the provider stamps its ID tokens with it.)
+    app.clock.set(chrono::Utc::now());
+    let (http, _) = app.sign_in("alice", "/requests").await;
+    app.clock.advance(chrono::Duration::hours(5));
+    assert!(app.whoami(&http).await.is_some(), "used 5h after sign-in");
+    app.clock.advance(chrono::Duration::hours(5));
+    assert!(
+        app.whoami(&http).await.is_some(),
+        "10h after sign-in but 5h after the last use"
+    );
+    app.clock.set(chrono::Utc::now());
+    let (http, _) = app.sign_in("alice", "/requests").await;
+    app.clock
+        .advance(chrono::Duration::hours(8) + chrono::Duration::minutes(1));
+    assert_eq!(app.whoami(&http).await, None, "idle for more than 8h");
+}
+
+#[tokio::test]
+async fn signing_in_through_the_provider_rotates_the_session_id() {
+    use reqwest::cookie::CookieStore;
+    let app = oidc::start(3600).await;
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let http = oidc::client_with(jar.clone());
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    let url = reqwest::Url::parse(&app.base).unwrap();
+    // The jar holds the provider's cookies too (same host): pick twokey's.
+    let session = || {
+        jar.cookies(&url)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .split("; ")
+            .find_map(|c| c.strip_prefix("twokey_session="))
+            .map(str::to_string)
+    };
+    let before = session().expect("a session before sign-in (it holds the OIDC state)");
+    let resp = http.get(&cb).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let after = session().expect("a session after sign-in");
+    assert_ne!(
+        before, after,
+        "the pre-sign-in session id must not survive sign-in"
+    );
+    assert_eq!(
+        app.whoami(&http).await.as_deref(),
+        Some("alice@corp.example")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

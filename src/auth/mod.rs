@@ -26,6 +26,8 @@ pub const SESSION_USER: &str = "user_id";
 pub const SESSION_CSRF: &str = "csrf";
 /// When this session signed in (ms), for the absolute lifetime and forced re-sign-in.
 pub const SESSION_SIGNED_IN_AT: &str = "signed_in_at";
+/// When the session was last used (ms), for the idle timeout on the injected clock.
+pub const SESSION_LAST_SEEN: &str = "last_seen";
 /// An OIDC sign-in in progress ([`oidc::Pending`]).
 pub const SESSION_OIDC_PENDING: &str = "oidc_pending";
 

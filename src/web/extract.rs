@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use tower_sessions::Session;
 
 use super::error::{ApiError, PageError};
-use crate::auth::{self, SESSION_CSRF, SESSION_SIGNED_IN_AT, SESSION_USER};
+use crate::auth::{self, SESSION_CSRF, SESSION_LAST_SEEN, SESSION_SIGNED_IN_AT, SESSION_USER};
 use crate::error::Error;
 use crate::policy::Actor;
 use crate::state::AppState;
@@ -70,19 +70,32 @@ fn urlencode(s: &str) -> String {
 }
 
 /// The signed-in user of a session, if the session is still valid: inside its absolute
-/// lifetime and not older than the user's last forced re-sign-in.
+/// lifetime, used within the idle timeout (both on the injected clock; the session
+/// store's own expiry is a backstop), and not older than the user's last forced
+/// re-sign-in.
 async fn signed_in(state: &AppState, session: &Session) -> Result<Option<Actor>, PageError> {
     let Some(user_id) = session.get::<String>(SESSION_USER).await? else {
         return Ok(None);
     };
     let signed_in_at = session.get::<i64>(SESSION_SIGNED_IN_AT).await?.unwrap_or(0);
+    let last_seen = session
+        .get::<i64>(SESSION_LAST_SEEN)
+        .await?
+        .unwrap_or(signed_in_at);
     let lifetime_ms = state.config.session_lifetime().as_millis() as i64;
+    let idle_ms = state.config.session_idle_timeout().as_millis() as i64;
+    let now = state.now_ms();
     let actor = auth::session_actor(state, &user_id).await?;
     match actor {
         Some(actor)
             if signed_in_at > actor.sessions_valid_after
-                && state.now_ms() - signed_in_at < lifetime_ms =>
+                && now - signed_in_at < lifetime_ms
+                && now - last_seen < idle_ms =>
         {
+            // Recorded at most once a minute, so browsing does not write on every page.
+            if now - last_seen > 60_000 {
+                session.insert(SESSION_LAST_SEEN, now).await?;
+            }
             Ok(Some(actor))
         }
         _ => {

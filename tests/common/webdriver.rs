@@ -221,6 +221,19 @@ impl Browser {
             .unwrap()
     }
 
+    /// (page width, viewport width, smallest height among buttons) in CSS pixels: a
+    /// page that fits a phone has no horizontal scroll, and buttons big enough to tap.
+    pub async fn phone_fit(&self) -> (f64, f64, f64) {
+        let v = self
+            .script(
+                "const b = [...document.querySelectorAll('button, a.button')].map(e => e.getBoundingClientRect().height);\
+                 return [document.documentElement.scrollWidth, window.innerWidth, b.length ? Math.min(...b) : 999];",
+            )
+            .await;
+        let n = |i: usize| v[i].as_f64().unwrap();
+        (n(0), n(1), n(2))
+    }
+
     pub async fn set_window(&self, width: u32, height: u32) {
         self.call(
             "POST",
