@@ -1,6 +1,6 @@
 //! The command line: server commands (`demo`, `serve`, `check-config`), admin
 //! commands (`token`, `audit`, `ca`), and the engineer's commands (`login`, `request`,
-//! `status`, `ssh`, in [`crate::client`]). Errors print as one line and a non-zero exit.
+//! `status`, `ssh`, `psql`, in [`crate::client`]). Errors print as one line and a non-zero exit.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -93,6 +93,19 @@ pub enum Command {
     },
     /// Your requests and grants.
     Status,
+    /// psql to a database resource with a login for your live grant.
+    Psql {
+        resource: String,
+        /// Which role's grant, when you have several on the resource.
+        #[arg(long)]
+        role: Option<String>,
+        /// Wait for a pending request to be decided.
+        #[arg(long)]
+        wait: bool,
+        /// Arguments for psql (after `--`), e.g. `-- -c 'select 1'`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// SSH to a resource with a certificate for your live grant.
     Ssh {
         resource: String,
@@ -244,6 +257,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             .await
         }
         Command::Status => crate::client::status().await,
+        Command::Psql {
+            resource,
+            role,
+            wait,
+            args,
+        } => {
+            crate::client::psql(crate::client::PsqlArgs {
+                resource,
+                role,
+                wait,
+                args,
+            })
+            .await
+        }
         Command::Ssh {
             resource,
             role,

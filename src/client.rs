@@ -574,3 +574,48 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode, String> {
     let err = cmd.exec();
     Err(format!("cannot run ssh: {err}"))
 }
+
+pub struct PsqlArgs {
+    pub resource: String,
+    pub role: Option<String>,
+    pub wait: bool,
+    pub args: Vec<String>,
+}
+
+/// `twokey psql`: a login for the live grant, then `exec psql`. The password goes in
+/// the environment (`PGPASSWORD`), not on the command line where `ps` would show it.
+pub async fn psql(a: PsqlArgs) -> Result<ExitCode, String> {
+    let api = Api::new(load_credentials()?)?;
+    let req = live_request(&api, &a.resource, a.role.as_deref(), a.wait).await?;
+    let id = req["id"].as_str().unwrap_or_default().to_string();
+    let c = api
+        .post(&format!("/requests/{id}/db-credentials"), json!({}))
+        .await?;
+    let field = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    let host = field("host");
+    let url = format!(
+        "postgresql://{}@{}:{}/{}?sslmode={}",
+        field("username"),
+        if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        },
+        c["port"],
+        form_urlencoded::byte_serialize(field("database").as_bytes()).collect::<String>(),
+        field("sslmode"),
+    );
+    eprintln!(
+        "Connecting to {} as {} (the login ends with the grant at {})",
+        a.resource,
+        field("username"),
+        field("expires_at")
+    );
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("psql")
+        .arg(url)
+        .args(&a.args)
+        .env("PGPASSWORD", field("password"))
+        .exec();
+    Err(format!("cannot run psql: {err}"))
+}

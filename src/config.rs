@@ -214,6 +214,14 @@ pub struct ServerConfig {
     /// How often the notification outbox is delivered; `"0s"` turns the worker off.
     #[serde(default = "default_outbox_interval")]
     pub outbox_interval: String,
+    /// How often database logins are checked against live grants (also at start, and
+    /// at once when a grant ends or is revoked); `"0s"` turns it off (tests drive it).
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval: String,
+}
+
+fn default_reconcile_interval() -> String {
+    "60s".into()
 }
 
 impl fmt::Debug for ServerConfig {
@@ -228,6 +236,7 @@ impl fmt::Debug for ServerConfig {
             )
             .field("sweep_interval", &self.sweep_interval)
             .field("outbox_interval", &self.outbox_interval)
+            .field("reconcile_interval", &self.reconcile_interval)
             .finish()
     }
 }
@@ -241,6 +250,7 @@ impl Default for ServerConfig {
             database_url: None,
             sweep_interval: default_sweep_interval(),
             outbox_interval: default_outbox_interval(),
+            reconcile_interval: default_reconcile_interval(),
         }
     }
 }
@@ -473,8 +483,46 @@ pub struct ResourceConfig {
     /// The SSH host's public key (`ssh-ed25519 AAAA…`), pinned by `twokey ssh`.
     #[serde(default)]
     pub host_key: Option<String>,
+    /// PostgreSQL: the database grants log in to.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// PostgreSQL: the role twokey administers the target as (it creates and drops
+    /// the per-grant roles: needs CREATEROLE, or superuser).
+    #[serde(default)]
+    pub admin_user: Option<String>,
+    /// PostgreSQL: a file holding the admin role's password.
+    #[serde(default)]
+    pub admin_password_file: Option<PathBuf>,
+    /// PostgreSQL: `disable`, `prefer` (default), `require` or `verify-full`.
+    #[serde(default)]
+    pub tls: Option<String>,
+    /// PostgreSQL: at a grant's end, objects its role created go to this role
+    /// (`REASSIGN OWNED`); without it they are dropped with the role (`DROP OWNED`).
+    #[serde(default)]
+    pub reassign_owned_to: Option<String>,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
+}
+
+impl ResourceConfig {
+    /// The admin password, read from its file.
+    pub fn admin_password(&self, key: &str) -> Result<String, ConfigError> {
+        let Some(p) = &self.admin_password_file else {
+            return Err(invalid(format!("{key}.admin_password_file"), "is required"));
+        };
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            invalid(
+                format!("{key}.admin_password_file"),
+                format!("cannot read {}: {e}", p.display()),
+            )
+        })?;
+        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    }
+
+    /// Whether twokey manages database logins for this resource.
+    pub fn manages_db_roles(&self) -> bool {
+        self.kind == ResourceKind::Postgres && self.admin_user.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -515,6 +563,21 @@ pub struct RoleConfig {
     /// SSH: addresses (CIDR) the certificate may be used from.
     #[serde(default)]
     pub source_address: Vec<String>,
+    /// PostgreSQL: existing roles the grant's login becomes a member of (`IN ROLE`).
+    #[serde(default)]
+    pub db_roles: Vec<String>,
+    /// PostgreSQL: statements run when the login is created, with `{role}` standing for
+    /// its quoted name, e.g. `"GRANT SELECT ON public.orders TO {role}"`. Written by the
+    /// admin who writes this file; no user input ever reaches them.
+    #[serde(default)]
+    pub db_grants: Vec<String>,
+    /// PostgreSQL: most concurrent connections of the login.
+    #[serde(default = "default_connection_limit")]
+    pub connection_limit: i32,
+}
+
+fn default_connection_limit() -> i32 {
+    5
 }
 
 fn default_extensions() -> Vec<String> {
@@ -679,6 +742,11 @@ impl Config {
         }
         check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
         check_duration("server.outbox_interval", &self.server.outbox_interval, true)?;
+        check_duration(
+            "server.reconcile_interval",
+            &self.server.reconcile_interval,
+            true,
+        )?;
         if let Some(slack) = &self.slack {
             slack.secrets()?;
             if slack.channel.trim().is_empty() {
@@ -841,6 +909,50 @@ impl Config {
                 if r.kind == ResourceKind::Ssh {
                     check_ssh_role(&key, role)?;
                 }
+                if r.manages_db_roles() {
+                    if role.db_roles.is_empty() && role.db_grants.is_empty() {
+                        return Err(invalid(
+                            format!("{key}.db_roles"),
+                            "list the database roles a grant's login joins (or db_grants)",
+                        ));
+                    }
+                    if let Some(g) = role.db_grants.iter().find(|g| !g.contains("{role}")) {
+                        return Err(invalid(
+                            format!("{key}.db_grants"),
+                            format!("{g:?} must say {{role}} where the login goes"),
+                        ));
+                    }
+                    if role.connection_limit < 1 {
+                        return Err(invalid(
+                            format!("{key}.connection_limit"),
+                            "must be at least 1",
+                        ));
+                    }
+                }
+            }
+            if r.manages_db_roles() {
+                if r.address.is_none() {
+                    return Err(invalid(
+                        format!("{key}.address"),
+                        "is required: host:port of the database",
+                    ));
+                }
+                if r.database.as_deref().is_none_or(str::is_empty) {
+                    return Err(invalid(
+                        format!("{key}.database"),
+                        "is required with admin_user",
+                    ));
+                }
+                r.admin_password(&key)?;
+                if !matches!(
+                    r.tls.as_deref().unwrap_or("prefer"),
+                    "disable" | "prefer" | "require" | "verify-full"
+                ) {
+                    return Err(invalid(
+                        format!("{key}.tls"),
+                        "must be disable, prefer, require or verify-full",
+                    ));
+                }
             }
             if let Some(addr) = &r.address
                 && addr
@@ -888,6 +1000,10 @@ impl Config {
 
     pub fn outbox_interval(&self) -> Duration {
         parse_duration(&self.server.outbox_interval).unwrap_or(Duration::from_secs(2))
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        parse_duration(&self.server.reconcile_interval).unwrap_or(Duration::from_secs(60))
     }
 
     pub fn sweep_interval(&self) -> Duration {
@@ -1107,6 +1223,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn postgres_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "x").unwrap();
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with = |resource_extra: &str, role_extra: &str| {
+            let text = base
+                .replacen(
+                    "description = \"Demo PostgreSQL database\"",
+                    &format!("description = \"Demo PostgreSQL database\"\n{resource_extra}"),
+                    1,
+                )
+                .replacen(
+                    "max_duration = \"4h\"",
+                    &format!("max_duration = \"4h\"\n{role_extra}"),
+                    1,
+                );
+            Config::parse(&text, "t")
+                .and_then(|c| c.validate())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let good = format!(
+            "address = \"127.0.0.1:5432\"\ndatabase = \"app\"\nadmin_user = \"twokey\"\nadmin_password_file = {:?}",
+            pw.display().to_string()
+        );
+        with(&good, "db_roles = [\"readonly\"]").unwrap();
+        for (resource, role, key) in [
+            (
+                good.replace("database = \"app\"\n", ""),
+                "db_roles = [\"r\"]",
+                "resources[0].database",
+            ),
+            (
+                good.replace("address = \"127.0.0.1:5432\"\n", ""),
+                "db_roles = [\"r\"]",
+                "resources[0].address",
+            ),
+            (
+                format!("{good}\ntls = \"sometimes\""),
+                "db_roles = [\"r\"]",
+                "resources[0].tls",
+            ),
+            (
+                good.replace("pw\"", "absent\""),
+                "db_roles = [\"r\"]",
+                "resources[0].admin_password_file",
+            ),
+            (good.clone(), "", "resources[0].roles[0].db_roles"),
+            (
+                good.clone(),
+                "db_grants = [\"GRANT SELECT ON t TO x\"]",
+                "resources[0].roles[0].db_grants",
+            ),
+            (
+                good.clone(),
+                "db_roles = [\"r\"]\nconnection_limit = 0",
+                "resources[0].roles[0].connection_limit",
+            ),
+        ] {
+            let err = with(&resource, role).unwrap_err();
+            assert!(err.starts_with(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   expired`, grants `active → ended | revoked`, each transition one conditional
 //!   UPDATE plus its audit event in one transaction.
 //! - [`ca`] signs SSH user certificates for live grants and writes the KRL.
+//! - [`dbcreds`] makes and drops the PostgreSQL logins of grants.
 //! - [`notify`] delivers the outbox (email) and mints single-use action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
 //! - [`server`] wires it together; [`cli`] is the command line, [`client`] the
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod dbcreds;
 pub mod error;
 pub mod notify;
 pub mod policy;

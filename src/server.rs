@@ -1,4 +1,5 @@
-//! Starting and stopping the server: database, sessions, sweeper, listener.
+//! Starting and stopping the server: database, sessions, sweeper, outbox, the
+//! database-login reconciler, listener.
 //!
 //! Tests call [`start`] with a listener on `127.0.0.1:0` and their own clock, exactly
 //! as `twokey serve` does with the configured address and the wall clock.
@@ -25,6 +26,7 @@ pub struct Server {
     serve: JoinHandle<()>,
     sweeper: Option<JoinHandle<()>>,
     outbox: Option<JoinHandle<()>>,
+    reconciler: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -37,7 +39,10 @@ impl Server {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.serve.await;
-        for task in [self.sweeper, self.outbox].into_iter().flatten() {
+        for task in [self.sweeper, self.outbox, self.reconciler]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
     }
@@ -135,6 +140,34 @@ pub async fn start(
                 }
             })
         });
+    let reconcile_interval = state.config.reconcile_interval();
+    let reconciler = (state.config.resources.iter().any(|r| r.manages_db_roles())
+        && !reconcile_interval.is_zero())
+    .then(|| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            // The first tick is at once: a restart cleans up what a crash left.
+            let mut tick = tokio::time::interval(reconcile_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = state.reconcile_now.notified() => {}
+                }
+                match crate::dbcreds::reconcile(&state).await {
+                    Ok(r) if r != crate::dbcreds::Reconciled::default() => {
+                        tracing::info!(
+                            dropped = r.dropped,
+                            failed = r.failed,
+                            "database logins reconciled"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "database reconcile failed; will retry"),
+                }
+            }
+        })
+    });
     Ok(Server {
         addr,
         state,
@@ -142,6 +175,7 @@ pub async fn start(
         serve,
         sweeper,
         outbox,
+        reconciler,
     })
 }
 

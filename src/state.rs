@@ -21,6 +21,8 @@ pub struct AppState {
     pub slack: Option<Arc<crate::notify::slack::Slack>>,
     /// The SSH user CA.
     pub ca: Arc<crate::ca::Ca>,
+    /// Wakes the database-login reconciler (a grant ended or was revoked).
+    pub reconcile_now: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -45,6 +47,7 @@ impl AppState {
             &config.server.data_dir,
         )?);
         Ok(Self {
+            reconcile_now: Arc::new(tokio::sync::Notify::new()),
             ca,
             mailer,
             slack,

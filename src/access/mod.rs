@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::audit::NewEvent;
-use crate::config::RoleConfig;
+use crate::config::{ResourceConfig, RoleConfig};
 use crate::error::{Error, Result};
 use crate::notify;
 use crate::policy::{self, Actor, CountedApproval, RequestInput};
@@ -610,6 +610,8 @@ pub async fn revoke(
     notify::enqueue_for(state, &mut tx, &req, "revoked", now).await?;
     let view = load_view(state, &mut tx, req).await?;
     tx.commit().await?;
+    // Its database login goes now, not at the next periodic pass.
+    state.reconcile_now.notify_one();
     Metrics::inc(&state.metrics.grants_revoked);
     tracing::info!(request = %id, grant = %grant.id, by = %actor.email, "grant revoked");
     Ok(view)
@@ -667,6 +669,9 @@ pub async fn sweep(state: &AppState) -> Result<Swept> {
         }
     }
     tx.commit().await?;
+    if swept.ended_grants > 0 {
+        state.reconcile_now.notify_one();
+    }
     for _ in 0..swept.expired_requests {
         Metrics::inc(&state.metrics.expirations);
     }
@@ -696,6 +701,89 @@ async fn audit(
     )
     .await?;
     Ok(())
+}
+
+/// The checks every credential shares: the request exists and the actor may see it,
+/// the actor is its holder (an approver or admin who can see it must still not log in
+/// on someone else's grant), the role is still in the policy and still lets them ask
+/// for it, and the grant is live at `now`. Refusals are counted.
+pub async fn holders_live_grant<'a>(
+    state: &'a AppState,
+    conn: &mut Conn,
+    actor: &Actor,
+    request_id: &str,
+    now: i64,
+) -> Result<(RequestRow, GrantRow, &'a ResourceConfig, &'a RoleConfig)> {
+    let req = store::get_request(conn, request_id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let actor = current_actor(state, conn, &actor.user_id).await?;
+    let found = state.config.role(&req.resource, &req.role);
+    if !policy::may_view(&actor, &req.requester_id, found.map(|(_, r)| r)) {
+        return refuse(state, Error::forbidden("you may not see this request"));
+    }
+    if req.requester_id != actor.user_id {
+        return refuse(
+            state,
+            Error::forbidden("only the grant's holder may get credentials for it"),
+        );
+    }
+    let Some((resource, role)) = found else {
+        return refuse(
+            state,
+            Error::conflict("this role is no longer in the policy"),
+        );
+    };
+    if !policy::may_request(&actor, role) {
+        return refuse(
+            state,
+            Error::forbidden("you may no longer request this role, so no new credentials"),
+        );
+    }
+    let Some(grant) = store::grant_for_request(conn, request_id).await? else {
+        let status = if req.status == "pending" && req.expires_at <= now {
+            "expired"
+        } else {
+            req.status.as_str()
+        };
+        return refuse(
+            state,
+            Error::conflict(match status {
+                "pending" => "this request is still pending: it needs approval first".into(),
+                s => format!("this request is {s} and has no grant"),
+            }),
+        );
+    };
+    if grant.status != "active" || grant.ends_at <= now {
+        return refuse(
+            state,
+            Error::conflict(format!(
+                "this grant has {}",
+                if grant.status == "revoked" {
+                    "been revoked"
+                } else {
+                    "ended"
+                }
+            )),
+        );
+    }
+    if grant.starts_at > now {
+        return refuse(state, Error::conflict("this grant has not started yet"));
+    }
+    Ok((req, grant, resource, role))
+}
+
+/// Appends an audit event in the caller's transaction (for modules beside `access`
+/// that change state: credentials).
+pub async fn audit_event(
+    conn: &mut Conn,
+    ts: i64,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    details: serde_json::Value,
+) -> Result<()> {
+    audit(conn, ts, actor, action, subject, details).await
 }
 
 /// Live grants the actor may see (their own; all for approvers of the role and admins).

@@ -12,7 +12,7 @@ use super::{audit, current_actor, refuse};
 use crate::ca::{self, BACKDATE_SECS, CertSpec, krl};
 use crate::config::ResourceKind;
 use crate::error::{Error, Result};
-use crate::policy::{self, Actor};
+use crate::policy::Actor;
 use crate::state::AppState;
 use crate::store;
 
@@ -44,28 +44,8 @@ pub async fn mint_certificate(
     let now_ms = state.now_ms();
     let now = u64::try_from(now_ms / 1000).unwrap_or(0);
     let mut tx = store::begin_write(&state.db).await?;
-    let req = store::get_request(&mut tx, request_id)
-        .await?
-        .ok_or(Error::NotFound("request"))?;
-    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
-    let found = state.config.role(&req.resource, &req.role);
-    if !policy::may_view(&actor, &req.requester_id, found.map(|(_, r)| r)) {
-        return refuse(state, Error::forbidden("you may not see this request"));
-    }
-    // Only the holder: an approver or admin who could see the request must still not
-    // be able to log in on someone else's grant.
-    if req.requester_id != actor.user_id {
-        return refuse(
-            state,
-            Error::forbidden("only the grant's holder may get a certificate for it"),
-        );
-    }
-    let Some((resource, role)) = found else {
-        return refuse(
-            state,
-            Error::conflict("this role is no longer in the policy"),
-        );
-    };
+    let (_, grant, resource, role) =
+        super::holders_live_grant(state, &mut tx, actor, request_id, now_ms).await?;
     if resource.kind != ResourceKind::Ssh {
         return refuse(
             state,
@@ -75,45 +55,7 @@ pub async fn mint_certificate(
             )),
         );
     }
-    if !policy::may_request(&actor, role) {
-        return refuse(
-            state,
-            Error::forbidden("you may no longer request this role, so no new certificates"),
-        );
-    }
-    let grant = match store::grant_for_request(&mut tx, request_id).await? {
-        Some(g) => g,
-        None => {
-            let status = if req.status == "pending" && req.expires_at <= now_ms {
-                "expired"
-            } else {
-                req.status.as_str()
-            };
-            return refuse(
-                state,
-                Error::conflict(match status {
-                    "pending" => "this request is still pending: it needs approval first".into(),
-                    s => format!("this request is {s} and has no grant"),
-                }),
-            );
-        }
-    };
-    if grant.status != "active" || grant.ends_at <= now_ms {
-        return refuse(
-            state,
-            Error::conflict(format!(
-                "this grant has {}",
-                if grant.status == "revoked" {
-                    "been revoked"
-                } else {
-                    "ended"
-                }
-            )),
-        );
-    }
-    if grant.starts_at > now_ms {
-        return refuse(state, Error::conflict("this grant has not started yet"));
-    }
+    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
     // Never outlive the grant: the end rounds down to the second.
     let valid_before = u64::try_from(grant.ends_at / 1000).unwrap_or(0);
     let grant_start = u64::try_from(grant.starts_at / 1000).unwrap_or(0);

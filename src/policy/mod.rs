@@ -330,6 +330,9 @@ mod tests {
             extensions: vec![],
             force_command: None,
             source_address: vec![],
+            db_roles: vec![],
+            db_grants: vec![],
+            connection_limit: 5,
         }
     }
 

@@ -1077,3 +1077,109 @@ pub async fn consume_cli_code(
     .fetch_optional(&mut *conn)
     .await?)
 }
+
+// ---------------------------------------------------------------- database logins
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DbCredentialRow {
+    pub grant_id: String,
+    pub resource: String,
+    pub role_name: String,
+    pub status: String,
+    pub issued: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub dropped_at: Option<i64>,
+}
+
+pub async fn db_credential(conn: &mut Conn, grant_id: &str) -> Result<Option<DbCredentialRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM db_credentials WHERE grant_id = ?")
+            .bind(grant_id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// Records that the login exists and one more password was issued.
+pub async fn db_credential_issued(
+    conn: &mut Conn,
+    grant_id: &str,
+    resource: &str,
+    role_name: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO db_credentials (grant_id, resource, role_name, status, issued, created_at)
+         VALUES (?, ?, ?, 'active', 1, ?)
+         ON CONFLICT (grant_id) DO UPDATE SET status = 'active', issued = issued + 1,
+                                              last_error = NULL",
+    )
+    .bind(grant_id)
+    .bind(resource)
+    .bind(role_name)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records why a login could not be made or dropped (a message safe to show).
+pub async fn db_credential_error(
+    conn: &mut Conn,
+    grant_id: &str,
+    resource: &str,
+    role_name: &str,
+    error: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO db_credentials (grant_id, resource, role_name, status, created_at, last_error)
+         VALUES (?, ?, ?, 'error', ?, ?)
+         ON CONFLICT (grant_id) DO UPDATE SET last_error = excluded.last_error",
+    )
+    .bind(grant_id)
+    .bind(resource)
+    .bind(role_name)
+    .bind(now)
+    .bind(error)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// `active → dropped`, once.
+pub async fn db_credential_dropped(conn: &mut Conn, role_name: &str, now: i64) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE db_credentials SET status = 'dropped', dropped_at = ?, last_error = NULL
+         WHERE role_name = ? AND status <> 'dropped'",
+    )
+    .bind(now)
+    .bind(role_name)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Role names on `resource` whose grant is live right now: the only twokey roles that
+/// may exist there.
+pub async fn live_db_roles(db: &Db, resource: &str, now: i64) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT c.role_name FROM db_credentials c JOIN grants g ON g.id = c.grant_id
+         WHERE c.resource = ? AND g.status = 'active' AND g.ends_at > ?",
+    )
+    .bind(resource)
+    .bind(now)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The grant a role was made for, if twokey knows it.
+pub async fn db_credential_by_role(db: &Db, role_name: &str) -> Result<Option<DbCredentialRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM db_credentials WHERE role_name = ?")
+            .bind(role_name)
+            .fetch_optional(db)
+            .await?,
+    )
+}

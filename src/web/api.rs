@@ -242,6 +242,17 @@ pub async fn ssh_certificate(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
+/// `POST /requests/{id}/db-credentials`: a login on the grant's PostgreSQL resource,
+/// for its holder while the grant is live. The password is in this answer only.
+pub async fn db_credentials(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let issued = crate::dbcreds::issue(&state, &actor, &id).await?;
+    Ok((StatusCode::CREATED, Json(json!(issued))))
+}
+
 /// `GET /ca/ssh`: the line for sshd's `TrustedUserCAKeys`. Public, like any CA cert.
 pub async fn ca_public_key(State(state): State<AppState>) -> impl IntoResponse {
     (

@@ -44,6 +44,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/requests", get(api::list).post(api::create))
         .route("/requests/{id}", get(api::show))
         .route("/requests/{id}/ssh-certificate", post(api::ssh_certificate))
+        .route("/requests/{id}/db-credentials", post(api::db_credentials))
         .route("/requests/{id}/{action}", post(api::act))
         .route("/ca/ssh", get(api::ca_public_key))
         .route("/ca/krl", get(api::ca_krl))

@@ -721,6 +721,10 @@ struct RequestDetailPage {
     approver_groups: String,
     deliveries: Vec<DeliveryVm>,
     can_get_certificate: bool,
+    can_get_db_credentials: bool,
+    /// The grant's database login, in words (errors included), for whoever may see
+    /// the request.
+    db_credential: String,
 }
 
 pub struct DeliveryVm {
@@ -752,12 +756,23 @@ pub async fn request_detail(
         .as_ref()
         .is_some_and(|g| g.status == "active" && g.ends_at > now);
     let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
-    let is_ssh = state
-        .config
-        .resource(&r.resource)
-        .is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);
+    let resource = state.config.resource(&r.resource);
+    let is_ssh = resource.is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);
+    let manages_db = resource.is_some_and(|res| res.manages_db_roles());
+    let db_credential = match &view.grant {
+        Some(g) if manages_db => {
+            let mut conn = state.db.acquire().await?;
+            store::db_credential(&mut conn, &g.id)
+                .await?
+                .map(|row| crate::dbcreds::state_words(&row))
+                .unwrap_or_default()
+        }
+        _ => String::new(),
+    };
     Ok(RequestDetailPage {
         can_get_certificate: grant_live && own_request && is_ssh,
+        can_get_db_credentials: grant_live && own_request && manages_db,
+        db_credential,
         chrome: Chrome::of(&state, &user).await?,
         reason_lines: r.reason.lines().map(str::to_string).collect(),
         timeline: timeline(&view),
@@ -880,6 +895,36 @@ pub async fn ssh_certificate(
         serial: minted.serial.to_string(),
         key_id: minted.key_id,
         fingerprint: minted.fingerprint,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "db_credentials.html")]
+struct DbCredentialsPage {
+    chrome: Chrome,
+    request_id: String,
+    resource: String,
+    c: crate::dbcreds::Issued,
+}
+
+/// The holder asks for a database login; the password is on this page only.
+pub async fn db_credentials(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<impl IntoResponse, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let issued = crate::dbcreds::issue(&state, &user.actor, &id).await?;
+    let mut conn = state.db.acquire().await?;
+    let req = store::get_request(&mut conn, &id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    Ok(DbCredentialsPage {
+        chrome: Chrome::of(&state, &user).await?,
+        request_id: id,
+        resource: req.resource,
+        c: issued,
     })
 }
 

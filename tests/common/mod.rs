@@ -4,6 +4,7 @@
 
 pub mod mail;
 pub mod oidc;
+pub mod postgres;
 pub mod slack;
 pub mod sshd;
 pub mod webdriver;
@@ -30,6 +31,7 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::parse(&demo_config_toml("127.0.0.1:0", dir), "demo").unwrap();
     config.server.sweep_interval = "0s".into();
     config.server.outbox_interval = "0s".into();
+    config.server.reconcile_interval = "0s".into();
     config.validate().unwrap();
     config
 }
