@@ -151,10 +151,13 @@ pub async fn login(
     open_browser: bool,
 ) -> Result<ExitCode, String> {
     let server = server.trim_end_matches('/').to_string();
-    if !(server.starts_with("https://")
-        || server.starts_with("http://127.0.0.1")
-        || server.starts_with("http://localhost"))
-    {
+    // The token rides on every call: plain http only to this machine.
+    let ok = reqwest::Url::parse(&server).is_ok_and(|u| {
+        u.scheme() == "https"
+            || (u.scheme() == "http"
+                && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")))
+    });
+    if !ok {
         return Err("--server must be an https URL (http only for 127.0.0.1/localhost)".into());
     }
     let token = if token_stdin {

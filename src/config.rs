@@ -493,7 +493,7 @@ pub struct ResourceConfig {
     /// PostgreSQL: a file holding the admin role's password.
     #[serde(default)]
     pub admin_password_file: Option<PathBuf>,
-    /// PostgreSQL: `disable`, `prefer` (default), `require` or `verify-full`.
+    /// PostgreSQL: `disable`, `prefer`, `require` (default) or `verify-full`.
     #[serde(default)]
     pub tls: Option<String>,
     /// PostgreSQL: at a grant's end, objects its role created go to this role
@@ -931,6 +931,24 @@ impl Config {
                 }
             }
             if r.manages_db_roles() {
+                // twokey owns the prefix: its own admin or a role it grants must never be
+                // mistaken for a grant's login.
+                let owned = r
+                    .admin_user
+                    .iter()
+                    .chain(r.reassign_owned_to.iter())
+                    .chain(r.roles.iter().flat_map(|role| role.db_roles.iter()));
+                if let Some(n) = owned
+                    .into_iter()
+                    .find(|n| n.starts_with(crate::dbcreds::ROLE_PREFIX))
+                {
+                    return Err(invalid(
+                        format!("{key}.admin_user"),
+                        format!(
+                            "{n:?}: names starting with twokey_ are reserved for grants' logins"
+                        ),
+                    ));
+                }
                 if r.address.is_none() {
                     return Err(invalid(
                         format!("{key}.address"),
@@ -945,7 +963,7 @@ impl Config {
                 }
                 r.admin_password(&key)?;
                 if !matches!(
-                    r.tls.as_deref().unwrap_or("prefer"),
+                    r.tls.as_deref().unwrap_or("require"),
                     "disable" | "prefer" | "require" | "verify-full"
                 ) {
                     return Err(invalid(

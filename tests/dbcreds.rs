@@ -29,6 +29,7 @@ fn target(c: &mut twokey::config::Config, port: u16, dir: &std::path::Path, db_r
     db.admin_user = Some("postgres".into());
     db.admin_password_file = Some(pw);
     db.tls = Some("disable".into());
+    db.reassign_owned_to = None;
     db.roles[0].db_roles = db_roles.iter().map(|s| s.to_string()).collect();
 }
 
@@ -604,4 +605,116 @@ async fn twokey_psql_connects_with_the_grant_login() {
     .await;
     assert_eq!(ok(&out), "3");
     assert_eq!(cluster.twokey_roles().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_grant_statement_rolls_the_whole_login_back() {
+    let cluster = Cluster::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let (port, dir) = (cluster.port, secrets.path().to_path_buf());
+    let app = common::start_with(move |c| {
+        target(c, port, &dir, &["readonly"]);
+        // CREATE ROLE succeeds, then this fails: nothing may stay.
+        c.resources[0].roles[0].db_grants = vec!["GRANT SELECT ON no_such_table TO {role}".into()];
+    })
+    .await;
+    app.clock.set(chrono::Utc::now());
+    let id = granted(&app).await;
+    let (s, r) = credentials(&app, ALICE, &id).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("no_such_table"),
+        "{r}"
+    );
+    assert!(
+        cluster.twokey_roles().is_empty(),
+        "{:?}",
+        cluster.twokey_roles()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_drops_the_login_at_once_and_owned_objects_follow_the_config() {
+    let cluster = Cluster::start();
+    // An admin's own role that merely looks like twokey's is never touched.
+    cluster.admin("postgres", "CREATE ROLE twokey_admin_tool NOLOGIN");
+    let secrets = tempfile::tempdir().unwrap();
+    let (port, dir) = (cluster.port, secrets.path().to_path_buf());
+    let app = common::start_with(move |c| {
+        target(c, port, &dir, &["readonly"]);
+        // The background reconciler runs (hourly), so only the revocation wakes it.
+        c.server.reconcile_interval = "1h".into();
+        c.resources[0].reassign_owned_to = Some("keeper".into());
+        c.resources[0].roles[0].db_grants = vec!["GRANT CREATE ON SCHEMA public TO {role}".into()];
+    })
+    .await;
+    app.clock.set(chrono::Utc::now());
+    let id = granted(&app).await;
+    let (_, c) = credentials(&app, ALICE, &id).await;
+    let (user, pw) = (
+        c["username"].as_str().unwrap().to_string(),
+        c["password"].as_str().unwrap().to_string(),
+    );
+    ok(&cluster.psql(&user, &pw, "app", "CREATE TABLE made_during_grant (x int)"));
+
+    app.api(BOB).await.act(&id, "revoke").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .twokey_roles()
+        .iter()
+        .all(|r| r == "twokey_admin_tool")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the revocation did not drop {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(cluster.twokey_roles(), ["twokey_admin_tool"]);
+    // What the login made now belongs to keeper.
+    assert_eq!(
+        cluster.admin(
+            "app",
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'made_during_grant'"
+        ),
+        "keeper"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_reassign_what_the_login_made_is_dropped_with_it() {
+    let cluster = Cluster::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let (port, dir) = (cluster.port, secrets.path().to_path_buf());
+    let app = common::start_with(move |c| {
+        target(c, port, &dir, &["readonly"]);
+        c.resources[0].roles[0].db_grants = vec!["GRANT CREATE ON SCHEMA public TO {role}".into()];
+    })
+    .await;
+    app.clock.set(chrono::Utc::now());
+    let id = granted(&app).await;
+    let (_, c) = credentials(&app, ALICE, &id).await;
+    let (user, pw) = (
+        c["username"].as_str().unwrap(),
+        c["password"].as_str().unwrap(),
+    );
+    ok(&cluster.psql(user, pw, "app", "CREATE TABLE scratch (x int)"));
+    // The natural end this time.
+    app.clock.advance(chrono::Duration::minutes(61));
+    twokey::access::sweep(app.state()).await.unwrap();
+    assert_eq!(
+        twokey::dbcreds::reconcile(app.state())
+            .await
+            .unwrap()
+            .dropped,
+        1
+    );
+    assert!(cluster.twokey_roles().is_empty());
+    assert_eq!(
+        cluster.admin(
+            "app",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'"
+        ),
+        "0"
+    );
 }

@@ -587,3 +587,47 @@ async fn the_holder_gets_a_certificate_from_the_request_page() {
         .count();
     assert_eq!(minted, 1);
 }
+
+#[test]
+fn revocation_by_serial_alone_and_by_key_id_alone_each_work_in_openssh() {
+    use twokey::ca::krl::{Revoked, encode};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = twokey::ca::Ca::load_or_create(&Default::default(), dir.path()).unwrap();
+    let keys = Keys::new();
+    let user = ssh_key::PublicKey::read_openssh_file(keys.key.with_extension("pub")).unwrap();
+    let principals = vec!["deploy".to_string()];
+    let extensions = vec!["permit-pty".to_string()];
+    let cert = |serial: u64, key_id: &str| {
+        let c = ca
+            .sign(&twokey::ca::CertSpec {
+                public_key: &user,
+                serial,
+                key_id,
+                principals: &principals,
+                valid_after: 1,
+                valid_before: u64::MAX / 2,
+                extensions: &extensions,
+                force_command: None,
+                source_address: None,
+            })
+            .unwrap();
+        keys.save_cert(&c.to_openssh().unwrap(), &format!("s{serial}-cert.pub"))
+    };
+    let certs = [cert(5, "a"), cert(7, "b"), cert(1 << 40, "c"), cert(9, "d")];
+    let check = |revoked: Revoked| {
+        let path = keys.dir.path().join("krl");
+        std::fs::write(&path, encode(ca.public_key(), &revoked, 1, 1).unwrap()).unwrap();
+        keygen_query(&path, &certs)
+    };
+    let by_serial = Revoked {
+        serials: vec![7, 1 << 40],
+        key_ids: vec![],
+    };
+    assert_eq!(check(by_serial), [false, true, true, false]);
+    let by_id = Revoked {
+        serials: vec![],
+        key_ids: vec!["a".into(), "d".into()],
+    };
+    assert_eq!(check(by_id), [true, false, false, true]);
+    assert_eq!(check(Revoked::default()), [false, false, false, false]);
+}

@@ -305,6 +305,17 @@ pub async fn begin_cli_login(state: &AppState, actor: &Actor, challenge: &str) -
         now + CLI_CODE_TTL_MS,
     )
     .await?;
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: &actor.email,
+            action: "cli_login.confirmed",
+            subject: &actor.user_id,
+            details: json!({ "by": actor.identity(), "code_expires_at": now + CLI_CODE_TTL_MS }),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(code)
 }
@@ -327,6 +338,17 @@ pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Re
     };
     if !secrets_equal(&pkce_challenge(verifier), &challenge) {
         // The code is spent either way: a wrong verifier burns it.
+        store::append_audit(
+            &mut tx,
+            now,
+            &NewEvent {
+                actor: "cli",
+                action: "cli_login.refused",
+                subject: &user_id,
+                details: json!({ "reason": "PKCE verifier did not match; the code is spent" }),
+            },
+        )
+        .await?;
         tx.commit().await?;
         return Err(refused());
     }

@@ -49,6 +49,20 @@ pub fn role_name(grant_id: &str) -> String {
     format!("{ROLE_PREFIX}{short}")
 }
 
+/// What twokey writes as the COMMENT of each role it makes: this instance (its CA's
+/// fingerprint) and the grant. The reconciler only ever touches roles carrying this
+/// instance's tag, so another twokey, or an admin's own `twokey_…` role, is left alone.
+fn instance_tag(state: &AppState) -> String {
+    let fp = state.ca.fingerprint();
+    let short: String = fp
+        .trim_start_matches("SHA256:")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(16)
+        .collect();
+    format!("twokey:{short}:")
+}
+
 /// A PostgreSQL identifier, quoted: `"` doubled, the whole wrapped in `"`.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -110,11 +124,11 @@ impl Target {
             .as_deref()
             .ok_or_else(|| bad("no address"))?;
         let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("bad address"))?;
-        let (ssl, ssl_name) = match resource.tls.as_deref().unwrap_or("prefer") {
+        let (ssl, ssl_name) = match resource.tls.as_deref().unwrap_or("require") {
             "disable" => (PgSslMode::Disable, "disable"),
-            "require" => (PgSslMode::Require, "require"),
+            "prefer" => (PgSslMode::Prefer, "prefer"),
             "verify-full" => (PgSslMode::VerifyFull, "verify-full"),
-            _ => (PgSslMode::Prefer, "prefer"),
+            _ => (PgSslMode::Require, "require"),
         };
         Ok(Target {
             host: host.to_string(),
@@ -154,6 +168,13 @@ impl Target {
                 )
             })?
             .map_err(|e| self.describe(&e))?;
+        let version: String = sqlx::query_scalar("SHOW server_version_num")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| self.describe(&e))?;
+        if version.parse::<u32>().unwrap_or(0) < 140000 {
+            return Err("twokey needs PostgreSQL 14 or newer on the target".into());
+        }
         let scs: String = sqlx::query_scalar("SHOW standard_conforming_strings")
             .fetch_one(&mut conn)
             .await
@@ -234,9 +255,17 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     };
     let target = Target::of(&resource)?;
     let name = role_name(&grant.id);
+    // Recorded before the target is touched: the reconciler leaves a role being made
+    // for a live grant alone, and drops it once the grant is over.
+    {
+        let mut tx = store::begin_write(&state.db).await?;
+        store::db_credential_creating(&mut tx, &grant.id, &resource.name, &name, now).await?;
+        tx.commit().await?;
+    }
     let password = new_password();
     let ends = crate::clock::from_millis(grant.ends_at);
-    let result = provision(&target, &name, &password, &role, &ends).await;
+    let comment = format!("{}grant:{}", instance_tag(state), grant.id);
+    let result = provision(&target, &name, &password, &role, &ends, &comment).await;
     let mut tx = store::begin_write(&state.db).await?;
     let created = match result {
         Ok(created) => created,
@@ -257,6 +286,21 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
             return Err(Error::conflict(format!("no database credentials: {msg}")));
         }
     };
+    // The grant may have been revoked while the target was busy: then the login must
+    // not be handed out, and goes at once.
+    let still_live = store::grant_for_request(&mut tx, request_id)
+        .await?
+        .is_some_and(|g| g.status == "active" && g.ends_at > state.now_ms());
+    if !still_live {
+        drop(tx);
+        state.reconcile_now.notify_one();
+        if let Err(msg) = reconcile_resource(state, &resource).await {
+            tracing::warn!(error = %msg, "dropping a login made for a grant that ended meanwhile failed; will retry");
+        }
+        return Err(Error::conflict(
+            "this grant ended while its login was being made",
+        ));
+    }
     store::db_credential_issued(&mut tx, &grant.id, &resource.name, &name, now).await?;
     crate::access::audit_event(
         &mut tx,
@@ -319,6 +363,7 @@ async fn provision(
     password: &str,
     role: &RoleConfig,
     ends: &chrono::DateTime<chrono::Utc>,
+    comment: &str,
 ) -> std::result::Result<bool, String> {
     let mut conn = target.connect().await?;
     let salt: [u8; 16] = rand::random();
@@ -354,6 +399,8 @@ async fn provision(
                 sql.push_str(&format!(" IN ROLE {}", roles.join(", ")));
             }
             tx.execute(sql.as_str()).await?;
+            tx.execute(format!("COMMENT ON ROLE {ident} IS {}", quote_literal(comment)).as_str())
+                .await?;
             for g in &role.db_grants {
                 tx.execute(g.replace("{role}", &ident).as_str()).await?;
             }
@@ -406,13 +453,17 @@ async fn reconcile_resource(
 ) -> std::result::Result<Reconciled, String> {
     let target = Target::of(resource).map_err(|e| e.to_string())?;
     let now = state.now_ms();
-    let live = store::live_db_roles(&state.db, &resource.name, now)
+    let live = store::live_db_roles(&state.db, now)
         .await
         .map_err(|e| e.to_string())?;
     let mut conn = target.connect().await?;
+    // Only roles this instance made (by their COMMENT), whichever resource they were for.
     let present: Vec<String> = sqlx::query_scalar(
-        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'twokey\\_%' ORDER BY rolname",
+        "SELECT rolname FROM pg_roles
+         WHERE rolname LIKE 'twokey\\_%' AND shobj_description(oid, 'pg_authid') LIKE $1
+         ORDER BY rolname",
     )
+    .bind(format!("{}%", instance_tag(state)))
     .fetch_all(&mut conn)
     .await
     .map_err(|e| target.describe(&e))?;
@@ -461,6 +512,22 @@ async fn reconcile_resource(
             Err(msg) => {
                 out.failed += 1;
                 tracing::warn!(role = %name, resource = %resource.name, error = %msg, "dropping a database role failed; will retry");
+                let mut tx = store::begin_write(&state.db)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                crate::access::audit_event(
+                    &mut tx,
+                    state.now_ms(),
+                    "system",
+                    "db_role.drop_failed",
+                    record
+                        .as_ref()
+                        .map_or(name.as_str(), |r| r.grant_id.as_str()),
+                    json!({ "role": name, "resource": resource.name, "error": msg }),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())?;
                 if let Some(r) = &record {
                     let mut tx = store::begin_write(&state.db)
                         .await

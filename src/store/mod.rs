@@ -1136,7 +1136,8 @@ pub async fn db_credential_error(
     sqlx::query(
         "INSERT INTO db_credentials (grant_id, resource, role_name, status, created_at, last_error)
          VALUES (?, ?, ?, 'error', ?, ?)
-         ON CONFLICT (grant_id) DO UPDATE SET last_error = excluded.last_error",
+         ON CONFLICT (grant_id) DO UPDATE SET last_error = excluded.last_error,
+             status = CASE WHEN status = 'creating' THEN 'error' ELSE status END",
     )
     .bind(grant_id)
     .bind(resource)
@@ -1161,17 +1162,40 @@ pub async fn db_credential_dropped(conn: &mut Conn, role_name: &str, now: i64) -
     Ok(done.rows_affected() == 1)
 }
 
-/// Role names on `resource` whose grant is live right now: the only twokey roles that
-/// may exist there.
-pub async fn live_db_roles(db: &Db, resource: &str, now: i64) -> Result<Vec<String>> {
+/// Role names whose grant is live right now, on any resource (roles are server-wide in
+/// PostgreSQL, and two resources may share a server): the only twokey roles that may
+/// exist. Rows still being created count, so the reconciler never races a creation.
+pub async fn live_db_roles(db: &Db, now: i64) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
         "SELECT c.role_name FROM db_credentials c JOIN grants g ON g.id = c.grant_id
-         WHERE c.resource = ? AND g.status = 'active' AND g.ends_at > ?",
+         WHERE g.status = 'active' AND g.ends_at > ? AND c.status IN ('creating', 'active')",
     )
-    .bind(resource)
     .bind(now)
     .fetch_all(db)
     .await?)
+}
+
+/// Marks a login as being made, before twokey touches the target.
+pub async fn db_credential_creating(
+    conn: &mut Conn,
+    grant_id: &str,
+    resource: &str,
+    role_name: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO db_credentials (grant_id, resource, role_name, status, created_at)
+         VALUES (?, ?, ?, 'creating', ?)
+         ON CONFLICT (grant_id) DO UPDATE SET status = CASE WHEN status = 'active'
+                                                          THEN 'active' ELSE 'creating' END",
+    )
+    .bind(grant_id)
+    .bind(resource)
+    .bind(role_name)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The grant a role was made for, if twokey knows it.

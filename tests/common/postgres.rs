@@ -123,7 +123,7 @@ impl Cluster {
         c.admin("postgres", "CREATE DATABASE app");
         c.admin(
             "postgres",
-            "CREATE ROLE readonly NOLOGIN; CREATE ROLE \"read\"\"only; x\" NOLOGIN;",
+            "CREATE ROLE readonly NOLOGIN; CREATE ROLE \"read\"\"only; x\" NOLOGIN; CREATE ROLE keeper NOLOGIN;",
         );
         c.admin(
             "app",
