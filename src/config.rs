@@ -35,6 +35,30 @@ pub struct Config {
     /// The SSH user certificate authority.
     #[serde(default)]
     pub ca: CaConfig,
+    /// The SSH relay: on when this section is present.
+    #[serde(default)]
+    pub relay: Option<RelayConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where engineers connect: `ssh -p PORT RESOURCE@host`.
+    pub listen: String,
+    /// The relay's host key; made at first start. Default DATA_DIR/relay_host_key.
+    #[serde(default)]
+    pub host_key_file: Option<PathBuf>,
+    /// The CA the targets trust for the relay's upstream logins (never the engineers'
+    /// CA). Made at first start; default DATA_DIR/relay_upstream_ca.
+    #[serde(default)]
+    pub upstream_ca_key_file: Option<PathBuf>,
+    /// Connections that may be open at once.
+    #[serde(default = "default_relay_connections")]
+    pub max_connections: usize,
+}
+
+fn default_relay_connections() -> usize {
+    1000
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -574,6 +598,10 @@ pub struct RoleConfig {
     /// PostgreSQL: most concurrent connections of the login.
     #[serde(default = "default_connection_limit")]
     pub connection_limit: i32,
+    /// SSH relay: exec commands refused for this role (`*` matches anything), e.g.
+    /// `["rm -rf *", "shutdown*"]`. Interactive shells cannot be held to this.
+    #[serde(default)]
+    pub blocked_commands: Vec<String>,
 }
 
 fn default_connection_limit() -> i32 {

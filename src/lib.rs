@@ -11,6 +11,7 @@
 //!   UPDATE plus its audit event in one transaction.
 //! - [`ca`] signs SSH user certificates for live grants and writes the KRL.
 //! - [`dbcreds`] makes and drops the PostgreSQL logins of grants.
+//! - [`relay`] is the SSH relay: admits live grants only, records, cuts at the end.
 //! - [`notify`] delivers the outbox (email) and mints single-use action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
 //! - [`server`] wires it together; [`cli`] is the command line, [`client`] the
@@ -30,6 +31,7 @@ pub mod dbcreds;
 pub mod error;
 pub mod notify;
 pub mod policy;
+pub mod relay;
 pub mod server;
 pub mod state;
 pub mod store;

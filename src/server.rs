@@ -27,6 +27,8 @@ pub struct Server {
     sweeper: Option<JoinHandle<()>>,
     outbox: Option<JoinHandle<()>>,
     reconciler: Option<JoinHandle<()>>,
+    /// The SSH relay, when configured.
+    pub relay: Option<crate::relay::Relay>,
 }
 
 impl Server {
@@ -39,6 +41,9 @@ impl Server {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.serve.await;
+        if let Some(relay) = self.relay {
+            relay.stop();
+        }
         for task in [self.sweeper, self.outbox, self.reconciler]
             .into_iter()
             .flatten()
@@ -168,6 +173,17 @@ pub async fn start(
             }
         })
     });
+    let relay = match state.config.relay.as_ref().map(|r| r.listen.clone()) {
+        Some(listen) => {
+            let listener = TcpListener::bind(&listen)
+                .await
+                .map_err(|e| Error::Internal(format!("relay: cannot listen on {listen}: {e}")))?;
+            let relay = crate::relay::start(state.clone(), listener).await?;
+            tracing::info!(addr = %relay.addr, "SSH relay listening");
+            Some(relay)
+        }
+        None => None,
+    };
     Ok(Server {
         addr,
         state,
@@ -176,6 +192,7 @@ pub async fn start(
         sweeper,
         outbox,
         reconciler,
+        relay,
     })
 }
 

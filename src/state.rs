@@ -23,6 +23,8 @@ pub struct AppState {
     pub ca: Arc<crate::ca::Ca>,
     /// Wakes the database-login reconciler (a grant ended or was revoked).
     pub reconcile_now: Arc<tokio::sync::Notify>,
+    /// The SSH relay's host key and upstream CA, when the relay is on.
+    pub relay: Option<Arc<crate::relay::RelayKeys>>,
 }
 
 impl AppState {
@@ -46,7 +48,15 @@ impl AppState {
             &config.ca,
             &config.server.data_dir,
         )?);
+        let relay = match &config.relay {
+            Some(r) => Some(Arc::new(crate::relay::RelayKeys::load(
+                r,
+                &config.server.data_dir,
+            )?)),
+            None => None,
+        };
         Ok(Self {
+            relay,
             reconcile_now: Arc::new(tokio::sync::Notify::new()),
             ca,
             mailer,

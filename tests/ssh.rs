@@ -206,13 +206,13 @@ async fn a_live_grant_gets_a_certificate_sshd_accepts_and_nothing_more() {
         &sshd::login(),
         &keys.key,
         &cert,
-        &[
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-L",
-            "127.0.0.1:0:127.0.0.1:9",
-        ],
+        &["-W", "127.0.0.1:9"],
         "true",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("administratively prohibited"),
+        "{}",
+        describe(&out)
     );
     assert!(
         !out.status.success(),

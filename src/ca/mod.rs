@@ -142,6 +142,12 @@ impl Ca {
         &self.public
     }
 
+    /// The private key, for the relay's own host key (which is kept at rest the same
+    /// way). Never for anything that could print or send it.
+    pub(crate) fn private_key(&self) -> &PrivateKey {
+        &self.key
+    }
+
     pub fn fingerprint(&self) -> String {
         self.public.fingerprint(HashAlg::Sha256).to_string()
     }

@@ -333,6 +333,7 @@ mod tests {
             db_roles: vec![],
             db_grants: vec![],
             connection_limit: 5,
+            blocked_commands: vec![],
         }
     }
 

@@ -1207,3 +1207,12 @@ pub async fn db_credential_by_role(db: &Db, role_name: &str) -> Result<Option<Db
             .await?,
     )
 }
+
+pub async fn grant_by_id(db: &Db, grant_id: &str) -> Result<Option<GrantRow>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {GRANT_COLUMNS} WHERE g.id = ?"))
+            .bind(grant_id)
+            .fetch_optional(db)
+            .await?,
+    )
+}

@@ -1,0 +1,798 @@
+//! The SSH relay: the only way in. An engineer connects with the certificate twokey
+//! minted (`ssh -p PORT RESOURCE@relay`); [`authorize`] admits only a certificate from
+//! twokey's own CA whose grant is live right now for that resource, and the relay then
+//! logs in to the target with a short certificate from a separate upstream CA that
+//! the engineer never sees, pins the target's host key, records the session as
+//! asciicast v2, and cuts it when the grant ends or is revoked.
+//!
+//! It must never decide from anything but the verified certificate and a live grant row,
+//! and must fail closed when the store cannot answer (DESIGN.md invariant 5).
+
+pub mod recording;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::{Certificate, HashAlg, PublicKey};
+use russh::server::{Auth, Msg, Server as _, Session};
+use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::ca::Ca;
+use crate::error::{Error, Result};
+use crate::state::AppState;
+use crate::store::{self, GrantRow};
+
+/// Critical options twokey's certificates may carry; any other is refused.
+const KNOWN_CRITICAL: &[&str] = &["force-command", "source-address"];
+/// How often a session checks that its grant is still live (the cut happens within
+/// this, well under the 1 s promised).
+const CUT_CHECK: Duration = Duration::from_millis(200);
+
+/// The relay's keys: its own host key, and the upstream CA targets trust.
+pub struct RelayKeys {
+    pub host: Ca,
+    pub upstream_ca: Ca,
+}
+
+impl RelayKeys {
+    pub fn load(config: &crate::config::RelayConfig, data_dir: &std::path::Path) -> Result<Self> {
+        let at = |p: &Option<std::path::PathBuf>, name: &str| crate::config::CaConfig {
+            key_file: Some(p.clone().unwrap_or_else(|| data_dir.join(name))),
+            passphrase_file: None,
+        };
+        Ok(RelayKeys {
+            host: Ca::load_or_create(&at(&config.host_key_file, "relay_host_key"), data_dir)?,
+            upstream_ca: Ca::load_or_create(
+                &at(&config.upstream_ca_key_file, "relay_upstream_ca"),
+                data_dir,
+            )?,
+        })
+    }
+}
+
+/// Who a connection was admitted as.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub grant: GrantRow,
+    pub serial: u64,
+    pub key_id: String,
+}
+
+/// Why a connection was refused, in one line the engineer can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The certificate itself is not acceptable: authentication fails.
+    Certificate(String),
+    /// A valid twokey certificate, but no live grant for this resource: the engineer
+    /// is told why on their terminal, and nothing reaches the target.
+    Grant(String),
+}
+
+impl Refusal {
+    fn text(&self) -> &str {
+        match self {
+            Refusal::Certificate(s) | Refusal::Grant(s) => s,
+        }
+    }
+}
+
+/// The one admission check, shared by every relay protocol.
+pub async fn authorize(
+    state: &AppState,
+    resource: &str,
+    cert: &Certificate,
+    peer: Option<SocketAddr>,
+) -> std::result::Result<Admitted, Refusal> {
+    let bad = |m: &str| Err(Refusal::Certificate(m.to_string()));
+    let now = u64::try_from(state.now_ms() / 1000).unwrap_or(0);
+    // russh checked the signature against the key inside the certificate; that key
+    // must be twokey's CA, checked here.
+    let ca_fp = state.ca.public_key().fingerprint(HashAlg::Sha256);
+    if cert.validate_at(now, [&ca_fp]).is_err() {
+        return bad("certificate not signed by twokey's CA, or outside its validity");
+    }
+    if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::User {
+        return bad("not a user certificate");
+    }
+    if let Some(opt) = cert
+        .critical_options()
+        .keys()
+        .find(|k| !KNOWN_CRITICAL.contains(&k.as_str()))
+    {
+        return bad(&format!("unknown critical option {opt}"));
+    }
+    if let Some(allowed) = cert.critical_options().get("source-address") {
+        let Some(peer) = peer else {
+            return bad("source address unknown");
+        };
+        if !allowed
+            .split(',')
+            .any(|cidr| cidr_contains(cidr.trim(), peer.ip()))
+        {
+            return bad(&format!(
+                "not from a permitted source address ({})",
+                peer.ip()
+            ));
+        }
+    }
+    // twokey:<grant id>:<email>
+    let mut parts = cert.key_id().splitn(3, ':');
+    let (Some("twokey"), Some(grant_id), Some(_)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return bad("not a twokey certificate");
+    };
+    let grant = match store::grant_by_id(&state.db, grant_id).await {
+        Ok(Some(g)) => g,
+        Ok(None) => return bad("unknown grant"),
+        // Fail closed: no store, no session.
+        Err(_) => return bad("twokey cannot check grants right now"),
+    };
+    if grant.status == "revoked" {
+        return Err(Refusal::Grant(format!(
+            "your grant on {} was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
+            grant.resource, grant.resource, grant.role
+        )));
+    }
+    if grant.resource != resource {
+        return Err(Refusal::Grant(format!(
+            "no live grant for {resource} (this certificate is for {}); run: twokey request {resource} --role ROLE --for 30m --reason \"…\"",
+            grant.resource
+        )));
+    }
+    if grant.status != "active" || grant.ends_at <= state.now_ms() {
+        return Err(Refusal::Grant(format!(
+            "your grant on {resource} has ended; run: twokey request {resource} --role {} --for 30m --reason \"…\"",
+            grant.role
+        )));
+    }
+    Ok(Admitted {
+        serial: cert.serial(),
+        key_id: cert.key_id().to_string(),
+        grant,
+    })
+}
+
+/// Whether `ip` is in `cidr` (`10.0.0.0/8`, `::1`, `127.0.0.1`).
+pub fn cidr_contains(cidr: &str, ip: std::net::IpAddr) -> bool {
+    let (addr, bits) = match cidr.split_once('/') {
+        Some((a, b)) => (a, b.parse::<u32>().ok()),
+        None => (cidr, None),
+    };
+    let Ok(net) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    match (net, ip) {
+        (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => {
+            let bits = bits.unwrap_or(32).min(32);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => {
+            let bits = bits.unwrap_or(128).min(128);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+/// `*` matches any run of characters, `?` one; everything else itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// A running relay.
+pub struct Relay {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the relay on `listener`.
+pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
+    let keys = state
+        .relay
+        .clone()
+        .ok_or_else(|| Error::Internal("relay keys missing".into()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("relay listener: {e}")))?;
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    let config = Arc::new(russh::server::Config {
+        methods,
+        keys: vec![keys.host.private_key().clone()],
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::from_millis(0)),
+        max_auth_attempts: 6,
+        // Pre-authentication and idle connections do not linger.
+        inactivity_timeout: Some(Duration::from_secs(3600)),
+        nodelay: true,
+        ..Default::default()
+    });
+    let limit = state
+        .config
+        .relay
+        .as_ref()
+        .map_or(1000, |r| r.max_connections);
+    let mut server = RelayServer {
+        state,
+        open: Arc::new(tokio::sync::Semaphore::new(limit)),
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = server.run_on_socket(config, &listener).await {
+            tracing::error!(error = %e, "relay stopped");
+        }
+    });
+    Ok(Relay { addr, task })
+}
+
+struct RelayServer {
+    state: AppState,
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+impl russh::server::Server for RelayServer {
+    type Handler = Conn;
+
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
+        Conn {
+            state: self.state.clone(),
+            peer,
+            admission: None,
+            permit: self.open.clone().try_acquire_owned().ok(),
+        }
+    }
+}
+
+struct Conn {
+    state: AppState,
+    peer: Option<SocketAddr>,
+    admission: Option<std::result::Result<Admitted, String>>,
+    /// Held while the connection lives; none left means refused.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Conn {
+    async fn audit_refusal(&self, resource: &str, reason: &str, cert: &Certificate) {
+        let now = self.state.now_ms();
+        let Ok(mut tx) = store::begin_write(&self.state.db).await else {
+            return;
+        };
+        let ok = crate::access::audit_event(
+            &mut tx,
+            now,
+            "relay",
+            "relay.refused",
+            resource,
+            json!({
+                "reason": reason,
+                "key_id": cert.key_id(),
+                "serial": cert.serial().to_string(),
+                "peer": self.peer.map(|p| p.ip().to_string()),
+            }),
+        )
+        .await;
+        if ok.is_ok() {
+            let _ = tx.commit().await;
+        }
+    }
+}
+
+impl Conn {
+    async fn refuse_forward(&self, what: &str) {
+        if let Some(Ok(a)) = &self.admission {
+            audit(
+                &self.state,
+                &a.grant.user_email,
+                "session.forward_refused",
+                &a.grant.id,
+                json!({ "forward": what }),
+            )
+            .await;
+        }
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> std::result::Result<Auth, Self::Error> {
+        // Plain keys never get in: only certificates twokey minted.
+        Ok(Auth::reject())
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &Certificate,
+    ) -> std::result::Result<Auth, Self::Error> {
+        if self.permit.is_none() {
+            return Ok(Auth::reject());
+        }
+        match authorize(&self.state, user, cert, self.peer).await {
+            Ok(a) => {
+                self.admission = Some(Ok(a));
+                Ok(Auth::Accept)
+            }
+            Err(Refusal::Grant(why)) => {
+                // The certificate proves who this is; tell them why, forward nothing.
+                self.audit_refusal(user, &why, cert).await;
+                self.admission = Some(Err(why));
+                Ok(Auth::Accept)
+            }
+            Err(r @ Refusal::Certificate(_)) => {
+                self.audit_refusal(user, r.text(), cert).await;
+                tracing::info!(resource = %user, reason = r.text(), "relay refused a certificate");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        let Some(admission) = self.admission.clone() else {
+            return Ok(());
+        };
+        reply.accept().await;
+        let state = self.state.clone();
+        match admission {
+            Ok(admitted) => {
+                let peer = self.peer;
+                tokio::spawn(async move {
+                    if let Err(e) = bridge(state, admitted, channel, peer).await {
+                        tracing::warn!(error = %e, "relay session ended with an error");
+                    }
+                });
+            }
+            Err(why) => {
+                tokio::spawn(explain(channel, why));
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        // No forwarding through the relay: what passes must be recorded.
+        self.refuse_forward(&format!(
+            "direct-tcpip to {host_to_connect}:{port_to_connect}"
+        ))
+        .await;
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> std::result::Result<bool, Self::Error> {
+        self.refuse_forward(&format!("remote forward of {address}:{port}"))
+            .await;
+        Ok(false)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+}
+
+/// Tells a refused engineer why, on stderr, and closes.
+async fn explain(mut channel: Channel<Msg>, why: String) {
+    // Wait for the shell or exec request so the client shows what follows.
+    while let Some(msg) = channel.wait().await {
+        if matches!(
+            msg,
+            ChannelMsg::Exec { .. } | ChannelMsg::RequestShell { .. }
+        ) {
+            break;
+        }
+    }
+    let _ = channel
+        .extended_data_bytes(1, format!("twokey: {why}\r\n").into_bytes())
+        .await;
+    let _ = channel.exit_status(1).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
+}
+
+/// The upstream side: an SSH client that only talks to the pinned host key.
+struct Upstream {
+    host_key: PublicKey,
+}
+
+impl russh::client::Handler for Upstream {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> std::result::Result<bool, Self::Error> {
+        Ok(match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+                key.key_data() == self.host_key.key_data()
+            }
+            russh::keys::PublicKeyOrCertificate::Certificate(_) => false,
+        })
+    }
+}
+
+async fn connect_upstream(
+    state: &AppState,
+    admitted: &Admitted,
+    session_id: &str,
+) -> std::result::Result<russh::client::Handle<Upstream>, String> {
+    let keys = state.relay.clone().ok_or("relay keys missing")?;
+    let g = &admitted.grant;
+    let (resource, role) = state
+        .config
+        .role(&g.resource, &g.role)
+        .ok_or("the grant's role is no longer in the policy")?;
+    let address = resource
+        .address
+        .clone()
+        .ok_or_else(|| format!("{} has no address", resource.name))?;
+    let host_key = resource
+        .host_key
+        .as_deref()
+        .and_then(|k| PublicKey::from_openssh(k.trim()).ok())
+        .ok_or_else(|| {
+            format!(
+                "{} has no pinned host_key: the relay never trusts an unknown host",
+                resource.name
+            )
+        })?;
+    let principal = role
+        .principals
+        .first()
+        .cloned()
+        .ok_or("the role has no principal")?;
+    // A throwaway key and a certificate for it, from the upstream CA, valid only for
+    // this session's grant.
+    let key = russh::keys::ssh_key::PrivateKey::random(
+        &mut russh::keys::ssh_key::rand_core::UnwrapErr(russh::keys::ssh_key::getrandom::SysRng),
+        russh::keys::ssh_key::Algorithm::Ed25519,
+    )
+    .map_err(|e| format!("session key: {e}"))?;
+    let now = u64::try_from(state.now_ms() / 1000).unwrap_or(0);
+    let principals = vec![principal.clone()];
+    let extensions = role.extensions.clone();
+    let cert = keys
+        .upstream_ca
+        .sign(&crate::ca::CertSpec {
+            public_key: key.public_key(),
+            serial: crate::ca::random_serial(),
+            key_id: &format!("twokey-relay:{}:{}:{session_id}", g.id, g.user_email),
+            principals: &principals,
+            valid_after: now.saturating_sub(60),
+            valid_before: u64::try_from(g.ends_at / 1000).unwrap_or(0),
+            extensions: &extensions,
+            force_command: role.force_command.as_deref(),
+            source_address: None,
+        })
+        .map_err(|e| e.to_string())?;
+    let config = Arc::new(russh::client::Config {
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    });
+    let mut handle = tokio::time::timeout(
+        Duration::from_secs(10),
+        russh::client::connect(config, address.as_str(), Upstream { host_key }),
+    )
+    .await
+    .map_err(|_| format!("{address} did not answer"))?
+    .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let auth = handle
+        .authenticate_openssh_cert(principal.clone(), Arc::new(key), cert)
+        .await
+        .map_err(|e| format!("upstream login failed: {e}"))?;
+    if !auth.success() {
+        return Err(format!(
+            "{address} refused the relay's login as {principal}"
+        ));
+    }
+    Ok(handle)
+}
+
+fn is_live(g: &GrantRow, now: i64) -> bool {
+    g.status == "active" && g.ends_at > now
+}
+
+/// One relayed session: client channel ⇄ upstream channel, recorded, cut at the end.
+async fn bridge(
+    state: AppState,
+    admitted: Admitted,
+    mut client: Channel<Msg>,
+    peer: Option<SocketAddr>,
+) -> std::result::Result<(), String> {
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let g = admitted.grant.clone();
+    let blocked = state
+        .config
+        .role(&g.resource, &g.role)
+        .map(|(_, r)| r.blocked_commands.clone())
+        .unwrap_or_default();
+    let mut rec =
+        recording::Recorder::create(&state, &session_id).map_err(|e| format!("recording: {e}"))?;
+    audit(
+        &state,
+        &g.user_email,
+        "session.started",
+        &g.id,
+        json!({
+            "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
+            "key_id": admitted.key_id, "peer": peer.map(|p| p.ip().to_string()),
+        }),
+    )
+    .await;
+    let mut upstream_channel: Option<Channel<russh::client::Msg>> = None;
+    let mut _upstream_handle = None;
+    let mut pending_pty = None;
+    let mut tick = tokio::time::interval(CUT_CHECK);
+    let mut end_reason = "closed";
+    loop {
+        tokio::select! {
+            msg = client.wait() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. } => {
+                        rec.resize(col_width, row_height);
+                        pending_pty = Some((term, col_width, row_height, pix_width, pix_height, terminal_modes));
+                    }
+                    ChannelMsg::Exec { command, .. } => {
+                        let cmd = String::from_utf8_lossy(&command).to_string();
+                        if let Some(p) = blocked.iter().find(|p| glob_match(p, cmd.trim())) {
+                            let why = format!("the command is blocked for this role (matches {p:?})");
+                            audit(&state, &g.user_email, "session.command_blocked", &g.id, json!({
+                                "session_id": session_id, "command": cmd, "pattern": p,
+                            })).await;
+                            let _ = client.extended_data_bytes(1, format!("twokey: {why}\r\n").into_bytes()).await;
+                            let _ = client.exit_status(126).await;
+                            end_reason = "blocked";
+                            break;
+                        }
+                        rec.input(&command);
+                        let (h, ch) = open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                        ch.exec(true, command).await.map_err(|e| e.to_string())?;
+                        _upstream_handle = Some(h);
+                        upstream_channel = Some(ch);
+                    }
+                    ChannelMsg::RequestShell { .. } => {
+                        let (h, ch) = open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                        ch.request_shell(true).await.map_err(|e| e.to_string())?;
+                        _upstream_handle = Some(h);
+                        upstream_channel = Some(ch);
+                    }
+                    ChannelMsg::Data { data } => {
+                        rec.input(&data);
+                        if let Some(up) = &upstream_channel {
+                            up.data_bytes(data).await.map_err(|e| e.to_string())?;
+                        }
+                    }
+                    ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height } => {
+                        rec.resize(col_width, row_height);
+                        if let Some(up) = &upstream_channel {
+                            let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
+                        }
+                    }
+                    ChannelMsg::Eof => {
+                        if let Some(up) = &upstream_channel {
+                            let _ = up.eof().await;
+                        }
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            msg = async {
+                match upstream_channel.as_mut() {
+                    Some(up) => up.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match msg {
+                    Some(ChannelMsg::Data { data }) => {
+                        rec.output(&data);
+                        client.data_bytes(data).await.map_err(|e| e.to_string())?;
+                    }
+                    Some(ChannelMsg::ExtendedData { data, ext }) => {
+                        rec.output(&data);
+                        client.extended_data_bytes(ext, data).await.map_err(|e| e.to_string())?;
+                    }
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        let _ = client.exit_status(exit_status).await;
+                    }
+                    Some(ChannelMsg::Eof) => {
+                        let _ = client.eof().await;
+                    }
+                    Some(ChannelMsg::Close) | None => break,
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                // Fail closed: a store that cannot answer ends the session too.
+                let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
+                    .is_some_and(|now_g| is_live(&now_g, state.now_ms()));
+                if !live {
+                    let _ = client.extended_data_bytes(1, b"\r\ntwokey: the grant has ended or was revoked; closing\r\n".to_vec()).await;
+                    let _ = client.exit_status(255).await;
+                    end_reason = "grant ended";
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(up) = &upstream_channel {
+        let _ = up.close().await;
+    }
+    let _ = client.eof().await;
+    let _ = client.close().await;
+    let done = rec.finish().map_err(|e| format!("recording: {e}"))?;
+    audit(
+        &state,
+        &g.user_email,
+        "session.ended",
+        &g.id,
+        json!({
+            "session_id": session_id, "reason": end_reason, "recording": done.path,
+            "bytes": done.bytes, "sha256": done.sha256,
+        }),
+    )
+    .await;
+    Ok(())
+}
+
+type PtyRequest = (String, u32, u32, u32, u32, Vec<(russh::Pty, u32)>);
+
+async fn open_upstream(
+    state: &AppState,
+    admitted: &Admitted,
+    session_id: &str,
+    pty: Option<PtyRequest>,
+) -> std::result::Result<(russh::client::Handle<Upstream>, Channel<russh::client::Msg>), String> {
+    let handle = connect_upstream(state, admitted, session_id).await?;
+    let ch = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("upstream session: {e}"))?;
+    if let Some((term, c, r, pw, ph, modes)) = pty {
+        ch.request_pty(false, &term, c, r, pw, ph, &modes)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((handle, ch))
+}
+
+async fn audit(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    details: serde_json::Value,
+) {
+    let Ok(mut tx) = store::begin_write(&state.db).await else {
+        tracing::error!(action, "audit: store unavailable");
+        return;
+    };
+    if crate::access::audit_event(&mut tx, state.now_ms(), actor, action, subject, details)
+        .await
+        .is_ok()
+    {
+        let _ = tx.commit().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("rm -rf *", "rm -rf /"));
+        assert!(glob_match("shutdown*", "shutdown -h now"));
+        assert!(!glob_match("rm -rf *", "ls"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "abbc"));
+    }
+
+    #[test]
+    fn cidrs() {
+        let ip = |s: &str| s.parse().unwrap();
+        assert!(cidr_contains("127.0.0.0/8", ip("127.0.0.1")));
+        assert!(!cidr_contains("10.0.0.0/8", ip("127.0.0.1")));
+        assert!(cidr_contains("127.0.0.1", ip("127.0.0.1")));
+        assert!(cidr_contains("::1/128", ip("::1")));
+        assert!(!cidr_contains("10.0.0.0/8", ip("::1")));
+        assert!(cidr_contains("0.0.0.0/0", ip("8.8.8.8")));
+    }
+}

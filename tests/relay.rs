@@ -1,0 +1,350 @@
+//! The SSH relay with real OpenSSH on both sides: `ssh` → twokey relay → a throwaway
+//! `sshd` that trusts only the relay's upstream CA. Admission, recording, refusals and
+//! the cut at revocation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::sshd::{self, Sshd};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+
+struct Setup {
+    app: common::TestApp,
+    sshd: Sshd,
+    keys: tempfile::TempDir,
+    key: PathBuf,
+    _ca_dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let upstream = twokey::ca::Ca::load_or_create(
+        &twokey::config::CaConfig {
+            key_file: Some(ca_dir.path().join("upstream")),
+            passphrase_file: None,
+        },
+        ca_dir.path(),
+    )
+    .unwrap();
+    // The target trusts only the relay's upstream CA.
+    let sshd = Sshd::start(&upstream.public_key_line(), "");
+    let (port, host_key, login) = (sshd.port, sshd.host_key_line(), sshd::login());
+    let upstream_file = ca_dir.path().join("upstream");
+    let app = common::start_with(move |c| {
+        c.relay = Some(twokey::config::RelayConfig {
+            listen: "127.0.0.1:0".into(),
+            host_key_file: None,
+            upstream_ca_key_file: Some(upstream_file),
+            max_connections: 50,
+        });
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.address = Some(format!("127.0.0.1:{port}"));
+        ssh.host_key = Some(host_key);
+        ssh.roles[0].principals = vec![login];
+        ssh.roles[0].min_approvals = 1;
+        ssh.roles[0].require_ticket = false;
+        ssh.roles[0].blocked_commands = vec!["rm -rf *".into(), "shutdown*".into()];
+        c.validate().unwrap();
+    })
+    .await;
+    app.clock.set(Utc::now());
+    let keys = tempfile::tempdir().unwrap();
+    let key = sshd::keygen(keys.path(), "id_ed25519");
+    Setup {
+        app,
+        sshd,
+        keys,
+        key,
+        _ca_dir: ca_dir,
+    }
+}
+
+impl Setup {
+    fn relay_port(&self) -> u16 {
+        self.app.server.relay.as_ref().unwrap().addr.port()
+    }
+
+    fn known_hosts(&self) -> PathBuf {
+        let line = self
+            .app
+            .state()
+            .relay
+            .as_ref()
+            .unwrap()
+            .host
+            .public_key_line();
+        let path = self.keys.path().join("relay_known_hosts");
+        std::fs::write(&path, format!("[127.0.0.1]:{} {line}\n", self.relay_port())).unwrap();
+        path
+    }
+
+    /// A grant on demo-ssh and a certificate for our key; returns (request id, cert path).
+    async fn grant(&self) -> (String, PathBuf) {
+        let id = self
+            .app
+            .api(ALICE)
+            .await
+            .file("demo-ssh", "admin", "30m", None)
+            .await;
+        let (s, _) = self.app.api(BOB).await.act(&id, "approve").await;
+        assert_eq!(s, StatusCode::OK);
+        let public = std::fs::read_to_string(self.key.with_extension("pub")).unwrap();
+        let (s, m) = self
+            .app
+            .api(ALICE)
+            .await
+            .post(
+                &format!("/requests/{id}/ssh-certificate"),
+                json!({"public_key": public}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{m}");
+        let cert = self.keys.path().join(format!("{id}-cert.pub"));
+        std::fs::write(&cert, format!("{}\n", m["certificate"].as_str().unwrap())).unwrap();
+        (id, cert)
+    }
+
+    fn ssh_cmd(&self, cert: &Path, target: &str, command: &str) -> Command {
+        self.ssh_cmd_with(cert, target, &[], command)
+    }
+
+    /// With extra ssh options (before the destination).
+    fn ssh_cmd_with(&self, cert: &Path, target: &str, extra: &[&str], command: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(extra)
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            self.known_hosts().display()
+        ))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .arg("-i")
+        .arg(&self.key)
+        .args(["-p", &self.relay_port().to_string()])
+        .arg(format!("{target}@127.0.0.1"))
+        .arg(command)
+        .stdin(Stdio::null());
+        c
+    }
+
+    async fn ssh(&self, cert: &Path, target: &str, command: &str) -> Output {
+        let mut c = self.ssh_cmd(cert, target, command);
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn events(&self, action: &str) -> Vec<Value> {
+        twokey::store::audit_page(&self.app.state().db, 0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == action)
+            .map(|e| serde_json::from_str(&e.details).unwrap())
+            .collect()
+    }
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_runs_through_the_relay_and_is_recorded() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let o = s
+        .ssh(&cert, "demo-ssh", "echo relayed-$((6*7)); exit 3")
+        .await;
+    let (out, err) = text(&o);
+    assert_eq!(out.trim(), "relayed-42", "{err}\n{}", s.sshd.log());
+    assert_eq!(o.status.code(), Some(3), "the exit status comes back");
+    // The target saw the relay's upstream certificate, not the engineer's.
+    assert!(
+        s.sshd.log().contains("ID twokey-relay:"),
+        "{}",
+        s.sshd.log()
+    );
+
+    // The recording: asciicast v2, hashed into the audit chain.
+    let mut ended = Vec::new();
+    for _ in 0..100 {
+        ended = s.events("session.ended").await;
+        if !ended.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = &ended[0];
+    let path = ended["recording"].as_str().unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(ended["bytes"], bytes.len());
+    use sha2::Digest;
+    assert_eq!(ended["sha256"], hex::encode(sha2::Sha256::digest(&bytes)));
+    let cast = String::from_utf8(bytes).unwrap();
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(cast.contains("relayed-42"), "{cast}");
+    assert!(cast.contains("\"i\",\"echo relayed-"), "{cast}");
+    assert_eq!(s.events("session.started").await.len(), 1);
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_what_it_must() {
+    let s = setup().await;
+    let (id, cert) = s.grant().await;
+
+    // The engineer's certificate does not open the target directly.
+    let o = s.sshd.ssh(&sshd::login(), &s.key, &cert, "true");
+    assert!(
+        !o.status.success(),
+        "the target trusted the engineer's certificate"
+    );
+
+    // A grant for another resource: told why, nothing runs.
+    let o = s.ssh(&cert, "demo-db", "echo should-not-run").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(!out.contains("should-not-run"));
+    assert!(err.contains("twokey: no live grant for demo-db"), "{err}");
+
+    // A blocked command.
+    let o = s.ssh(&cert, "demo-ssh", "rm -rf /tmp/x").await;
+    assert_eq!(o.status.code(), Some(126));
+    assert!(
+        text(&o).1.contains("blocked for this role"),
+        "{:?}",
+        text(&o)
+    );
+    assert_eq!(s.events("session.command_blocked").await.len(), 1);
+
+    // Port forwarding is refused: a direct-tcpip channel (-W) and a remote forward (-R).
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-W", "127.0.0.1:9"], "true");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).1.contains("open failed"), "{:?}", text(&o));
+    let mut c = s.ssh_cmd_with(
+        &cert,
+        "demo-ssh",
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            "127.0.0.1:0:127.0.0.1:9",
+        ],
+        "true",
+    );
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).1.contains("forwarding failed"), "{:?}", text(&o));
+
+    // A certificate from another CA: authentication fails.
+    let other = sshd::keygen(s.keys.path(), "other_ca");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&other)
+        .args([
+            "-I",
+            &format!("twokey:{id}:{ALICE}"),
+            "-n",
+            &sshd::login(),
+            "-V",
+            "-5m:+1h",
+        ])
+        .arg(s.key.with_extension("pub"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let forged = s.keys.path().join("id_ed25519-cert.pub");
+    let o = s.ssh(&forged, "demo-ssh", "echo forged").await;
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("Permission denied"), "{:?}", text(&o));
+
+    // Revoked: refused with the reason.
+    s.app.api(BOB).await.act(&id, "revoke").await;
+    let o = s.ssh(&cert, "demo-ssh", "echo after-revoke").await;
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("was revoked"), "{:?}", text(&o));
+    let refused = s.events("relay.refused").await;
+    assert!(refused.len() >= 3, "{refused:?}");
+    assert_eq!(s.events("session.forward_refused").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_cuts_a_live_session_within_a_second() {
+    let s = setup().await;
+    let (id, cert) = s.grant().await;
+    let mut child = s
+        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the session runs on the target.
+    let mut out = child.stdout.take().unwrap();
+    let started = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        out.read_exact(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf).to_string()
+    })
+    .await
+    .unwrap();
+    assert_eq!(started, "started\n");
+    let t = Instant::now();
+    let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
+    assert_eq!(st, StatusCode::OK);
+    let status = tokio::task::spawn_blocking(move || {
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (child.wait().unwrap(), err)
+    })
+    .await
+    .unwrap();
+    let elapsed = t.elapsed();
+    assert!(!status.0.success());
+    assert!(
+        status.1.contains("the grant has ended or was revoked"),
+        "{}",
+        status.1
+    );
+    // Without the cut, `sleep 30` would end on its own, successfully, and silently.
+    eprintln!("revocation → session closed: {elapsed:?}");
+}
