@@ -348,3 +348,111 @@ async fn revoking_cuts_a_live_session_within_a_second() {
     // Without the cut, `sleep 30` would end on its own, successfully, and silently.
     eprintln!("revocation → session closed: {elapsed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_shell_is_recorded_and_scp_copies_a_50_mb_file() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+
+    // A shell on a pty (-tt forces one without a terminal here), typed into.
+    let c = s.ssh_cmd_with(&cert, "demo-ssh", &["-tt"], "");
+    // No remote command: drop the empty argument ssh_cmd_with appended.
+    let args: Vec<String> = c
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut c = Command::new("ssh");
+    c.args(&args[..args.len() - 1])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let o = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = c.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo typed-$((40+2))\nexit 0\n").unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains("typed-42"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut ended = Vec::new();
+    for _ in 0..100 {
+        ended = s.events("session.ended").await;
+        if !ended.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cast = std::fs::read_to_string(ended[0]["recording"].as_str().unwrap()).unwrap();
+    // Replaying the output events gives back what the terminal showed.
+    let shown: String = cast
+        .lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e[1] == "o")
+        .map(|e| e[2].as_str().unwrap().to_string())
+        .collect();
+    assert!(shown.contains("typed-42"), "{shown}");
+    let typed: String = cast
+        .lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e[1] == "i")
+        .map(|e| e[2].as_str().unwrap().to_string())
+        .collect();
+    assert!(typed.contains("echo typed-$((40+2))"), "{typed}");
+
+    // scp (SFTP underneath since OpenSSH 9) of 50 MB, both ways compared by checksum.
+    let big = s.keys.path().join("big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&big).unwrap();
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..50 {
+            for chunk in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    let remote = s.keys.path().join("copied.bin");
+    let mut c = Command::new("scp");
+    c.args([
+        "-F",
+        "/dev/null",
+        "-q",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ])
+    .args(["-o", "StrictHostKeyChecking=yes"])
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+    .arg("-o")
+    .arg(format!("CertificateFile={}", cert.display()))
+    .arg("-i")
+    .arg(&s.key)
+    .args(["-P", &s.relay_port().to_string()])
+    .arg(&big)
+    .arg(format!("demo-ssh@127.0.0.1:{}", remote.display()));
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    use sha2::Digest;
+    let sum = |p: &Path| hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()));
+    assert_eq!(sum(&big), sum(&remote));
+    assert_eq!(std::fs::metadata(&remote).unwrap().len(), 50 << 20);
+}

@@ -439,6 +439,16 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
     async fn exec_request(
         &mut self,
         channel: ChannelId,
@@ -588,6 +598,10 @@ fn is_live(g: &GrantRow, now: i64) -> bool {
 }
 
 /// One relayed session: client channel ⇄ upstream channel, recorded, cut at the end.
+///
+/// After the first request (exec, shell or subsystem) opens the upstream channel, each
+/// direction runs in its own task: a direction blocked on flow control must never stop
+/// the other from draining (that deadlocks bulk transfers).
 async fn bridge(
     state: AppState,
     admitted: Admitted,
@@ -601,8 +615,14 @@ async fn bridge(
         .role(&g.resource, &g.role)
         .map(|(_, r)| r.blocked_commands.clone())
         .unwrap_or_default();
-    let mut rec =
-        recording::Recorder::create(&state, &session_id).map_err(|e| format!("recording: {e}"))?;
+    let rec = Arc::new(std::sync::Mutex::new(
+        recording::Recorder::create(&state, &session_id).map_err(|e| format!("recording: {e}"))?,
+    ));
+    let with_rec = |f: &dyn Fn(&mut recording::Recorder)| {
+        if let Ok(mut r) = rec.lock() {
+            f(&mut r);
+        }
+    };
     audit(
         &state,
         &g.user_email,
@@ -614,109 +634,220 @@ async fn bridge(
         }),
     )
     .await;
-    let mut upstream_channel: Option<Channel<russh::client::Msg>> = None;
-    let mut _upstream_handle = None;
+
+    // Setup: a pty perhaps, then the one request that starts the session.
     let mut pending_pty = None;
-    let mut tick = tokio::time::interval(CUT_CHECK);
+    let mut record_data = true;
     let mut end_reason = "closed";
-    loop {
-        tokio::select! {
-            msg = client.wait() => {
-                let Some(msg) = msg else { break };
+    let upstream = loop {
+        let Some(msg) = client.wait().await else {
+            break None;
+        };
+        match msg {
+            ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            } => {
+                with_rec(&|r| r.resize(col_width, row_height));
+                pending_pty = Some((
+                    term,
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                    terminal_modes,
+                ));
+            }
+            ChannelMsg::Exec { command, .. } => {
+                let cmd = String::from_utf8_lossy(&command).to_string();
+                if let Some(p) = blocked.iter().find(|p| glob_match(p, cmd.trim())) {
+                    audit(
+                        &state,
+                        &g.user_email,
+                        "session.command_blocked",
+                        &g.id,
+                        json!({
+                            "session_id": session_id, "command": cmd, "pattern": p,
+                        }),
+                    )
+                    .await;
+                    let why =
+                        format!("twokey: the command is blocked for this role (matches {p:?})\r\n");
+                    let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                    let _ = client.exit_status(126).await;
+                    end_reason = "blocked";
+                    break None;
+                }
+                with_rec(&|r| r.input(&command));
+                let (h, ch) =
+                    open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                ch.exec(true, command).await.map_err(|e| e.to_string())?;
+                break Some((h, ch));
+            }
+            ChannelMsg::RequestShell { .. } => {
+                let (h, ch) =
+                    open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                ch.request_shell(true).await.map_err(|e| e.to_string())?;
+                break Some((h, ch));
+            }
+            ChannelMsg::RequestSubsystem { name, .. } => {
+                // sftp (and scp, which speaks sftp since OpenSSH 9): file bytes are
+                // counted, not written into the terminal recording.
+                with_rec(&|r| r.note(&format!("subsystem {name}")));
+                record_data = false;
+                let (h, ch) =
+                    open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                ch.request_subsystem(true, name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                break Some((h, ch));
+            }
+            ChannelMsg::Close | ChannelMsg::Eof => break None,
+            _ => {}
+        }
+    };
+
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+    if let Some((_handle, up)) = upstream {
+        let (mut client_rx, client_tx) = client.split();
+        let (mut up_rx, up_tx) = up.split();
+        let client_tx = Arc::new(client_tx);
+        // Client → target.
+        let rec_in = rec.clone();
+        let mut inbound = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(msg) = client_rx.wait().await {
                 match msg {
-                    ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. } => {
-                        rec.resize(col_width, row_height);
-                        pending_pty = Some((term, col_width, row_height, pix_width, pix_height, terminal_modes));
-                    }
-                    ChannelMsg::Exec { command, .. } => {
-                        let cmd = String::from_utf8_lossy(&command).to_string();
-                        if let Some(p) = blocked.iter().find(|p| glob_match(p, cmd.trim())) {
-                            let why = format!("the command is blocked for this role (matches {p:?})");
-                            audit(&state, &g.user_email, "session.command_blocked", &g.id, json!({
-                                "session_id": session_id, "command": cmd, "pattern": p,
-                            })).await;
-                            let _ = client.extended_data_bytes(1, format!("twokey: {why}\r\n").into_bytes()).await;
-                            let _ = client.exit_status(126).await;
-                            end_reason = "blocked";
+                    ChannelMsg::Data { data } => {
+                        n += data.len() as u64;
+                        if record_data && let Ok(mut r) = rec_in.lock() {
+                            r.input(&data);
+                        }
+                        if up_tx.data_bytes(data).await.is_err() {
                             break;
                         }
-                        rec.input(&command);
-                        let (h, ch) = open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
-                        ch.exec(true, command).await.map_err(|e| e.to_string())?;
-                        _upstream_handle = Some(h);
-                        upstream_channel = Some(ch);
                     }
-                    ChannelMsg::RequestShell { .. } => {
-                        let (h, ch) = open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
-                        ch.request_shell(true).await.map_err(|e| e.to_string())?;
-                        _upstream_handle = Some(h);
-                        upstream_channel = Some(ch);
-                    }
-                    ChannelMsg::Data { data } => {
-                        rec.input(&data);
-                        if let Some(up) = &upstream_channel {
-                            up.data_bytes(data).await.map_err(|e| e.to_string())?;
+                    ChannelMsg::WindowChange {
+                        col_width,
+                        row_height,
+                        pix_width,
+                        pix_height,
+                    } => {
+                        if let Ok(mut r) = rec_in.lock() {
+                            r.resize(col_width, row_height);
                         }
+                        let _ = up_tx
+                            .window_change(col_width, row_height, pix_width, pix_height)
+                            .await;
                     }
-                    ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height } => {
-                        rec.resize(col_width, row_height);
-                        if let Some(up) = &upstream_channel {
-                            let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
-                        }
+                    ChannelMsg::Signal { signal } => {
+                        let _ = up_tx.signal(signal).await;
                     }
                     ChannelMsg::Eof => {
-                        if let Some(up) = &upstream_channel {
-                            let _ = up.eof().await;
-                        }
+                        let _ = up_tx.eof().await;
                     }
                     ChannelMsg::Close => break,
                     _ => {}
                 }
             }
-            msg = async {
-                match upstream_channel.as_mut() {
-                    Some(up) => up.wait().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            let _ = up_tx.close().await;
+            n
+        });
+        // Target → client.
+        let rec_out = rec.clone();
+        let to_client = client_tx.clone();
+        let mut outbound = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(msg) = up_rx.wait().await {
                 match msg {
-                    Some(ChannelMsg::Data { data }) => {
-                        rec.output(&data);
-                        client.data_bytes(data).await.map_err(|e| e.to_string())?;
+                    ChannelMsg::Data { data } => {
+                        n += data.len() as u64;
+                        if record_data && let Ok(mut r) = rec_out.lock() {
+                            r.output(&data);
+                        }
+                        if to_client.data_bytes(data).await.is_err() {
+                            break;
+                        }
                     }
-                    Some(ChannelMsg::ExtendedData { data, ext }) => {
-                        rec.output(&data);
-                        client.extended_data_bytes(ext, data).await.map_err(|e| e.to_string())?;
+                    ChannelMsg::ExtendedData { data, ext } => {
+                        n += data.len() as u64;
+                        if record_data && let Ok(mut r) = rec_out.lock() {
+                            r.output(&data);
+                        }
+                        let _ = to_client.extended_data_bytes(ext, data).await;
                     }
-                    Some(ChannelMsg::ExitStatus { exit_status }) => {
-                        let _ = client.exit_status(exit_status).await;
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        let _ = to_client.exit_status(exit_status).await;
                     }
-                    Some(ChannelMsg::Eof) => {
-                        let _ = client.eof().await;
+                    ChannelMsg::Eof => {
+                        let _ = to_client.eof().await;
                     }
-                    Some(ChannelMsg::Close) | None => break,
+                    // The target refused the shell, command or subsystem.
+                    ChannelMsg::Failure => {
+                        let _ = to_client
+                            .extended_data_bytes(
+                                1,
+                                b"twokey: the target refused this request\r\n".to_vec(),
+                            )
+                            .await;
+                        let _ = to_client.exit_status(1).await;
+                        break;
+                    }
+                    ChannelMsg::Close => break,
                     _ => {}
                 }
             }
-            _ = tick.tick() => {
-                // Fail closed: a store that cannot answer ends the session too.
-                let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
-                    .is_some_and(|now_g| is_live(&now_g, state.now_ms()));
-                if !live {
-                    let _ = client.extended_data_bytes(1, b"\r\ntwokey: the grant has ended or was revoked; closing\r\n".to_vec()).await;
-                    let _ = client.exit_status(255).await;
-                    end_reason = "grant ended";
+            n
+        });
+        let mut tick = tokio::time::interval(CUT_CHECK);
+        loop {
+            tokio::select! {
+                n = &mut outbound => {
+                    bytes_out = n.unwrap_or(0);
+                    inbound.abort();
                     break;
+                }
+                n = &mut inbound => {
+                    bytes_in = n.unwrap_or(0);
+                    // The client is done; let the target's last words through.
+                    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), &mut outbound).await {
+                        bytes_out = n;
+                    } else {
+                        outbound.abort();
+                    }
+                    break;
+                }
+                _ = tick.tick() => {
+                    // Fail closed: a store that cannot answer ends the session too.
+                    let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
+                        .is_some_and(|now_g| is_live(&now_g, state.now_ms()));
+                    if !live {
+                        inbound.abort();
+                        outbound.abort();
+                        let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: the grant has ended or was revoked; closing\r\n".to_vec()).await;
+                        let _ = client_tx.exit_status(255).await;
+                        end_reason = "grant ended";
+                        break;
+                    }
                 }
             }
         }
+        let _ = client_tx.eof().await;
+        let _ = client_tx.close().await;
+    } else {
+        let _ = client.eof().await;
+        let _ = client.close().await;
     }
-    if let Some(up) = &upstream_channel {
-        let _ = up.close().await;
-    }
-    let _ = client.eof().await;
-    let _ = client.close().await;
-    let done = rec.finish().map_err(|e| format!("recording: {e}"))?;
+    let done = rec
+        .lock()
+        .map_err(|_| "recording lock poisoned".to_string())?
+        .finish()
+        .map_err(|e| format!("recording: {e}"))?;
     audit(
         &state,
         &g.user_email,
@@ -725,6 +856,7 @@ async fn bridge(
         json!({
             "session_id": session_id, "reason": end_reason, "recording": done.path,
             "bytes": done.bytes, "sha256": done.sha256,
+            "bytes_from_client": bytes_in, "bytes_to_client": bytes_out,
         }),
     )
     .await;

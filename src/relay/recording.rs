@@ -17,6 +17,7 @@ pub struct Recorder {
     height: u32,
     wrote_header: bool,
     timestamp: i64,
+    finished: bool,
 }
 
 /// A finished recording.
@@ -45,6 +46,7 @@ impl Recorder {
             height: 24,
             wrote_header: false,
             timestamp: state.clock.now().timestamp(),
+            finished: false,
         })
     }
 
@@ -61,6 +63,9 @@ impl Recorder {
     }
 
     fn event(&mut self, kind: &str, data: &str) {
+        if self.finished {
+            return;
+        }
         self.header();
         let t = self.started.elapsed().as_secs_f64();
         let line = serde_json::json!([(t * 1e6).round() / 1e6, kind, data]);
@@ -75,6 +80,11 @@ impl Recorder {
         self.event("i", &String::from_utf8_lossy(data));
     }
 
+    /// A marker in the recording (asciicast v2 "m" event).
+    pub fn note(&mut self, text: &str) {
+        self.event("m", text);
+    }
+
     pub fn resize(&mut self, cols: u32, rows: u32) {
         if !self.wrote_header {
             // Before anything is shown: the header carries the size.
@@ -85,8 +95,10 @@ impl Recorder {
         self.event("r", &format!("{cols}x{rows}"));
     }
 
-    pub fn finish(mut self) -> std::io::Result<Finished> {
+    /// Closes the recording (later events are ignored) and hashes it.
+    pub fn finish(&mut self) -> std::io::Result<Finished> {
         self.header();
+        self.finished = true;
         self.file.flush()?;
         self.file.get_ref().sync_all()?;
         let bytes = std::fs::read(&self.path)?;

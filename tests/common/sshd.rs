@@ -70,7 +70,7 @@ impl Sshd {
              TrustedUserCAKeys {d}/ca.pub\nRevokedKeys {d}/krl\nAuthorizedKeysFile none\n\
              UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\n\
-             LogLevel VERBOSE\nMaxStartups 100\n{extra_config}\n",
+             LogLevel VERBOSE\nMaxStartups 100\nSubsystem sftp internal-sftp\n{extra_config}\n",
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
