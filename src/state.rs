@@ -25,6 +25,8 @@ pub struct AppState {
     pub reconcile_now: Arc<tokio::sync::Notify>,
     /// The SSH relay's host key and upstream CA, when the relay is on.
     pub relay: Option<Arc<crate::relay::RelayKeys>>,
+    /// Relay sessions open right now.
+    pub live_sessions: Arc<crate::relay::LiveSessions>,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             None => None,
         };
         Ok(Self {
+            live_sessions: Arc::default(),
             relay,
             reconcile_now: Arc::new(tokio::sync::Notify::new()),
             ca,

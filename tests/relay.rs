@@ -46,6 +46,10 @@ async fn setup() -> Setup {
             upstream_ca_key_file: Some(upstream_file),
             max_connections: 50,
         });
+        // Another engineer, who must not see alice's sessions.
+        let mut eve = c.auth.dev_users[0].clone();
+        eve.email = "eve@example.com".into();
+        c.auth.dev_users.push(eve);
         let ssh = c
             .resources
             .iter_mut()
@@ -455,4 +459,126 @@ async fn an_interactive_shell_is_recorded_and_scp_copies_a_50_mb_file() {
     let sum = |p: &Path| hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()));
     assert_eq!(sum(&big), sum(&remote));
     assert_eq!(std::fs::metadata(&remote).unwrap().len(), 50 << 20);
+}
+
+async fn wait_ended(s: &Setup, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let ended = s.events("session.ended").await;
+        if ended.len() >= n {
+            return ended;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no session.ended event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_listed_replayed_in_chromium_and_ended_by_an_admin() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let o = s.ssh(&cert, "demo-ssh", "echo replay-me-$((3*3))").await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let ended = wait_ended(&s, 1).await;
+    let id = ended[0]["session_id"].as_str().unwrap().to_string();
+
+    // Listed for the holder and an admin; not for another engineer.
+    for who in [ALICE, "dave@example.com"] {
+        let (_, page) = s.app.browser(who).await.get("/sessions").await;
+        assert!(page.contains(&format!("/sessions/{id}")), "{who}: {page}");
+    }
+    let eve = s.app.browser("eve@example.com").await;
+    let (_, page) = eve.get("/sessions").await;
+    assert!(!page.contains(&id), "{page}");
+    let (status, _) = eve.get(&format!("/sessions/{id}/cast")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, cast) = s
+        .app
+        .browser(ALICE)
+        .await
+        .get(&format!("/sessions/{id}/cast"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        cast,
+        std::fs::read_to_string(ended[0]["recording"].as_str().unwrap()).unwrap()
+    );
+
+    // The replay page plays it in a real browser.
+    let b = common::webdriver::Browser::start().await;
+    b.goto(&s.app.url("/login")).await;
+    b.click_and_wait("button[id='login-dave@example.com']")
+        .await;
+    b.goto(&s.app.url(&format!("/sessions/{id}"))).await;
+    let mut shown = String::new();
+    for _ in 0..200 {
+        shown = b
+            .script("return document.getElementById('player').innerText;")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if shown.contains("replay-me-9") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        shown.contains("replay-me-9"),
+        "the player showed: {shown:?}"
+    );
+    b.quit().await;
+
+    // An admin ends a live session.
+    let mut child = s
+        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        out.read_exact(&mut buf).unwrap();
+    })
+    .await
+    .unwrap();
+    let dave = s.app.browser("dave@example.com").await;
+    let (_, page) = dave.get("/sessions").await;
+    let live_id = page
+        .split("/sessions/")
+        .filter_map(|p| p.split('"').next())
+        .find(|p| *p != id && p.len() == 36)
+        .unwrap()
+        .to_string();
+    let (_, page) = dave.get(&format!("/sessions/{live_id}")).await;
+    assert!(page.contains("id=\"terminate\""), "{page}");
+    let csrf = common::csrf_in(&page).unwrap();
+    // Not for the holder, however live.
+    let alice = s.app.browser(ALICE).await;
+    let (_, apage) = alice.get(&format!("/sessions/{live_id}")).await;
+    assert!(!apage.contains("id=\"terminate\""));
+    let resp = dave
+        .post(
+            &format!("/sessions/{live_id}/terminate"),
+            &[("csrf", csrf.as_str())],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (child.wait().unwrap(), err)
+    })
+    .await
+    .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("an administrator ended this session"), "{err}");
+    assert_eq!(s.events("session.terminated").await.len(), 1);
 }

@@ -54,6 +54,43 @@ impl RelayKeys {
     }
 }
 
+/// Live sessions, so an admin can end one.
+#[derive(Default)]
+pub struct LiveSessions {
+    map: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+}
+
+impl LiveSessions {
+    fn register(&self, id: &str) -> Arc<tokio::sync::Notify> {
+        let n = Arc::new(tokio::sync::Notify::new());
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(id.to_string(), n.clone());
+        }
+        n
+    }
+
+    fn remove(&self, id: &str) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(id);
+        }
+    }
+
+    /// Ends a live session; false if it is not live here.
+    pub fn terminate(&self, id: &str) -> bool {
+        match self.map.lock().ok().and_then(|m| m.get(id).cloned()) {
+            Some(n) => {
+                n.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_live(&self, id: &str) -> bool {
+        self.map.lock().is_ok_and(|m| m.contains_key(id))
+    }
+}
+
 /// Who a connection was admitted as.
 #[derive(Debug, Clone)]
 pub struct Admitted {
@@ -623,17 +660,47 @@ async fn bridge(
             f(&mut r);
         }
     };
-    audit(
-        &state,
-        &g.user_email,
-        "session.started",
-        &g.id,
-        json!({
-            "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
-            "key_id": admitted.key_id, "peer": peer.map(|p| p.ip().to_string()),
-        }),
-    )
-    .await;
+    let recording_path = rec
+        .lock()
+        .map(|r| r.path().display().to_string())
+        .unwrap_or_default();
+    let peer_ip = peer.map(|p| p.ip().to_string());
+    {
+        // The session row and its audit event, together.
+        let now = state.now_ms();
+        let mut tx = store::begin_write(&state.db)
+            .await
+            .map_err(|e| e.to_string())?;
+        store::insert_session(
+            &mut tx,
+            &store::NewSession {
+                id: &session_id,
+                grant_id: &g.id,
+                user_email: &g.user_email,
+                resource: &g.resource,
+                peer: peer_ip.as_deref(),
+                started_at: now,
+                recording: &recording_path,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        crate::access::audit_event(
+            &mut tx,
+            now,
+            &g.user_email,
+            "session.started",
+            &g.id,
+            json!({
+                "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
+                "key_id": admitted.key_id, "peer": peer_ip,
+            }),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+    }
+    let kill = state.live_sessions.register(&session_id);
 
     // Setup: a pty perhaps, then the one request that starts the session.
     let mut pending_pty = None;
@@ -822,6 +889,14 @@ async fn bridge(
                     }
                     break;
                 }
+                _ = kill.notified() => {
+                    inbound.abort();
+                    outbound.abort();
+                    let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: an administrator ended this session\r\n".to_vec()).await;
+                    let _ = client_tx.exit_status(255).await;
+                    end_reason = "terminated by an administrator";
+                    break;
+                }
                 _ = tick.tick() => {
                     // Fail closed: a store that cannot answer ends the session too.
                     let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
@@ -848,8 +923,26 @@ async fn bridge(
         .map_err(|_| "recording lock poisoned".to_string())?
         .finish()
         .map_err(|e| format!("recording: {e}"))?;
-    audit(
-        &state,
+    state.live_sessions.remove(&session_id);
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db)
+        .await
+        .map_err(|e| e.to_string())?;
+    store::end_session(
+        &mut tx,
+        &session_id,
+        now,
+        end_reason,
+        bytes_in as i64,
+        bytes_out as i64,
+        done.bytes as i64,
+        &done.sha256,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    crate::access::audit_event(
+        &mut tx,
+        now,
         &g.user_email,
         "session.ended",
         &g.id,
@@ -859,7 +952,9 @@ async fn bridge(
             "bytes_from_client": bytes_in, "bytes_to_client": bytes_out,
         }),
     )
-    .await;
+    .await
+    .map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
     Ok(())
 }
 

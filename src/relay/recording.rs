@@ -50,6 +50,10 @@ impl Recorder {
         })
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     fn header(&mut self) {
         if self.wrote_header {
             return;

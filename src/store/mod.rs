@@ -1216,3 +1216,103 @@ pub async fn grant_by_id(db: &Db, grant_id: &str) -> Result<Option<GrantRow>> {
             .await?,
     )
 }
+
+// ---------------------------------------------------------------- relay sessions
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct SessionRow {
+    pub id: String,
+    pub grant_id: String,
+    pub user_email: String,
+    pub resource: String,
+    pub peer: Option<String>,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+    pub end_reason: Option<String>,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    pub recording: String,
+    pub recording_bytes: Option<i64>,
+    pub recording_sha256: Option<String>,
+    /// From the grant: its holder and role, for permission checks.
+    pub holder_id: String,
+    pub role: String,
+}
+
+const SESSION_COLUMNS: &str = "s.id, s.grant_id, s.user_email, s.resource, s.peer, s.started_at,
+     s.ended_at, s.end_reason, s.bytes_in, s.bytes_out, s.recording, s.recording_bytes,
+     s.recording_sha256, g.user_id AS holder_id, g.role AS role
+     FROM relay_sessions s JOIN grants g ON g.id = s.grant_id";
+
+pub struct NewSession<'a> {
+    pub id: &'a str,
+    pub grant_id: &'a str,
+    pub user_email: &'a str,
+    pub resource: &'a str,
+    pub peer: Option<&'a str>,
+    pub started_at: i64,
+    pub recording: &'a str,
+}
+
+pub async fn insert_session(conn: &mut Conn, s: &NewSession<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO relay_sessions (id, grant_id, user_email, resource, peer, started_at, recording)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(s.id)
+    .bind(s.grant_id)
+    .bind(s.user_email)
+    .bind(s.resource)
+    .bind(s.peer)
+    .bind(s.started_at)
+    .bind(s.recording)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn end_session(
+    conn: &mut Conn,
+    id: &str,
+    ended_at: i64,
+    reason: &str,
+    bytes_in: i64,
+    bytes_out: i64,
+    recording_bytes: i64,
+    sha256: &str,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE relay_sessions SET ended_at = ?, end_reason = ?, bytes_in = ?, bytes_out = ?,
+                recording_bytes = ?, recording_sha256 = ?
+         WHERE id = ? AND ended_at IS NULL",
+    )
+    .bind(ended_at)
+    .bind(reason)
+    .bind(bytes_in)
+    .bind(bytes_out)
+    .bind(recording_bytes)
+    .bind(sha256)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn sessions(db: &Db, limit: i64) -> Result<Vec<SessionRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {SESSION_COLUMNS} ORDER BY s.started_at DESC LIMIT ?"
+    ))
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+pub async fn session(db: &Db, id: &str) -> Result<Option<SessionRow>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {SESSION_COLUMNS} WHERE s.id = ?"))
+            .bind(id)
+            .fetch_optional(db)
+            .await?,
+    )
+}

@@ -11,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod links;
 pub mod pages;
+pub mod sessions;
 pub mod slack;
 
 use axum::Router;
@@ -81,6 +82,10 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/requests/{id}/{action}", post(pages::act))
         .route("/queue", get(pages::queue))
         .route("/grants", get(pages::grants))
+        .route("/sessions", get(sessions::list))
+        .route("/sessions/{id}", get(sessions::show))
+        .route("/sessions/{id}/cast", get(sessions::cast))
+        .route("/sessions/{id}/terminate", post(sessions::terminate))
         .route("/audit", get(pages::audit_log))
         .route("/policy", get(pages::policy))
         .fallback(pages::not_found)
@@ -96,6 +101,9 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/static/style.css", get(style))
+        .route("/static/replay.js", get(sessions::replay_js))
+        .route("/static/asciinema-player.min.js", get(sessions::player_js))
+        .route("/static/asciinema-player.css", get(sessions::player_css))
         .merge(pages)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

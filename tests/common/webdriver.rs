@@ -186,7 +186,7 @@ impl Browser {
         panic!("no page load within 5 s after clicking {css}");
     }
 
-    async fn script(&self, js: &str) -> Value {
+    pub async fn script(&self, js: &str) -> Value {
         self.call("POST", "/execute/sync", json!({"script": js, "args": []}))
             .await
     }

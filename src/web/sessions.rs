@@ -1,0 +1,216 @@
+//! Relay sessions: the list (live and past), a replay page that plays the recording in
+//! the browser with asciinema-player (from npm, served as is), the recording itself,
+//! and an admin's button to end a live session.
+//!
+//! A session is visible to its holder, the approvers of its role, and admins — as its
+//! request is. Recordings can hold anything typed, passwords included: never to anyone
+//! else.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::error::PageError;
+use super::extract::WebUser;
+use super::pages::Chrome;
+use crate::error::Error;
+use crate::policy;
+use crate::state::AppState;
+use crate::store::{self, SessionRow};
+
+pub struct SessionVm {
+    pub id: String,
+    pub who: String,
+    pub resource: String,
+    pub started: String,
+    pub duration: String,
+    pub bytes: String,
+    pub live: bool,
+}
+
+fn when(ms: i64) -> String {
+    crate::clock::from_millis(ms)
+        .format("%Y-%m-%d %H:%M:%S UTC")
+        .to_string()
+}
+
+fn vm(state: &AppState, s: &SessionRow) -> SessionVm {
+    let end = s.ended_at.unwrap_or_else(|| state.now_ms());
+    SessionVm {
+        id: s.id.clone(),
+        who: s.user_email.clone(),
+        resource: s.resource.clone(),
+        started: when(s.started_at),
+        duration: crate::policy::format_duration(std::time::Duration::from_millis(
+            (end - s.started_at).max(0) as u64,
+        )),
+        bytes: format!("{} / {}", s.bytes_in, s.bytes_out),
+        live: s.ended_at.is_none() && state.live_sessions.is_live(&s.id),
+    }
+}
+
+fn may_see(state: &AppState, user: &WebUser, s: &SessionRow) -> bool {
+    let role = state.config.role(&s.resource, &s.role).map(|(_, r)| r);
+    policy::may_view(&user.actor, &s.holder_id, role)
+}
+
+async fn visible(state: &AppState, user: &WebUser, id: &str) -> Result<SessionRow, PageError> {
+    let s = store::session(&state.db, id)
+        .await?
+        .ok_or(Error::NotFound("session"))?;
+    if !may_see(state, user, &s) {
+        return Err(Error::forbidden("you may not see this session").into());
+    }
+    Ok(s)
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "sessions.html")]
+struct SessionsPage {
+    chrome: Chrome,
+    sessions: Vec<SessionVm>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    let sessions = store::sessions(&state.db, 500)
+        .await?
+        .iter()
+        .filter(|s| may_see(&state, &user, s))
+        .map(|s| vm(&state, s))
+        .collect();
+    Ok(SessionsPage {
+        chrome: Chrome::of(&state, &user).await?,
+        sessions,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "session.html")]
+struct SessionPage {
+    chrome: Chrome,
+    s: SessionVm,
+    grant_id: String,
+    end_reason: String,
+    sha256: String,
+}
+
+/// The replay page runs two scripts from this origin (the player and its start-up) and
+/// the player's WebAssembly terminal, fetching the recording from here: it alone allows
+/// `script-src 'self' 'wasm-unsafe-eval'` and `connect-src 'self'` — still no inline
+/// script and nothing from elsewhere.
+pub async fn show(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let s = visible(&state, &user, &id).await?;
+    let page = SessionPage {
+        chrome: Chrome::of(&state, &user).await?,
+        s: vm(&state, &s),
+        grant_id: s.grant_id,
+        end_reason: s.end_reason.unwrap_or_default(),
+        sha256: s.recording_sha256.unwrap_or_default(),
+    };
+    let csp = super::CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self' blob:;");
+    Ok(([(header::CONTENT_SECURITY_POLICY, csp)], page).into_response())
+}
+
+/// The recording, to its viewers only.
+pub async fn cast(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let s = visible(&state, &user, &id).await?;
+    let body = tokio::fs::read(&s.recording)
+        .await
+        .map_err(|e| Error::Internal(format!("recording {}: {e}", s.id)))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+/// An admin ends a live session.
+pub async fn terminate(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    if !user.actor.is_admin {
+        return Err(Error::forbidden("only an admin may end a session").into());
+    }
+    let s = visible(&state, &user, &id).await?;
+    if !state.live_sessions.terminate(&s.id) {
+        return Err(Error::conflict("this session is not live").into());
+    }
+    let mut tx = store::begin_write(&state.db).await?;
+    crate::access::audit_event(
+        &mut tx,
+        state.now_ms(),
+        &user.actor.email,
+        "session.terminated",
+        &s.grant_id,
+        serde_json::json!({ "session_id": s.id, "by": user.actor.identity() }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Redirect::to(&format!("/sessions/{id}")))
+}
+
+/// Where the npm package's files are: `TWOKEY_PLAYER_DIR`, the project's node_modules,
+/// or where the container image puts them.
+fn player_file(name: &str) -> Option<std::path::PathBuf> {
+    let dirs = [
+        std::env::var_os("TWOKEY_PLAYER_DIR").map(std::path::PathBuf::from),
+        Some("node_modules/asciinema-player/dist/bundle".into()),
+        Some("/usr/share/twokey/asciinema-player".into()),
+    ];
+    dirs.into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+async fn asset(name: &str, content_type: &'static str) -> Response {
+    match player_file(name) {
+        Some(p) => match tokio::fs::read(p).await {
+            Ok(body) => (
+                [
+                    (header::CONTENT_TYPE, content_type),
+                    (header::CACHE_CONTROL, "public, max-age=3600"),
+                ],
+                body,
+            )
+                .into_response(),
+            Err(_) => axum::http::StatusCode::NOT_FOUND.into_response(),
+        },
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+pub async fn player_js() -> Response {
+    asset("asciinema-player.min.js", "text/javascript").await
+}
+
+pub async fn player_css() -> Response {
+    asset("asciinema-player.css", "text/css").await
+}
+
+pub async fn replay_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript")],
+        include_str!("../../static/replay.js"),
+    )
+}
