@@ -118,6 +118,9 @@ pub enum Command {
         /// Your private key (default ~/.ssh/id_ed25519, else one twokey makes).
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Go through twokey's SSH relay at HOST:PORT.
+        #[arg(long, env = "TWOKEY_RELAY")]
+        relay: Option<String>,
         /// A command to run instead of a shell (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -128,6 +131,9 @@ pub enum Command {
 pub enum CaCommand {
     /// Print the CA's public key: the line for sshd's `TrustedUserCAKeys`.
     PublicKey,
+    /// Print the relay's upstream CA public key: the only CA targets behind the relay
+    /// should trust (`TrustedUserCAKeys`), so engineers cannot bypass the relay.
+    UpstreamPublicKey,
     /// Write the key revocation list (binary) for sshd's `RevokedKeys`.
     Krl {
         /// Write here (atomically: sshd never reads half a file) instead of stdout.
@@ -276,9 +282,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             role,
             wait,
             key,
+            relay,
             command,
         } => {
             crate::client::ssh(crate::client::SshArgs {
+                relay,
                 resource,
                 role,
                 wait,
@@ -292,6 +300,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
         } => {
             let state = open(&cli.config).await?;
             println!("{}", state.ca.public_key_line());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command: CaCommand::UpstreamPublicKey,
+        } => {
+            let state = open(&cli.config).await?;
+            let Some(relay) = &state.relay else {
+                return Err("the relay is off: add a [relay] section to the config".into());
+            };
+            println!("{}", relay.upstream_ca.public_key_line());
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca {
@@ -403,6 +421,9 @@ async fn run_server(config: Config) -> Result<ExitCode, String> {
         .await
         .map_err(|e| describe(&e))?;
     println!("twokey is serving at {}", srv.url());
+    if let Some(relay) = &srv.relay {
+        println!("SSH relay listening on {}", relay.addr);
+    }
     if dev {
         println!("Demo sign-in is ON. Sign in as one of:");
         for u in demo_users {

@@ -397,6 +397,8 @@ pub async fn status() -> Result<ExitCode, String> {
 // ------------------------------------------------------------------ ssh
 
 pub struct SshArgs {
+    /// Connect through the relay at this `host:port` instead of to the target.
+    pub relay: Option<String>,
     pub resource: String,
     pub role: Option<String>,
     pub wait: bool,
@@ -517,7 +519,7 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode, String> {
     let api = Api::new(load_credentials()?)?;
     let req = live_request(&api, &a.resource, a.role.as_deref(), a.wait).await?;
     let id = req["id"].as_str().unwrap_or_default().to_string();
-    let key = user_key(a.key)?;
+    let key = user_key(a.key.clone())?;
     let public = std::fs::read_to_string(key.with_extension("pub"))
         .map_err(|e| format!("{}.pub: {e}", key.display()))?;
     let minted = api
@@ -526,6 +528,20 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode, String> {
             json!({ "public_key": public.trim() }),
         )
         .await?;
+    if let Some(relay) = &a.relay {
+        // Pin the relay's host key as twokey itself reports it.
+        let resp = api
+            .http
+            .get(format!("{}/api/v1/relay/host-key", api.server))
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {}: {}", api.server, e.without_url()))?;
+        if !resp.status().is_success() {
+            return Err(format!("{} has no SSH relay", api.server));
+        }
+        let host_key = resp.text().await.map_err(|e| e.to_string())?;
+        return exec_via_relay(relay, &a, &id, &key, &minted, host_key.trim());
+    }
     let Some(address) = minted["address"].as_str() else {
         return Err(format!(
             "{} has no address in twokey's config; ask an admin to set it",
@@ -573,6 +589,52 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode, String> {
         "Connecting to {} as {principal} (certificate valid until the grant ends)",
         a.resource
     );
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(format!("cannot run ssh: {err}"))
+}
+
+/// `ssh -p PORT RESOURCE@relay`: the relay checks the certificate and the grant, and
+/// the engineer never learns how it logs in to the target.
+fn exec_via_relay(
+    relay: &str,
+    a: &SshArgs,
+    id: &str,
+    key: &Path,
+    minted: &Value,
+    host_key: &str,
+) -> Result<ExitCode, String> {
+    let (host, port) = relay
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--relay {relay:?}: expected host:port"))?;
+    let dir = config_dir()?.join("certs");
+    private_dir(&dir)?;
+    let cert = dir.join(format!("{id}-cert.pub"));
+    write_private(
+        &cert,
+        format!("{}\n", minted["certificate"].as_str().unwrap_or_default()).as_bytes(),
+    )?;
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .args(["-o", "IdentitiesOnly=yes", "-i"])
+        .arg(key)
+        .args(["-p", port]);
+    let kh = dir.join("known_hosts-relay");
+    let pattern = if port == "22" {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    };
+    write_private(&kh, format!("{pattern} {host_key}\n").as_bytes())?;
+    cmd.arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        .arg(format!("{}@{host}", a.resource));
+    if !a.command.is_empty() {
+        cmd.arg("--").args(&a.command);
+    }
+    eprintln!("Connecting to {} through the relay at {relay}", a.resource);
     use std::os::unix::process::CommandExt;
     let err = cmd.exec();
     Err(format!("cannot run ssh: {err}"))

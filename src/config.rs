@@ -769,6 +769,14 @@ impl Config {
             ));
         }
         check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
+        if let Some(relay) = &self.relay
+            && relay.listen.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "relay.listen",
+                format!("{:?} is not an address like 0.0.0.0:2222", relay.listen),
+            ));
+        }
         check_duration("server.outbox_interval", &self.server.outbox_interval, true)?;
         check_duration(
             "server.reconcile_interval",

@@ -582,3 +582,70 @@ async fn sessions_are_listed_replayed_in_chromium_and_ended_by_an_admin() {
     assert!(err.contains("an administrator ended this session"), "{err}");
     assert_eq!(s.events("session.terminated").await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twokey_ssh_goes_through_the_relay() {
+    let s = setup().await;
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: Vec<String>, stdin: Option<String>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey"));
+        cmd.args(&args)
+            .env("HOME", home.path())
+            .env("TWOKEY_HOME", home.path().join("twokey"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut child = cmd.spawn().unwrap();
+                if let Some(s) = stdin {
+                    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+                }
+                child.wait_with_output().unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let token = twokey::auth::create_api_token(s.app.state(), ALICE, "t")
+        .await
+        .unwrap();
+    let o = run(
+        vec![
+            "login".into(),
+            "--server".into(),
+            s.app.server.url(),
+            "--token-stdin".into(),
+        ],
+        Some(format!("{token}\n")),
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let (id, _) = s.grant().await;
+    let relay = format!("127.0.0.1:{}", s.relay_port());
+    let o = run(
+        vec![
+            "ssh".into(),
+            "demo-ssh".into(),
+            "--relay".into(),
+            relay,
+            "--".into(),
+            "echo".into(),
+            "via-relay".into(),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(text(&o).0.trim(), "via-relay", "{:?}", text(&o));
+    assert!(text(&o).1.contains("through the relay"), "{:?}", text(&o));
+    let sessions = twokey::store::sessions(&s.app.state().db, 10)
+        .await
+        .unwrap();
+    let (_, r) = s.app.api(ALICE).await.get(&format!("/requests/{id}")).await;
+    assert!(
+        sessions
+            .iter()
+            .any(|x| x.grant_id == r["grant"]["id"].as_str().unwrap())
+    );
+}

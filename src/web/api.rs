@@ -264,6 +264,19 @@ pub async fn ca_public_key(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// `GET /relay/host-key`: the SSH relay's host key line, so `twokey ssh --relay` can pin
+/// it. Public; 404 when the relay is off.
+pub async fn relay_host_key(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let relay = state.relay.as_ref().ok_or(Error::NotFound("relay"))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        format!("{}\n", relay.host.public_key_line()),
+    ))
+}
+
 /// `GET /ca/krl`: the binary KRL for sshd's `RevokedKeys`, computed from the store now.
 pub async fn ca_krl(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let krl = access::ssh::current_krl(&state).await?;

@@ -49,6 +49,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/requests/{id}/{action}", post(api::act))
         .route("/ca/ssh", get(api::ca_public_key))
         .route("/ca/krl", get(api::ca_krl))
+        .route("/relay/host-key", get(api::relay_host_key))
         .route("/whoami", get(api::whoami))
         .route("/cli/token", post(cli_login::token))
         .fallback(api::not_found);
