@@ -414,9 +414,27 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> std::result::Result<(), Self::Error> {
-        let Some(admission) = self.admission.clone() else {
+        let Some(mut admission) = self.admission.clone() else {
             return Ok(());
         };
+        // Admission was decided at authentication; a connection can open channels long
+        // after (ControlMaster). Each channel re-checks that the grant is still live, and
+        // a connection whose grant is over admits nothing more.
+        if let Ok(a) = &admission {
+            let live = store::grant_by_id(&self.state.db, &a.grant.id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|g| is_live(&g, self.state.now_ms()));
+            if !live {
+                let why = format!(
+                    "your grant on {} has ended or was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
+                    a.grant.resource, a.grant.resource, a.grant.role
+                );
+                admission = Err(why.clone());
+                self.admission = Some(Err(why));
+            }
+        }
         reply.accept().await;
         let state = self.state.clone();
         match admission {
@@ -702,228 +720,241 @@ async fn bridge(
     }
     let kill = state.live_sessions.register(&session_id);
 
-    // Setup: a pty perhaps, then the one request that starts the session.
-    let mut pending_pty = None;
-    let mut record_data = true;
-    let mut end_reason = "closed";
-    let upstream = loop {
-        let Some(msg) = client.wait().await else {
-            break None;
-        };
-        match msg {
-            ChannelMsg::RequestPty {
-                term,
-                col_width,
-                row_height,
-                pix_width,
-                pix_height,
-                terminal_modes,
-                ..
-            } => {
-                with_rec(&|r| r.resize(col_width, row_height));
-                pending_pty = Some((
+    let outcome: std::result::Result<(u64, u64, String), String> = async {
+        // Setup: a pty perhaps, then the one request that starts the session.
+        let mut pending_pty = None;
+        let mut record_data = true;
+        let mut end_reason = "closed".to_string();
+        let upstream = loop {
+            let Some(msg) = client.wait().await else {
+                break None;
+            };
+            match msg {
+                ChannelMsg::RequestPty {
                     term,
                     col_width,
                     row_height,
                     pix_width,
                     pix_height,
                     terminal_modes,
-                ));
-            }
-            ChannelMsg::Exec { command, .. } => {
-                let cmd = String::from_utf8_lossy(&command).to_string();
-                if let Some(p) = blocked.iter().find(|p| glob_match(p, cmd.trim())) {
-                    audit(
-                        &state,
-                        &g.user_email,
-                        "session.command_blocked",
-                        &g.id,
-                        json!({
-                            "session_id": session_id, "command": cmd, "pattern": p,
-                        }),
-                    )
-                    .await;
-                    let why =
-                        format!("twokey: the command is blocked for this role (matches {p:?})\r\n");
-                    let _ = client.extended_data_bytes(1, why.into_bytes()).await;
-                    let _ = client.exit_status(126).await;
-                    end_reason = "blocked";
-                    break None;
-                }
-                with_rec(&|r| r.input(&command));
-                let (h, ch) =
-                    open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
-                ch.exec(true, command).await.map_err(|e| e.to_string())?;
-                break Some((h, ch));
-            }
-            ChannelMsg::RequestShell { .. } => {
-                let (h, ch) =
-                    open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
-                ch.request_shell(true).await.map_err(|e| e.to_string())?;
-                break Some((h, ch));
-            }
-            ChannelMsg::RequestSubsystem { name, .. } => {
-                // sftp (and scp, which speaks sftp since OpenSSH 9): file bytes are
-                // counted, not written into the terminal recording.
-                with_rec(&|r| r.note(&format!("subsystem {name}")));
-                record_data = false;
-                let (h, ch) =
-                    open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
-                ch.request_subsystem(true, name)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                break Some((h, ch));
-            }
-            ChannelMsg::Close | ChannelMsg::Eof => break None,
-            _ => {}
-        }
-    };
-
-    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
-    if let Some((_handle, up)) = upstream {
-        let (mut client_rx, client_tx) = client.split();
-        let (mut up_rx, up_tx) = up.split();
-        let client_tx = Arc::new(client_tx);
-        // Client → target.
-        let rec_in = rec.clone();
-        let mut inbound = tokio::spawn(async move {
-            let mut n = 0u64;
-            while let Some(msg) = client_rx.wait().await {
-                match msg {
-                    ChannelMsg::Data { data } => {
-                        n += data.len() as u64;
-                        if record_data && let Ok(mut r) = rec_in.lock() {
-                            r.input(&data);
-                        }
-                        if up_tx.data_bytes(data).await.is_err() {
-                            break;
-                        }
-                    }
-                    ChannelMsg::WindowChange {
+                    ..
+                } => {
+                    with_rec(&|r| r.resize(col_width, row_height));
+                    pending_pty = Some((
+                        term,
                         col_width,
                         row_height,
                         pix_width,
                         pix_height,
-                    } => {
-                        if let Ok(mut r) = rec_in.lock() {
-                            r.resize(col_width, row_height);
-                        }
-                        let _ = up_tx
-                            .window_change(col_width, row_height, pix_width, pix_height)
-                            .await;
-                    }
-                    ChannelMsg::Signal { signal } => {
-                        let _ = up_tx.signal(signal).await;
-                    }
-                    ChannelMsg::Eof => {
-                        let _ = up_tx.eof().await;
-                    }
-                    ChannelMsg::Close => break,
-                    _ => {}
+                        terminal_modes,
+                    ));
                 }
+                ChannelMsg::Exec { command, .. } => {
+                    let cmd = String::from_utf8_lossy(&command).to_string();
+                    if let Some(p) = blocked.iter().find(|p| glob_match(p, cmd.trim())) {
+                        audit(
+                            &state,
+                            &g.user_email,
+                            "session.command_blocked",
+                            &g.id,
+                            json!({
+                                "session_id": session_id, "command": cmd, "pattern": p,
+                            }),
+                        )
+                        .await;
+                        let why =
+                            format!("twokey: the command is blocked for this role (matches {p:?})\r\n");
+                        let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                        let _ = client.exit_status(126).await;
+                        end_reason = "blocked".into();
+                        break None;
+                    }
+                    with_rec(&|r| r.input(&command));
+                    let (h, ch) =
+                        open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                    ch.exec(true, command).await.map_err(|e| e.to_string())?;
+                    break Some((h, ch));
+                }
+                ChannelMsg::RequestShell { .. } => {
+                    let (h, ch) =
+                        open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                    ch.request_shell(true).await.map_err(|e| e.to_string())?;
+                    break Some((h, ch));
+                }
+                ChannelMsg::RequestSubsystem { name, .. } => {
+                    // sftp (and scp, which speaks sftp since OpenSSH 9): file bytes are
+                    // counted, not written into the terminal recording.
+                    with_rec(&|r| r.note(&format!("subsystem {name}")));
+                    record_data = false;
+                    let (h, ch) =
+                        open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                    ch.request_subsystem(true, name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    break Some((h, ch));
+                }
+                ChannelMsg::Close | ChannelMsg::Eof => break None,
+                _ => {}
             }
-            let _ = up_tx.close().await;
-            n
-        });
-        // Target → client.
-        let rec_out = rec.clone();
-        let to_client = client_tx.clone();
-        let mut outbound = tokio::spawn(async move {
-            let mut n = 0u64;
-            while let Some(msg) = up_rx.wait().await {
-                match msg {
-                    ChannelMsg::Data { data } => {
-                        n += data.len() as u64;
-                        if record_data && let Ok(mut r) = rec_out.lock() {
-                            r.output(&data);
+        };
+
+        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+        if let Some((_handle, up)) = upstream {
+            let (mut client_rx, client_tx) = client.split();
+            let (mut up_rx, up_tx) = up.split();
+            let client_tx = Arc::new(client_tx);
+            // Client → target.
+            let rec_in = rec.clone();
+            let mut inbound = tokio::spawn(async move {
+                let mut n = 0u64;
+                while let Some(msg) = client_rx.wait().await {
+                    match msg {
+                        ChannelMsg::Data { data } => {
+                            n += data.len() as u64;
+                            if record_data && let Ok(mut r) = rec_in.lock() {
+                                r.input(&data);
+                            }
+                            if up_tx.data_bytes(data).await.is_err() {
+                                break;
+                            }
                         }
-                        if to_client.data_bytes(data).await.is_err() {
+                        ChannelMsg::WindowChange {
+                            col_width,
+                            row_height,
+                            pix_width,
+                            pix_height,
+                        } => {
+                            if let Ok(mut r) = rec_in.lock() {
+                                r.resize(col_width, row_height);
+                            }
+                            let _ = up_tx
+                                .window_change(col_width, row_height, pix_width, pix_height)
+                                .await;
+                        }
+                        ChannelMsg::Signal { signal } => {
+                            let _ = up_tx.signal(signal).await;
+                        }
+                        ChannelMsg::Eof => {
+                            let _ = up_tx.eof().await;
+                        }
+                        ChannelMsg::Close => break,
+                        _ => {}
+                    }
+                }
+                let _ = up_tx.close().await;
+                n
+            });
+            // Target → client.
+            let rec_out = rec.clone();
+            let to_client = client_tx.clone();
+            let mut outbound = tokio::spawn(async move {
+                let mut n = 0u64;
+                while let Some(msg) = up_rx.wait().await {
+                    match msg {
+                        ChannelMsg::Data { data } => {
+                            n += data.len() as u64;
+                            if record_data && let Ok(mut r) = rec_out.lock() {
+                                r.output(&data);
+                            }
+                            if to_client.data_bytes(data).await.is_err() {
+                                break;
+                            }
+                        }
+                        ChannelMsg::ExtendedData { data, ext } => {
+                            n += data.len() as u64;
+                            if record_data && let Ok(mut r) = rec_out.lock() {
+                                r.output(&data);
+                            }
+                            let _ = to_client.extended_data_bytes(ext, data).await;
+                        }
+                        ChannelMsg::ExitStatus { exit_status } => {
+                            let _ = to_client.exit_status(exit_status).await;
+                        }
+                        ChannelMsg::Eof => {
+                            let _ = to_client.eof().await;
+                        }
+                        // The target refused the shell, command or subsystem.
+                        ChannelMsg::Failure => {
+                            let _ = to_client
+                                .extended_data_bytes(
+                                    1,
+                                    b"twokey: the target refused this request\r\n".to_vec(),
+                                )
+                                .await;
+                            let _ = to_client.exit_status(1).await;
+                            break;
+                        }
+                        ChannelMsg::Close => break,
+                        _ => {}
+                    }
+                }
+                n
+            });
+            let mut tick = tokio::time::interval(CUT_CHECK);
+            loop {
+                tokio::select! {
+                    n = &mut outbound => {
+                        bytes_out = n.unwrap_or(0);
+                        inbound.abort();
+                        break;
+                    }
+                    n = &mut inbound => {
+                        bytes_in = n.unwrap_or(0);
+                        // The client is done; let the target's last words through.
+                        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), &mut outbound).await {
+                            bytes_out = n;
+                        } else {
+                            outbound.abort();
+                        }
+                        break;
+                    }
+                    _ = kill.notified() => {
+                        inbound.abort();
+                        outbound.abort();
+                        let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: an administrator ended this session\r\n".to_vec()).await;
+                        let _ = client_tx.exit_status(255).await;
+                        end_reason = "terminated by an administrator".into();
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        // Fail closed: a store that cannot answer ends the session too.
+                        let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
+                            .is_some_and(|now_g| is_live(&now_g, state.now_ms()));
+                        if !live {
+                            inbound.abort();
+                            outbound.abort();
+                            let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: the grant has ended or was revoked; closing\r\n".to_vec()).await;
+                            let _ = client_tx.exit_status(255).await;
+                            end_reason = "grant ended".into();
                             break;
                         }
                     }
-                    ChannelMsg::ExtendedData { data, ext } => {
-                        n += data.len() as u64;
-                        if record_data && let Ok(mut r) = rec_out.lock() {
-                            r.output(&data);
-                        }
-                        let _ = to_client.extended_data_bytes(ext, data).await;
-                    }
-                    ChannelMsg::ExitStatus { exit_status } => {
-                        let _ = to_client.exit_status(exit_status).await;
-                    }
-                    ChannelMsg::Eof => {
-                        let _ = to_client.eof().await;
-                    }
-                    // The target refused the shell, command or subsystem.
-                    ChannelMsg::Failure => {
-                        let _ = to_client
-                            .extended_data_bytes(
-                                1,
-                                b"twokey: the target refused this request\r\n".to_vec(),
-                            )
-                            .await;
-                        let _ = to_client.exit_status(1).await;
-                        break;
-                    }
-                    ChannelMsg::Close => break,
-                    _ => {}
                 }
             }
-            n
-        });
-        let mut tick = tokio::time::interval(CUT_CHECK);
-        loop {
-            tokio::select! {
-                n = &mut outbound => {
-                    bytes_out = n.unwrap_or(0);
-                    inbound.abort();
-                    break;
-                }
-                n = &mut inbound => {
-                    bytes_in = n.unwrap_or(0);
-                    // The client is done; let the target's last words through.
-                    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), &mut outbound).await {
-                        bytes_out = n;
-                    } else {
-                        outbound.abort();
-                    }
-                    break;
-                }
-                _ = kill.notified() => {
-                    inbound.abort();
-                    outbound.abort();
-                    let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: an administrator ended this session\r\n".to_vec()).await;
-                    let _ = client_tx.exit_status(255).await;
-                    end_reason = "terminated by an administrator";
-                    break;
-                }
-                _ = tick.tick() => {
-                    // Fail closed: a store that cannot answer ends the session too.
-                    let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
-                        .is_some_and(|now_g| is_live(&now_g, state.now_ms()));
-                    if !live {
-                        inbound.abort();
-                        outbound.abort();
-                        let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: the grant has ended or was revoked; closing\r\n".to_vec()).await;
-                        let _ = client_tx.exit_status(255).await;
-                        end_reason = "grant ended";
-                        break;
-                    }
-                }
-            }
+            let _ = client_tx.eof().await;
+            let _ = client_tx.close().await;
+        } else {
+            let _ = client.eof().await;
+            let _ = client.close().await;
         }
-        let _ = client_tx.eof().await;
-        let _ = client_tx.close().await;
-    } else {
-        let _ = client.eof().await;
-        let _ = client.close().await;
+        Ok((bytes_in, bytes_out, end_reason))
     }
+    .await;
+    let (bytes_in, bytes_out, end_reason) = match outcome {
+        Ok(o) => o,
+        // Whatever failed (the target unreachable, its host key not the pinned one),
+        // the engineer hears it and the session is still closed and accounted for.
+        Err(e) => {
+            tracing::warn!(error = %e, session = %session_id, "relay session failed");
+            (0, 0, format!("failed: {e}"))
+        }
+    };
+    state.live_sessions.remove(&session_id);
     let done = rec
         .lock()
         .map_err(|_| "recording lock poisoned".to_string())?
         .finish()
         .map_err(|e| format!("recording: {e}"))?;
-    state.live_sessions.remove(&session_id);
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db)
         .await
@@ -932,7 +963,7 @@ async fn bridge(
         &mut tx,
         &session_id,
         now,
-        end_reason,
+        &end_reason,
         bytes_in as i64,
         bytes_out as i64,
         done.bytes as i64,
@@ -966,7 +997,13 @@ async fn open_upstream(
     session_id: &str,
     pty: Option<PtyRequest>,
 ) -> std::result::Result<(russh::client::Handle<Upstream>, Channel<russh::client::Msg>), String> {
-    let handle = connect_upstream(state, admitted, session_id).await?;
+    // Bounded: a target that stalls mid-login must not hang the session forever.
+    let handle = tokio::time::timeout(
+        Duration::from_secs(20),
+        connect_upstream(state, admitted, session_id),
+    )
+    .await
+    .map_err(|_| "the target did not complete the login in time".to_string())??;
     let ch = handle
         .channel_open_session()
         .await
