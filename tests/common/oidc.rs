@@ -285,14 +285,39 @@ impl OidcApp {
     /// Obtains a real ID token minted for the *other* client, by running its code flow
     /// (with PKCE) as that client would.
     pub async fn other_clients_id_token(&self, login: &str, nonce: &str) -> String {
+        self.id_token_for(OTHER_ID, OTHER_SECRET, &self.url("/other/cb"), login, nonce)
+            .await
+    }
+
+    /// An ID token the provider issues to twokey's own client for `login` with this
+    /// nonce, obtained by walking the code flow by hand (twokey never sees it).
+    pub async fn own_id_token(&self, login: &str, nonce: &str) -> String {
+        self.id_token_for(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &self.url("/auth/oidc/callback"),
+            login,
+            nonce,
+        )
+        .await
+    }
+
+    async fn id_token_for(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+        redirect: &str,
+        login: &str,
+        nonce: &str,
+    ) -> String {
         use base64::Engine;
         use sha2::Digest;
         let verifier = "other-app-pkce-verifier-0123456789-0123456789-0123456789";
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(sha2::Sha256::digest(verifier.as_bytes()));
-        let redirect = self.url("/other/cb");
+        let redirect = redirect.to_string();
         let auth = format!(
-            "{}/auth?client_id={OTHER_ID}&response_type=code&scope=openid%20email&redirect_uri={}&state=s&nonce={nonce}&code_challenge={challenge}&code_challenge_method=S256",
+            "{}/auth?client_id={client_id}&response_type=code&scope=openid%20email&redirect_uri={}&state=s&nonce={nonce}&code_challenge={challenge}&code_challenge_method=S256",
             self.provider.issuer,
             urlencode(&redirect)
         );
@@ -306,7 +331,7 @@ impl OidcApp {
             .expect("code");
         let tokens: Value = reqwest::Client::new()
             .post(format!("{}/token", self.provider.issuer))
-            .basic_auth(OTHER_ID, Some(OTHER_SECRET))
+            .basic_auth(client_id, Some(client_secret))
             .form(&[
                 ("grant_type", "authorization_code"),
                 ("code", &code),
