@@ -698,3 +698,39 @@ async fn a_connection_kept_open_admits_nothing_after_revocation() {
     stop.args(["-o", &ctl_opt, "-O", "exit", "demo-ssh@127.0.0.1"]);
     let _ = tokio::task::spawn_blocking(move || stop.output()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_forwarding_is_refused_and_audited() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let sock = s.keys.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = s.ssh_cmd_with(
+        &cert,
+        "demo-ssh",
+        &["-A"],
+        "echo ${SSH_AUTH_SOCK:-no-agent}",
+    );
+    c.env("SSH_AUTH_SOCK", &sock);
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(text(&o).0.trim(), "no-agent", "{:?}", text(&o));
+    let refused = s.events("session.forward_refused").await;
+    assert!(
+        refused.iter().any(|e| e["forward"] == "agent forwarding"),
+        "{refused:?}"
+    );
+}

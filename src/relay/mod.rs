@@ -494,6 +494,30 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> std::result::Result<(), Self::Error> {
+        self.refuse_forward("X11 forwarding").await;
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> std::result::Result<bool, Self::Error> {
+        self.refuse_forward("agent forwarding").await;
+        session.channel_failure(channel)?;
+        Ok(false)
+    }
+
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
