@@ -314,15 +314,22 @@ impl russh::server::Server for RelayServer {
         Conn {
             state: self.state.clone(),
             peer,
+            channels: Arc::default(),
             admission: None,
             permit: self.open.clone().try_acquire_owned().ok(),
         }
     }
 }
 
+/// Sessions one connection may have open at once (ControlMaster multiplexes); each
+/// costs an upstream connection and a recording.
+const MAX_CHANNELS_PER_CONNECTION: usize = 10;
+
 struct Conn {
     state: AppState,
     peer: Option<SocketAddr>,
+    /// Sessions open on this connection right now.
+    channels: Arc<std::sync::atomic::AtomicUsize>,
     admission: Option<std::result::Result<Admitted, String>>,
     /// Held while the connection lives; none left means refused.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -401,7 +408,13 @@ impl russh::server::Handler for Conn {
                 Ok(Auth::Accept)
             }
             Err(r @ Refusal::Certificate(_)) => {
-                self.audit_refusal(user, r.text(), cert).await;
+                // Only certificates twokey's CA signed are worth an audit row: anyone can
+                // present a self-signed one, and must not be able to grow the chain.
+                let ours = cert.signature_key().fingerprint(HashAlg::Sha256)
+                    == self.state.ca.public_key().fingerprint(HashAlg::Sha256);
+                if ours {
+                    self.audit_refusal(user, r.text(), cert).await;
+                }
                 tracing::info!(resource = %user, reason = r.text(), "relay refused a certificate");
                 Ok(Auth::reject())
             }
@@ -416,6 +429,18 @@ impl russh::server::Handler for Conn {
     ) -> std::result::Result<(), Self::Error> {
         let Some(mut admission) = self.admission.clone() else {
             return Ok(());
+        };
+        use std::sync::atomic::Ordering;
+        if self.channels.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS_PER_CONNECTION {
+            self.channels.fetch_sub(1, Ordering::SeqCst);
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
+        let open = self.channels.clone();
+        let release = move || {
+            open.fetch_sub(1, Ordering::SeqCst);
         };
         // Admission was decided at authentication; a connection can open channels long
         // after (ControlMaster). Each channel re-checks that the grant is still live, and
@@ -444,10 +469,14 @@ impl russh::server::Handler for Conn {
                     if let Err(e) = bridge(state, admitted, channel, peer).await {
                         tracing::warn!(error = %e, "relay session ended with an error");
                     }
+                    release();
                 });
             }
             Err(why) => {
-                tokio::spawn(explain(channel, why));
+                tokio::spawn(async move {
+                    explain(channel, why).await;
+                    release();
+                });
             }
         }
         Ok(())
