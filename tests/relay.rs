@@ -812,3 +812,23 @@ async fn one_connection_holds_at_most_ten_sessions_at_once() {
     stop.args(["-o", &ctl_opt, "-O", "exit", "demo-ssh@127.0.0.1"]);
     let _ = tokio::task::spawn_blocking(move || stop.output()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_keys_and_expired_certificates_do_not_get_in() {
+    let s = setup().await;
+    // A plain key (no certificate offered).
+    let missing = s.keys.path().join("no-such-cert.pub");
+    let o = s.ssh(&missing, "demo-ssh", "echo plain").await;
+    assert!(!text(&o).0.contains("plain"));
+    assert!(text(&o).1.contains("Permission denied"), "{:?}", text(&o));
+
+    // A certificate minted two hours ago for a 30-minute grant.
+    s.app.clock.set(Utc::now() - chrono::Duration::hours(2));
+    let (_, cert) = s.grant().await;
+    s.app.clock.set(Utc::now());
+    let o = s.ssh(&cert, "demo-ssh", "echo expired").await;
+    assert!(!text(&o).0.contains("expired"), "{:?}", text(&o));
+    assert!(text(&o).1.contains("Permission denied"), "{:?}", text(&o));
+    // (russh itself refuses a certificate outside its validity before twokey's check
+    // runs, so this refusal leaves no audit row.)
+}
