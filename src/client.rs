@@ -540,7 +540,25 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode, String> {
             return Err(format!("{} has no SSH relay", api.server));
         }
         let host_key = resp.text().await.map_err(|e| e.to_string())?;
-        return exec_via_relay(relay, &a, &id, &key, &minted, host_key.trim());
+        let (host, port) = relay
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--relay {relay:?}: expected host:port"))?;
+        // The relay checks the certificate and the grant; the engineer never learns
+        // how it logs in to the target.
+        return exec_ssh(
+            &Destination {
+                host,
+                port,
+                login: &a.resource,
+                host_key: Some(host_key.trim()),
+                pin_name: "relay",
+            },
+            &id,
+            &key,
+            &minted,
+            &a.command,
+            &format!("Connecting to {} through the relay at {relay}", a.resource),
+        );
     }
     let Some(address) = minted["address"].as_str() else {
         return Err(format!(
@@ -553,60 +571,48 @@ pub async fn ssh(a: SshArgs) -> Result<ExitCode, String> {
         .ok_or_else(|| format!("{} has a bad address {address:?}", a.resource))?;
     let principal = minted["principals"][0]
         .as_str()
-        .ok_or("the certificate names no login")?
-        .to_string();
-    let dir = config_dir()?.join("certs");
-    private_dir(&dir)?;
-    let cert = dir.join(format!("{id}-cert.pub"));
-    write_private(
-        &cert,
-        format!("{}\n", minted["certificate"].as_str().unwrap_or_default()).as_bytes(),
-    )?;
-    let mut cmd = std::process::Command::new("ssh");
-    cmd.arg("-o")
-        .arg(format!("CertificateFile={}", cert.display()))
-        .args(["-o", "IdentitiesOnly=yes", "-i"])
-        .arg(&key)
-        .args(["-p", port]);
-    if let Some(hk) = minted["host_key"].as_str() {
-        // Pinned by twokey's config: connect to nothing else.
-        let kh = dir.join(format!("known_hosts-{}", a.resource));
-        let pattern = if port == "22" {
-            host.to_string()
-        } else {
-            format!("[{host}]:{port}")
-        };
-        write_private(&kh, format!("{pattern} {}\n", hk.trim()).as_bytes())?;
-        cmd.arg("-o")
-            .arg(format!("UserKnownHostsFile={}", kh.display()))
-            .args(["-o", "StrictHostKeyChecking=yes"]);
-    }
-    cmd.arg(format!("{principal}@{host}"));
-    if !a.command.is_empty() {
-        cmd.arg("--").args(&a.command);
-    }
-    eprintln!(
-        "Connecting to {} as {principal} (certificate valid until the grant ends)",
-        a.resource
-    );
-    use std::os::unix::process::CommandExt;
-    let err = cmd.exec();
-    Err(format!("cannot run ssh: {err}"))
+        .ok_or("the certificate names no login")?;
+    exec_ssh(
+        &Destination {
+            host,
+            port,
+            login: principal,
+            // Pinned by twokey's config: connect to nothing else.
+            host_key: minted["host_key"].as_str().map(str::trim),
+            pin_name: &a.resource,
+        },
+        &id,
+        &key,
+        &minted,
+        &a.command,
+        &format!(
+            "Connecting to {} as {principal} (certificate valid until the grant ends)",
+            a.resource
+        ),
+    )
 }
 
-/// `ssh -p PORT RESOURCE@relay`: the relay checks the certificate and the grant, and
-/// the engineer never learns how it logs in to the target.
-fn exec_via_relay(
-    relay: &str,
-    a: &SshArgs,
+/// Where `twokey ssh` connects: a target, or the relay.
+struct Destination<'a> {
+    host: &'a str,
+    port: &'a str,
+    login: &'a str,
+    /// The host key to pin; without one, the user's known_hosts decides.
+    host_key: Option<&'a str>,
+    /// Names the pinned known_hosts file under the config dir.
+    pin_name: &'a str,
+}
+
+/// Saves the certificate beside twokey's other files (0600), pins the host key, and
+/// replaces this process with `ssh`.
+fn exec_ssh(
+    to: &Destination<'_>,
     id: &str,
     key: &Path,
     minted: &Value,
-    host_key: &str,
+    command: &[String],
+    banner: &str,
 ) -> Result<ExitCode, String> {
-    let (host, port) = relay
-        .rsplit_once(':')
-        .ok_or_else(|| format!("--relay {relay:?}: expected host:port"))?;
     let dir = config_dir()?.join("certs");
     private_dir(&dir)?;
     let cert = dir.join(format!("{id}-cert.pub"));
@@ -619,22 +625,24 @@ fn exec_via_relay(
         .arg(format!("CertificateFile={}", cert.display()))
         .args(["-o", "IdentitiesOnly=yes", "-i"])
         .arg(key)
-        .args(["-p", port]);
-    let kh = dir.join("known_hosts-relay");
-    let pattern = if port == "22" {
-        host.to_string()
-    } else {
-        format!("[{host}]:{port}")
-    };
-    write_private(&kh, format!("{pattern} {host_key}\n").as_bytes())?;
-    cmd.arg("-o")
-        .arg(format!("UserKnownHostsFile={}", kh.display()))
-        .args(["-o", "StrictHostKeyChecking=yes"])
-        .arg(format!("{}@{host}", a.resource));
-    if !a.command.is_empty() {
-        cmd.arg("--").args(&a.command);
+        .args(["-p", to.port]);
+    if let Some(hk) = to.host_key {
+        let kh = dir.join(format!("known_hosts-{}", to.pin_name));
+        let pattern = if to.port == "22" {
+            to.host.to_string()
+        } else {
+            format!("[{}]:{}", to.host, to.port)
+        };
+        write_private(&kh, format!("{pattern} {hk}\n").as_bytes())?;
+        cmd.arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .args(["-o", "StrictHostKeyChecking=yes"]);
     }
-    eprintln!("Connecting to {} through the relay at {relay}", a.resource);
+    cmd.arg(format!("{}@{}", to.login, to.host));
+    if !command.is_empty() {
+        cmd.arg("--").args(command);
+    }
+    eprintln!("{banner}");
     use std::os::unix::process::CommandExt;
     let err = cmd.exec();
     Err(format!("cannot run ssh: {err}"))

@@ -713,7 +713,7 @@ pub async fn holders_live_grant<'a>(
     actor: &Actor,
     request_id: &str,
     now: i64,
-) -> Result<(RequestRow, GrantRow, &'a ResourceConfig, &'a RoleConfig)> {
+) -> Result<HeldGrant<'a>> {
     let req = store::get_request(conn, request_id)
         .await?
         .ok_or(Error::NotFound("request"))?;
@@ -770,7 +770,21 @@ pub async fn holders_live_grant<'a>(
     if grant.starts_at > now {
         return refuse(state, Error::conflict("this grant has not started yet"));
     }
-    Ok((req, grant, resource, role))
+    Ok(HeldGrant {
+        actor,
+        grant,
+        resource,
+        role,
+    })
+}
+
+/// A live grant, checked for its holder: the holder as they are now (groups refreshed),
+/// and the grant's resource and role from the policy.
+pub struct HeldGrant<'a> {
+    pub actor: Actor,
+    pub grant: GrantRow,
+    pub resource: &'a ResourceConfig,
+    pub role: &'a RoleConfig,
 }
 
 /// Appends an audit event in the caller's transaction (for modules beside `access`

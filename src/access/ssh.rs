@@ -8,7 +8,7 @@
 use serde_json::json;
 use ssh_key::HashAlg;
 
-use super::{audit, current_actor, refuse};
+use super::{audit, refuse};
 use crate::ca::{self, BACKDATE_SECS, CertSpec, krl};
 use crate::config::ResourceKind;
 use crate::error::{Error, Result};
@@ -44,8 +44,12 @@ pub async fn mint_certificate(
     let now_ms = state.now_ms();
     let now = u64::try_from(now_ms / 1000).unwrap_or(0);
     let mut tx = store::begin_write(&state.db).await?;
-    let (_, grant, resource, role) =
-        super::holders_live_grant(state, &mut tx, actor, request_id, now_ms).await?;
+    let super::HeldGrant {
+        actor,
+        grant,
+        resource,
+        role,
+    } = super::holders_live_grant(state, &mut tx, actor, request_id, now_ms).await?;
     if resource.kind != ResourceKind::Ssh {
         return refuse(
             state,
@@ -55,7 +59,6 @@ pub async fn mint_certificate(
             )),
         );
     }
-    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
     // Never outlive the grant: the end rounds down to the second.
     let valid_before = u64::try_from(grant.ends_at / 1000).unwrap_or(0);
     let grant_start = u64::try_from(grant.starts_at / 1000).unwrap_or(0);

@@ -241,19 +241,22 @@ impl std::fmt::Debug for Issued {
 /// Creates (or re-keys) the login for the holder's live grant on a PostgreSQL resource.
 pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<Issued> {
     let now = state.now_ms();
-    let (grant, resource, role) = {
+    let crate::access::HeldGrant {
+        grant,
+        resource,
+        role,
+        ..
+    } = {
         let mut conn = state.db.acquire().await?;
-        let (_, grant, resource, role) =
-            crate::access::holders_live_grant(state, &mut conn, actor, request_id, now).await?;
-        if !resource.manages_db_roles() {
-            return Err(Error::conflict(format!(
-                "twokey does not manage logins for {} (it has no admin_user)",
-                resource.name
-            )));
-        }
-        (grant, resource.clone(), role.clone())
+        crate::access::holders_live_grant(state, &mut conn, actor, request_id, now).await?
     };
-    let target = Target::of(&resource)?;
+    if !resource.manages_db_roles() {
+        return Err(Error::conflict(format!(
+            "twokey does not manage logins for {} (it has no admin_user)",
+            resource.name
+        )));
+    }
+    let target = Target::of(resource)?;
     let name = role_name(&grant.id);
     // Recorded before the target is touched: the reconciler leaves a role being made
     // for a live grant alone, and drops it once the grant is over.
@@ -265,7 +268,7 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     let password = new_password();
     let ends = crate::clock::from_millis(grant.ends_at);
     let comment = format!("{}grant:{}", instance_tag(state), grant.id);
-    let result = provision(&target, &name, &password, &role, &ends, &comment).await;
+    let result = provision(&target, &name, &password, role, &ends, &comment).await;
     let mut tx = store::begin_write(&state.db).await?;
     let created = match result {
         Ok(created) => created,
@@ -294,7 +297,7 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     if !still_live {
         drop(tx);
         state.reconcile_now.notify_one();
-        if let Err(msg) = reconcile_resource(state, &resource).await {
+        if let Err(msg) = reconcile_resource(state, resource).await {
             tracing::warn!(error = %msg, "dropping a login made for a grant that ended meanwhile failed; will retry");
         }
         return Err(Error::conflict(

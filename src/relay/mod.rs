@@ -337,13 +337,8 @@ struct Conn {
 
 impl Conn {
     async fn audit_refusal(&self, resource: &str, reason: &str, cert: &Certificate) {
-        let now = self.state.now_ms();
-        let Ok(mut tx) = store::begin_write(&self.state.db).await else {
-            return;
-        };
-        let ok = crate::access::audit_event(
-            &mut tx,
-            now,
+        audit(
+            &self.state,
             "relay",
             "relay.refused",
             resource,
@@ -355,13 +350,8 @@ impl Conn {
             }),
         )
         .await;
-        if ok.is_ok() {
-            let _ = tx.commit().await;
-        }
     }
-}
 
-impl Conn {
     async fn refuse_forward(&self, what: &str) {
         if let Some(Ok(a)) = &self.admission {
             audit(
@@ -726,11 +716,7 @@ async fn bridge(
     let rec = Arc::new(std::sync::Mutex::new(
         recording::Recorder::create(&state, &session_id).map_err(|e| format!("recording: {e}"))?,
     ));
-    let with_rec = |f: &dyn Fn(&mut recording::Recorder)| {
-        if let Ok(mut r) = rec.lock() {
-            f(&mut r);
-        }
-    };
+    let with_rec = |f: &dyn Fn(&mut recording::Recorder)| recording::with(&rec, f);
     let recording_path = rec
         .lock()
         .map(|r| r.path().display().to_string())
@@ -864,8 +850,8 @@ async fn bridge(
                     match msg {
                         ChannelMsg::Data { data } => {
                             n += data.len() as u64;
-                            if record_data && let Ok(mut r) = rec_in.lock() {
-                                r.input(&data);
+                            if record_data {
+                                recording::with(&rec_in, |r| r.input(&data));
                             }
                             if up_tx.data_bytes(data).await.is_err() {
                                 break;
@@ -877,9 +863,7 @@ async fn bridge(
                             pix_width,
                             pix_height,
                         } => {
-                            if let Ok(mut r) = rec_in.lock() {
-                                r.resize(col_width, row_height);
-                            }
+                            recording::with(&rec_in, |r| r.resize(col_width, row_height));
                             let _ = up_tx
                                 .window_change(col_width, row_height, pix_width, pix_height)
                                 .await;
@@ -906,8 +890,8 @@ async fn bridge(
                     match msg {
                         ChannelMsg::Data { data } => {
                             n += data.len() as u64;
-                            if record_data && let Ok(mut r) = rec_out.lock() {
-                                r.output(&data);
+                            if record_data {
+                                recording::with(&rec_out, |r| r.output(&data));
                             }
                             if to_client.data_bytes(data).await.is_err() {
                                 break;
@@ -915,8 +899,8 @@ async fn bridge(
                         }
                         ChannelMsg::ExtendedData { data, ext } => {
                             n += data.len() as u64;
-                            if record_data && let Ok(mut r) = rec_out.lock() {
-                                r.output(&data);
+                            if record_data {
+                                recording::with(&rec_out, |r| r.output(&data));
                             }
                             let _ = to_client.extended_data_bytes(ext, data).await;
                         }

@@ -20,6 +20,14 @@ pub struct Recorder {
     finished: bool,
 }
 
+/// Runs `f` on a shared recorder. A poisoned lock (a panicked writer) skips the event:
+/// losing a line of recording never takes the session down.
+pub fn with(rec: &std::sync::Mutex<Recorder>, f: impl FnOnce(&mut Recorder)) {
+    if let Ok(mut r) = rec.lock() {
+        f(&mut r);
+    }
+}
+
 /// A finished recording.
 pub struct Finished {
     pub path: String,

@@ -72,7 +72,7 @@ async fn csrf_token(session: &Session) -> Result<String, PageError> {
     Ok(t)
 }
 
-fn when(ms: i64) -> String {
+pub(crate) fn when(ms: i64) -> String {
     from_millis(ms).format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 

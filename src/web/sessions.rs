@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::error::PageError;
 use super::extract::WebUser;
-use super::pages::Chrome;
+use super::pages::{Chrome, when};
 use crate::error::Error;
 use crate::policy;
 use crate::state::AppState;
@@ -30,12 +30,6 @@ pub struct SessionVm {
     pub duration: String,
     pub bytes: String,
     pub live: bool,
-}
-
-fn when(ms: i64) -> String {
-    crate::clock::from_millis(ms)
-        .format("%Y-%m-%d %H:%M:%S UTC")
-        .to_string()
 }
 
 fn vm(state: &AppState, s: &SessionRow) -> SessionVm {
