@@ -832,3 +832,18 @@ async fn plain_keys_and_expired_certificates_do_not_get_in() {
     // (russh itself refuses a certificate outside its validity before twokey's check
     // runs, so this refusal leaves no audit row.)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_fails_closed_when_the_store_cannot_answer() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    assert_eq!(
+        text(&s.ssh(&cert, "demo-ssh", "echo open").await).0.trim(),
+        "open"
+    );
+    // The store goes away: a valid certificate for a live grant no longer gets in.
+    s.app.state().db.close().await;
+    let o = s.ssh(&cert, "demo-ssh", "echo closed").await;
+    assert!(!text(&o).0.contains("closed"), "{:?}", text(&o));
+    assert!(text(&o).1.contains("Permission denied"), "{:?}", text(&o));
+}
