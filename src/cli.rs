@@ -420,17 +420,21 @@ async fn run_server(config: Config) -> Result<ExitCode, String> {
     let srv = server::serve(config, Arc::new(SystemClock))
         .await
         .map_err(|e| describe(&e))?;
-    println!("twokey is serving at {}", srv.url());
+    let mut banner = format!("twokey is serving at {}\n", srv.url());
     if let Some(relay) = &srv.relay {
-        println!("SSH relay listening on {}", relay.addr);
+        banner.push_str(&format!("SSH relay listening on {}\n", relay.addr));
     }
     if dev {
-        println!("Demo sign-in is ON. Sign in as one of:");
+        banner.push_str("Demo sign-in is ON. Sign in as one of:\n");
         for u in demo_users {
-            println!("  {u}");
+            banner.push_str(&format!("  {u}\n"));
         }
     }
-    let _ = std::io::stdout().flush();
+    // One write, errors ignored: a server must not die because whoever started it
+    // stopped reading its standard output (println! panics on a closed pipe).
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
+    drop(out);
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             eprintln!("Shutting down");
