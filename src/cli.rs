@@ -435,12 +435,16 @@ async fn run_server(config: Config) -> Result<ExitCode, String> {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
     drop(out);
+    // Ctrl-C, or SIGTERM from a service manager: stop cleanly either way, so live
+    // relay sessions are ended and their recordings finalised.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("Shutting down");
-            srv.stop().await;
-        }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+    eprintln!("Shutting down");
+    srv.stop().await;
     Ok(ExitCode::SUCCESS)
 }
 

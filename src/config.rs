@@ -52,13 +52,61 @@ pub struct RelayConfig {
     /// CA). Made at first start; default DATA_DIR/relay_upstream_ca.
     #[serde(default)]
     pub upstream_ca_key_file: Option<PathBuf>,
-    /// Connections that may be open at once.
+    /// Connections that may be open at once; more are closed at accept, before any
+    /// cryptography.
     #[serde(default = "default_relay_connections")]
     pub max_connections: usize,
+    /// Connections one address may have open at once.
+    #[serde(default = "default_relay_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// How long a connection may take to authenticate before it is closed.
+    #[serde(default = "default_login_grace")]
+    pub login_grace_time: String,
+    /// An authenticated connection with no traffic for this long is closed.
+    #[serde(default = "default_relay_idle")]
+    pub idle_timeout: String,
+    /// A session's recording stops growing past this many bytes: a marker says so and
+    /// the rest is counted, not written.
+    #[serde(default = "default_max_recording")]
+    pub max_recording_bytes: u64,
 }
+
+/// 100 MiB of asciicast: hours of terminal work, a bounded slice of a bulk transfer.
+pub const DEFAULT_MAX_RECORDING_BYTES: u64 = 100 << 20;
 
 fn default_relay_connections() -> usize {
     1000
+}
+
+fn default_relay_connections_per_ip() -> usize {
+    50
+}
+
+fn default_login_grace() -> String {
+    "30s".into()
+}
+
+fn default_relay_idle() -> String {
+    "1h".into()
+}
+
+fn default_max_recording() -> u64 {
+    DEFAULT_MAX_RECORDING_BYTES
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: "127.0.0.1:2222".into(),
+            host_key_file: None,
+            upstream_ca_key_file: None,
+            max_connections: default_relay_connections(),
+            max_connections_per_ip: default_relay_connections_per_ip(),
+            login_grace_time: default_login_grace(),
+            idle_timeout: default_relay_idle(),
+            max_recording_bytes: default_max_recording(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -769,13 +817,21 @@ impl Config {
             ));
         }
         check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
-        if let Some(relay) = &self.relay
-            && relay.listen.parse::<SocketAddr>().is_err()
-        {
-            return Err(invalid(
-                "relay.listen",
-                format!("{:?} is not an address like 0.0.0.0:2222", relay.listen),
-            ));
+        if let Some(relay) = &self.relay {
+            if relay.listen.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "relay.listen",
+                    format!("{:?} is not an address like 0.0.0.0:2222", relay.listen),
+                ));
+            }
+            check_duration("relay.login_grace_time", &relay.login_grace_time, false)?;
+            check_duration("relay.idle_timeout", &relay.idle_timeout, false)?;
+            if relay.max_connections == 0 || relay.max_connections_per_ip == 0 {
+                return Err(invalid(
+                    "relay.max_connections",
+                    "max_connections and max_connections_per_ip must be at least 1",
+                ));
+            }
         }
         check_duration("server.outbox_interval", &self.server.outbox_interval, true)?;
         check_duration(

@@ -37,13 +37,14 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, finishes in-flight requests, stops the sweeper.
+    /// Stops accepting, ends relay sessions (their recordings finalised and audited),
+    /// finishes in-flight requests, stops the sweeper.
     pub async fn stop(self) {
+        if let Some(relay) = self.relay {
+            relay.stop().await;
+        }
         let _ = self.shutdown.send(true);
         let _ = self.serve.await;
-        if let Some(relay) = self.relay {
-            relay.stop();
-        }
         for task in [self.sweeper, self.outbox, self.reconciler]
             .into_iter()
             .flatten()

@@ -26,6 +26,13 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+/// With the relay's limits changed by `relay`.
+async fn setup_with(
+    relay: impl FnOnce(&mut twokey::config::RelayConfig) + Send + 'static,
+) -> Setup {
     let ca_dir = tempfile::tempdir().unwrap();
     let upstream = twokey::ca::Ca::load_or_create(
         &twokey::config::CaConfig {
@@ -40,12 +47,15 @@ async fn setup() -> Setup {
     let (port, host_key, login) = (sshd.port, sshd.host_key_line(), sshd::login());
     let upstream_file = ca_dir.path().join("upstream");
     let app = common::start_with(move |c| {
-        c.relay = Some(twokey::config::RelayConfig {
+        let mut limits = twokey::config::RelayConfig {
             listen: "127.0.0.1:0".into(),
             host_key_file: None,
             upstream_ca_key_file: Some(upstream_file),
             max_connections: 50,
-        });
+            ..Default::default()
+        };
+        relay(&mut limits);
+        c.relay = Some(limits);
         // Another engineer, who must not see alice's sessions.
         let mut eve = c.auth.dev_users[0].clone();
         eve.email = "eve@example.com".into();
@@ -314,6 +324,11 @@ async fn the_relay_refuses_what_it_must() {
     let refused = s.events("relay.refused").await;
     assert!(refused.len() >= 2, "{refused:?}");
     assert_eq!(s.events("session.forward_refused").await.len(), 2);
+    // Retrying the same refused certificate is still refused, and the chain records it
+    // once a minute, not once per try.
+    let o = s.ssh(&cert, "demo-ssh", "echo again").await;
+    assert!(text(&o).1.contains("was revoked"), "{:?}", text(&o));
+    assert_eq!(s.events("relay.refused").await.len(), refused.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,64 +380,90 @@ async fn revoking_cuts_a_live_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interactive_shell_is_recorded_and_scp_copies_a_50_mb_file() {
+async fn an_interactive_shell_in_tmux_is_recorded_and_replays_and_scp_copies_50_mb_both_ways() {
     let s = setup().await;
     let (_, cert) = s.grant().await;
 
-    // A shell on a pty (-tt forces one without a terminal here), typed into.
-    let c = s.ssh_cmd_with(&cert, "demo-ssh", &["-tt"], "");
-    // No remote command: drop the empty argument ssh_cmd_with appended.
+    // A real terminal: ssh runs inside tmux, and we type into it.
+    let c = s.ssh_cmd(&cert, "demo-ssh", "");
     let args: Vec<String> = c
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let mut c = Command::new("ssh");
-    c.args(&args[..args.len() - 1])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let o = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut child = c.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"echo typed-$((40+2))\nexit 0\n").unwrap();
-        drop(stdin);
-        child.wait_with_output().unwrap()
+    // No remote command: drop the empty argument ssh_cmd appended.
+    let line = std::iter::once("ssh".to_string())
+        .chain(args[..args.len() - 1].iter().map(|a| format!("'{a}'")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // Driven from a blocking thread: the relay runs on this test's runtime.
+    let shown_before_exit = tokio::task::spawn_blocking(move || {
+        let term = Tmux::start(&line, 100, 30);
+        term.wait_for("shell prompt", |p| p.trim_end().ends_with(['$', '#']));
+        term.keys(&["echo typed-$((40+2))", "Enter"]);
+        term.wait_for("the command's output", |p| {
+            p.lines().any(|l| l.trim() == "typed-42")
+        });
+        // Ctrl-C reaches the remote shell through the pty.
+        term.keys(&["sleep 30", "Enter"]);
+        term.keys(&["C-c"]);
+        term.keys(&["echo after-interrupt", "Enter"]);
+        // The output, and the prompt after it: the screen is still until we type again.
+        term.wait_for("the shell after Ctrl-C", |p| {
+            p.lines().any(|l| l.trim() == "after-interrupt") && p.ends_with(['$', '#'])
+        });
+        let shown_before_exit = term.pane();
+        term.resize(120, 40);
+        term.keys(&["exit", "Enter"]);
+        term.wait_gone();
+        shown_before_exit
     })
     .await
     .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        out.contains("typed-42"),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let mut ended = Vec::new();
-    for _ in 0..100 {
-        ended = s.events("session.ended").await;
-        if !ended.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+
+    let ended = wait_ended(&s, 1).await;
     let cast = std::fs::read_to_string(ended[0]["recording"].as_str().unwrap()).unwrap();
-    // Replaying the output events gives back what the terminal showed.
-    let shown: String = cast
+    let events: Vec<Value> = cast
         .lines()
         .skip(1)
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e[1] == "o")
-        .map(|e| e[2].as_str().unwrap().to_string())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .collect();
-    assert!(shown.contains("typed-42"), "{shown}");
-    let typed: String = cast
-        .lines()
-        .skip(1)
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(100), Some(30))
+    );
+    let typed: String = events
+        .iter()
         .filter(|e| e[1] == "i")
-        .map(|e| e[2].as_str().unwrap().to_string())
+        .map(|e| e[2].as_str().unwrap())
         .collect();
-    assert!(typed.contains("echo typed-$((40+2))"), "{typed}");
+    assert!(typed.contains("echo typed-$((40+2))\r"), "{typed:?}");
+    assert!(
+        typed.contains('\u{3}'),
+        "Ctrl-C is in the recording: {typed:?}"
+    );
+    assert!(
+        events.iter().any(|e| e[1] == "r" && e[2] == "120x40"),
+        "the resize is in the recording"
+    );
+    // Replayed into a terminal of the same size, the output up to the resize shows
+    // exactly what the engineer saw.
+    let replay: String = events
+        .iter()
+        .take_while(|e| e[1] != "r")
+        .filter(|e| e[1] == "o")
+        .map(|e| e[2].as_str().unwrap())
+        .collect();
+    let file = s.keys.path().join("replay.txt");
+    std::fs::write(&file, replay).unwrap();
+    let replayed = tokio::task::spawn_blocking(move || {
+        let again = Tmux::start(&format!("cat '{}'; sleep 60", file.display()), 100, 30);
+        again.wait_for("the replay", |p| p.contains("after-interrupt"));
+        again.pane()
+    })
+    .await
+    .unwrap();
+    assert_eq!(replayed, shown_before_exit);
 
     // scp (SFTP underneath since OpenSSH 9) of 50 MB, both ways compared by checksum.
     let big = s.keys.path().join("big.bin");
@@ -442,26 +483,38 @@ async fn an_interactive_shell_is_recorded_and_scp_copies_a_50_mb_file() {
         }
     }
     let remote = s.keys.path().join("copied.bin");
-    let mut c = Command::new("scp");
-    c.args([
-        "-F",
-        "/dev/null",
-        "-q",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "IdentitiesOnly=yes",
-    ])
-    .args(["-o", "StrictHostKeyChecking=yes"])
-    .arg("-o")
-    .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
-    .arg("-o")
-    .arg(format!("CertificateFile={}", cert.display()))
-    .arg("-i")
-    .arg(&s.key)
-    .args(["-P", &s.relay_port().to_string()])
-    .arg(&big)
-    .arg(format!("demo-ssh@127.0.0.1:{}", remote.display()));
+    let scp = |from: String, to: String| {
+        let mut c = Command::new("scp");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-q",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .arg("-i")
+        .arg(&s.key)
+        .args(["-P", &s.relay_port().to_string()])
+        .args([from, to]);
+        c
+    };
+    let at_target = |p: &Path| format!("demo-ssh@127.0.0.1:{}", p.display());
+    // Up to the target...
+    let mut c = scp(big.display().to_string(), at_target(&remote));
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // ...and back down.
+    let back = s.keys.path().join("back.bin");
+    let mut c = scp(at_target(&remote), back.display().to_string());
     let o = tokio::task::spawn_blocking(move || c.output().unwrap())
         .await
         .unwrap();
@@ -469,7 +522,122 @@ async fn an_interactive_shell_is_recorded_and_scp_copies_a_50_mb_file() {
     use sha2::Digest;
     let sum = |p: &Path| hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()));
     assert_eq!(sum(&big), sum(&remote));
+    assert_eq!(sum(&big), sum(&back));
     assert_eq!(std::fs::metadata(&remote).unwrap().len(), 50 << 20);
+}
+
+/// A detached tmux session on its own server, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(command: &str, width: u16, height: u16) -> Tmux {
+        let socket = format!(
+            "twokey-test-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        );
+        let t = Tmux { socket };
+        let o = t
+            .cmd()
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                "t",
+                "-x",
+                &width.to_string(),
+                "-y",
+            ])
+            .arg(height.to_string())
+            .arg(command)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        t
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.socket, "-f", "/dev/null"]);
+        c
+    }
+
+    /// What the pane shows, trailing blanks trimmed.
+    fn pane(&self) -> String {
+        let o = self
+            .cmd()
+            .args(["capture-pane", "-p", "-t", "t"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        let last = lines
+            .iter()
+            .rposition(|l| !l.is_empty())
+            .map_or(0, |i| i + 1);
+        lines[..last].join("\n")
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let o = self
+            .cmd()
+            .args(["send-keys", "-t", "t"])
+            .args(keys)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn resize(&self, width: u16, height: u16) {
+        let o = self
+            .cmd()
+            .args(["resize-window", "-t", "t", "-x", &width.to_string(), "-y"])
+            .arg(height.to_string())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Polls the pane (bounded) until `ok` holds.
+    fn wait_for(&self, what: &str, ok: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pane = self.pane();
+            if ok(&pane) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {what} in:\n{pane}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until the session's command has exited.
+    fn wait_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self
+            .cmd()
+            .args(["has-session", "-t", "t"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the session did not end:\n{}",
+                self.pane()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").output();
+    }
 }
 
 async fn wait_ended(s: &Setup, n: usize) -> Vec<Value> {
@@ -590,7 +758,10 @@ async fn sessions_are_listed_replayed_in_chromium_and_ended_by_an_admin() {
     .await
     .unwrap();
     assert!(!status.success());
-    assert!(err.contains("an administrator ended this session"), "{err}");
+    assert!(
+        err.contains("session ended: terminated by an administrator"),
+        "{err}"
+    );
     assert_eq!(s.events("session.terminated").await.len(), 1);
 }
 
@@ -846,4 +1017,159 @@ async fn the_relay_fails_closed_when_the_store_cannot_answer() {
     let o = s.ssh(&cert, "demo-ssh", "echo closed").await;
     assert!(!text(&o).0.contains("closed"), "{:?}", text(&o));
     assert!(text(&o).1.contains("Permission denied"), "{:?}", text(&o));
+}
+
+/// Reads until the peer closes (or `within` passes); true if it closed.
+fn closed_within(sock: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    sock.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_logins_and_too_many_connections_are_closed() {
+    let s = setup_with(|r| {
+        r.login_grace_time = "1s".into();
+        r.max_connections_per_ip = 3;
+    })
+    .await;
+    let (_, cert) = s.grant().await;
+    let addr = format!("127.0.0.1:{}", s.relay_port());
+    // Three connections that never log in: each gets the relay's banner...
+    let mut stalled: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    for sock in &mut stalled {
+        use std::io::Read;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut banner = [0u8; 8];
+        sock.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"SSH-2.0-");
+    }
+    // ...and a fourth from the same address is closed at once, before any banner.
+    let mut fourth = std::net::TcpStream::connect(&addr).unwrap();
+    let fourth_closed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        fourth
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        // Closed with nothing sent; a served connection would send its banner first.
+        match fourth.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        fourth_closed,
+        "a connection over the per-address limit was served"
+    );
+    // The stalled ones are closed once the grace time is over (bounded wait).
+    let closed = tokio::task::spawn_blocking(move || {
+        stalled
+            .iter_mut()
+            .all(|sock| closed_within(sock, Duration::from_secs(10)))
+    })
+    .await
+    .unwrap();
+    assert!(closed, "a connection that never logged in stayed open");
+    // Their slots are given back: a real engineer gets in.
+    let o = s.ssh(&cert, "demo-ssh", "echo in").await;
+    assert_eq!(text(&o).0.trim(), "in", "{}", text(&o).1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_stops_at_its_cap_and_the_session_goes_on() {
+    let s = setup_with(|r| r.max_recording_bytes = 64 * 1024).await;
+    let (_, cert) = s.grant().await;
+    let o = s
+        .ssh(
+            &cert,
+            "demo-ssh",
+            "head -c 1000000 /dev/zero | tr '\\0' x; echo; echo done",
+        )
+        .await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        out.len(),
+        1_000_000 + "\ndone\n".len(),
+        "all output arrived"
+    );
+    assert!(out.ends_with("\ndone\n"));
+    let ended = &wait_ended(&s, 1).await[0];
+    assert_eq!(ended["recording_truncated"], true);
+    assert_eq!(ended["bytes_to_client"], 1_000_006);
+    let cast = std::fs::read_to_string(ended["recording"].as_str().unwrap()).unwrap();
+    assert!(
+        cast.len() <= 64 * 1024 + 200,
+        "recording is {} bytes",
+        cast.len()
+    );
+    assert!(cast.contains("recording limit reached"), "{cast}");
+    // Still a valid asciicast: every line is JSON.
+    for line in cast.lines() {
+        serde_json::from_str::<Value>(line).unwrap();
+    }
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_twokey_ends_live_sessions_and_finalises_their_recordings() {
+    let mut s = setup().await;
+    let (_, cert) = s.grant().await;
+    let mut child = s
+        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        out.read_exact(&mut buf).unwrap();
+    })
+    .await
+    .unwrap();
+    s.app.server.relay.take().unwrap().stop().await;
+    // By the time stop returns, the session is ended and audited.
+    let ended = s.events("session.ended").await;
+    assert_eq!(
+        ended.len(),
+        1,
+        "stop returned before the session was finalised"
+    );
+    assert_eq!(ended[0]["reason"], "twokey is shutting down");
+    let cast = std::fs::read(ended[0]["recording"].as_str().unwrap()).unwrap();
+    use sha2::Digest;
+    assert_eq!(ended[0]["sha256"], hex::encode(sha2::Sha256::digest(&cast)));
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (child.wait().unwrap(), err)
+    })
+    .await
+    .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("twokey is shutting down"), "{err}");
+    s.app.assert_chain_ok().await;
 }

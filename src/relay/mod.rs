@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::ssh_key::{Certificate, HashAlg, PublicKey};
-use russh::server::{Auth, Msg, Server as _, Session};
+use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -54,19 +54,44 @@ impl RelayKeys {
     }
 }
 
-/// Live sessions, so an admin can end one.
+/// Why a live session is being ended from outside it, and the signal to end it.
+#[derive(Default)]
+pub struct Cut {
+    notify: tokio::sync::Notify,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl Cut {
+    fn cut(&self, reason: &str) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert_with(|| reason.to_string());
+        }
+        self.notify.notify_one();
+    }
+
+    async fn wait(&self) -> String {
+        self.notify.notified().await;
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "ended".into())
+    }
+}
+
+/// Live sessions, so an admin can end one and a stopping server can end them all.
 #[derive(Default)]
 pub struct LiveSessions {
-    map: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+    map: std::sync::Mutex<std::collections::HashMap<String, Arc<Cut>>>,
 }
 
 impl LiveSessions {
-    fn register(&self, id: &str) -> Arc<tokio::sync::Notify> {
-        let n = Arc::new(tokio::sync::Notify::new());
+    fn register(&self, id: &str) -> Arc<Cut> {
+        let c = Arc::new(Cut::default());
         if let Ok(mut m) = self.map.lock() {
-            m.insert(id.to_string(), n.clone());
+            m.insert(id.to_string(), c.clone());
         }
-        n
+        c
     }
 
     fn remove(&self, id: &str) {
@@ -75,19 +100,35 @@ impl LiveSessions {
         }
     }
 
-    /// Ends a live session; false if it is not live here.
+    /// An administrator ends a live session; false if it is not live here.
     pub fn terminate(&self, id: &str) -> bool {
         match self.map.lock().ok().and_then(|m| m.get(id).cloned()) {
-            Some(n) => {
-                n.notify_one();
+            Some(c) => {
+                c.cut("terminated by an administrator");
                 true
             }
             None => false,
         }
     }
 
+    /// Ends every live session, each with `reason`.
+    pub fn cut_all(&self, reason: &str) {
+        let all: Vec<Arc<Cut>> = self
+            .map
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for c in all {
+            c.cut(reason);
+        }
+    }
+
     pub fn is_live(&self, id: &str) -> bool {
         self.map.lock().is_ok_and(|m| m.contains_key(id))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.lock().map_or(true, |m| m.is_empty())
     }
 }
 
@@ -117,13 +158,21 @@ impl Refusal {
     }
 }
 
-/// The one admission check, shared by every relay protocol.
-pub async fn authorize(
+/// A credential that passed its own protocol's checks, and the grant it names.
+#[derive(Debug, Clone)]
+pub struct Presented {
+    pub grant_id: String,
+    pub serial: u64,
+    pub key_id: String,
+}
+
+/// The SSH side of admission: the certificate is twokey's, a user certificate, within
+/// validity, with no unknown critical option, from a permitted address.
+pub fn check_certificate(
     state: &AppState,
-    resource: &str,
     cert: &Certificate,
     peer: Option<SocketAddr>,
-) -> std::result::Result<Admitted, Refusal> {
+) -> std::result::Result<Presented, Refusal> {
     let bad = |m: &str| Err(Refusal::Certificate(m.to_string()));
     let now = u64::try_from(state.now_ms() / 1000).unwrap_or(0);
     // russh checked the signature against the key inside the certificate; that key
@@ -162,11 +211,30 @@ pub async fn authorize(
     else {
         return bad("not a twokey certificate");
     };
-    let grant = match store::grant_by_id(&state.db, grant_id).await {
+    Ok(Presented {
+        grant_id: grant_id.to_string(),
+        serial: cert.serial(),
+        key_id: cert.key_id().to_string(),
+    })
+}
+
+/// The admission every relay protocol shares, once its credential is checked: the
+/// grant it names is live in the store right now and is for `resource`. A store that
+/// cannot answer admits nobody.
+pub async fn admit(
+    state: &AppState,
+    resource: &str,
+    presented: Presented,
+) -> std::result::Result<Admitted, Refusal> {
+    let grant = match store::grant_by_id(&state.db, &presented.grant_id).await {
         Ok(Some(g)) => g,
-        Ok(None) => return bad("unknown grant"),
+        Ok(None) => return Err(Refusal::Certificate("unknown grant".into())),
         // Fail closed: no store, no session.
-        Err(_) => return bad("twokey cannot check grants right now"),
+        Err(_) => {
+            return Err(Refusal::Certificate(
+                "twokey cannot check grants right now".into(),
+            ));
+        }
     };
     if grant.status == "revoked" {
         return Err(Refusal::Grant(format!(
@@ -187,10 +255,21 @@ pub async fn authorize(
         )));
     }
     Ok(Admitted {
-        serial: cert.serial(),
-        key_id: cert.key_id().to_string(),
+        serial: presented.serial,
+        key_id: presented.key_id,
         grant,
     })
+}
+
+/// SSH admission: [`check_certificate`], then [`admit`].
+pub async fn authorize(
+    state: &AppState,
+    resource: &str,
+    cert: &Certificate,
+    peer: Option<SocketAddr>,
+) -> std::result::Result<Admitted, Refusal> {
+    let presented = check_certificate(state, cert, peer)?;
+    admit(state, resource, presented).await
 }
 
 /// Whether `ip` is in `cidr` (`10.0.0.0/8`, `::1`, `127.0.0.1`).
@@ -255,11 +334,126 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 pub struct Relay {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
+    state: AppState,
 }
 
 impl Relay {
-    pub fn stop(self) {
+    /// Stops accepting, ends every live session with a message to its engineer, and
+    /// waits (at most 5 s) for their recordings to be finalised and audited.
+    pub async fn stop(self) {
         self.task.abort();
+        let sessions = &self.state.live_sessions;
+        sessions.cut_all("twokey is shutting down");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How many connections each address has open; a guard gives its slot back.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn enter(table: &Arc<PerAddress>, ip: std::net::IpAddr, limit: usize) -> Option<AddressSlot> {
+        let mut m = table.0.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.table.0.lock()
+            && let Some(n) = m.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's socket, which stops reading once the login grace time has passed
+/// without a successful authentication: a peer that connects and stalls, at any step
+/// before auth, is closed.
+struct LoginGrace {
+    inner: tokio::net::TcpStream,
+    authenticated: Arc<std::sync::atomic::AtomicBool>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for LoginGrace {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this
+                .authenticated
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "login grace time over",
+                )));
+            }
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LoginGrace {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -272,6 +466,11 @@ pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("relay listener: {e}")))?;
+    let limits = state.config.relay.clone().unwrap_or_default();
+    let duration = |s: &str, default: u64| {
+        crate::policy::parse_duration(s).unwrap_or(Duration::from_secs(default))
+    };
+    let grace = duration(&limits.login_grace_time, 30);
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     let config = Arc::new(russh::server::Config {
@@ -280,44 +479,74 @@ pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::from_millis(0)),
         max_auth_attempts: 6,
-        // Pre-authentication and idle connections do not linger.
-        inactivity_timeout: Some(Duration::from_secs(3600)),
+        // An authenticated connection with nothing flowing; before authentication the
+        // login grace time (LoginGrace) applies.
+        inactivity_timeout: Some(duration(&limits.idle_timeout, 3600)),
         nodelay: true,
         ..Default::default()
     });
-    let limit = state
-        .config
-        .relay
-        .as_ref()
-        .map_or(1000, |r| r.max_connections);
-    let mut server = RelayServer {
-        state,
-        open: Arc::new(tokio::sync::Semaphore::new(limit)),
-    };
-    let task = tokio::spawn(async move {
-        if let Err(e) = server.run_on_socket(config, &listener).await {
-            tracing::error!(error = %e, "relay stopped");
-        }
-    });
-    Ok(Relay { addr, task })
+    let task = tokio::spawn(accept(state.clone(), config, listener, limits, grace));
+    Ok(Relay { addr, task, state })
 }
 
-struct RelayServer {
+/// Accepts connections within the limits (total, per address) before any cryptography,
+/// and runs each as its own SSH session.
+async fn accept(
     state: AppState,
-    open: Arc<tokio::sync::Semaphore>,
-}
-
-impl russh::server::Server for RelayServer {
-    type Handler = Conn;
-
-    fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
-        Conn {
-            state: self.state.clone(),
-            peer,
+    config: Arc<russh::server::Config>,
+    listener: TcpListener,
+    limits: crate::config::RelayConfig,
+    grace: Duration,
+) {
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_address = Arc::new(PerAddress::default());
+    let refusals = Arc::new(RefusalLog::default());
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "relay accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer.ip(), "relay: connection limit reached; closed");
+            continue;
+        };
+        let Some(slot) = PerAddress::enter(&per_address, peer.ip(), limits.max_connections_per_ip)
+        else {
+            tracing::warn!(peer = %peer.ip(), "relay: too many connections from this address; closed");
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stream = LoginGrace {
+            inner: socket,
+            authenticated: authenticated.clone(),
+            deadline: Some(Box::pin(tokio::time::sleep(grace))),
+        };
+        let conn = Conn {
+            state: state.clone(),
+            peer: Some(peer),
             channels: Arc::default(),
             admission: None,
-            permit: self.open.clone().try_acquire_owned().ok(),
-        }
+            authenticated,
+            refusals: refusals.clone(),
+        };
+        let config = config.clone();
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            match russh::server::run_stream(config, stream, conn).await {
+                Ok(session) => {
+                    if let Err(e) = session.await {
+                        tracing::debug!(error = %e, "relay connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "relay connection failed before login"),
+            }
+        });
     }
 }
 
@@ -331,12 +560,53 @@ struct Conn {
     /// Sessions open on this connection right now.
     channels: Arc<std::sync::atomic::AtomicUsize>,
     admission: Option<std::result::Result<Admitted, String>>,
-    /// Held while the connection lives; none left means refused.
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Set once a certificate is accepted: ends the login grace time.
+    authenticated: Arc<std::sync::atomic::AtomicBool>,
+    refusals: Arc<RefusalLog>,
+}
+
+/// Holders of one of our certificates can retry a refused login as fast as they like;
+/// the audit chain records each (certificate, reason) at most once a minute.
+#[derive(Default)]
+struct RefusalLog(std::sync::Mutex<std::collections::HashMap<(u64, String), std::time::Instant>>);
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(60);
+    /// Entries kept at most; past it, ones older than a minute are dropped.
+    const CAP: usize = 10_000;
+
+    fn first_in_a_while(&self, serial: u64, reason: &str) -> bool {
+        let Ok(mut m) = self.0.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        if m.len() >= Self::CAP {
+            m.retain(|_, at| now.duration_since(*at) < Self::EVERY);
+        }
+        let key = (serial, reason.to_string());
+        if m.get(&key)
+            .is_some_and(|at| now.duration_since(*at) < Self::EVERY)
+        {
+            return false;
+        }
+        // Full of recent refusals: audit rather than forget.
+        if m.len() < Self::CAP {
+            m.insert(key, now);
+        }
+        true
+    }
 }
 
 impl Conn {
     async fn audit_refusal(&self, resource: &str, reason: &str, cert: &Certificate) {
+        if !self.refusals.first_in_a_while(cert.serial(), reason) {
+            tracing::info!(
+                resource,
+                reason,
+                "relay refusal repeated; audited once a minute"
+            );
+            return;
+        }
         audit(
             &self.state,
             "relay",
@@ -383,18 +653,18 @@ impl russh::server::Handler for Conn {
         user: &str,
         cert: &Certificate,
     ) -> std::result::Result<Auth, Self::Error> {
-        if self.permit.is_none() {
-            return Ok(Auth::reject());
-        }
+        use std::sync::atomic::Ordering;
         match authorize(&self.state, user, cert, self.peer).await {
             Ok(a) => {
                 self.admission = Some(Ok(a));
+                self.authenticated.store(true, Ordering::Release);
                 Ok(Auth::Accept)
             }
             Err(Refusal::Grant(why)) => {
                 // The certificate proves who this is; tell them why, forward nothing.
                 self.audit_refusal(user, &why, cert).await;
                 self.admission = Some(Err(why));
+                self.authenticated.store(true, Ordering::Release);
                 Ok(Auth::Accept)
             }
             Err(r @ Refusal::Certificate(_)) => {
@@ -415,7 +685,7 @@ impl russh::server::Handler for Conn {
         &mut self,
         channel: Channel<Msg>,
         reply: russh::server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> std::result::Result<(), Self::Error> {
         let Some(mut admission) = self.admission.clone() else {
             return Ok(());
@@ -455,8 +725,9 @@ impl russh::server::Handler for Conn {
         match admission {
             Ok(admitted) => {
                 let peer = self.peer;
+                let handle = session.handle();
                 tokio::spawn(async move {
-                    if let Err(e) = bridge(state, admitted, channel, peer).await {
+                    if let Err(e) = bridge(state, admitted, channel, peer, handle).await {
                         tracing::warn!(error = %e, "relay session ended with an error");
                     }
                     release();
@@ -670,6 +941,7 @@ async fn connect_upstream(
     let config = Arc::new(russh::client::Config {
         inactivity_timeout: None,
         nodelay: true,
+        preferred: upstream_algorithms(),
         ..Default::default()
     });
     let mut handle = tokio::time::timeout(
@@ -691,6 +963,23 @@ async fn connect_upstream(
     Ok(handle)
 }
 
+/// AES-GCM first towards the target: with AES-NI it costs the relay less CPU than
+/// ChaCha20-Poly1305 (the engineer's client picks the cipher on the other side).
+fn upstream_algorithms() -> russh::Preferred {
+    use russh::cipher;
+    const CIPHERS: &[cipher::Name] = &[
+        cipher::AES_256_GCM,
+        cipher::AES_128_GCM,
+        cipher::CHACHA20_POLY1305,
+        cipher::AES_256_CTR,
+        cipher::AES_128_CTR,
+    ];
+    russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(CIPHERS),
+        ..Default::default()
+    }
+}
+
 fn is_live(g: &GrantRow, now: i64) -> bool {
     g.status == "active" && g.ends_at > now
 }
@@ -705,6 +994,7 @@ async fn bridge(
     admitted: Admitted,
     mut client: Channel<Msg>,
     peer: Option<SocketAddr>,
+    session: russh::server::Handle,
 ) -> std::result::Result<(), String> {
     let session_id = uuid::Uuid::new_v4().to_string();
     let g = admitted.grant.clone();
@@ -758,6 +1048,8 @@ async fn bridge(
         tx.commit().await.map_err(|e| e.to_string())?;
     }
     let kill = state.live_sessions.register(&session_id);
+    // Live until this function returns: after the end is audited, or on any error.
+    let _live = Registered(&state.live_sessions, &session_id);
 
     let outcome: std::result::Result<(u64, u64, String), String> = async {
         // Setup: a pty perhaps, then the one request that starts the session.
@@ -765,7 +1057,14 @@ async fn bridge(
         let mut record_data = true;
         let mut end_reason = "closed".to_string();
         let upstream = loop {
-            let Some(msg) = client.wait().await else {
+            let msg = tokio::select! {
+                m = client.wait() => m,
+                why = kill.wait() => {
+                    end_reason = why;
+                    None
+                }
+            };
+            let Some(msg) = msg else {
                 break None;
             };
             match msg {
@@ -839,6 +1138,7 @@ async fn bridge(
 
         let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
         if let Some((_handle, up)) = upstream {
+            let client_id = client.id();
             let (mut client_rx, client_tx) = client.split();
             let (mut up_rx, up_tx) = up.split();
             let client_tx = Arc::new(client_tx);
@@ -907,6 +1207,13 @@ async fn bridge(
                         ChannelMsg::ExitStatus { exit_status } => {
                             let _ = to_client.exit_status(exit_status).await;
                         }
+                        // Killed by a signal on the target: the engineer's ssh says so.
+                        ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
+                            recording::with(&rec_out, |r| r.note(&format!("exit signal {signal_name:?}")));
+                            let _ = session
+                                .exit_signal_request(client_id, signal_name, core_dumped, error_message, lang_tag)
+                                .await;
+                        }
                         ChannelMsg::Eof => {
                             let _ = to_client.eof().await;
                         }
@@ -945,12 +1252,12 @@ async fn bridge(
                         }
                         break;
                     }
-                    _ = kill.notified() => {
+                    why = kill.wait() => {
                         inbound.abort();
                         outbound.abort();
-                        let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: an administrator ended this session\r\n".to_vec()).await;
+                        let _ = client_tx.extended_data_bytes(1, format!("\r\ntwokey: session ended: {why}\r\n").into_bytes()).await;
                         let _ = client_tx.exit_status(255).await;
-                        end_reason = "terminated by an administrator".into();
+                        end_reason = why;
                         break;
                     }
                     _ = tick.tick() => {
@@ -986,7 +1293,6 @@ async fn bridge(
             (0, 0, format!("failed: {e}"))
         }
     };
-    state.live_sessions.remove(&session_id);
     let done = rec
         .lock()
         .map_err(|_| "recording lock poisoned".to_string())?
@@ -1017,6 +1323,7 @@ async fn bridge(
         json!({
             "session_id": session_id, "reason": end_reason, "recording": done.path,
             "bytes": done.bytes, "sha256": done.sha256,
+            "recording_truncated": done.truncated, "recording_failed": done.failed,
             "bytes_from_client": bytes_in, "bytes_to_client": bytes_out,
         }),
     )
@@ -1024,6 +1331,15 @@ async fn bridge(
     .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Takes a session off the live list when dropped.
+struct Registered<'a>(&'a LiveSessions, &'a str);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
 }
 
 type PtyRequest = (String, u32, u32, u32, u32, Vec<(russh::Pty, u32)>);

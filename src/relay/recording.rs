@@ -1,6 +1,10 @@
 //! Session recordings in asciicast v2: a JSON header line, then `[seconds, "o"|"i"|"r",
 //! data]` lines for output, input and resizes. When the session closes, the file's
 //! SHA-256 and size go into the audit chain, so an edited recording is detectable.
+//!
+//! A recording is hashed as it is written (never read back), and capped: past the cap
+//! a marker says so and later data is counted, not written, so one bulk transfer
+//! cannot fill the disk or hold memory.
 
 use std::io::Write;
 use std::time::Instant;
@@ -9,8 +13,28 @@ use sha2::{Digest, Sha256};
 
 use crate::state::AppState;
 
+/// The file, hashed and counted on its way to disk.
+struct Hashed {
+    file: std::fs::File,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Write for Hashed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 pub struct Recorder {
-    file: std::io::BufWriter<std::fs::File>,
+    file: std::io::BufWriter<Hashed>,
     path: std::path::PathBuf,
     started: Instant,
     width: u32,
@@ -18,6 +42,13 @@ pub struct Recorder {
     wrote_header: bool,
     timestamp: i64,
     finished: bool,
+    limit: u64,
+    truncated: bool,
+    /// The tail of a UTF-8 character split across two chunks, per direction.
+    carry_in: Vec<u8>,
+    carry_out: Vec<u8>,
+    /// A write failed: the recording is incomplete, and the session must say so.
+    failed: bool,
 }
 
 /// Runs `f` on a shared recorder. A poisoned lock (a panicked writer) skips the event:
@@ -33,6 +64,10 @@ pub struct Finished {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
+    /// The cap was reached: what came after is counted, not recorded.
+    pub truncated: bool,
+    /// A write to the recording failed.
+    pub failed: bool,
 }
 
 impl Recorder {
@@ -46,8 +81,22 @@ impl Recorder {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
+        let limit = state
+            .config
+            .relay
+            .as_ref()
+            .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
+                r.max_recording_bytes
+            });
         Ok(Recorder {
-            file: std::io::BufWriter::new(file),
+            file: std::io::BufWriter::with_capacity(
+                16 * 1024,
+                Hashed {
+                    file,
+                    hasher: Sha256::new(),
+                    bytes: 0,
+                },
+            ),
             path,
             started: Instant::now(),
             width: 80,
@@ -55,11 +104,20 @@ impl Recorder {
             wrote_header: false,
             timestamp: state.clock.now().timestamp(),
             finished: false,
+            limit,
+            truncated: false,
+            carry_in: Vec::new(),
+            carry_out: Vec::new(),
+            failed: false,
         })
     }
 
     pub fn path(&self) -> &std::path::Path {
         &self.path
+    }
+
+    fn size(&self) -> u64 {
+        self.file.get_ref().bytes + self.file.buffer().len() as u64
     }
 
     fn header(&mut self) {
@@ -71,25 +129,70 @@ impl Recorder {
             "version": 2, "width": self.width, "height": self.height,
             "timestamp": self.timestamp, "env": {"TERM": "xterm-256color"}
         });
-        let _ = writeln!(self.file, "{h}");
+        let r = writeln!(self.file, "{h}");
+        self.failed |= r.is_err();
+    }
+
+    fn line(&mut self, kind: &str, data: &str) {
+        let t = self.started.elapsed().as_secs_f64();
+        let r = (|| {
+            write!(self.file, "[{t:.6},\"{kind}\",")?;
+            serde_json::to_writer(&mut self.file, data)?;
+            self.file.write_all(b"]\n")
+        })();
+        self.failed |= r.is_err();
     }
 
     fn event(&mut self, kind: &str, data: &str) {
-        if self.finished {
+        if self.finished || self.truncated {
             return;
         }
         self.header();
-        let t = self.started.elapsed().as_secs_f64();
-        let line = serde_json::json!([(t * 1e6).round() / 1e6, kind, data]);
-        let _ = writeln!(self.file, "{line}");
+        if self.size() + data.len() as u64 > self.limit {
+            self.truncated = true;
+            self.line(
+                "m",
+                "twokey: recording limit reached; the rest of this session is counted, not recorded",
+            );
+            return;
+        }
+        self.line(kind, data);
+    }
+
+    /// Text from a chunk of bytes, holding back a character cut at the end so the next
+    /// chunk completes it (asciicast lines are text).
+    fn text(carry: &mut Vec<u8>, data: &[u8]) -> String {
+        carry.extend_from_slice(data);
+        let keep = match std::str::from_utf8(carry) {
+            Ok(_) => 0,
+            // Incomplete at the very end (at most 3 bytes): keep it for later.
+            Err(e) if e.error_len().is_none() => carry.len() - e.valid_up_to(),
+            Err(_) => 0,
+        };
+        let rest = carry.split_off(carry.len() - keep);
+        let text = String::from_utf8_lossy(carry).into_owned();
+        *carry = rest;
+        text
     }
 
     pub fn output(&mut self, data: &[u8]) {
-        self.event("o", &String::from_utf8_lossy(data));
+        if self.truncated {
+            return;
+        }
+        let text = Self::text(&mut self.carry_out, data);
+        if !text.is_empty() {
+            self.event("o", &text);
+        }
     }
 
     pub fn input(&mut self, data: &[u8]) {
-        self.event("i", &String::from_utf8_lossy(data));
+        if self.truncated {
+            return;
+        }
+        let text = Self::text(&mut self.carry_in, data);
+        if !text.is_empty() {
+            self.event("i", &text);
+        }
     }
 
     /// A marker in the recording (asciicast v2 "m" event).
@@ -107,17 +210,54 @@ impl Recorder {
         self.event("r", &format!("{cols}x{rows}"));
     }
 
-    /// Closes the recording (later events are ignored) and hashes it.
+    /// Closes the recording (later events are ignored) and returns its size and hash,
+    /// taken as it was written.
     pub fn finish(&mut self) -> std::io::Result<Finished> {
+        if self.finished {
+            return Err(std::io::Error::other("recording already finished"));
+        }
         self.header();
+        let pending = [
+            ("o", std::mem::take(&mut self.carry_out)),
+            ("i", std::mem::take(&mut self.carry_in)),
+        ];
+        for (kind, carry) in pending {
+            if !carry.is_empty() && !self.truncated {
+                self.line(kind, &String::from_utf8_lossy(&carry));
+            }
+        }
         self.finished = true;
         self.file.flush()?;
-        self.file.get_ref().sync_all()?;
-        let bytes = std::fs::read(&self.path)?;
+        let inner = self.file.get_mut();
+        inner.file.sync_all()?;
+        let sha256 = hex::encode(std::mem::take(&mut inner.hasher).finalize());
         Ok(Finished {
             path: self.path.display().to_string(),
-            bytes: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
+            bytes: inner.bytes,
+            sha256,
+            truncated: self.truncated,
+            failed: self.failed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recorder;
+
+    #[test]
+    fn a_character_split_across_chunks_is_kept_whole() {
+        let mut carry = Vec::new();
+        let bytes = "héllo ✓".as_bytes();
+        // Split inside the three-byte check mark.
+        let cut = bytes.len() - 1;
+        let a = Recorder::text(&mut carry, &bytes[..cut]);
+        let b = Recorder::text(&mut carry, &bytes[cut..]);
+        assert_eq!(a, "héllo ");
+        assert_eq!(b, "✓");
+        assert!(carry.is_empty());
+        // Invalid bytes are replaced, not held forever.
+        assert_eq!(Recorder::text(&mut carry, b"\xffok"), "\u{fffd}ok");
+        assert!(carry.is_empty());
     }
 }

@@ -123,9 +123,11 @@ pub async fn cast(
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
     let s = visible(&state, &user, &id).await?;
-    let body = tokio::fs::read(&s.recording)
+    // Streamed from disk: a large recording never sits in memory whole.
+    let file = tokio::fs::File::open(&s.recording)
         .await
         .map_err(|e| Error::Internal(format!("recording {}: {e}", s.id)))?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
 }
 
