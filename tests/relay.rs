@@ -29,10 +29,8 @@ async fn setup() -> Setup {
     setup_with(|_| {}).await
 }
 
-/// With the relay's limits changed by `relay`.
-async fn setup_with(
-    relay: impl FnOnce(&mut twokey::config::RelayConfig) + Send + 'static,
-) -> Setup {
+/// With the config changed by `tweak` after the relay and resource are set up.
+async fn setup_with(tweak: impl FnOnce(&mut twokey::config::Config) + Send + 'static) -> Setup {
     let ca_dir = tempfile::tempdir().unwrap();
     let upstream = twokey::ca::Ca::load_or_create(
         &twokey::config::CaConfig {
@@ -47,15 +45,13 @@ async fn setup_with(
     let (port, host_key, login) = (sshd.port, sshd.host_key_line(), sshd::login());
     let upstream_file = ca_dir.path().join("upstream");
     let app = common::start_with(move |c| {
-        let mut limits = twokey::config::RelayConfig {
+        c.relay = Some(twokey::config::RelayConfig {
             listen: "127.0.0.1:0".into(),
             host_key_file: None,
             upstream_ca_key_file: Some(upstream_file),
             max_connections: 50,
             ..Default::default()
-        };
-        relay(&mut limits);
-        c.relay = Some(limits);
+        });
         // Another engineer, who must not see alice's sessions.
         let mut eve = c.auth.dev_users[0].clone();
         eve.email = "eve@example.com".into();
@@ -71,6 +67,7 @@ async fn setup_with(
         ssh.roles[0].min_approvals = 1;
         ssh.roles[0].require_ticket = false;
         ssh.roles[0].blocked_commands = vec!["rm -rf *".into(), "shutdown*".into()];
+        tweak(c);
         c.validate().unwrap();
     })
     .await;
@@ -1036,7 +1033,8 @@ fn closed_within(sock: &mut std::net::TcpStream, within: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_logins_and_too_many_connections_are_closed() {
-    let s = setup_with(|r| {
+    let s = setup_with(|c| {
+        let r = c.relay.as_mut().unwrap();
         r.login_grace_time = "1s".into();
         r.max_connections_per_ip = 3;
     })
@@ -1092,7 +1090,7 @@ async fn stalled_logins_and_too_many_connections_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_stops_at_its_cap_and_the_session_goes_on() {
-    let s = setup_with(|r| r.max_recording_bytes = 64 * 1024).await;
+    let s = setup_with(|c| c.relay.as_mut().unwrap().max_recording_bytes = 64 * 1024).await;
     let (_, cert) = s.grant().await;
     let o = s
         .ssh(
@@ -1172,4 +1170,124 @@ async fn stopping_twokey_ends_live_sessions_and_finalises_their_recordings() {
     assert!(!status.success());
     assert!(err.contains("twokey is shutting down"), "{err}");
     s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_killed_by_a_signal_reports_the_signal_to_the_client() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-v"], "kill -TERM $$");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    // OpenSSH's client logs the channel requests it receives.
+    assert!(err.contains("rtype exit-signal"), "{err}");
+    let ended = wait_ended(&s, 1).await;
+    let cast = std::fs::read_to_string(ended[0]["recording"].as_str().unwrap()).unwrap();
+    assert!(cast.contains("exit signal TERM"), "{cast}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_with_another_host_key_gets_nothing() {
+    // The pinned key is some other host's.
+    let other = tempfile::tempdir().unwrap();
+    let other_key = sshd::keygen(other.path(), "other_host");
+    let pinned = std::fs::read_to_string(other_key.with_extension("pub")).unwrap();
+    let s = setup_with(move |c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.host_key = Some(pinned.trim().to_string());
+    })
+    .await;
+    let (_, cert) = s.grant().await;
+    let o = s.ssh(&cert, "demo-ssh", "echo should-not-run").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(!out.contains("should-not-run"));
+    assert!(
+        err.contains("presented a host key other than the one pinned for demo-ssh"),
+        "{err}"
+    );
+    // The relay never logged in there.
+    assert!(
+        !s.sshd.log().contains("Accepted publickey"),
+        "{}",
+        s.sshd.log()
+    );
+    let ended = wait_ended(&s, 1).await;
+    assert!(
+        ended[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("host key other than the one pinned"),
+        "{:?}",
+        ended[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_certificate_from_twokeys_ca_is_not_a_login() {
+    let s = setup().await;
+    let (id, _) = s.grant().await;
+    // twokey's own CA signs a *host* certificate naming the grant in its key id.
+    let public = std::fs::read_to_string(s.key.with_extension("pub")).unwrap();
+    let key = russh::keys::ssh_key::PublicKey::from_openssh(public.trim()).unwrap();
+    // The CA's key, as an attacker who stole it would have it.
+    let ca = russh::keys::ssh_key::PrivateKey::read_openssh_file(
+        s.app.state().config.server.data_dir.join("ssh_user_ca"),
+    )
+    .unwrap();
+    let now = Utc::now().timestamp() as u64;
+    let mut b = russh::keys::ssh_key::certificate::Builder::new_with_random_nonce(
+        &mut russh::keys::ssh_key::rand_core::UnwrapErr(russh::keys::ssh_key::getrandom::SysRng),
+        key.key_data().clone(),
+        now - 60,
+        now + 600,
+    )
+    .unwrap();
+    b.serial(7).unwrap();
+    b.key_id(format!("twokey:{id}:{ALICE}")).unwrap();
+    b.cert_type(russh::keys::ssh_key::certificate::CertType::Host)
+        .unwrap();
+    b.valid_principal("demo-ssh").unwrap();
+    let cert = b.sign(&ca).unwrap();
+    // OpenSSH's client will not even offer a host certificate, so present it the way an
+    // attacker's client would.
+    struct AnyHost;
+    impl russh::client::Handler for AnyHost {
+        type Error = russh::Error;
+        async fn check_server_key(
+            &mut self,
+            _: &russh::keys::PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+    let private = russh::keys::ssh_key::PrivateKey::read_openssh_file(&s.key).unwrap();
+    let mut h = russh::client::connect(
+        std::sync::Arc::new(russh::client::Config::default()),
+        ("127.0.0.1", s.relay_port()),
+        AnyHost,
+    )
+    .await
+    .unwrap();
+    let auth = h
+        .authenticate_openssh_cert("demo-ssh", std::sync::Arc::new(private), cert)
+        .await
+        .unwrap();
+    assert!(!auth.success(), "a host certificate logged in");
+    assert!(s.events("session.started").await.is_empty());
+    // Refused as a certificate: an audit row saying why.
+    let refused = s.events("relay.refused").await;
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["reason"] == "not a user certificate"),
+        "{refused:?}"
+    );
 }

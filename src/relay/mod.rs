@@ -950,7 +950,13 @@ async fn connect_upstream(
     )
     .await
     .map_err(|_| format!("{address} did not answer"))?
-    .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    .map_err(|e| match e {
+        russh::Error::UnknownKey => format!(
+            "{address} presented a host key other than the one pinned for {}; nothing was sent to it",
+            resource.name
+        ),
+        e => format!("cannot connect to {address}: {e}"),
+    })?;
     let auth = handle
         .authenticate_openssh_cert(principal.clone(), Arc::new(key), cert)
         .await
@@ -1109,13 +1115,19 @@ async fn bridge(
                     }
                     with_rec(&|r| r.input(&command));
                     let (h, ch) =
-                        open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                        match open_upstream(&state, &admitted, &session_id, pending_pty.take()).await {
+                            Ok(up) => up,
+                            Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                        };
                     ch.exec(true, command).await.map_err(|e| e.to_string())?;
                     break Some((h, ch));
                 }
                 ChannelMsg::RequestShell { .. } => {
                     let (h, ch) =
-                        open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                        match open_upstream(&state, &admitted, &session_id, pending_pty.take()).await {
+                            Ok(up) => up,
+                            Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                        };
                     ch.request_shell(true).await.map_err(|e| e.to_string())?;
                     break Some((h, ch));
                 }
@@ -1125,7 +1137,10 @@ async fn bridge(
                     with_rec(&|r| r.note(&format!("subsystem {name}")));
                     record_data = false;
                     let (h, ch) =
-                        open_upstream(&state, &admitted, &session_id, pending_pty.take()).await?;
+                        match open_upstream(&state, &admitted, &session_id, pending_pty.take()).await {
+                            Ok(up) => up,
+                            Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                        };
                     ch.request_subsystem(true, name)
                         .await
                         .map_err(|e| e.to_string())?;
@@ -1287,7 +1302,8 @@ async fn bridge(
     let (bytes_in, bytes_out, end_reason) = match outcome {
         Ok(o) => o,
         // Whatever failed (the target unreachable, its host key not the pinned one),
-        // the engineer hears it and the session is still closed and accounted for.
+        // the engineer heard it (tell_failure) and the session is still closed and
+        // accounted for.
         Err(e) => {
             tracing::warn!(error = %e, session = %session_id, "relay session failed");
             (0, 0, format!("failed: {e}"))
@@ -1331,6 +1347,21 @@ async fn bridge(
     .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Tells the engineer why their session could not start, closes the channel, and
+/// hands the error back for the audit.
+async fn tell_failure(client: &Channel<Msg>, resource: &str, e: String) -> String {
+    let _ = client
+        .extended_data_bytes(
+            1,
+            format!("twokey: cannot open a session on {resource}: {e}\r\n").into_bytes(),
+        )
+        .await;
+    let _ = client.exit_status(255).await;
+    let _ = client.eof().await;
+    let _ = client.close().await;
+    e
 }
 
 /// Takes a session off the live list when dropped.
