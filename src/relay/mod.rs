@@ -1153,145 +1153,12 @@ async fn bridge(
 
         let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
         if let Some((_handle, up)) = upstream {
-            let client_id = client.id();
-            let (mut client_rx, client_tx) = client.split();
-            let (mut up_rx, up_tx) = up.split();
-            let client_tx = Arc::new(client_tx);
-            // Client → target.
-            let rec_in = rec.clone();
-            let mut inbound = tokio::spawn(async move {
-                let mut n = 0u64;
-                while let Some(msg) = client_rx.wait().await {
-                    match msg {
-                        ChannelMsg::Data { data } => {
-                            n += data.len() as u64;
-                            if record_data {
-                                recording::with(&rec_in, |r| r.input(&data));
-                            }
-                            if up_tx.data_bytes(data).await.is_err() {
-                                break;
-                            }
-                        }
-                        ChannelMsg::WindowChange {
-                            col_width,
-                            row_height,
-                            pix_width,
-                            pix_height,
-                        } => {
-                            recording::with(&rec_in, |r| r.resize(col_width, row_height));
-                            let _ = up_tx
-                                .window_change(col_width, row_height, pix_width, pix_height)
-                                .await;
-                        }
-                        ChannelMsg::Signal { signal } => {
-                            let _ = up_tx.signal(signal).await;
-                        }
-                        ChannelMsg::Eof => {
-                            let _ = up_tx.eof().await;
-                        }
-                        ChannelMsg::Close => break,
-                        _ => {}
-                    }
-                }
-                let _ = up_tx.close().await;
-                n
-            });
-            // Target → client.
-            let rec_out = rec.clone();
-            let to_client = client_tx.clone();
-            let mut outbound = tokio::spawn(async move {
-                let mut n = 0u64;
-                while let Some(msg) = up_rx.wait().await {
-                    match msg {
-                        ChannelMsg::Data { data } => {
-                            n += data.len() as u64;
-                            if record_data {
-                                recording::with(&rec_out, |r| r.output(&data));
-                            }
-                            if to_client.data_bytes(data).await.is_err() {
-                                break;
-                            }
-                        }
-                        ChannelMsg::ExtendedData { data, ext } => {
-                            n += data.len() as u64;
-                            if record_data {
-                                recording::with(&rec_out, |r| r.output(&data));
-                            }
-                            let _ = to_client.extended_data_bytes(ext, data).await;
-                        }
-                        ChannelMsg::ExitStatus { exit_status } => {
-                            let _ = to_client.exit_status(exit_status).await;
-                        }
-                        // Killed by a signal on the target: the engineer's ssh says so.
-                        ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
-                            recording::with(&rec_out, |r| r.note(&format!("exit signal {signal_name:?}")));
-                            let _ = session
-                                .exit_signal_request(client_id, signal_name, core_dumped, error_message, lang_tag)
-                                .await;
-                        }
-                        ChannelMsg::Eof => {
-                            let _ = to_client.eof().await;
-                        }
-                        // The target refused the shell, command or subsystem.
-                        ChannelMsg::Failure => {
-                            let _ = to_client
-                                .extended_data_bytes(
-                                    1,
-                                    b"twokey: the target refused this request\r\n".to_vec(),
-                                )
-                                .await;
-                            let _ = to_client.exit_status(1).await;
-                            break;
-                        }
-                        ChannelMsg::Close => break,
-                        _ => {}
-                    }
-                }
-                n
-            });
-            let mut tick = tokio::time::interval(CUT_CHECK);
-            loop {
-                tokio::select! {
-                    n = &mut outbound => {
-                        bytes_out = n.unwrap_or(0);
-                        inbound.abort();
-                        break;
-                    }
-                    n = &mut inbound => {
-                        bytes_in = n.unwrap_or(0);
-                        // The client is done; let the target's last words through.
-                        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), &mut outbound).await {
-                            bytes_out = n;
-                        } else {
-                            outbound.abort();
-                        }
-                        break;
-                    }
-                    why = kill.wait() => {
-                        inbound.abort();
-                        outbound.abort();
-                        let _ = client_tx.extended_data_bytes(1, format!("\r\ntwokey: session ended: {why}\r\n").into_bytes()).await;
-                        let _ = client_tx.exit_status(255).await;
-                        end_reason = why;
-                        break;
-                    }
-                    _ = tick.tick() => {
-                        // Fail closed: a store that cannot answer ends the session too.
-                        let live = store::grant_by_id(&state.db, &g.id).await.ok().flatten()
-                            .is_some_and(|now_g| is_live(&now_g, state.now_ms()));
-                        if !live {
-                            inbound.abort();
-                            outbound.abort();
-                            let _ = client_tx.extended_data_bytes(1, b"\r\ntwokey: the grant has ended or was revoked; closing\r\n".to_vec()).await;
-                            let _ = client_tx.exit_status(255).await;
-                            end_reason = "grant ended".into();
-                            break;
-                        }
-                    }
-                }
+            let recorded = record_data.then(|| rec.clone());
+            let pumped = pump(&state, &g.id, client, up, recorded, &kill, Some(session)).await;
+            (bytes_in, bytes_out) = (pumped.bytes_in, pumped.bytes_out);
+            if let Some(why) = pumped.cut {
+                end_reason = why;
             }
-            let _ = client_tx.eof().await;
-            let _ = client_tx.close().await;
         } else {
             let _ = client.eof().await;
             let _ = client.close().await;
@@ -1347,6 +1214,196 @@ async fn bridge(
     .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// What one relayed channel moved, and why it was cut (None: it ended by itself).
+struct Pumped {
+    bytes_in: u64,
+    bytes_out: u64,
+    cut: Option<String>,
+}
+
+/// Moves one channel's traffic both ways until either side closes, the grant ends
+/// (checked every [`CUT_CHECK`]; a store that cannot answer ends it too), or `kill`
+/// fires. Each direction runs in its own task: a direction blocked on flow control
+/// must never stop the other from draining (that deadlocks bulk transfers).
+///
+/// `rec` records the bytes (terminal sessions); `session` is the engineer's SSH
+/// session for exit signals and the messages a terminal shows when a session is cut
+/// (None for a forwarded port, whose bytes are the application's own).
+async fn pump(
+    state: &AppState,
+    grant_id: &str,
+    client: Channel<Msg>,
+    up: Channel<russh::client::Msg>,
+    rec: Option<Arc<std::sync::Mutex<recording::Recorder>>>,
+    kill: &Cut,
+    session: Option<russh::server::Handle>,
+) -> Pumped {
+    let terminal = session.is_some();
+    let record = move |f: &dyn Fn(&mut recording::Recorder)| {
+        if let Some(rec) = &rec {
+            recording::with(rec, f);
+        }
+    };
+    let (record_in, record_out) = (record.clone(), record);
+    let client_id = client.id();
+    let (mut client_rx, client_tx) = client.split();
+    let (mut up_rx, up_tx) = up.split();
+    let client_tx = Arc::new(client_tx);
+    // Client → target.
+    let mut inbound = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(msg) = client_rx.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    n += data.len() as u64;
+                    record_in(&|r| r.input(&data));
+                    if up_tx.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::WindowChange {
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                } => {
+                    record_in(&|r| r.resize(col_width, row_height));
+                    let _ = up_tx
+                        .window_change(col_width, row_height, pix_width, pix_height)
+                        .await;
+                }
+                ChannelMsg::Signal { signal } => {
+                    let _ = up_tx.signal(signal).await;
+                }
+                ChannelMsg::Eof => {
+                    let _ = up_tx.eof().await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = up_tx.close().await;
+        n
+    });
+    // Target → client.
+    let to_client = client_tx.clone();
+    let mut outbound = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(msg) = up_rx.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    n += data.len() as u64;
+                    record_out(&|r| r.output(&data));
+                    if to_client.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    n += data.len() as u64;
+                    record_out(&|r| r.output(&data));
+                    let _ = to_client.extended_data_bytes(ext, data).await;
+                }
+                ChannelMsg::ExitStatus { exit_status } => {
+                    let _ = to_client.exit_status(exit_status).await;
+                }
+                // Killed by a signal on the target: the engineer's ssh says so.
+                ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                } => {
+                    record_out(&|r| r.note(&format!("exit signal {signal_name:?}")));
+                    if let Some(session) = &session {
+                        let _ = session
+                            .exit_signal_request(
+                                client_id,
+                                signal_name,
+                                core_dumped,
+                                error_message,
+                                lang_tag,
+                            )
+                            .await;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = to_client.eof().await;
+                }
+                // The target refused the shell, command or subsystem.
+                ChannelMsg::Failure => {
+                    let _ = to_client
+                        .extended_data_bytes(
+                            1,
+                            b"twokey: the target refused this request\r\n".to_vec(),
+                        )
+                        .await;
+                    let _ = to_client.exit_status(1).await;
+                    break;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        n
+    });
+    let mut out = Pumped {
+        bytes_in: 0,
+        bytes_out: 0,
+        cut: None,
+    };
+    let mut tick = tokio::time::interval(CUT_CHECK);
+    loop {
+        let why = tokio::select! {
+            n = &mut outbound => {
+                out.bytes_out = n.unwrap_or(0);
+                inbound.abort();
+                break;
+            }
+            n = &mut inbound => {
+                out.bytes_in = n.unwrap_or(0);
+                // The client is done; let the target's last words through.
+                if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), &mut outbound).await {
+                    out.bytes_out = n;
+                } else {
+                    outbound.abort();
+                }
+                break;
+            }
+            why = kill.wait() => why,
+            _ = tick.tick() => {
+                // Fail closed: a store that cannot answer ends the session too.
+                let live = store::grant_by_id(&state.db, grant_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|g| is_live(&g, state.now_ms()));
+                if live {
+                    continue;
+                }
+                "grant ended".to_string()
+            }
+        };
+        inbound.abort();
+        outbound.abort();
+        if terminal {
+            let text = if why == "grant ended" {
+                "the grant has ended or was revoked; closing".to_string()
+            } else {
+                format!("session ended: {why}")
+            };
+            let _ = client_tx
+                .extended_data_bytes(1, format!("\r\ntwokey: {text}\r\n").into_bytes())
+                .await;
+            let _ = client_tx.exit_status(255).await;
+        }
+        out.cut = Some(why);
+        break;
+    }
+    let _ = client_tx.eof().await;
+    let _ = client_tx.close().await;
+    out
 }
 
 /// Tells the engineer why their session could not start, closes the channel, and
