@@ -374,6 +374,10 @@ async fn revoking_cuts_a_live_session() {
     );
     // Without the cut, `sleep 30` would end on its own, successfully, and silently.
     eprintln!("revocation → session closed: {elapsed:?}");
+    // A cut session still accounts for what it moved.
+    let ended = wait_ended(&s, 1).await;
+    assert_eq!(ended[0]["reason"], "grant ended");
+    assert_eq!(ended[0]["bytes_to_client"], "started\n".len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1290,4 +1294,86 @@ async fn a_host_certificate_from_twokeys_ca_is_not_a_login() {
             .any(|e| e["reason"] == "not a user certificate"),
         "{refused:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_forward_works_when_the_role_allows_it_and_is_cut_at_revocation() {
+    let s = setup_with(|c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.roles[0].extensions = vec!["permit-pty".into(), "permit-port-forwarding".into()];
+    })
+    .await;
+    let (id, cert) = s.grant().await;
+    // A service next to the target: echoes a line back.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    // ssh -W: stdin and stdout are the forwarded connection.
+    let dest = format!("127.0.0.1:{echo_port}");
+    let mut child = s
+        .ssh_cmd_with(&cert, "demo-ssh", &["-W", &dest], "")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let echoed = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        stdin.write_all(b"through the relay\n").unwrap();
+        let mut buf = [0u8; 18];
+        stdout.read_exact(&mut buf).unwrap();
+        (String::from_utf8_lossy(&buf).to_string(), stdin)
+    })
+    .await
+    .unwrap();
+    assert_eq!(echoed.0, "through the relay\n");
+    let opened = s.events("session.forward_opened").await;
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0]["destination"], dest);
+
+    // Revoked: the forward is cut though the engineer's side is still open.
+    let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
+    assert_eq!(st, StatusCode::OK);
+    let exited = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    drop(echoed.1);
+    assert!(exited.is_some(), "the forward outlived its grant");
+    let mut closed = Vec::new();
+    for _ in 0..100 {
+        closed = s.events("session.forward_closed").await;
+        if !closed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed[0]["reason"], "grant ended");
+    assert_eq!(closed[0]["bytes_from_client"], 18);
+    assert_eq!(closed[0]["bytes_to_client"], 18);
+    s.app.assert_chain_ok().await;
 }

@@ -565,6 +565,15 @@ struct Conn {
     refusals: Arc<RefusalLog>,
 }
 
+/// One of a connection's channels; gives its place back when dropped.
+struct ChannelSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Holders of one of our certificates can retry a refused login as fast as they like;
 /// the audit chain records each (certificate, reason) at most once a minute.
 #[derive(Default)]
@@ -620,6 +629,41 @@ impl Conn {
             }),
         )
         .await;
+    }
+
+    /// A slot for one more channel on this connection, or None when it has its fill.
+    fn channel_slot(&self) -> Option<ChannelSlot> {
+        use std::sync::atomic::Ordering;
+        if self.channels.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS_PER_CONNECTION {
+            self.channels.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(ChannelSlot(self.channels.clone()))
+    }
+
+    /// Admission was decided at authentication; a connection can open channels long
+    /// after (ControlMaster). Each channel re-checks that the grant is still live, and a
+    /// connection whose grant is over admits nothing more.
+    async fn recheck(&mut self) -> std::result::Result<Admitted, String> {
+        let admission = self
+            .admission
+            .clone()
+            .unwrap_or_else(|| Err("not logged in".into()));
+        let a = admission?;
+        let live = store::grant_by_id(&self.state.db, &a.grant.id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|g| is_live(&g, self.state.now_ms()));
+        if live {
+            return Ok(a);
+        }
+        let why = format!(
+            "your grant on {} has ended or was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
+            a.grant.resource, a.grant.resource, a.grant.role
+        );
+        self.admission = Some(Err(why.clone()));
+        Err(why)
     }
 
     async fn refuse_forward(&self, what: &str) {
@@ -687,39 +731,16 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> std::result::Result<(), Self::Error> {
-        let Some(mut admission) = self.admission.clone() else {
+        if self.admission.is_none() {
             return Ok(());
-        };
-        use std::sync::atomic::Ordering;
-        if self.channels.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS_PER_CONNECTION {
-            self.channels.fetch_sub(1, Ordering::SeqCst);
+        }
+        let Some(slot) = self.channel_slot() else {
             reply
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
                 .await;
             return Ok(());
-        }
-        let open = self.channels.clone();
-        let release = move || {
-            open.fetch_sub(1, Ordering::SeqCst);
         };
-        // Admission was decided at authentication; a connection can open channels long
-        // after (ControlMaster). Each channel re-checks that the grant is still live, and
-        // a connection whose grant is over admits nothing more.
-        if let Ok(a) = &admission {
-            let live = store::grant_by_id(&self.state.db, &a.grant.id)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|g| is_live(&g, self.state.now_ms()));
-            if !live {
-                let why = format!(
-                    "your grant on {} has ended or was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
-                    a.grant.resource, a.grant.resource, a.grant.role
-                );
-                admission = Err(why.clone());
-                self.admission = Some(Err(why));
-            }
-        }
+        let admission = self.recheck().await;
         reply.accept().await;
         let state = self.state.clone();
         match admission {
@@ -727,16 +748,16 @@ impl russh::server::Handler for Conn {
                 let peer = self.peer;
                 let handle = session.handle();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = bridge(state, admitted, channel, peer, handle).await {
                         tracing::warn!(error = %e, "relay session ended with an error");
                     }
-                    release();
                 });
             }
             Err(why) => {
                 tokio::spawn(async move {
+                    let _slot = slot;
                     explain(channel, why).await;
-                    release();
                 });
             }
         }
@@ -745,22 +766,48 @@ impl russh::server::Handler for Conn {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> std::result::Result<(), Self::Error> {
-        // No forwarding through the relay: what passes must be recorded.
-        self.refuse_forward(&format!(
-            "direct-tcpip to {host_to_connect}:{port_to_connect}"
-        ))
-        .await;
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        let destination = format!("{host_to_connect}:{port_to_connect}");
+        // Only when the grant's role allows it, as its certificates would.
+        let allowed = matches!(&self.admission, Some(Ok(a)) if self
+            .state
+            .config
+            .role(&a.grant.resource, &a.grant.role)
+            .is_some_and(|(_, r)| r.extensions.iter().any(|e| e == "permit-port-forwarding")));
+        if !allowed {
+            self.refuse_forward(&format!("direct-tcpip to {destination}"))
+                .await;
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let Some(slot) = self.channel_slot() else {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        };
+        let Ok(admitted) = self.recheck().await else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let state = self.state.clone();
+        let originator = (originator_address.to_string(), originator_port);
+        let target = (host_to_connect.to_string(), port_to_connect);
+        tokio::spawn(async move {
+            let _slot = slot;
+            forward(state, admitted, channel, reply, target, originator).await;
+        });
         Ok(())
     }
 
@@ -1106,8 +1153,9 @@ async fn bridge(
                             }),
                         )
                         .await;
-                        let why =
-                            format!("twokey: the command is blocked for this role (matches {p:?})\r\n");
+                        let why = format!(
+                            "twokey: the command is blocked for this role (matches {p:?})\r\n"
+                        );
                         let _ = client.extended_data_bytes(1, why.into_bytes()).await;
                         let _ = client.exit_status(126).await;
                         end_reason = "blocked".into();
@@ -1115,7 +1163,9 @@ async fn bridge(
                     }
                     with_rec(&|r| r.input(&command));
                     let (h, ch) =
-                        match open_upstream(&state, &admitted, &session_id, pending_pty.take()).await {
+                        match open_upstream(&state, &admitted, &session_id, pending_pty.take())
+                            .await
+                        {
                             Ok(up) => up,
                             Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
                         };
@@ -1124,7 +1174,9 @@ async fn bridge(
                 }
                 ChannelMsg::RequestShell { .. } => {
                     let (h, ch) =
-                        match open_upstream(&state, &admitted, &session_id, pending_pty.take()).await {
+                        match open_upstream(&state, &admitted, &session_id, pending_pty.take())
+                            .await
+                        {
                             Ok(up) => up,
                             Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
                         };
@@ -1137,7 +1189,9 @@ async fn bridge(
                     with_rec(&|r| r.note(&format!("subsystem {name}")));
                     record_data = false;
                     let (h, ch) =
-                        match open_upstream(&state, &admitted, &session_id, pending_pty.take()).await {
+                        match open_upstream(&state, &admitted, &session_id, pending_pty.take())
+                            .await
+                        {
                             Ok(up) => up,
                             Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
                         };
@@ -1251,13 +1305,21 @@ async fn pump(
     let (mut client_rx, client_tx) = client.split();
     let (mut up_rx, up_tx) = up.split();
     let client_tx = Arc::new(client_tx);
+    // Counted as they pass, so a cut session still accounts for what it moved.
+    let (counted_in, counted_out) = (
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
+    let count = |c: &std::sync::atomic::AtomicU64, n: usize| {
+        c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    };
     // Client → target.
+    let n = counted_in.clone();
     let mut inbound = tokio::spawn(async move {
-        let mut n = 0u64;
         while let Some(msg) = client_rx.wait().await {
             match msg {
                 ChannelMsg::Data { data } => {
-                    n += data.len() as u64;
+                    count(&n, data.len());
                     record_in(&|r| r.input(&data));
                     if up_tx.data_bytes(data).await.is_err() {
                         break;
@@ -1285,23 +1347,22 @@ async fn pump(
             }
         }
         let _ = up_tx.close().await;
-        n
     });
     // Target → client.
     let to_client = client_tx.clone();
+    let n = counted_out.clone();
     let mut outbound = tokio::spawn(async move {
-        let mut n = 0u64;
         while let Some(msg) = up_rx.wait().await {
             match msg {
                 ChannelMsg::Data { data } => {
-                    n += data.len() as u64;
+                    count(&n, data.len());
                     record_out(&|r| r.output(&data));
                     if to_client.data_bytes(data).await.is_err() {
                         break;
                     }
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
-                    n += data.len() as u64;
+                    count(&n, data.len());
                     record_out(&|r| r.output(&data));
                     let _ = to_client.extended_data_bytes(ext, data).await;
                 }
@@ -1346,27 +1407,18 @@ async fn pump(
                 _ => {}
             }
         }
-        n
     });
-    let mut out = Pumped {
-        bytes_in: 0,
-        bytes_out: 0,
-        cut: None,
-    };
+    let mut cut = None;
     let mut tick = tokio::time::interval(CUT_CHECK);
     loop {
         let why = tokio::select! {
-            n = &mut outbound => {
-                out.bytes_out = n.unwrap_or(0);
+            _ = &mut outbound => {
                 inbound.abort();
                 break;
             }
-            n = &mut inbound => {
-                out.bytes_in = n.unwrap_or(0);
+            _ = &mut inbound => {
                 // The client is done; let the target's last words through.
-                if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), &mut outbound).await {
-                    out.bytes_out = n;
-                } else {
+                if tokio::time::timeout(Duration::from_secs(5), &mut outbound).await.is_err() {
                     outbound.abort();
                 }
                 break;
@@ -1398,12 +1450,87 @@ async fn pump(
                 .await;
             let _ = client_tx.exit_status(255).await;
         }
-        out.cut = Some(why);
+        cut = Some(why);
         break;
     }
     let _ = client_tx.eof().await;
     let _ = client_tx.close().await;
-    out
+    use std::sync::atomic::Ordering;
+    Pumped {
+        bytes_in: counted_in.load(Ordering::Relaxed),
+        bytes_out: counted_out.load(Ordering::Relaxed),
+        cut,
+    }
+}
+
+/// A forwarded port (`ssh -L`), when the role allows it: the target's sshd opens the
+/// connection, over the relay's own upstream login. Its bytes are the application's,
+/// so they are counted and audited, not recorded; it is cut like any session.
+async fn forward(
+    state: AppState,
+    admitted: Admitted,
+    client: Channel<Msg>,
+    reply: russh::server::ChannelOpenHandle,
+    (host, port): (String, u32),
+    (from_host, from_port): (String, u32),
+) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let g = &admitted.grant;
+    let destination = format!("{host}:{port}");
+    let cut = state.live_sessions.register(&id);
+    let _live = Registered(&state.live_sessions, &id);
+    let opened = async {
+        let handle = tokio::time::timeout(
+            Duration::from_secs(20),
+            connect_upstream(&state, &admitted, &id),
+        )
+        .await
+        .map_err(|_| "the target did not complete the login in time".to_string())??;
+        let up = handle
+            .channel_open_direct_tcpip(host.clone(), port, from_host, from_port)
+            .await
+            .map_err(|e| format!("the target could not open {destination}: {e}"))?;
+        Ok::<_, String>((handle, up))
+    }
+    .await;
+    let (_handle, up) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::info!(error = %e, "relay: a forwarded port could not be opened");
+            audit(
+                &state,
+                &g.user_email,
+                "session.forward_failed",
+                &g.id,
+                json!({ "forward_id": id, "destination": destination, "error": e }),
+            )
+            .await;
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+    };
+    reply.accept().await;
+    audit(
+        &state,
+        &g.user_email,
+        "session.forward_opened",
+        &g.id,
+        json!({ "forward_id": id, "destination": destination }),
+    )
+    .await;
+    let pumped = pump(&state, &g.id, client, up, None, &cut, None).await;
+    audit(
+        &state,
+        &g.user_email,
+        "session.forward_closed",
+        &g.id,
+        json!({
+            "forward_id": id, "destination": destination,
+            "reason": pumped.cut.unwrap_or_else(|| "closed".into()),
+            "bytes_from_client": pumped.bytes_in, "bytes_to_client": pumped.bytes_out,
+        }),
+    )
+    .await;
 }
 
 /// Tells the engineer why their session could not start, closes the channel, and
