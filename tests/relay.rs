@@ -255,6 +255,18 @@ async fn the_relay_refuses_what_it_must() {
         text(&o)
     );
     assert_eq!(s.events("session.command_blocked").await.len(), 1);
+    // Hidden behind another command, or handed to a shell: still blocked.
+    let marker = s.keys.path().join("must-survive");
+    std::fs::write(&marker, b"x").unwrap();
+    for cmd in [
+        format!("true; rm -rf {}", marker.display()),
+        format!("sh -c 'echo hi && sudo rm  -rf {}'", marker.display()),
+    ] {
+        let o = s.ssh(&cert, "demo-ssh", &cmd).await;
+        assert_eq!(o.status.code(), Some(126), "{cmd}: {:?}", text(&o));
+    }
+    assert!(marker.exists(), "a blocked command ran");
+    assert_eq!(s.events("session.command_blocked").await.len(), 3);
 
     // Port forwarding is refused: a direct-tcpip channel (-W) and a remote forward (-R).
     let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-W", "127.0.0.1:9"], "true");

@@ -8,6 +8,7 @@
 //! It must never decide from anything but the verified certificate and a live grant row,
 //! and must fail closed when the store cannot answer (DESIGN.md invariant 5).
 
+pub mod commands;
 pub mod recording;
 
 use std::net::SocketAddr;
@@ -1142,7 +1143,7 @@ async fn bridge(
                 }
                 ChannelMsg::Exec { command, .. } => {
                     let cmd = String::from_utf8_lossy(&command).to_string();
-                    if let Some(p) = blocked.iter().find(|p| glob_match(p, cmd.trim())) {
+                    if let Some(p) = commands::blocked_by(&blocked, &cmd) {
                         audit(
                             &state,
                             &g.user_email,

@@ -1,0 +1,319 @@
+//! What an exec request would run, as the shell would split it, so `blocked_commands`
+//! sees each command rather than one string: `true; rm -rf /`, `x && rm  -rf /`,
+//! `echo $(rm -rf /)`, `sudo rm -rf /` and `"rm" -rf /` all contain the command
+//! `rm -rf /`.
+//!
+//! This is a guard rail, not a sandbox: a script file, `eval` of a variable, an
+//! interpreter (`python -c`) or an alias is not looked into. The README says so.
+
+/// Words that run the command after them: `sudo rm -rf /` is checked as `rm -rf /` too.
+const WRAPPERS: &[&str] = &[
+    "sudo", "doas", "env", "exec", "command", "nohup", "time", "nice", "builtin", "xargs",
+];
+
+/// Each simple command in `line`, its words unquoted and joined by one space, with
+/// leading `NAME=value` assignments dropped. Text inside `$(…)`, backticks, `(…)` and
+/// the string given to `sh -c`/`bash -c` is split the same way, recursively.
+pub fn simple_commands(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    split(line, &mut out, 0);
+    out
+}
+
+/// Stands for text nested too deeply to follow: it matches every pattern.
+const TOO_DEEP: &str = "\u{0}too deep";
+
+/// Why `line` is refused: the first pattern any of its commands matches, or that it
+/// nests too deeply to check (fail closed). None when `patterns` is empty.
+pub fn blocked_by(patterns: &[String], line: &str) -> Option<String> {
+    if patterns.is_empty() {
+        return None;
+    }
+    let commands = simple_commands(line);
+    if commands.iter().any(|c| c == TOO_DEEP) {
+        return Some("(nested too deeply to check)".into());
+    }
+    patterns
+        .iter()
+        .find(|p| commands.iter().any(|c| super::glob_match(p, c)))
+        .cloned()
+}
+
+/// How deep `sh -c "sh -c '…'"` and `$( $( … ) )` are followed.
+const MAX_DEPTH: usize = 8;
+
+fn split(line: &str, out: &mut Vec<String>, depth: usize) {
+    if depth > MAX_DEPTH {
+        out.push(TOO_DEEP.into());
+        return;
+    }
+    let chars: Vec<char> = line.chars().collect();
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut i = 0;
+    let end_command = |words: &mut Vec<String>, out: &mut Vec<String>| {
+        finish(std::mem::take(words), out, depth);
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\\' if i + 1 < chars.len() => {
+                word.push(chars[i + 1]);
+                in_word = true;
+                i += 2;
+                continue;
+            }
+            '\'' => {
+                let close = chars[i + 1..].iter().position(|&x| x == '\'');
+                let stop = close.map_or(chars.len(), |p| i + 1 + p);
+                word.extend(&chars[i + 1..stop]);
+                in_word = true;
+                i = stop + 1;
+                continue;
+            }
+            '"' => {
+                let mut j = i + 1;
+                while j < chars.len() && chars[j] != '"' {
+                    if chars[j] == '\\' && j + 1 < chars.len() {
+                        word.push(chars[j + 1]);
+                        j += 2;
+                        continue;
+                    }
+                    if chars[j] == '$' && chars.get(j + 1) == Some(&'(') {
+                        let (inner, next) = balanced(&chars, j + 2);
+                        split(&inner, out, depth + 1);
+                        j = next;
+                        continue;
+                    }
+                    if chars[j] == '`' {
+                        let (inner, next) = backticked(&chars, j + 1);
+                        split(&inner, out, depth + 1);
+                        j = next;
+                        continue;
+                    }
+                    word.push(chars[j]);
+                    j += 1;
+                }
+                in_word = true;
+                i = j + 1;
+                continue;
+            }
+            '$' if chars.get(i + 1) == Some(&'(') => {
+                let (inner, next) = balanced(&chars, i + 2);
+                split(&inner, out, depth + 1);
+                in_word = true;
+                i = next;
+                continue;
+            }
+            '`' => {
+                let (inner, next) = backticked(&chars, i + 1);
+                split(&inner, out, depth + 1);
+                in_word = true;
+                i = next;
+                continue;
+            }
+            '(' | '{' if !in_word => {
+                let (inner, next) = if c == '(' {
+                    balanced(&chars, i + 1)
+                } else {
+                    braced(&chars, i + 1)
+                };
+                split(&inner, out, depth + 1);
+                i = next;
+                continue;
+            }
+            ';' | '&' | '|' | '\n' | ')' | '}' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+                end_command(&mut words, out);
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            '#' if !in_word => {
+                // A comment runs to the end of the line.
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+        i += 1;
+    }
+    if in_word {
+        words.push(word);
+    }
+    end_command(&mut words, out);
+}
+
+/// Records one simple command (and what it wraps or hands to a shell).
+fn finish(words: Vec<String>, out: &mut Vec<String>, depth: usize) {
+    let mut rest: &[String] = &words;
+    // Leading assignments: `FOO=1 rm -rf /`.
+    while let Some(w) = rest.first() {
+        let is_assignment = w.split_once('=').is_some_and(|(name, _)| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if !is_assignment {
+            break;
+        }
+        rest = &rest[1..];
+    }
+    if rest.is_empty() {
+        return;
+    }
+    out.push(rest.join(" "));
+    // A shell given a command string: that string is commands too.
+    let program = rest[0].rsplit('/').next().unwrap_or("");
+    if matches!(program, "sh" | "bash" | "dash" | "zsh" | "ksh" | "ash")
+        && let Some(pos) = rest.iter().position(|w| w == "-c")
+        && let Some(script) = rest.get(pos + 1)
+    {
+        split(script, out, depth + 1);
+    }
+    // `sudo -u root rm -rf /`: the command after the wrapper and its options.
+    if WRAPPERS.contains(&program) {
+        let inner: Vec<String> = rest[1..]
+            .iter()
+            .skip_while(|w| w.starts_with('-') || w.contains('='))
+            .cloned()
+            .collect();
+        // `sudo -u root …`: an option's value is not the command; try each start.
+        for start in 0..inner.len().min(3) {
+            finish(inner[start..].to_vec(), out, depth + 1);
+        }
+    }
+}
+
+/// The text up to the `)` that closes one already opened at `start - 1`, and the index
+/// after it.
+fn balanced(chars: &[char], start: usize) -> (String, usize) {
+    let mut level = 1;
+    let mut j = start;
+    while j < chars.len() {
+        match chars[j] {
+            '(' => level += 1,
+            ')' => {
+                level -= 1;
+                if level == 0 {
+                    return (chars[start..j].iter().collect(), j + 1);
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    (chars[start..].iter().collect(), chars.len())
+}
+
+fn braced(chars: &[char], start: usize) -> (String, usize) {
+    let mut level = 1;
+    let mut j = start;
+    while j < chars.len() {
+        match chars[j] {
+            '{' => level += 1,
+            '}' => {
+                level -= 1;
+                if level == 0 {
+                    return (chars[start..j].iter().collect(), j + 1);
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    (chars[start..].iter().collect(), chars.len())
+}
+
+fn backticked(chars: &[char], start: usize) -> (String, usize) {
+    match chars[start..].iter().position(|&c| c == '`') {
+        Some(p) => (chars[start..start + p].iter().collect(), start + p + 1),
+        None => (chars[start..].iter().collect(), chars.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked(line: &str) -> bool {
+        let patterns = vec!["rm -rf *".to_string(), "shutdown*".to_string()];
+        blocked_by(&patterns, line).is_some()
+    }
+
+    #[test]
+    fn the_blocked_command_is_found_wherever_the_shell_would_run_it() {
+        for line in [
+            "rm -rf /",
+            "true; rm -rf /",
+            "true && rm -rf /tmp/x",
+            "false || rm -rf /",
+            "echo hi | rm -rf /",
+            "sleep 1 & rm -rf /",
+            "true\nrm -rf /",
+            "rm   -rf   /",
+            "\t rm -rf /",
+            "\"rm\" '-rf' /",
+            "r\\m -rf /",
+            "echo $(rm -rf /)",
+            "echo \"$(rm -rf /)\"",
+            "echo `rm -rf /`",
+            "(rm -rf /)",
+            "{ rm -rf /; }",
+            "FOO=1 rm -rf /",
+            "sudo rm -rf /",
+            "sudo -u root rm -rf /",
+            "env X=1 rm -rf /",
+            "sh -c 'rm -rf /'",
+            "/bin/bash -c \"true; rm -rf /\"",
+            "bash -c \"sh -c 'rm -rf /'\"",
+            "nohup shutdown -h now",
+            "shutdown",
+        ] {
+            assert!(blocked(line), "not blocked: {line:?}");
+        }
+    }
+
+    #[test]
+    fn other_commands_pass() {
+        for line in [
+            "ls -la",
+            "echo 'rm -rf /'",
+            "echo rm -rf /",
+            "grep shutdown /var/log/syslog",
+            "# rm -rf /",
+            "uptime; df -h",
+            "",
+        ] {
+            assert!(!blocked(line), "blocked: {line:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_input_neither_panics_nor_hides_a_command() {
+        for line in [
+            "rm -rf / '",
+            "echo \"unterminated",
+            "$(",
+            "`",
+            "((((",
+            "\\",
+            "{",
+        ] {
+            let _ = simple_commands(line);
+        }
+        assert!(blocked("rm -rf / 'unterminated"));
+        let deep = format!("{}rm -rf /{}", "$(".repeat(50), ")".repeat(50));
+        assert!(blocked(&deep));
+    }
+}
