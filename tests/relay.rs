@@ -1025,8 +1025,37 @@ async fn the_relay_fails_closed_when_the_store_cannot_answer() {
         text(&s.ssh(&cert, "demo-ssh", "echo open").await).0.trim(),
         "open"
     );
-    // The store goes away: a valid certificate for a live grant no longer gets in.
+    // A session running when the store goes away is ended too...
+    let mut live = s
+        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = live.stdout.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        out.read_exact(&mut buf).unwrap();
+    })
+    .await
+    .unwrap();
     s.app.state().db.close().await;
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut err = String::new();
+        live.stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (live.wait().unwrap(), err)
+    })
+    .await
+    .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("twokey cannot check the grant"), "{err}");
+    // ...and a valid certificate for a live grant no longer gets in.
     let o = s.ssh(&cert, "demo-ssh", "echo closed").await;
     assert!(!text(&o).0.contains("closed"), "{:?}", text(&o));
     assert!(text(&o).1.contains("Permission denied"), "{:?}", text(&o));

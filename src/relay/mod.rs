@@ -83,16 +83,46 @@ impl Cut {
 /// Live sessions, so an admin can end one and a stopping server can end them all.
 #[derive(Default)]
 pub struct LiveSessions {
-    map: std::sync::Mutex<std::collections::HashMap<String, Arc<Cut>>>,
+    /// Session (or forward) id → its cut, and the grant it runs on.
+    map: std::sync::Mutex<std::collections::HashMap<String, (Arc<Cut>, String)>>,
 }
 
 impl LiveSessions {
-    fn register(&self, id: &str) -> Arc<Cut> {
+    fn register(&self, id: &str, grant_id: &str) -> Arc<Cut> {
         let c = Arc::new(Cut::default());
         if let Ok(mut m) = self.map.lock() {
-            m.insert(id.to_string(), c.clone());
+            m.insert(id.to_string(), (c.clone(), grant_id.to_string()));
         }
         c
+    }
+
+    /// The grants live sessions run on.
+    fn grant_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .map
+            .lock()
+            .map(|m| m.values().map(|(_, g)| g.clone()).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Ends, with `reason`, every session whose grant `keep` does not accept.
+    fn cut_where(&self, keep: impl Fn(&str) -> bool, reason: &str) {
+        let doomed: Vec<Arc<Cut>> = self
+            .map
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|(_, g)| !keep(g))
+                    .map(|(c, _)| c.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for c in doomed {
+            c.cut(reason);
+        }
     }
 
     fn remove(&self, id: &str) {
@@ -103,7 +133,12 @@ impl LiveSessions {
 
     /// An administrator ends a live session; false if it is not live here.
     pub fn terminate(&self, id: &str) -> bool {
-        match self.map.lock().ok().and_then(|m| m.get(id).cloned()) {
+        match self
+            .map
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).map(|(c, _)| c.clone()))
+        {
             Some(c) => {
                 c.cut("terminated by an administrator");
                 true
@@ -114,14 +149,7 @@ impl LiveSessions {
 
     /// Ends every live session, each with `reason`.
     pub fn cut_all(&self, reason: &str) {
-        let all: Vec<Arc<Cut>> = self
-            .map
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        for c in all {
-            c.cut(reason);
-        }
+        self.cut_where(|_| false, reason);
     }
 
     pub fn is_live(&self, id: &str) -> bool {
@@ -335,6 +363,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 pub struct Relay {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
+    watcher: JoinHandle<()>,
     state: AppState,
 }
 
@@ -343,6 +372,7 @@ impl Relay {
     /// waits (at most 5 s) for their recordings to be finalised and audited.
     pub async fn stop(self) {
         self.task.abort();
+        self.watcher.abort();
         let sessions = &self.state.live_sessions;
         sessions.cut_all("twokey is shutting down");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -487,8 +517,43 @@ pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
         ..Default::default()
     });
     let task = tokio::spawn(accept(state.clone(), config, listener, limits, grace));
-    Ok(Relay { addr, task, state })
+    let watcher = tokio::spawn(watch_grants(state.clone()));
+    Ok(Relay {
+        addr,
+        task,
+        watcher,
+        state,
+    })
 }
+
+/// Every [`CUT_CHECK`], one query asks which grants with live sessions are still live;
+/// sessions on any other are cut. A store that cannot answer cuts them all (fail
+/// closed). One query per tick, however many sessions are open.
+async fn watch_grants(state: AppState) {
+    let mut tick = tokio::time::interval(CUT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ids = state.live_sessions.grant_ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match store::live_grants_among(&state.db, &ids, state.now_ms()).await {
+            Ok(live) => state
+                .live_sessions
+                .cut_where(|g| live.contains(g), GRANT_ENDED),
+            Err(e) => {
+                tracing::error!(error = %e, "relay: cannot check grants; ending sessions");
+                state
+                    .live_sessions
+                    .cut_where(|_| false, "twokey cannot check the grant");
+            }
+        }
+    }
+}
+
+/// Why a session on a grant that ended or was revoked was cut.
+const GRANT_ENDED: &str = "grant ended";
 
 /// Accepts connections within the limits (total, per address) before any cryptography,
 /// and runs each as its own SSH session.
@@ -1101,7 +1166,7 @@ async fn bridge(
         .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
     }
-    let kill = state.live_sessions.register(&session_id);
+    let kill = state.live_sessions.register(&session_id, &g.id);
     // Live until this function returns: after the end is audited, or on any error.
     let _live = Registered(&state.live_sessions, &session_id);
 
@@ -1209,7 +1274,7 @@ async fn bridge(
         let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
         if let Some((_handle, up)) = upstream {
             let recorded = record_data.then(|| rec.clone());
-            let pumped = pump(&state, &g.id, client, up, recorded, &kill, Some(session)).await;
+            let pumped = pump(client, up, recorded, &kill, Some(session)).await;
             (bytes_in, bytes_out) = (pumped.bytes_in, pumped.bytes_out);
             if let Some(why) = pumped.cut {
                 end_reason = why;
@@ -1278,17 +1343,14 @@ struct Pumped {
     cut: Option<String>,
 }
 
-/// Moves one channel's traffic both ways until either side closes, the grant ends
-/// (checked every [`CUT_CHECK`]; a store that cannot answer ends it too), or `kill`
-/// fires. Each direction runs in its own task: a direction blocked on flow control
+/// Moves one channel's traffic both ways until either side closes or `kill` fires
+/// (an admin, shutdown, or [`watch_grants`] when the grant ends). Each direction runs in its own task: a direction blocked on flow control
 /// must never stop the other from draining (that deadlocks bulk transfers).
 ///
 /// `rec` records the bytes (terminal sessions); `session` is the engineer's SSH
 /// session for exit signals and the messages a terminal shows when a session is cut
 /// (None for a forwarded port, whose bytes are the application's own).
 async fn pump(
-    state: &AppState,
-    grant_id: &str,
     client: Channel<Msg>,
     up: Channel<russh::client::Msg>,
     rec: Option<Arc<std::sync::Mutex<recording::Recorder>>>,
@@ -1410,7 +1472,6 @@ async fn pump(
         }
     });
     let mut cut = None;
-    let mut tick = tokio::time::interval(CUT_CHECK);
     loop {
         let why = tokio::select! {
             _ = &mut outbound => {
@@ -1425,23 +1486,11 @@ async fn pump(
                 break;
             }
             why = kill.wait() => why,
-            _ = tick.tick() => {
-                // Fail closed: a store that cannot answer ends the session too.
-                let live = store::grant_by_id(&state.db, grant_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|g| is_live(&g, state.now_ms()));
-                if live {
-                    continue;
-                }
-                "grant ended".to_string()
-            }
         };
         inbound.abort();
         outbound.abort();
         if terminal {
-            let text = if why == "grant ended" {
+            let text = if why == GRANT_ENDED {
                 "the grant has ended or was revoked; closing".to_string()
             } else {
                 format!("session ended: {why}")
@@ -1478,7 +1527,7 @@ async fn forward(
     let id = uuid::Uuid::new_v4().to_string();
     let g = &admitted.grant;
     let destination = format!("{host}:{port}");
-    let cut = state.live_sessions.register(&id);
+    let cut = state.live_sessions.register(&id, &g.id);
     let _live = Registered(&state.live_sessions, &id);
     let opened = async {
         let handle = tokio::time::timeout(
@@ -1519,7 +1568,7 @@ async fn forward(
         json!({ "forward_id": id, "destination": destination }),
     )
     .await;
-    let pumped = pump(&state, &g.id, client, up, None, &cut, None).await;
+    let pumped = pump(client, up, None, &cut, None).await;
     audit(
         &state,
         &g.user_email,

@@ -1217,6 +1217,26 @@ pub async fn grant_by_id(db: &Db, grant_id: &str) -> Result<Option<GrantRow>> {
     )
 }
 
+/// Which of `ids` are active grants that have not ended at `now`: one query, however
+/// many ids.
+pub async fn live_grants_among(
+    db: &Db,
+    ids: &[String],
+    now: i64,
+) -> Result<std::collections::HashSet<String>> {
+    let json =
+        serde_json::to_string(ids).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM grants WHERE status = 'active' AND ends_at > ? \
+         AND id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(now)
+    .bind(json)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
 // ---------------------------------------------------------------- relay sessions
 
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
