@@ -1471,22 +1471,21 @@ async fn pump(
             }
         }
     });
-    let mut cut = None;
-    loop {
-        let why = tokio::select! {
-            _ = &mut outbound => {
-                inbound.abort();
-                break;
+    let cut = tokio::select! {
+        _ = &mut outbound => {
+            inbound.abort();
+            None
+        }
+        _ = &mut inbound => {
+            // The client is done; let the target's last words through.
+            if tokio::time::timeout(Duration::from_secs(5), &mut outbound).await.is_err() {
+                outbound.abort();
             }
-            _ = &mut inbound => {
-                // The client is done; let the target's last words through.
-                if tokio::time::timeout(Duration::from_secs(5), &mut outbound).await.is_err() {
-                    outbound.abort();
-                }
-                break;
-            }
-            why = kill.wait() => why,
-        };
+            None
+        }
+        why = kill.wait() => Some(why),
+    };
+    if let Some(why) = &cut {
         inbound.abort();
         outbound.abort();
         if terminal {
@@ -1500,8 +1499,6 @@ async fn pump(
                 .await;
             let _ = client_tx.exit_status(255).await;
         }
-        cut = Some(why);
-        break;
     }
     let _ = client_tx.eof().await;
     let _ = client_tx.close().await;
