@@ -14,7 +14,7 @@ dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 TWOKEY_LOG=warn $bin demo --listen 127.0.0.1:$port --data-dir "$dir" >/dev/null 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.05; done
 curl -fs "http://127.0.0.1:$port/login" >/dev/null
 echo "idle RSS of twokey demo: $(awk '/VmRSS/ {print $2, $3}' /proc/$pid/status)"

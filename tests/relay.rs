@@ -168,6 +168,27 @@ impl Setup {
             .unwrap()
     }
 
+    /// `echo started; sleep 30` through the relay, once it runs on the target.
+    async fn live_session(&self, cert: &Path) -> std::process::Child {
+        let mut child = self
+            .ssh_cmd(cert, "demo-ssh", "echo started; sleep 30")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let started = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 8];
+            out.read_exact(&mut buf).unwrap();
+            buf
+        })
+        .await
+        .unwrap();
+        assert_eq!(&started, b"started\n");
+        child
+    }
+
     async fn events(&self, action: &str) -> Vec<Value> {
         twokey::store::audit_page(&self.app.state().db, 0, 10_000)
             .await
@@ -177,6 +198,23 @@ impl Setup {
             .map(|e| serde_json::from_str(&e.details).unwrap())
             .collect()
     }
+}
+
+/// How a session's ssh ended: its status and what it said on stderr.
+async fn exit_of(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (child.wait().unwrap(), err)
+    })
+    .await
+    .unwrap()
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -344,39 +382,11 @@ async fn the_relay_refuses_what_it_must() {
 async fn revoking_cuts_a_live_session() {
     let s = setup().await;
     let (id, cert) = s.grant().await;
-    let mut child = s
-        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the session runs on the target.
-    let mut out = child.stdout.take().unwrap();
-    let started = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 8];
-        out.read_exact(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf).to_string()
-    })
-    .await
-    .unwrap();
-    assert_eq!(started, "started\n");
+    let child = s.live_session(&cert).await;
     let t = Instant::now();
     let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
     assert_eq!(st, StatusCode::OK);
-    let status = tokio::task::spawn_blocking(move || {
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (child.wait().unwrap(), err)
-    })
-    .await
-    .unwrap();
+    let status = exit_of(child).await;
     let elapsed = t.elapsed();
     assert!(!status.0.success());
     assert!(
@@ -721,20 +731,7 @@ async fn sessions_are_listed_replayed_in_chromium_and_ended_by_an_admin() {
     b.quit().await;
 
     // An admin ends a live session.
-    let mut child = s
-        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 8];
-        out.read_exact(&mut buf).unwrap();
-    })
-    .await
-    .unwrap();
+    let child = s.live_session(&cert).await;
     let dave = s.app.browser("dave@example.com").await;
     let (_, page) = dave.get("/sessions").await;
     let live_id = page
@@ -757,19 +754,7 @@ async fn sessions_are_listed_replayed_in_chromium_and_ended_by_an_admin() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let (status, err) = tokio::task::spawn_blocking(move || {
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (child.wait().unwrap(), err)
-    })
-    .await
-    .unwrap();
+    let (status, err) = exit_of(child).await;
     assert!(!status.success());
     assert!(
         err.contains("session ended: terminated by an administrator"),
@@ -1026,33 +1011,9 @@ async fn the_relay_fails_closed_when_the_store_cannot_answer() {
         "open"
     );
     // A session running when the store goes away is ended too...
-    let mut live = s
-        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = live.stdout.take().unwrap();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 8];
-        out.read_exact(&mut buf).unwrap();
-    })
-    .await
-    .unwrap();
+    let live = s.live_session(&cert).await;
     s.app.state().db.close().await;
-    let (status, err) = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut err = String::new();
-        live.stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (live.wait().unwrap(), err)
-    })
-    .await
-    .unwrap();
+    let (status, err) = exit_of(live).await;
     assert!(!status.success());
     assert!(err.contains("twokey cannot check the grant"), "{err}");
     // ...and a valid certificate for a live grant no longer gets in.
@@ -1173,20 +1134,7 @@ async fn a_recording_stops_at_its_cap_and_the_session_goes_on() {
 async fn stopping_twokey_ends_live_sessions_and_finalises_their_recordings() {
     let mut s = setup().await;
     let (_, cert) = s.grant().await;
-    let mut child = s
-        .ssh_cmd(&cert, "demo-ssh", "echo started; sleep 30")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 8];
-        out.read_exact(&mut buf).unwrap();
-    })
-    .await
-    .unwrap();
+    let child = s.live_session(&cert).await;
     s.app.server.relay.take().unwrap().stop().await;
     // By the time stop returns, the session is ended and audited.
     let ended = s.events("session.ended").await;
@@ -1199,19 +1147,7 @@ async fn stopping_twokey_ends_live_sessions_and_finalises_their_recordings() {
     let cast = std::fs::read(ended[0]["recording"].as_str().unwrap()).unwrap();
     use sha2::Digest;
     assert_eq!(ended[0]["sha256"], hex::encode(sha2::Sha256::digest(&cast)));
-    let (status, err) = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (child.wait().unwrap(), err)
-    })
-    .await
-    .unwrap();
+    let (status, err) = exit_of(child).await;
     assert!(!status.success());
     assert!(err.contains("twokey is shutting down"), "{err}");
     s.app.assert_chain_ok().await;

@@ -198,39 +198,24 @@ fn finish(words: Vec<String>, out: &mut Vec<String>, depth: usize) {
 /// The text up to the `)` that closes one already opened at `start - 1`, and the index
 /// after it.
 fn balanced(chars: &[char], start: usize) -> (String, usize) {
-    let mut level = 1;
-    let mut j = start;
-    while j < chars.len() {
-        match chars[j] {
-            '(' => level += 1,
-            ')' => {
-                level -= 1;
-                if level == 0 {
-                    return (chars[start..j].iter().collect(), j + 1);
-                }
-            }
-            _ => {}
-        }
-        j += 1;
-    }
-    (chars[start..].iter().collect(), chars.len())
+    closing(chars, start, '(', ')')
 }
 
 fn braced(chars: &[char], start: usize) -> (String, usize) {
+    closing(chars, start, '{', '}')
+}
+
+fn closing(chars: &[char], start: usize, open: char, close: char) -> (String, usize) {
     let mut level = 1;
-    let mut j = start;
-    while j < chars.len() {
-        match chars[j] {
-            '{' => level += 1,
-            '}' => {
-                level -= 1;
-                if level == 0 {
-                    return (chars[start..j].iter().collect(), j + 1);
-                }
+    for (j, &c) in chars.iter().enumerate().skip(start) {
+        if c == open {
+            level += 1;
+        } else if c == close {
+            level -= 1;
+            if level == 0 {
+                return (chars[start..j].iter().collect(), j + 1);
             }
-            _ => {}
         }
-        j += 1;
     }
     (chars[start..].iter().collect(), chars.len())
 }
