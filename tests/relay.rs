@@ -1354,3 +1354,65 @@ async fn a_port_forward_works_when_the_role_allows_it_and_is_cut_at_revocation()
     assert_eq!(closed[0]["bytes_to_client"], 18);
     s.app.assert_chain_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_jumps_through_the_relay_with_proxyjump_and_is_recorded() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    // OpenSSH gives the jump host only what a config file says, so say it there.
+    let relay_key = s.app.state().relay.as_ref().unwrap().host.public_key_line();
+    let known = s.keys.path().join("jump_known_hosts");
+    std::fs::write(
+        &known,
+        format!(
+            "[127.0.0.1]:{} {relay_key}\ndemo-ssh {relay_key}\n",
+            s.relay_port()
+        ),
+    )
+    .unwrap();
+    let config = s.keys.path().join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host *\n  BatchMode yes\n  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n  \
+             UserKnownHostsFile {}\n  CertificateFile {}\n  IdentityFile {}\n  ConnectTimeout 10\n",
+            known.display(),
+            cert.display(),
+            s.key.display()
+        ),
+    )
+    .unwrap();
+    let jump = format!("demo-ssh@127.0.0.1:{}", s.relay_port());
+    let mut c = Command::new("ssh");
+    c.arg("-F")
+        .arg(&config)
+        .args(["-J", &jump, "demo-ssh@demo-ssh", "echo jumped-$((40+2))"])
+        .stdin(Stdio::null());
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out.trim(), "jumped-42", "{err}");
+    // The inner session was admitted and recorded like a direct one.
+    let ended = wait_ended(&s, 1).await;
+    let cast = std::fs::read_to_string(ended[0]["recording"].as_str().unwrap()).unwrap();
+    assert!(cast.contains("jumped-42"), "{cast}");
+    assert_eq!(s.events("session.started").await.len(), 1);
+
+    // A jump to a resource this grant is not for: the inner login says why.
+    let mut c = Command::new("ssh");
+    c.arg("-F")
+        .arg(&config)
+        .args(["-o", "StrictHostKeyChecking=no"])
+        .args(["-J", &jump, "demo-db@demo-db", "echo should-not-run"])
+        .stdin(Stdio::null());
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!text(&o).0.contains("should-not-run"));
+    assert!(
+        text(&o).1.contains("no live grant for demo-db"),
+        "{:?}",
+        text(&o)
+    );
+}

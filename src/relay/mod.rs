@@ -600,6 +600,7 @@ async fn accept(
             admission: None,
             authenticated,
             refusals: refusals.clone(),
+            config: Some(config.clone()),
         };
         let config = config.clone();
         tokio::spawn(async move {
@@ -629,6 +630,9 @@ struct Conn {
     /// Set once a certificate is accepted: ends the login grace time.
     authenticated: Arc<std::sync::atomic::AtomicBool>,
     refusals: Arc<RefusalLog>,
+    /// The relay's SSH config, to serve a jump (`ssh -J`) inside this connection; None
+    /// on such an inner connection, which cannot jump again.
+    config: Option<Arc<russh::server::Config>>,
 }
 
 /// One of a connection's channels; gives its place back when dropped.
@@ -841,6 +845,47 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> std::result::Result<(), Self::Error> {
         let destination = format!("{host_to_connect}:{port_to_connect}");
+        // `ssh -J RESOURCE@relay RESOURCE`: the client asks for a tunnel to a resource by
+        // name. The relay ends that tunnel itself, with a second SSH session inside it
+        // that is admitted, relayed and recorded like any other.
+        if self
+            .state
+            .config
+            .resources
+            .iter()
+            .any(|r| r.name == host_to_connect)
+            && let Some(config) = self.config.clone()
+            && matches!(&self.admission, Some(Ok(_)))
+        {
+            let Some(slot) = self.channel_slot() else {
+                reply
+                    .reject(russh::ChannelOpenFailure::ResourceShortage)
+                    .await;
+                return Ok(());
+            };
+            reply.accept().await;
+            let inner = Conn {
+                state: self.state.clone(),
+                peer: self.peer,
+                channels: Arc::default(),
+                admission: None,
+                authenticated: Arc::default(),
+                refusals: self.refusals.clone(),
+                config: None,
+            };
+            tokio::spawn(async move {
+                let _slot = slot;
+                match russh::server::run_stream(config, channel.into_stream(), inner).await {
+                    Ok(session) => {
+                        if let Err(e) = session.await {
+                            tracing::debug!(error = %e, "relay: jumped connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "relay: jumped connection failed"),
+                }
+            });
+            return Ok(());
+        }
         // Only when the grant's role allows it, as its certificates would.
         let allowed = matches!(&self.admission, Some(Ok(a)) if self
             .state
