@@ -429,6 +429,14 @@ async fn an_interactive_shell_in_tmux_is_recorded_and_replays_and_scp_copies_50_
         // Ctrl-C reaches the remote shell through the pty.
         term.keys(&["sleep 30", "Enter"]);
         term.keys(&["C-c"]);
+        // A secret typed at a no-echo password prompt stays out of the recording.
+        term.keys(&["read -s -p 'Password: ' pw", "Enter"]);
+        term.wait_for("the password prompt", |p| p.ends_with("Password:"));
+        term.keys(&["hunter2", "Enter"]);
+        term.keys(&["echo len-${#pw}", "Enter"]);
+        term.wait_for("the secret's length", |p| {
+            p.lines().any(|l| l.trim() == "len-7")
+        });
         term.keys(&["echo after-interrupt", "Enter"]);
         // The output, and the prompt after it: the screen is still until we type again.
         term.wait_for("the shell after Ctrl-C", |p| {
@@ -465,6 +473,8 @@ async fn an_interactive_shell_in_tmux_is_recorded_and_replays_and_scp_copies_50_
         typed.contains('\u{3}'),
         "Ctrl-C is in the recording: {typed:?}"
     );
+    assert!(!cast.contains("hunter2"), "a typed password was recorded");
+    assert!(typed.contains("*******\r"), "{typed:?}");
     assert!(
         events.iter().any(|e| e[1] == "r" && e[2] == "120x40"),
         "the resize is in the recording"

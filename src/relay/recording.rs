@@ -49,6 +49,38 @@ pub struct Recorder {
     carry_out: Vec<u8>,
     /// A write failed: the recording is incomplete, and the session must say so.
     failed: bool,
+    /// The terminal's current output line (its tail), to spot a password prompt.
+    line: String,
+    /// Input is being typed at a secret prompt: recorded as `*` until Enter.
+    secret: bool,
+}
+
+/// Words that make a prompt ending in `:` a secret one (sudo, ssh-keygen, psql, MFA).
+const SECRET_PROMPTS: &[&str] = &[
+    "password",
+    "passphrase",
+    "passcode",
+    "pin",
+    "token",
+    "secret",
+    "otp",
+    "verification code",
+];
+
+/// Whether `line` (the text since the last newline) asks for a secret.
+fn asks_for_secret(line: &str) -> bool {
+    let line = line.trim_end().to_lowercase();
+    let Some(prompt) = line.strip_suffix(':') else {
+        return false;
+    };
+    SECRET_PROMPTS.iter().any(|w| {
+        prompt.rmatch_indices(w).any(|(i, _)| {
+            // A whole word: "pin" is not "ping".
+            let before = prompt[..i].chars().next_back();
+            let after = prompt[i + w.len()..].chars().next();
+            !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+        })
+    })
 }
 
 /// Runs `f` on a shared recorder. A poisoned lock (a panicked writer) skips the event:
@@ -109,6 +141,8 @@ impl Recorder {
             carry_in: Vec::new(),
             carry_out: Vec::new(),
             failed: false,
+            line: String::new(),
+            secret: false,
         })
     }
 
@@ -180,6 +214,17 @@ impl Recorder {
             return;
         }
         let text = Self::text(&mut self.carry_out, data);
+        match text.rfind('\n') {
+            Some(i) => self.line = text[i + 1..].to_string(),
+            None => self.line.push_str(&text),
+        }
+        if self.line.len() > 256 {
+            let cut = self.line.len() - 256;
+            let cut = (cut..self.line.len())
+                .find(|&i| self.line.is_char_boundary(i))
+                .unwrap_or(0);
+            self.line.drain(..cut);
+        }
         if !text.is_empty() {
             self.event("o", &text);
         }
@@ -189,7 +234,29 @@ impl Recorder {
         if self.truncated {
             return;
         }
-        let text = Self::text(&mut self.carry_in, data);
+        let mut text = Self::text(&mut self.carry_in, data);
+        // What is typed at a password prompt is not kept: each character becomes `*`,
+        // up to and including the Enter that ends it.
+        if !self.secret && asks_for_secret(&self.line) {
+            self.secret = true;
+        }
+        if self.secret {
+            let mut masked = String::with_capacity(text.len());
+            for c in text.chars() {
+                if self.secret {
+                    if c == '\r' || c == '\n' || c == '\u{3}' {
+                        self.secret = false;
+                        self.line.clear();
+                        masked.push(c);
+                    } else {
+                        masked.push('*');
+                    }
+                } else {
+                    masked.push(c);
+                }
+            }
+            text = masked;
+        }
         if !text.is_empty() {
             self.event("i", &text);
         }
@@ -243,7 +310,24 @@ impl Recorder {
 
 #[cfg(test)]
 mod tests {
-    use super::Recorder;
+    use super::{Recorder, asks_for_secret};
+
+    #[test]
+    fn secret_prompts_are_spotted() {
+        for p in [
+            "[sudo] password for alice: ",
+            "Password:",
+            "Enter passphrase for key '/root/.ssh/id_ed25519': ",
+            "Password for user postgres: ",
+            "Verification code: ",
+            "PIN:",
+        ] {
+            assert!(asks_for_secret(p), "{p:?}");
+        }
+        for p in ["alice@host:~$ ", "ping: ", "password changed", "Name: ", ""] {
+            assert!(!asks_for_secret(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn a_character_split_across_chunks_is_kept_whole() {
