@@ -1,8 +1,9 @@
 //! The SSH relay against plain OpenSSH, in one run on this machine: throughput of a
 //! bulk transfer (default 1 GiB, `TWOKEY_BENCH_BYTES`) and the round-trip time of a
 //! small command, for direct ssh, ssh through an OpenSSH jump host (ProxyCommand `-W`,
-//! what `-J` does), and ssh through the twokey relay; then the relay's memory with idle
-//! sessions open (default 500, `TWOKEY_BENCH_IDLE`).
+//! what `-J` does), and ssh through the twokey relay; the relay's memory with idle
+//! sessions open (default 500, `TWOKEY_BENCH_IDLE`); and how long revoking a grant takes
+//! to close every live session on it (default 100, `TWOKEY_BENCH_LIVE`).
 //!
 //! `cargo bench --bench relay` (or `benches/run.sh`). Prints figures and ratios; asserts
 //! nothing about time.
@@ -286,6 +287,59 @@ async fn main() {
         rows[2].0 / rows[1].0,
         rows[2].1.as_secs_f64() / rows[1].1.as_secs_f64(),
     );
+
+    // The cut: live sessions on one grant, then the grant is revoked; how long until
+    // the last engineer's ssh has exited (one store query per tick, however many).
+    let live: usize = std::env::var("TWOKEY_BENCH_LIVE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut sessions = Vec::new();
+    for batch in (0..live).collect::<Vec<_>>().chunks(20) {
+        let started: Vec<_> = batch
+            .iter()
+            .map(|_| {
+                let mut c = Command::new("ssh");
+                c.args(&via_relay)
+                    .arg("echo started; sleep 600")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null());
+                let mut child = c.spawn().unwrap();
+                let mut out = child.stdout.take().unwrap();
+                std::thread::spawn(move || {
+                    use std::io::Read;
+                    let mut buf = [0u8; 8];
+                    out.read_exact(&mut buf).unwrap();
+                    child
+                })
+            })
+            .collect();
+        sessions.extend(started.into_iter().map(|t| t.join().unwrap()));
+    }
+    let t = Instant::now();
+    let revoked = http
+        .post(format!("{base}/requests/{id}/revoke"))
+        .bearer_auth(&bob)
+        .json(&json!({"comment": "bench: the cut"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success(), "{}", revoked.status());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sessions.is_empty() && Instant::now() < deadline {
+        sessions.retain_mut(|c| c.try_wait().unwrap().is_none());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "revocation with {live} live sessions on the grant: all closed after {:.0} ms ({} still open)",
+        t.elapsed().as_secs_f64() * 1000.0,
+        sessions.len()
+    );
+    for mut c in sessions {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 
     server.stop().await;
 }

@@ -1133,6 +1133,15 @@ async fn a_recording_stops_at_its_cap_and_the_session_goes_on() {
         cast.len()
     );
     assert!(cast.contains("recording limit reached"), "{cast}");
+    // The session's page says so too.
+    let alice = s.app.browser(ALICE).await;
+    let (_, page) = alice
+        .get(&format!(
+            "/sessions/{}",
+            ended["session_id"].as_str().unwrap()
+        ))
+        .await;
+    assert!(page.contains("id=\"recording-truncated\""), "{page}");
     // Still a valid asciicast: every line is JSON.
     for line in cast.lines() {
         serde_json::from_str::<Value>(line).unwrap();

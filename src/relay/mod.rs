@@ -1352,13 +1352,16 @@ async fn bridge(
         .map_err(|e| e.to_string())?;
     store::end_session(
         &mut tx,
-        &session_id,
-        now,
-        &end_reason,
-        bytes_in as i64,
-        bytes_out as i64,
-        done.bytes as i64,
-        &done.sha256,
+        &store::EndedSession {
+            id: &session_id,
+            ended_at: now,
+            reason: &end_reason,
+            bytes_in: bytes_in as i64,
+            bytes_out: bytes_out as i64,
+            recording_bytes: done.bytes as i64,
+            recording_sha256: &done.sha256,
+            recording_truncated: done.truncated,
+        },
     )
     .await
     .map_err(|e| e.to_string())?;

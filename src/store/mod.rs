@@ -1254,6 +1254,7 @@ pub struct SessionRow {
     pub recording: String,
     pub recording_bytes: Option<i64>,
     pub recording_sha256: Option<String>,
+    pub recording_truncated: bool,
     /// From the grant: its holder and role, for permission checks.
     pub holder_id: String,
     pub role: String,
@@ -1261,7 +1262,7 @@ pub struct SessionRow {
 
 const SESSION_COLUMNS: &str = "s.id, s.grant_id, s.user_email, s.resource, s.peer, s.started_at,
      s.ended_at, s.end_reason, s.bytes_in, s.bytes_out, s.recording, s.recording_bytes,
-     s.recording_sha256, g.user_id AS holder_id, g.role AS role
+     s.recording_sha256, s.recording_truncated, g.user_id AS holder_id, g.role AS role
      FROM relay_sessions s JOIN grants g ON g.id = s.grant_id";
 
 pub struct NewSession<'a> {
@@ -1291,29 +1292,32 @@ pub async fn insert_session(conn: &mut Conn, s: &NewSession<'_>) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn end_session(
-    conn: &mut Conn,
-    id: &str,
-    ended_at: i64,
-    reason: &str,
-    bytes_in: i64,
-    bytes_out: i64,
-    recording_bytes: i64,
-    sha256: &str,
-) -> Result<bool> {
+/// How a relay session ended.
+pub struct EndedSession<'a> {
+    pub id: &'a str,
+    pub ended_at: i64,
+    pub reason: &'a str,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    pub recording_bytes: i64,
+    pub recording_sha256: &'a str,
+    pub recording_truncated: bool,
+}
+
+pub async fn end_session(conn: &mut Conn, e: &EndedSession<'_>) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE relay_sessions SET ended_at = ?, end_reason = ?, bytes_in = ?, bytes_out = ?,
-                recording_bytes = ?, recording_sha256 = ?
+                recording_bytes = ?, recording_sha256 = ?, recording_truncated = ?
          WHERE id = ? AND ended_at IS NULL",
     )
-    .bind(ended_at)
-    .bind(reason)
-    .bind(bytes_in)
-    .bind(bytes_out)
-    .bind(recording_bytes)
-    .bind(sha256)
-    .bind(id)
+    .bind(e.ended_at)
+    .bind(e.reason)
+    .bind(e.bytes_in)
+    .bind(e.bytes_out)
+    .bind(e.recording_bytes)
+    .bind(e.recording_sha256)
+    .bind(e.recording_truncated)
+    .bind(e.id)
     .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -93,6 +93,8 @@ struct SessionPage {
     grant_id: String,
     end_reason: String,
     sha256: String,
+    /// The recording reached its cap; the rest was counted, not recorded.
+    truncated: bool,
 }
 
 /// The replay page runs two scripts from this origin (the player and its start-up) and
@@ -111,6 +113,7 @@ pub async fn show(
         grant_id: s.grant_id,
         end_reason: s.end_reason.unwrap_or_default(),
         sha256: s.recording_sha256.unwrap_or_default(),
+        truncated: s.recording_truncated,
     };
     let csp = super::CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self' blob:;");
     Ok(([(header::CONTENT_SECURITY_POLICY, csp)], page).into_response())
