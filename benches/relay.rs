@@ -98,6 +98,11 @@ async fn main() {
         max_connections: idle + 50,
         // Every client here is on 127.0.0.1.
         max_connections_per_ip: idle + 50,
+        // What recording costs: TWOKEY_BENCH_RECORDING_CAP=0 records (almost) nothing.
+        max_recording_bytes: std::env::var("TWOKEY_BENCH_RECORDING_CAP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(twokey::config::DEFAULT_MAX_RECORDING_BYTES),
         ..Default::default()
     });
     // The target needs both CAs (direct and jump paths use the engineer's certificate,
