@@ -207,6 +207,12 @@ async fn main() {
         v.push(key.display().to_string());
         v.push("-p".into());
         v.push(port.to_string());
+        // TWOKEY_BENCH_CIPHER=aes128-gcm@openssh.com: every path with that cipher
+        // (OpenSSH's default is chacha20-poly1305).
+        if let Ok(cipher) = std::env::var("TWOKEY_BENCH_CIPHER") {
+            v.push("-c".into());
+            v.push(cipher);
+        }
         v
     };
     let direct = [common(target.port), vec![format!("{login}@127.0.0.1")]].concat();
