@@ -29,6 +29,9 @@ pub fn blocked_by(patterns: &[String], line: &str) -> Option<String> {
     if patterns.is_empty() {
         return None;
     }
+    if line.len() > MAX_LINE {
+        return Some("(too long to check)".into());
+    }
     let commands = simple_commands(line);
     if commands.iter().any(|c| c == TOO_DEEP) {
         return Some("(nested too deeply to check)".into());
@@ -39,11 +42,14 @@ pub fn blocked_by(patterns: &[String], line: &str) -> Option<String> {
         .cloned()
 }
 
+/// The longest exec command checked; a longer one is refused.
+const MAX_LINE: usize = 64 * 1024;
+
 /// How deep `sh -c "sh -c '…'"` and `$( $( … ) )` are followed.
 const MAX_DEPTH: usize = 8;
 
 fn split(line: &str, out: &mut Vec<String>, depth: usize) {
-    if depth > MAX_DEPTH {
+    if depth > MAX_DEPTH || out.len() > MAX_COMMANDS {
         out.push(TOO_DEEP.into());
         return;
     }
@@ -113,6 +119,17 @@ fn split(line: &str, out: &mut Vec<String>, depth: usize) {
                 i = next;
                 continue;
             }
+            // Process substitution: `cat <(rm -rf /)`.
+            '<' | '>' if chars.get(i + 1) == Some(&'(') => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+                let (inner, next) = balanced(&chars, i + 2);
+                split(&inner, out, depth + 1);
+                i = next;
+                continue;
+            }
             '(' | '{' if !in_word => {
                 let (inner, next) = if c == '(' {
                     balanced(&chars, i + 1)
@@ -156,42 +173,95 @@ fn split(line: &str, out: &mut Vec<String>, depth: usize) {
     end_command(&mut words, out);
 }
 
-/// Records one simple command (and what it wraps or hands to a shell).
+/// Shell words that come before a command without being it.
+const KEYWORDS: &[&str] = &["!", "if", "then", "else", "elif", "do", "while", "until"];
+
+/// Most commands one line may hold before it counts as too complex to check.
+const MAX_COMMANDS: usize = 10_000;
+
+/// Records one simple command, and what it wraps or hands to a shell.
 fn finish(words: Vec<String>, out: &mut Vec<String>, depth: usize) {
-    let mut rest: &[String] = &words;
-    // Leading assignments: `FOO=1 rm -rf /`.
-    while let Some(w) = rest.first() {
-        let is_assignment = w.split_once('=').is_some_and(|(name, _)| {
-            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-        if !is_assignment {
-            break;
-        }
-        rest = &rest[1..];
+    if depth > MAX_DEPTH || out.len() > MAX_COMMANDS {
+        out.push(TOO_DEEP.into());
+        return;
     }
+    let rest = strip_prefixes(&words);
     if rest.is_empty() {
         return;
     }
+    record(rest, out, depth);
+    // `sudo -u root env X=1 rm -rf /`: past each wrapper and its options. An option's
+    // value is not the command, so the next few starts all count.
+    let mut rest = rest;
+    let mut wrappers = 0;
+    while let Some(first) = rest.first()
+        && WRAPPERS.contains(&program(first))
+    {
+        wrappers += 1;
+        if wrappers > MAX_WRAPPERS {
+            out.push(TOO_DEEP.into());
+            return;
+        }
+        rest = &rest[1..];
+        let options = rest
+            .iter()
+            .take_while(|w| w.starts_with('-') || w.contains('='))
+            .count();
+        for k in options..(options + 4).min(rest.len()) {
+            let inner = strip_prefixes(&rest[k..]);
+            if !inner.is_empty() {
+                record(inner, out, depth);
+            }
+        }
+        rest = &rest[options..];
+    }
+}
+
+/// Wrappers one command may stack (`sudo env nice …`) before it is refused.
+const MAX_WRAPPERS: usize = 16;
+
+/// `/bin/rm` is `rm`.
+fn program(word: &str) -> &str {
+    word.rsplit('/').next().unwrap_or(word)
+}
+
+/// Drops leading `NAME=value` assignments, shell keywords and redirections.
+fn strip_prefixes(words: &[String]) -> &[String] {
+    let mut rest = words;
+    while let Some(w) = rest.first() {
+        let assignment = w.split_once('=').is_some_and(|(name, _)| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        let redirect_op = w.trim_start_matches(|c: char| c.is_ascii_digit());
+        if assignment || KEYWORDS.contains(&w.as_str()) {
+            rest = &rest[1..];
+        } else if matches!(redirect_op, ">" | ">>" | "<" | "<<" | "<<<" | ">|") {
+            // `> file rm …`: the operator and its file.
+            rest = rest.get(2..).unwrap_or(&[]);
+        } else if redirect_op.starts_with(['>', '<']) {
+            rest = &rest[1..];
+        } else {
+            break;
+        }
+    }
+    rest
+}
+
+/// One command as written and with its program's path dropped; a shell's `-c` string
+/// is split too.
+fn record(rest: &[String], out: &mut Vec<String>, depth: usize) {
     out.push(rest.join(" "));
-    // A shell given a command string: that string is commands too.
-    let program = rest[0].rsplit('/').next().unwrap_or("");
-    if matches!(program, "sh" | "bash" | "dash" | "zsh" | "ksh" | "ash")
+    let name = program(&rest[0]);
+    if name != rest[0] {
+        let mut short = vec![name.to_string()];
+        short.extend(rest[1..].iter().cloned());
+        out.push(short.join(" "));
+    }
+    if matches!(name, "sh" | "bash" | "dash" | "zsh" | "ksh" | "ash")
         && let Some(pos) = rest.iter().position(|w| w == "-c")
         && let Some(script) = rest.get(pos + 1)
     {
         split(script, out, depth + 1);
-    }
-    // `sudo -u root rm -rf /`: the command after the wrapper and its options.
-    if WRAPPERS.contains(&program) {
-        let inner: Vec<String> = rest[1..]
-            .iter()
-            .skip_while(|w| w.starts_with('-') || w.contains('='))
-            .cloned()
-            .collect();
-        // `sudo -u root …`: an option's value is not the command; try each start.
-        for start in 0..inner.len().min(3) {
-            finish(inner[start..].to_vec(), out, depth + 1);
-        }
     }
 }
 
@@ -205,17 +275,29 @@ fn braced(chars: &[char], start: usize) -> (String, usize) {
     closing(chars, start, '{', '}')
 }
 
+/// Quoted brackets do not count: in `(echo ")"; rm -rf /)` the group ends at the end.
 fn closing(chars: &[char], start: usize, open: char, close: char) -> (String, usize) {
     let mut level = 1;
-    for (j, &c) in chars.iter().enumerate().skip(start) {
-        if c == open {
-            level += 1;
-        } else if c == close {
-            level -= 1;
-            if level == 0 {
-                return (chars[start..j].iter().collect(), j + 1);
+    let mut quote: Option<char> = None;
+    let mut j = start;
+    while j < chars.len() {
+        let c = chars[j];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some('"') if c == '\\' => j += 1,
+            Some(_) => {}
+            None if c == '\\' => j += 1,
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if c == open => level += 1,
+            None if c == close => {
+                level -= 1;
+                if level == 0 {
+                    return (chars[start..j].iter().collect(), j + 1);
+                }
             }
+            None => {}
         }
+        j += 1;
     }
     (chars[start..].iter().collect(), chars.len())
 }
@@ -264,6 +346,17 @@ mod tests {
             "bash -c \"sh -c 'rm -rf /'\"",
             "nohup shutdown -h now",
             "shutdown",
+            "/bin/rm -rf /",
+            "/sbin/shutdown now",
+            "! rm -rf /",
+            "if rm -rf /; then :; fi",
+            ">/dev/null rm -rf /",
+            "> /dev/null rm -rf /",
+            "2>/dev/null rm -rf /",
+            "(echo \")\"; rm -rf /)",
+            "cat <(rm -rf /)",
+            "sudo -u root -g wheel rm -rf /",
+            "sudo env X=1 nice -n 5 rm -rf /",
         ] {
             assert!(blocked(line), "not blocked: {line:?}");
         }
@@ -300,5 +393,12 @@ mod tests {
         assert!(blocked("rm -rf / 'unterminated"));
         let deep = format!("{}rm -rf /{}", "$(".repeat(50), ")".repeat(50));
         assert!(blocked(&deep));
+        // Stacked wrappers give a bounded number of candidates (this once grew
+        // exponentially), and the command at the end is still found.
+        let wrapped = format!("{}ls", "sudo ".repeat(2000));
+        assert!(simple_commands(&wrapped).len() < 100);
+        assert!(blocked(&wrapped), "too many wrappers to follow is refused");
+        assert!(blocked(&format!("{}rm -rf /", "sudo ".repeat(12))));
+        assert!(blocked(&"x".repeat(MAX_LINE + 1)));
     }
 }
