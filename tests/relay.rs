@@ -1102,6 +1102,41 @@ async fn stalled_logins_and_too_many_connections_are_closed() {
     // Their slots are given back: a real engineer gets in.
     let o = s.ssh(&cert, "demo-ssh", "echo in").await;
     assert_eq!(text(&o).0.trim(), "in", "{}", text(&o).1);
+
+    // A jump tunnel (ssh -W to a resource's name) whose inner login never happens is
+    // closed after the grace time too.
+    let mut tunnel = s
+        .ssh_cmd_with(&cert, "demo-ssh", &["-W", "demo-ssh:22"], "")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdin = tunnel.stdin.take().unwrap();
+    let mut out = tunnel.stdout.take().unwrap();
+    let closed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut banner = [0u8; 8];
+        out.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"SSH-2.0-", "the relay answers inside the tunnel");
+        // Say nothing more; the tunnel must end by itself (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ended = loop {
+            if tunnel.try_wait().unwrap().is_some() {
+                break true;
+            }
+            if Instant::now() > deadline {
+                let _ = tunnel.kill();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        drop(stdin);
+        ended
+    })
+    .await
+    .unwrap();
+    assert!(closed, "a jump tunnel that never logged in stayed open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -419,45 +419,65 @@ impl Drop for AddressSlot {
     }
 }
 
-/// A connection's socket, which stops reading once the login grace time has passed
-/// without a successful authentication: a peer that connects and stalls, at any step
-/// before auth, is closed.
-struct LoginGrace {
-    inner: tokio::net::TcpStream,
+/// A connection's stream, which fails once the login grace time has passed without a
+/// successful authentication: a peer that connects and stalls at any step before auth,
+/// reading or not reading, is closed.
+struct LoginGrace<S> {
+    inner: S,
     authenticated: Arc<std::sync::atomic::AtomicBool>,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl tokio::io::AsyncRead for LoginGrace {
+impl<S> LoginGrace<S> {
+    fn new(inner: S, authenticated: Arc<std::sync::atomic::AtomicBool>, grace: Duration) -> Self {
+        LoginGrace {
+            inner,
+            authenticated,
+            deadline: Some(Box::pin(tokio::time::sleep(grace))),
+        }
+    }
+
+    /// Ready(error) once the grace time is over and nobody has logged in.
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if self
+                .authenticated
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                self.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "login grace time over",
+                ));
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LoginGrace<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if let Some(deadline) = this.deadline.as_mut() {
-            if this
-                .authenticated
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
-                this.deadline = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "login grace time over",
-                )));
-            }
+        if let std::task::Poll::Ready(e) = self.expired(cx) {
+            return std::task::Poll::Ready(Err(e));
         }
         std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for LoginGrace {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LoginGrace<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let std::task::Poll::Ready(e) = self.expired(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -465,6 +485,9 @@ impl tokio::io::AsyncWrite for LoginGrace {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let std::task::Poll::Ready(e) = self.expired(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -473,18 +496,6 @@ impl tokio::io::AsyncWrite for LoginGrace {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
@@ -539,14 +550,18 @@ async fn watch_grants(state: AppState) {
             continue;
         }
         match store::live_grants_among(&state.db, &ids, state.now_ms()).await {
-            Ok(live) => state
-                .live_sessions
-                .cut_where(|g| live.contains(g), GRANT_ENDED),
+            // A session registered during the query is on a grant it did not ask about:
+            // left for the next tick.
+            Ok(live) => state.live_sessions.cut_where(
+                |g| live.contains(g) || ids.binary_search_by(|i| i.as_str().cmp(g)).is_err(),
+                GRANT_ENDED,
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "relay: cannot check grants; ending sessions");
-                state
-                    .live_sessions
-                    .cut_where(|_| false, "twokey cannot check the grant");
+                state.live_sessions.cut_where(
+                    |g| ids.binary_search_by(|i| i.as_str().cmp(g)).is_err(),
+                    "twokey cannot check the grant",
+                );
             }
         }
     }
@@ -588,11 +603,7 @@ async fn accept(
         };
         let _ = socket.set_nodelay(true);
         let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stream = LoginGrace {
-            inner: socket,
-            authenticated: authenticated.clone(),
-            deadline: Some(Box::pin(tokio::time::sleep(grace))),
-        };
+        let stream = LoginGrace::new(socket, authenticated.clone(), grace);
         let conn = Conn {
             state: state.clone(),
             peer: Some(peer),
@@ -601,6 +612,7 @@ async fn accept(
             authenticated,
             refusals: refusals.clone(),
             config: Some(config.clone()),
+            grace,
         };
         let config = config.clone();
         tokio::spawn(async move {
@@ -633,6 +645,8 @@ struct Conn {
     /// The relay's SSH config, to serve a jump (`ssh -J`) inside this connection; None
     /// on such an inner connection, which cannot jump again.
     config: Option<Arc<russh::server::Config>>,
+    /// The login grace time, for a jump's inner connection too.
+    grace: Duration,
 }
 
 /// One of a connection's channels; gives its place back when dropped.
@@ -737,7 +751,9 @@ impl Conn {
     }
 
     async fn refuse_forward(&self, what: &str) {
-        if let Some(Ok(a)) = &self.admission {
+        if let Some(Ok(a)) = &self.admission
+            && self.refusals.first_in_a_while(a.serial, what)
+        {
             audit(
                 &self.state,
                 &a.grant.user_email,
@@ -863,19 +879,29 @@ impl russh::server::Handler for Conn {
                     .await;
                 return Ok(());
             };
+            // The outer grant must still be live to open a tunnel at all.
+            if self.recheck().await.is_err() {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return Ok(());
+            }
             reply.accept().await;
+            let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stream = LoginGrace::new(channel.into_stream(), authenticated.clone(), self.grace);
             let inner = Conn {
                 state: self.state.clone(),
                 peer: self.peer,
                 channels: Arc::default(),
                 admission: None,
-                authenticated: Arc::default(),
+                authenticated,
                 refusals: self.refusals.clone(),
                 config: None,
+                grace: self.grace,
             };
             tokio::spawn(async move {
                 let _slot = slot;
-                match russh::server::run_stream(config, channel.into_stream(), inner).await {
+                match russh::server::run_stream(config, stream, inner).await {
                     Ok(session) => {
                         if let Err(e) = session.await {
                             tracing::debug!(error = %e, "relay: jumped connection ended");
@@ -1273,24 +1299,34 @@ async fn bridge(
                         break None;
                     }
                     with_rec(&|r| r.input(&command));
-                    let (h, ch) =
-                        match open_upstream(&state, &admitted, &session_id, pending_pty.take())
-                            .await
-                        {
-                            Ok(up) => up,
-                            Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
-                        };
+                    let (h, ch) = match open_upstream(
+                        &state,
+                        &admitted,
+                        &session_id,
+                        pending_pty.take(),
+                        &kill,
+                    )
+                    .await
+                    {
+                        Ok(up) => up,
+                        Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                    };
                     ch.exec(true, command).await.map_err(|e| e.to_string())?;
                     break Some((h, ch));
                 }
                 ChannelMsg::RequestShell { .. } => {
-                    let (h, ch) =
-                        match open_upstream(&state, &admitted, &session_id, pending_pty.take())
-                            .await
-                        {
-                            Ok(up) => up,
-                            Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
-                        };
+                    let (h, ch) = match open_upstream(
+                        &state,
+                        &admitted,
+                        &session_id,
+                        pending_pty.take(),
+                        &kill,
+                    )
+                    .await
+                    {
+                        Ok(up) => up,
+                        Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                    };
                     ch.request_shell(true).await.map_err(|e| e.to_string())?;
                     break Some((h, ch));
                 }
@@ -1299,13 +1335,18 @@ async fn bridge(
                     // counted, not written into the terminal recording.
                     with_rec(&|r| r.note(&format!("subsystem {name}")));
                     record_data = false;
-                    let (h, ch) =
-                        match open_upstream(&state, &admitted, &session_id, pending_pty.take())
-                            .await
-                        {
-                            Ok(up) => up,
-                            Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
-                        };
+                    let (h, ch) = match open_upstream(
+                        &state,
+                        &admitted,
+                        &session_id,
+                        pending_pty.take(),
+                        &kill,
+                    )
+                    .await
+                    {
+                        Ok(up) => up,
+                        Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                    };
                     ch.request_subsystem(true, name)
                         .await
                         .map_err(|e| e.to_string())?;
@@ -1341,11 +1382,25 @@ async fn bridge(
             (0, 0, format!("failed: {e}"))
         }
     };
-    let done = rec
+    // The session is ended and audited even when its recording cannot be closed; the
+    // audit then says the recording failed.
+    let done = match rec
         .lock()
-        .map_err(|_| "recording lock poisoned".to_string())?
-        .finish()
-        .map_err(|e| format!("recording: {e}"))?;
+        .map_err(|_| "recording lock poisoned".to_string())
+    {
+        Ok(mut r) => r.finish().map_err(|e| format!("recording: {e}")),
+        Err(e) => Err(e),
+    }
+    .unwrap_or_else(|e| {
+        tracing::error!(error = %e, session = %session_id, "relay: recording could not be closed");
+        recording::Finished {
+            path: recording_path.clone(),
+            bytes: 0,
+            sha256: String::new(),
+            truncated: false,
+            failed: true,
+        }
+    });
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db)
         .await
@@ -1659,14 +1714,15 @@ async fn open_upstream(
     admitted: &Admitted,
     session_id: &str,
     pty: Option<PtyRequest>,
+    kill: &Cut,
 ) -> std::result::Result<(russh::client::Handle<Upstream>, Channel<russh::client::Msg>), String> {
-    // Bounded: a target that stalls mid-login must not hang the session forever.
-    let handle = tokio::time::timeout(
-        Duration::from_secs(20),
-        connect_upstream(state, admitted, session_id),
-    )
-    .await
-    .map_err(|_| "the target did not complete the login in time".to_string())??;
+    // Bounded: a target that stalls mid-login must not hang the session forever. And a
+    // session cut meanwhile (revoked, ended by an admin) never reaches the target.
+    let handle = tokio::select! {
+        up = tokio::time::timeout(Duration::from_secs(20), connect_upstream(state, admitted, session_id)) => up
+            .map_err(|_| "the target did not complete the login in time".to_string())??,
+        why = kill.wait() => return Err(format!("session ended: {why}")),
+    };
     let ch = handle
         .channel_open_session()
         .await
@@ -1675,6 +1731,16 @@ async fn open_upstream(
         ch.request_pty(false, &term, c, r, pw, ph, &modes)
             .await
             .map_err(|e| e.to_string())?;
+    }
+    // Reaching the target took time: the grant must still be live now, just before the
+    // command, shell or subsystem is sent.
+    let live = store::grant_by_id(&state.db, &admitted.grant.id)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|g| is_live(&g, state.now_ms()));
+    if !live {
+        return Err("the grant has ended or was revoked".into());
     }
     Ok((handle, ch))
 }
