@@ -156,9 +156,27 @@ impl Setup {
         .arg(&self.key)
         .args(["-p", &self.relay_port().to_string()])
         .arg(format!("{target}@127.0.0.1"))
-        .arg(command)
         .stdin(Stdio::null());
+        // No command: a shell, or nothing at all (-N, -W).
+        if !command.is_empty() {
+            c.arg(command);
+        }
         c
+    }
+
+    /// A ControlMaster connection to the relay at `ctl_opt` (`ControlPath=…`) that stays
+    /// up in the background.
+    async fn start_master(&self, cert: &Path, ctl_opt: &str) {
+        let mut master = self.ssh_cmd_with(
+            cert,
+            "demo-ssh",
+            &["-M", "-o", ctl_opt, "-o", "ControlPersist=yes", "-f", "-N"],
+            "",
+        );
+        let o = tokio::task::spawn_blocking(move || master.output().unwrap())
+            .await
+            .unwrap();
+        assert!(o.status.success(), "{:?}", text(&o));
     }
 
     async fn ssh(&self, cert: &Path, target: &str, command: &str) -> Output {
@@ -409,13 +427,8 @@ async fn an_interactive_shell_in_tmux_is_recorded_and_replays_and_scp_copies_50_
 
     // A real terminal: ssh runs inside tmux, and we type into it.
     let c = s.ssh_cmd(&cert, "demo-ssh", "");
-    let args: Vec<String> = c
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    // No remote command: drop the empty argument ssh_cmd appended.
     let line = std::iter::once("ssh".to_string())
-        .chain(args[..args.len() - 1].iter().map(|a| format!("'{a}'")))
+        .chain(c.get_args().map(|a| format!("'{}'", a.to_string_lossy())))
         .collect::<Vec<_>>()
         .join(" ");
     // Driven from a blocking thread: the relay runs on this test's runtime.
@@ -847,22 +860,7 @@ async fn a_connection_kept_open_admits_nothing_after_revocation() {
     let ctl = s.keys.path().join("ctl");
     let ctl_opt = format!("ControlPath={}", ctl.display());
     // A master connection that stays up (ControlMaster), then commands over it.
-    let mut master = s.ssh_cmd_with(
-        &cert,
-        "demo-ssh",
-        &["-M", "-o", &ctl_opt, "-o", "ControlPersist=yes", "-f", "-N"],
-        "",
-    );
-    let args: Vec<String> = master
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    master = Command::new("ssh");
-    master.args(&args[..args.len() - 1]);
-    let o = tokio::task::spawn_blocking(move || master.output().unwrap())
-        .await
-        .unwrap();
-    assert!(o.status.success(), "{:?}", text(&o));
+    s.start_master(&cert, &ctl_opt).await;
     let over_master = |cmd: &str| {
         let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-o", &ctl_opt], cmd);
         async move {
@@ -931,22 +929,7 @@ async fn one_connection_holds_at_most_ten_sessions_at_once() {
     let (_, cert) = s.grant().await;
     let ctl = s.keys.path().join("ctl");
     let ctl_opt = format!("ControlPath={}", ctl.display());
-    let master = s.ssh_cmd_with(
-        &cert,
-        "demo-ssh",
-        &["-M", "-o", &ctl_opt, "-o", "ControlPersist=yes", "-f", "-N"],
-        "",
-    );
-    let args: Vec<String> = master
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let mut master = Command::new("ssh");
-    master.args(&args[..args.len() - 1]);
-    let o = tokio::task::spawn_blocking(move || master.output().unwrap())
-        .await
-        .unwrap();
-    assert!(o.status.success(), "{:?}", text(&o));
+    s.start_master(&cert, &ctl_opt).await;
     let mut held = Vec::new();
     for _ in 0..10 {
         let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-o", &ctl_opt], "sleep 20");

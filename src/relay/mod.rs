@@ -734,12 +734,7 @@ impl Conn {
             .clone()
             .unwrap_or_else(|| Err("not logged in".into()));
         let a = admission?;
-        let live = store::grant_by_id(&self.state.db, &a.grant.id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|g| is_live(&g, self.state.now_ms()));
-        if live {
+        if grant_is_live(&self.state, &a.grant.id).await {
             return Ok(a);
         }
         let why = format!(
@@ -1170,8 +1165,14 @@ fn upstream_algorithms() -> russh::Preferred {
     }
 }
 
-fn is_live(g: &GrantRow, now: i64) -> bool {
-    g.status == "active" && g.ends_at > now
+/// Whether the grant is active and not past its end right now; a store that cannot
+/// answer says no (fail closed).
+async fn grant_is_live(state: &AppState, grant_id: &str) -> bool {
+    store::grant_by_id(&state.db, grant_id)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|g| g.status == "active" && g.ends_at > state.now_ms())
 }
 
 /// One relayed session: client channel ⇄ upstream channel, recorded, cut at the end.
@@ -1246,7 +1247,7 @@ async fn bridge(
         let mut pending_pty = None;
         let mut record_data = true;
         let mut end_reason = "closed".to_string();
-        let upstream = loop {
+        let start = loop {
             let msg = tokio::select! {
                 m = client.wait() => m,
                 why = kill.wait() => {
@@ -1299,61 +1300,37 @@ async fn bridge(
                         break None;
                     }
                     with_rec(&|r| r.input(&command));
-                    let (h, ch) = match open_upstream(
-                        &state,
-                        &admitted,
-                        &session_id,
-                        pending_pty.take(),
-                        &kill,
-                    )
-                    .await
-                    {
-                        Ok(up) => up,
-                        Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
-                    };
-                    ch.exec(true, command).await.map_err(|e| e.to_string())?;
-                    break Some((h, ch));
+                    break Some(Start::Exec(command));
                 }
-                ChannelMsg::RequestShell { .. } => {
-                    let (h, ch) = match open_upstream(
-                        &state,
-                        &admitted,
-                        &session_id,
-                        pending_pty.take(),
-                        &kill,
-                    )
-                    .await
-                    {
-                        Ok(up) => up,
-                        Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
-                    };
-                    ch.request_shell(true).await.map_err(|e| e.to_string())?;
-                    break Some((h, ch));
-                }
+                ChannelMsg::RequestShell { .. } => break Some(Start::Shell),
                 ChannelMsg::RequestSubsystem { name, .. } => {
                     // sftp (and scp, which speaks sftp since OpenSSH 9): file bytes are
                     // counted, not written into the terminal recording.
                     with_rec(&|r| r.note(&format!("subsystem {name}")));
                     record_data = false;
-                    let (h, ch) = match open_upstream(
-                        &state,
-                        &admitted,
-                        &session_id,
-                        pending_pty.take(),
-                        &kill,
-                    )
-                    .await
-                    {
-                        Ok(up) => up,
-                        Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
-                    };
-                    ch.request_subsystem(true, name)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    break Some((h, ch));
+                    break Some(Start::Subsystem(name));
                 }
                 ChannelMsg::Close | ChannelMsg::Eof => break None,
                 _ => {}
+            }
+        };
+
+        // The one request that starts it, sent once the target is reached.
+        let upstream = match start {
+            None => None,
+            Some(start) => {
+                let up = open_upstream(&state, &admitted, &session_id, pending_pty.take(), &kill);
+                let (h, ch) = match up.await {
+                    Ok(up) => up,
+                    Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                };
+                match start {
+                    Start::Exec(command) => ch.exec(true, command).await,
+                    Start::Shell => ch.request_shell(true).await,
+                    Start::Subsystem(name) => ch.request_subsystem(true, name).await,
+                }
+                .map_err(|e| e.to_string())?;
+                Some((h, ch))
             }
         };
 
@@ -1698,6 +1675,13 @@ async fn tell_failure(client: &Channel<Msg>, resource: &str, e: String) -> Strin
     e
 }
 
+/// The request that starts a relayed session.
+enum Start {
+    Exec(Vec<u8>),
+    Shell,
+    Subsystem(String),
+}
+
 /// Takes a session off the live list when dropped.
 struct Registered<'a>(&'a LiveSessions, &'a str);
 
@@ -1734,12 +1718,7 @@ async fn open_upstream(
     }
     // Reaching the target took time: the grant must still be live now, just before the
     // command, shell or subsystem is sent.
-    let live = store::grant_by_id(&state.db, &admitted.grant.id)
-        .await
-        .ok()
-        .flatten()
-        .is_some_and(|g| is_live(&g, state.now_ms()));
-    if !live {
+    if !grant_is_live(state, &admitted.grant.id).await {
         return Err("the grant has ended or was revoked".into());
     }
     Ok((handle, ch))
