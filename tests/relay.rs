@@ -1358,6 +1358,23 @@ async fn a_port_forward_works_when_the_role_allows_it_and_is_cut_at_revocation()
     assert_eq!(opened.len(), 1);
     assert_eq!(opened[0]["destination"], dest);
 
+    // A destination the target cannot reach: refused to the client, and audited.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nowhere = format!("127.0.0.1:{closed_port}");
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-W", &nowhere], "");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("open failed"), "{:?}", text(&o));
+    let failed = s.events("session.forward_failed").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["destination"], nowhere);
+
     // Revoked: the forward is cut though the engineer's side is still open.
     let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
     assert_eq!(st, StatusCode::OK);
