@@ -871,6 +871,23 @@ async fn a_connection_kept_open_admits_nothing_after_revocation() {
     };
     assert_eq!(text(&over_master("echo one").await).0.trim(), "one");
     s.app.api(BOB).await.act(&id, "revoke").await;
+    // The connection opens no jump tunnel (ssh -W to a resource's name) any more...
+    let mut c = s.ssh_cmd_with(
+        &cert,
+        "demo-ssh",
+        &["-o", &ctl_opt, "-W", "demo-ssh:22"],
+        "",
+    );
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        !text(&o).0.starts_with("SSH-"),
+        "a tunnel opened: {:?}",
+        text(&o)
+    );
+    // ...and runs no command.
     let o = over_master("echo two").await;
     assert!(
         !text(&o).0.contains("two"),
