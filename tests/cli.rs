@@ -362,6 +362,14 @@ async fn secrets_never_reach_the_logs_or_pages() {
             .spawn()
             .unwrap(),
     );
+    // Trace logging fills a pipe buffer in seconds: read stderr from the start, or the
+    // server blocks writing its logs and stops answering.
+    let mut stderr = child.0.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = stderr.read_to_string(&mut logs);
+        logs
+    });
     let stdout = child.0.stdout.take().unwrap();
     let first = std::io::BufReader::new(stdout)
         .lines()
@@ -375,7 +383,10 @@ async fn secrets_never_reach_the_logs_or_pages() {
     let config = data.join("twokey.toml");
     let mint = |user: &str| stdout_of(&twokey(&config, &["token", "create", "--user", user]));
     let (alice, bob) = (mint("alice@example.com"), mint("bob@example.com"));
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
     let created: serde_json::Value = http
         .post(format!("{url}/api/v1/requests"))
         .bearer_auth(alice.trim())
@@ -401,16 +412,9 @@ async fn secrets_never_reach_the_logs_or_pages() {
             .unwrap();
         bodies.push_str(&resp.text().await.unwrap());
     }
-    drop(child.0.stdin.take());
     let _ = child.0.kill();
-    let mut logs = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let _ = child.0.wait();
+    let logs = logs.join().unwrap();
     assert!(
         logs.contains("decision recorded"),
         "the server logged at trace: {logs}"
