@@ -1487,3 +1487,77 @@ async fn ssh_jumps_through_the_relay_with_proxyjump_and_is_recorded() {
         text(&o)
     );
 }
+
+/// A small filesystem of its own at `dir`, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// None (and a note) when this user may not mount; as root a failed mount fails.
+    fn mount(dir: &Path, bytes: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        if o.status.success() {
+            return Some(SmallDisk(dir.to_path_buf()));
+        }
+        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        assert!(
+            !root,
+            "mount a tmpfs: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        eprintln!("SKIPPED: filling a disk needs root to mount a small tmpfs");
+        None
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk: a session whose recording cannot be written is ended, not left to go on
+/// unrecorded, and a new one does not start (fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_recording_cannot_be_written_is_ended() {
+    let s = setup().await;
+    let dir = s.app.state().config.server.data_dir.join("recordings");
+    let Some(_disk) = SmallDisk::mount(&dir, 256 * 1024) else {
+        return;
+    };
+    let (_, cert) = s.grant().await;
+    let o = s
+        .ssh(
+            &cert,
+            "demo-ssh",
+            "head -c 2000000 /dev/zero | tr '\\0' x; echo; echo done",
+        )
+        .await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(255), "{err}");
+    assert!(
+        err.contains("twokey: session ended: its recording could not be written"),
+        "{err}"
+    );
+    // What passed is what was recorded, give or take the recorder's buffer.
+    assert!(!out.contains("done"));
+    assert!(out.len() < 400 * 1024, "{} bytes passed", out.len());
+    let ended = &wait_ended(&s, 1).await[0];
+    assert_eq!(ended["reason"], "its recording could not be written");
+    assert_eq!(ended["recording_failed"], true);
+
+    // The disk is still full: the next session does not start at all.
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(255), "{err}");
+    assert!(!out.contains("ran"), "{out}");
+    assert!(err.contains("its recording could not be written"), "{err}");
+    let ended = wait_ended(&s, 2).await;
+    assert_eq!(ended[1]["reason"], "its recording could not be written");
+    assert_eq!(ended[1]["recording_failed"], true);
+    s.app.assert_chain_ok().await;
+}

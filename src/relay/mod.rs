@@ -569,6 +569,8 @@ async fn watch_grants(state: AppState) {
 
 /// Why a session on a grant that ended or was revoked was cut.
 const GRANT_ENDED: &str = "grant ended";
+/// Why a session ends when its recording can no longer be written (a full disk, say).
+const RECORDING_FAILED: &str = "its recording could not be written";
 
 /// Accepts connections within the limits (total, per address) before any cryptography,
 /// and runs each as its own SSH session.
@@ -1268,7 +1270,7 @@ async fn bridge(
                     terminal_modes,
                     ..
                 } => {
-                    with_rec(&|r| r.resize(col_width, row_height));
+                    let _ = with_rec(&|r| r.resize(col_width, row_height));
                     pending_pty = Some((
                         term,
                         col_width,
@@ -1299,20 +1301,32 @@ async fn bridge(
                         end_reason = "blocked".into();
                         break None;
                     }
-                    with_rec(&|r| r.input(&command));
+                    let _ = with_rec(&|r| r.input(&command));
                     break Some(Start::Exec(command));
                 }
                 ChannelMsg::RequestShell { .. } => break Some(Start::Shell),
                 ChannelMsg::RequestSubsystem { name, .. } => {
                     // sftp (and scp, which speaks sftp since OpenSSH 9): file bytes are
                     // counted, not written into the terminal recording.
-                    with_rec(&|r| r.note(&format!("subsystem {name}")));
+                    let _ = with_rec(&|r| r.note(&format!("subsystem {name}")));
                     record_data = false;
                     break Some(Start::Subsystem(name));
                 }
                 ChannelMsg::Close | ChannelMsg::Eof => break None,
                 _ => {}
             }
+        };
+
+        // Nothing starts that cannot be recorded (a full disk, say).
+        let start = match start {
+            Some(_) if !with_rec(&|r| r.flush()) => {
+                let why = format!("twokey: session ended: {RECORDING_FAILED}\r\n");
+                let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                let _ = client.exit_status(255).await;
+                end_reason = RECORDING_FAILED.into();
+                None
+            }
+            start => start,
         };
 
         // The one request that starts it, sent once the target is reached.
@@ -1434,14 +1448,19 @@ async fn pump(
     client: Channel<Msg>,
     up: Channel<russh::client::Msg>,
     rec: Option<Arc<std::sync::Mutex<recording::Recorder>>>,
-    kill: &Cut,
+    kill: &Arc<Cut>,
     session: Option<russh::server::Handle>,
 ) -> Pumped {
     let terminal = session.is_some();
-    let record = move |f: &dyn Fn(&mut recording::Recorder)| {
-        if let Some(rec) = &rec {
-            recording::with(rec, f);
+    // Records, and says whether the bytes may pass: a recording that can no longer be
+    // written ends the session (fail closed), rather than let it go on unrecorded.
+    let recording_cut = kill.clone();
+    let record = move |f: &dyn Fn(&mut recording::Recorder)| match &rec {
+        Some(rec) if !recording::with(rec, f) => {
+            recording_cut.cut(RECORDING_FAILED);
+            false
         }
+        _ => true,
     };
     let (record_in, record_out) = (record.clone(), record);
     let client_id = client.id();
@@ -1463,8 +1482,7 @@ async fn pump(
             match msg {
                 ChannelMsg::Data { data } => {
                     count(&n, data.len());
-                    record_in(&|r| r.input(&data));
-                    if up_tx.data_bytes(data).await.is_err() {
+                    if !record_in(&|r| r.input(&data)) || up_tx.data_bytes(data).await.is_err() {
                         break;
                     }
                 }
@@ -1474,7 +1492,7 @@ async fn pump(
                     pix_width,
                     pix_height,
                 } => {
-                    record_in(&|r| r.resize(col_width, row_height));
+                    let _ = record_in(&|r| r.resize(col_width, row_height));
                     let _ = up_tx
                         .window_change(col_width, row_height, pix_width, pix_height)
                         .await;
@@ -1499,14 +1517,17 @@ async fn pump(
             match msg {
                 ChannelMsg::Data { data } => {
                     count(&n, data.len());
-                    record_out(&|r| r.output(&data));
-                    if to_client.data_bytes(data).await.is_err() {
+                    if !record_out(&|r| r.output(&data))
+                        || to_client.data_bytes(data).await.is_err()
+                    {
                         break;
                     }
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
                     count(&n, data.len());
-                    record_out(&|r| r.output(&data));
+                    if !record_out(&|r| r.output(&data)) {
+                        break;
+                    }
                     let _ = to_client.extended_data_bytes(ext, data).await;
                 }
                 ChannelMsg::ExitStatus { exit_status } => {
@@ -1519,7 +1540,7 @@ async fn pump(
                     error_message,
                     lang_tag,
                 } => {
-                    record_out(&|r| r.note(&format!("exit signal {signal_name:?}")));
+                    let _ = record_out(&|r| r.note(&format!("exit signal {signal_name:?}")));
                     if let Some(session) = &session {
                         let _ = session
                             .exit_signal_request(
@@ -1552,6 +1573,9 @@ async fn pump(
         }
     });
     let cut = tokio::select! {
+        // First, so a task that stopped because of a cut reports the cut.
+        biased;
+        why = kill.wait() => Some(why),
         _ = &mut outbound => {
             inbound.abort();
             None
@@ -1563,7 +1587,6 @@ async fn pump(
             }
             None
         }
-        why = kill.wait() => Some(why),
     };
     if let Some(why) = &cut {
         inbound.abort();

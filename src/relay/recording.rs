@@ -83,11 +83,17 @@ fn asks_for_secret(line: &str) -> bool {
     })
 }
 
-/// Runs `f` on a shared recorder. A poisoned lock (a panicked writer) skips the event:
-/// losing a line of recording never takes the session down.
-pub fn with(rec: &std::sync::Mutex<Recorder>, f: impl FnOnce(&mut Recorder)) {
-    if let Ok(mut r) = rec.lock() {
-        f(&mut r);
+/// Runs `f` on a shared recorder and says whether the recording is still whole. False
+/// (a write failed, or a writer panicked and poisoned the lock) means what passes next
+/// would go unrecorded: the relay then ends the session rather than let it go on.
+#[must_use]
+pub fn with(rec: &std::sync::Mutex<Recorder>, f: impl FnOnce(&mut Recorder)) -> bool {
+    match rec.lock() {
+        Ok(mut r) => {
+            f(&mut r);
+            !r.failed
+        }
+        Err(_) => false,
     }
 }
 
@@ -120,7 +126,16 @@ impl Recorder {
             .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
                 r.max_recording_bytes
             });
-        Ok(Recorder {
+        Ok(Recorder::new(
+            file,
+            path,
+            limit,
+            state.clock.now().timestamp(),
+        ))
+    }
+
+    fn new(file: std::fs::File, path: std::path::PathBuf, limit: u64, timestamp: i64) -> Recorder {
+        Recorder {
             file: std::io::BufWriter::with_capacity(
                 16 * 1024,
                 Hashed {
@@ -134,7 +149,7 @@ impl Recorder {
             width: 80,
             height: 24,
             wrote_header: false,
-            timestamp: state.clock.now().timestamp(),
+            timestamp,
             finished: false,
             limit,
             truncated: false,
@@ -143,7 +158,7 @@ impl Recorder {
             failed: false,
             line: String::new(),
             secret: false,
-        })
+        }
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -262,6 +277,13 @@ impl Recorder {
         }
     }
 
+    /// Writes out what is buffered, so a recording that cannot be written shows it now
+    /// rather than at the end.
+    pub fn flush(&mut self) {
+        self.header();
+        self.failed |= self.file.flush().is_err();
+    }
+
     /// A marker in the recording (asciicast v2 "m" event).
     pub fn note(&mut self, text: &str) {
         self.event("m", text);
@@ -310,7 +332,33 @@ impl Recorder {
 
 #[cfg(test)]
 mod tests {
-    use super::{Recorder, asks_for_secret};
+    use super::{Recorder, asks_for_secret, with};
+
+    #[test]
+    fn a_write_that_fails_is_reported_not_hidden() {
+        // /dev/full: every write fails with "no space left on device".
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let rec = std::sync::Mutex::new(Recorder::new(full, "/dev/full".into(), 1 << 30, 0));
+        // Small writes sit in the buffer: the recording is still whole so far.
+        assert!(with(&rec, |r| r.output(b"hello\r\n")));
+        // The buffer spills to the disk and fails: from now on, not whole.
+        assert!(!with(&rec, |r| r.output(&[b'x'; 64 * 1024])));
+        assert!(!with(&rec, |r| r.input(b"ls\r")));
+        let finished = rec.lock().unwrap().finish();
+        assert!(finished.is_err() || finished.unwrap().failed);
+        // A writer that panicked (a poisoned lock) counts as a failed recording too.
+        let file = tempfile::tempfile().unwrap();
+        let ok = std::sync::Mutex::new(Recorder::new(file, "t".into(), 1 << 30, 0));
+        assert!(with(&ok, |r| r.output(b"fine")));
+        let _ = std::panic::catch_unwind(|| {
+            let _guard = ok.lock().unwrap();
+            panic!("a writer panics");
+        });
+        assert!(!with(&ok, |r| r.output(b"after")));
+    }
 
     #[test]
     fn secret_prompts_are_spotted() {
