@@ -195,6 +195,13 @@ async fn main() {
             "IdentitiesOnly=yes",
             "-o",
             "StrictHostKeyChecking=yes",
+            // A stalled path fails the bench instead of hanging it.
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=6",
         ]
         .iter()
         .map(|s| s.to_string())

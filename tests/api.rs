@@ -319,7 +319,7 @@ async fn engineers_may_not_request_outside_policy() {
 #[tokio::test]
 async fn missing_or_bad_tokens_are_refused() {
     let app = common::start().await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let url = app.url("/api/v1/requests");
     assert_eq!(
         http.get(&url).send().await.unwrap().status(),
@@ -503,7 +503,7 @@ async fn health_and_metrics() {
     let app = common::start().await;
     let alice = app.api(ALICE).await;
     alice.file("demo-db", "read", "1h", None).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let resp = http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let text = http

@@ -283,6 +283,21 @@ async fn token_create_prints_a_working_token_once() {
     );
 }
 
+/// The first line a child prints, waiting at most 30 s (a server stuck while starting
+/// fails the test instead of hanging it).
+fn first_line(stdout: std::process::ChildStdout) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let line = std::io::BufReader::new(stdout).lines().next();
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(Some(Ok(line))) => line,
+        other => panic!("no first line within 30 s: {other:?}"),
+    }
+}
+
 /// Kills the child process when the test ends, pass or fail.
 struct Running(std::process::Child);
 
@@ -295,7 +310,6 @@ impl Drop for Running {
 
 #[tokio::test]
 async fn demo_writes_its_config_and_serves() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
     let mut child = Running(
@@ -308,12 +322,7 @@ async fn demo_writes_its_config_and_serves() {
             .spawn()
             .unwrap(),
     );
-    let stdout = child.0.stdout.take().unwrap();
-    let first = std::io::BufReader::new(stdout)
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
+    let first = first_line(child.0.stdout.take().unwrap());
     let url = first
         .strip_prefix("twokey is serving at ")
         .expect(&first)
@@ -349,7 +358,7 @@ async fn demo_writes_its_config_and_serves() {
 
 #[tokio::test]
 async fn secrets_never_reach_the_logs_or_pages() {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
     let mut child = Running(
@@ -370,12 +379,7 @@ async fn secrets_never_reach_the_logs_or_pages() {
         let _ = stderr.read_to_string(&mut logs);
         logs
     });
-    let stdout = child.0.stdout.take().unwrap();
-    let first = std::io::BufReader::new(stdout)
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
+    let first = first_line(child.0.stdout.take().unwrap());
     let url = first
         .strip_prefix("twokey is serving at ")
         .unwrap()
@@ -383,10 +387,7 @@ async fn secrets_never_reach_the_logs_or_pages() {
     let config = data.join("twokey.toml");
     let mint = |user: &str| stdout_of(&twokey(&config, &["token", "create", "--user", user]));
     let (alice, bob) = (mint("alice@example.com"), mint("bob@example.com"));
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let http = common::http();
     let created: serde_json::Value = http
         .post(format!("{url}/api/v1/requests"))
         .bearer_auth(alice.trim())

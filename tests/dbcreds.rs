@@ -453,8 +453,11 @@ async fn a_crash_never_leaves_a_login_behind() {
     };
     let base = format!("http://127.0.0.1:{port}");
     let up = |base: String| async move {
-        for _ in 0..200 {
-            if reqwest::get(format!("{base}/healthz"))
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if common::http()
+                .get(format!("{base}/healthz"))
+                .send()
                 .await
                 .is_ok_and(|r| r.status().is_success())
             {
@@ -462,7 +465,7 @@ async fn a_crash_never_leaves_a_login_behind() {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("twokey did not come up");
+        panic!("twokey did not come up within 30 s");
     };
     let token = |who: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_twokey"))
@@ -481,7 +484,7 @@ async fn a_crash_never_leaves_a_login_behind() {
     let mut child = serve();
     up(base.clone()).await;
     let (a, b) = (token(ALICE), token(BOB));
-    let http = reqwest::Client::new();
+    let http = common::http();
     let r: Value = http
         .post(format!("{base}/api/v1/requests"))
         .bearer_auth(&a)

@@ -174,7 +174,7 @@ impl Setup {
             .split('&')
             .next()
             .unwrap();
-        let resp = reqwest::Client::new()
+        let resp = common::http()
             .post(self.app.url("/api/v1/cli/token"))
             .json(&json!({"code": code, "verifier": "x".repeat(64)}))
             .send()
@@ -303,7 +303,9 @@ async fn login_request_wait_and_ssh_end_to_end() {
             .unwrap();
         line.split_whitespace().next().unwrap().to_string()
     };
-    s.app.api(BOB).await.act(&id2, "approve").await;
+    // Checked: a failed approval would leave `--wait` polling for ever.
+    let (approved, body) = s.app.api(BOB).await.act(&id2, "approve").await;
+    assert_eq!(approved, StatusCode::OK, "{body}");
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -401,7 +403,7 @@ async fn denied_requests_and_bad_login_attempts_are_explained() {
     let token = |body: serde_json::Value| {
         let url = s.app.url("/api/v1/cli/token");
         async move {
-            reqwest::Client::new()
+            common::http()
                 .post(url)
                 .json(&body)
                 .send()

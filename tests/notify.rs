@@ -168,7 +168,7 @@ async fn scanners_get_pages_never_actions() {
     deliver(&app).await;
     let mail = mailbox(&app, BOB).await.remove(0);
     let approve = path_of(&mail::link(&mail.body_text, "Approve:"));
-    let raw = reqwest::Client::builder()
+    let raw = common::http_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

@@ -556,7 +556,7 @@ async fn stale_idp_groups_stop_an_api_token_until_the_user_signs_in_again() {
 
     app.clock.advance(chrono::Duration::hours(2));
     let approve = || {
-        reqwest::Client::new()
+        common::http()
             .post(app.url(&format!("/api/v1/requests/{id}/approve")))
             .bearer_auth(&token)
             .send()
@@ -586,7 +586,7 @@ async fn an_emailed_link_leads_through_idp_sign_in_back_to_its_confirm_page() {
     let token = twokey::auth::create_api_token(state, "alice@corp.example", "t")
         .await
         .unwrap();
-    let resp = reqwest::Client::new()
+    let resp = common::http()
         .post(app.url("/api/v1/requests"))
         .bearer_auth(&token)
         .json(&serde_json::json!({"resource": "demo-db", "role": "read", "duration": "1h", "reason": "slow query"}))

@@ -58,7 +58,7 @@ impl Setup {
 
     /// Posts an interaction with the given headers; returns the status.
     async fn post(&self, body: &str, ts: Option<i64>, signature: Option<String>) -> StatusCode {
-        let mut req = reqwest::Client::new()
+        let mut req = common::http()
             .post(self.app.url("/slack/interactions"))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(body.to_string());

@@ -441,7 +441,7 @@ async fn only_the_holder_of_a_live_ssh_grant_gets_a_certificate() {
         assert_eq!(s, StatusCode::FORBIDDEN, "{who}: {r}");
     }
     // No token.
-    let resp = reqwest::Client::new()
+    let resp = common::http()
         .post(app.url(&format!("/api/v1/requests/{id}/ssh-certificate")))
         .json(&json!({ "public_key": key }))
         .send()

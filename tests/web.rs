@@ -44,7 +44,7 @@ async fn sign_in_rotates_the_session_and_sets_safe_cookie_flags() {
     );
 
     // The pre-sign-in id is dead: replaying it does not sign anyone in.
-    let fixated = reqwest::Client::builder()
+    let fixated = common::http_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
@@ -179,7 +179,7 @@ async fn sign_out_kills_the_session_server_side() {
         .await;
     // Keep the signed-in cookie, as a thief would.
     let stolen = cookie_id(&session_cookie(&resp).unwrap()).to_string();
-    let raw = reqwest::Client::builder()
+    let raw = common::http_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

@@ -20,6 +20,16 @@ use twokey::config::{Config, demo_config_toml};
 use twokey::server::{self, Server};
 use twokey::state::AppState;
 
+/// An HTTP client for tests: a peer that stalls fails the test instead of hanging it.
+pub fn http() -> reqwest::Client {
+    http_builder().build().unwrap()
+}
+
+/// The same, to configure further (cookies, redirects).
+pub fn http_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().timeout(std::time::Duration::from_secs(60))
+}
+
 pub struct TestApp {
     pub server: Server,
     pub clock: Arc<ManualClock>,
@@ -83,7 +93,7 @@ impl TestApp {
         Api {
             base: self.url("/api/v1"),
             token,
-            http: reqwest::Client::new(),
+            http: http(),
         }
     }
 
@@ -178,7 +188,7 @@ pub struct Browser {
 
 impl Browser {
     pub fn new(base: String) -> Self {
-        let http = reqwest::Client::builder()
+        let http = http_builder()
             .cookie_store(true)
             .redirect(reqwest::redirect::Policy::none())
             .build()

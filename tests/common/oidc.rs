@@ -97,7 +97,7 @@ impl Provider {
 
     /// Changes what the provider says about an account from its next sign-in on.
     pub async fn set_groups(&self, login: &str, groups: &[&str]) {
-        let resp = reqwest::Client::new()
+        let resp = super::http()
             .post(format!("{}/__test/accounts/{login}", self.issuer))
             .body(json!({ "groups": groups }).to_string())
             .send()
@@ -177,7 +177,7 @@ pub fn client() -> reqwest::Client {
 }
 
 pub fn client_with(jar: Arc<reqwest::cookie::Jar>) -> reqwest::Client {
-    reqwest::Client::builder()
+    super::http_builder()
         .cookie_provider(jar)
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -329,7 +329,7 @@ impl OidcApp {
             .find(|(k, _)| k == "code")
             .map(|(_, v)| v.to_string())
             .expect("code");
-        let tokens: Value = reqwest::Client::new()
+        let tokens: Value = super::http()
             .post(format!("{}/token", self.provider.issuer))
             .basic_auth(client_id, Some(client_secret))
             .form(&[

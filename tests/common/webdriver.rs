@@ -59,7 +59,8 @@ impl Browser {
             .spawn()
             .expect("start chromedriver");
         let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
+        // A stuck browser fails the test instead of hanging it.
+        let http = super::http();
         let profile = tempfile::tempdir().unwrap();
         let mut browser = Browser {
             driver,
@@ -69,7 +70,8 @@ impl Browser {
         };
         // Wait (bounded) for chromedriver to answer.
         let mut ready = false;
-        for _ in 0..100 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
             if let Ok(r) = browser
                 .http
                 .get(format!("{}/status", browser.base))
@@ -82,9 +84,10 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(ready, "chromedriver did not start within 5 s");
+        assert!(ready, "chromedriver did not start within 30 s");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "timeouts": {"pageLoad": 30000, "script": 10000},
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -174,7 +177,8 @@ impl Browser {
     pub async fn click_and_wait(&self, css: &str) {
         self.script("window.__twokeyOldPage = true;").await;
         self.click(css).await;
-        for _ in 0..200 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
             let v = self
                 .script("return !window.__twokeyOldPage && document.readyState === 'complete';")
                 .await;
@@ -183,7 +187,7 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("no page load within 5 s after clicking {css}");
+        panic!("no page load within 10 s after clicking {css}");
     }
 
     pub async fn script(&self, js: &str) -> Value {
@@ -252,6 +256,12 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The Chromium this browser started, found by its own profile directory (not by
+        // process group: procps-ng 4.0.2 reads `kill -KILL -PGID` as `kill(-1)`).
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(format!("user-data-dir={}", self._profile.path().display()))
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
