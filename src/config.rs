@@ -552,7 +552,8 @@ pub struct ResourceConfig {
     /// Where engineers connect: `host:port` (`twokey ssh` uses it).
     #[serde(default)]
     pub address: Option<String>,
-    /// The SSH host's public key (`ssh-ed25519 AAAA…`), pinned by `twokey ssh`.
+    /// The SSH host's public key (`ssh-ed25519 AAAA…`), pinned by `twokey ssh` and the
+    /// relay. Without it the relay trusts only a key an admin confirmed (web: Host keys).
     #[serde(default)]
     pub host_key: Option<String>,
     /// PostgreSQL: the database grants log in to.

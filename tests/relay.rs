@@ -1560,3 +1560,198 @@ async fn a_session_whose_recording_cannot_be_written_is_ended() {
     assert_eq!(ended[1]["recording_failed"], true);
     s.app.assert_chain_ok().await;
 }
+
+/// Forwards each new connection to whichever port is current: the target "changes"
+/// under a fixed address, as when a host is rebuilt or someone sits in between.
+struct Switch {
+    port: u16,
+    to: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Switch {
+    async fn start() -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let to = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let current = to.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let port = current.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Switch { port, to, task }
+    }
+
+    fn point_at(&self, port: u16) {
+        self.to.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn fingerprint(key_line: &str) -> String {
+    russh::keys::ssh_key::PublicKey::from_openssh(key_line.trim())
+        .unwrap()
+        .fingerprint(russh::keys::ssh_key::HashAlg::Sha256)
+        .to_string()
+}
+
+/// The id of the pending key with `fp` on the host keys page.
+fn pending_id(page: &str, fp: &str) -> String {
+    let row = page
+        .split("<tr>")
+        .find(|r| r.contains(fp) && r.contains("id=\"confirm-"))
+        .unwrap_or_else(|| panic!("no pending row for {fp}: {page}"));
+    let at = row.find("id=\"confirm-").unwrap() + "id=\"confirm-".len();
+    row[at..at + 36].to_string()
+}
+
+/// A target with no pinned host key gets nothing until an admin confirms the key it
+/// presents; a different key later (a rebuilt host, or someone in between) is refused
+/// again until an admin confirms it too. Only admins decide, by POST with CSRF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
+    let switch = Switch::start().await;
+    let address = format!("127.0.0.1:{}", switch.port);
+    let s = setup_with(move |c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.host_key = None;
+        ssh.address = Some(address);
+    })
+    .await;
+    switch.point_at(s.sshd.port);
+    let fp = fingerprint(&s.sshd.host_key_line());
+    let (_, cert) = s.grant().await;
+
+    // Refused, with the fingerprint, and recorded once however often it is tried.
+    for _ in 0..2 {
+        let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+        let (out, err) = text(&o);
+        assert!(!o.status.success() && !out.contains("ran"), "{out}");
+        assert!(
+            err.contains(&format!(
+                "the host key of demo-ssh ({fp}) is not confirmed yet: an admin must confirm it"
+            )),
+            "{err}"
+        );
+    }
+    assert!(
+        !s.sshd.log().contains("Accepted"),
+        "nothing logs in to an unconfirmed target: {}",
+        s.sshd.log()
+    );
+    let seen = s.events("host_key.seen").await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["fingerprint"], fp);
+
+    // Only admins see the keys or decide on them.
+    let alice = s.app.browser(ALICE).await;
+    let (status, _) = alice.get("/admin/host-keys").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let dave = s.app.browser("dave@example.com").await;
+    let (status, page) = dave.get("/admin/host-keys").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("pending"), "{page}");
+    let id = pending_id(&page, &fp);
+    let confirm = format!("/admin/host-keys/{id}/confirm");
+    let alice_csrf = alice.csrf("/requests/new").await;
+    let r = alice.post(&confirm, &[("csrf", &alice_csrf)]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = dave.post(&confirm, &[("csrf", "forged")]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (status, _) = dave.get(&confirm).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let r = dave
+        .post(
+            "/admin/host-keys/nope/confirm",
+            &[("csrf", &dave.csrf("/admin/host-keys").await)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(s.events("host_key.confirmed").await.is_empty());
+
+    // Confirmed by an admin: sessions go through.
+    let csrf = dave.csrf("/admin/host-keys").await;
+    let r = dave.post(&confirm, &[("csrf", &csrf)]).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = dave.post(&confirm, &[("csrf", &csrf)]).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT, "decided once");
+    let confirmed = s.events("host_key.confirmed").await;
+    assert_eq!(confirmed.len(), 1);
+    assert_eq!(confirmed[0]["fingerprint"], fp);
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert_eq!(text(&o).0, "ran\n", "{}", text(&o).1);
+
+    // The address now answers with another key: refused, nothing sent, pending again.
+    let upstream = twokey::ca::Ca::load_or_create(
+        &twokey::config::CaConfig {
+            key_file: Some(s._ca_dir.path().join("upstream")),
+            passphrase_file: None,
+        },
+        s._ca_dir.path(),
+    )
+    .unwrap();
+    let other = Sshd::start(&upstream.public_key_line(), "");
+    switch.point_at(other.port);
+    let other_fp = fingerprint(&other.host_key_line());
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "presented host key {other_fp}, not the one confirmed for demo-ssh; nothing was sent to it"
+        )),
+        "{err}"
+    );
+    assert!(!other.log().contains("Accepted"), "{}", other.log());
+    let seen = s.events("host_key.seen").await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1]["replaces_confirmed"], true);
+
+    // Rejected: refused for good, with that reason.
+    let (_, page) = dave.get("/admin/host-keys").await;
+    let other_id = pending_id(&page, &other_fp);
+    let r = dave
+        .post(
+            &format!("/admin/host-keys/{other_id}/reject"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    assert!(
+        err.contains("which an admin rejected for demo-ssh"),
+        "{err}"
+    );
+    // The first host still works with its confirmed key.
+    switch.point_at(s.sshd.port);
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert_eq!(text(&o).0, "ran\n", "{}", text(&o).1);
+    assert_eq!(s.events("host_key.rejected").await.len(), 1);
+    // Six sessions, each ended and audited (the refused ones with their reason).
+    let ended = wait_ended(&s, 6).await;
+    assert!(
+        ended[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is not confirmed yet"),
+        "{ended:?}"
+    );
+    s.app.assert_chain_ok().await;
+}

@@ -9,6 +9,7 @@
 //! and must fail closed when the store cannot answer (DESIGN.md invariant 5).
 
 pub mod commands;
+pub mod host_keys;
 pub mod recording;
 
 use std::net::SocketAddr;
@@ -1044,9 +1045,11 @@ async fn explain(mut channel: Channel<Msg>, why: String) {
     let _ = channel.close().await;
 }
 
-/// The upstream side: an SSH client that only talks to the pinned host key.
+/// The upstream side: an SSH client that only talks to the trusted host key (pinned in
+/// config, or confirmed by an admin), and notes any other key it is shown.
 struct Upstream {
-    host_key: PublicKey,
+    trusted: Option<PublicKey>,
+    presented: Arc<std::sync::Mutex<Option<PublicKey>>>,
 }
 
 impl russh::client::Handler for Upstream {
@@ -1058,7 +1061,14 @@ impl russh::client::Handler for Upstream {
     ) -> std::result::Result<bool, Self::Error> {
         Ok(match key {
             russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
-                key.key_data() == self.host_key.key_data()
+                let trusted = self
+                    .trusted
+                    .as_ref()
+                    .is_some_and(|t| t.key_data() == key.key_data());
+                if !trusted && let Ok(mut p) = self.presented.lock() {
+                    *p = Some(key.clone());
+                }
+                trusted
             }
             russh::keys::PublicKeyOrCertificate::Certificate(_) => false,
         })
@@ -1080,16 +1090,22 @@ async fn connect_upstream(
         .address
         .clone()
         .ok_or_else(|| format!("{} has no address", resource.name))?;
-    let host_key = resource
-        .host_key
-        .as_deref()
-        .and_then(|k| PublicKey::from_openssh(k.trim()).ok())
-        .ok_or_else(|| {
-            format!(
-                "{} has no pinned host_key: the relay never trusts an unknown host",
-                resource.name
-            )
-        })?;
+    // Pinned in config, or else learned: the key an admin confirmed, if any.
+    let pinned = match &resource.host_key {
+        Some(k) => Some(
+            PublicKey::from_openssh(k.trim())
+                .map_err(|_| format!("{}'s pinned host_key is not a key", resource.name))?,
+        ),
+        None => None,
+    };
+    let trusted = match &pinned {
+        Some(k) => Some(k.clone()),
+        None => host_keys::confirmed(state, &resource.name)
+            .await
+            .map_err(|e| format!("cannot read the confirmed host key: {e}"))?,
+    };
+    let had_confirmed = pinned.is_none() && trusted.is_some();
+    let presented = Arc::new(std::sync::Mutex::new(None));
     let principal = role
         .principals
         .first()
@@ -1125,19 +1141,35 @@ async fn connect_upstream(
         preferred: upstream_algorithms(),
         ..Default::default()
     });
-    let mut handle = tokio::time::timeout(
+    let upstream = Upstream {
+        trusted,
+        presented: presented.clone(),
+    };
+    let connected = tokio::time::timeout(
         Duration::from_secs(10),
-        russh::client::connect(config, address.as_str(), Upstream { host_key }),
+        russh::client::connect(config, address.as_str(), upstream),
     )
     .await
-    .map_err(|_| format!("{address} did not answer"))?
-    .map_err(|e| match e {
-        russh::Error::UnknownKey => format!(
-            "{address} presented a host key other than the one pinned for {}; nothing was sent to it",
-            resource.name
-        ),
-        e => format!("cannot connect to {address}: {e}"),
-    })?;
+    .map_err(|_| format!("{address} did not answer"))?;
+    let mut handle = match connected {
+        Ok(h) => h,
+        Err(russh::Error::UnknownKey) if pinned.is_some() => {
+            return Err(format!(
+                "{address} presented a host key other than the one pinned for {}; nothing was sent to it",
+                resource.name
+            ));
+        }
+        Err(russh::Error::UnknownKey) => {
+            let shown = presented.lock().ok().and_then(|mut p| p.take());
+            return Err(match shown {
+                Some(key) => {
+                    host_keys::refuse(state, &resource.name, &address, &key, had_confirmed).await
+                }
+                None => format!("{address} presented a host key the relay does not accept"),
+            });
+        }
+        Err(e) => return Err(format!("cannot connect to {address}: {e}")),
+    };
     let auth = handle
         .authenticate_openssh_cert(principal.clone(), Arc::new(key), cert)
         .await

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli_login;
 pub mod error;
 pub mod extract;
+pub mod host_keys;
 pub mod links;
 pub mod pages;
 pub mod sessions;
@@ -70,6 +71,8 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/cli/login", get(cli_login::show).post(cli_login::confirm))
         .route("/admin/users", get(pages::users))
         .route("/admin/users/{id}/reauth", post(pages::force_reauth))
+        .route("/admin/host-keys", get(host_keys::list))
+        .route("/admin/host-keys/{id}/{action}", post(host_keys::decide))
         .route(
             "/requests",
             get(pages::my_requests).post(pages::create_request),

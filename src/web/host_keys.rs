@@ -1,0 +1,109 @@
+//! Admins: the host keys that targets presented to the relay, to confirm or reject.
+//! A target whose config pins no `host_key` gets no session until its key is confirmed
+//! here (see `relay::host_keys`).
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Redirect};
+use russh::keys::ssh_key::{HashAlg, PublicKey};
+use serde::Deserialize;
+
+use super::error::PageError;
+use super::extract::AdminUser;
+use super::pages::{Chrome, when};
+use crate::error::Error;
+use crate::state::AppState;
+use crate::store;
+
+pub struct KeyVm {
+    pub id: String,
+    pub resource: String,
+    pub address: String,
+    pub fingerprint: String,
+    pub algorithm: String,
+    pub status: String,
+    pub seen: String,
+    pub decided: String,
+    pub pending: bool,
+}
+
+pub struct PinnedVm {
+    pub resource: String,
+    pub fingerprint: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "host_keys.html")]
+struct HostKeysPage {
+    chrome: Chrome,
+    keys: Vec<KeyVm>,
+    pinned: Vec<PinnedVm>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    AdminUser(user): AdminUser,
+) -> Result<impl IntoResponse, PageError> {
+    let keys = store::host_keys(&state.db)
+        .await?
+        .into_iter()
+        .map(|k| KeyVm {
+            algorithm: PublicKey::from_openssh(&k.public_key)
+                .map(|p| p.algorithm().to_string())
+                .unwrap_or_default(),
+            decided: match (&k.decided_by, k.decided_at) {
+                (Some(by), Some(at)) => format!("{by}, {}", when(at)),
+                (None, Some(at)) => when(at),
+                _ => String::new(),
+            },
+            pending: k.status == "pending",
+            seen: when(k.first_seen_at),
+            id: k.id,
+            resource: k.resource,
+            address: k.address,
+            fingerprint: k.fingerprint,
+            status: k.status,
+        })
+        .collect();
+    let pinned = state
+        .config
+        .resources
+        .iter()
+        .filter_map(|r| {
+            let key = PublicKey::from_openssh(r.host_key.as_deref()?.trim()).ok()?;
+            Some(PinnedVm {
+                resource: r.name.clone(),
+                fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+            })
+        })
+        .collect();
+    Ok(HostKeysPage {
+        chrome: Chrome::of(&state, &user).await?,
+        keys,
+        pinned,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+/// Confirm or reject a pending key.
+pub async fn decide(
+    State(state): State<AppState>,
+    AdminUser(user): AdminUser,
+    Path((id, action)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let confirm = match action.as_str() {
+        "confirm" => true,
+        "reject" => false,
+        _ => return Err(Error::NotFound("action").into()),
+    };
+    crate::relay::host_keys::decide(&state, &user.actor, &id, confirm).await?;
+    Ok(Redirect::to("/admin/host-keys"))
+}
