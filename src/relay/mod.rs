@@ -1102,7 +1102,10 @@ async fn connect_upstream(
         Some(k) => Some(k.clone()),
         None => host_keys::confirmed(state, &resource.name)
             .await
-            .map_err(|e| format!("cannot read the confirmed host key: {e}"))?,
+            .map_err(|e| {
+                tracing::error!(error = %e, "relay: cannot read the confirmed host key");
+                "the relay cannot check the target's host key right now".to_string()
+            })?,
     };
     let had_confirmed = pinned.is_none() && trusted.is_some();
     let presented = Arc::new(std::sync::Mutex::new(None));
@@ -1439,6 +1442,7 @@ async fn bridge(
             recording_bytes: done.bytes as i64,
             recording_sha256: &done.sha256,
             recording_truncated: done.truncated,
+            recording_failed: done.failed,
         },
     )
     .await
@@ -1613,11 +1617,17 @@ async fn pump(
             None
         }
         _ = &mut inbound => {
-            // The client is done; let the target's last words through.
-            if tokio::time::timeout(Duration::from_secs(5), &mut outbound).await.is_err() {
-                outbound.abort();
+            // The client is done; let the target's last words through, unless a cut
+            // (the grant, an admin, the recording) comes first.
+            tokio::select! {
+                biased;
+                why = kill.wait() => Some(why),
+                _ = &mut outbound => None,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    outbound.abort();
+                    None
+                }
             }
-            None
         }
     };
     if let Some(why) = &cut {

@@ -7,22 +7,30 @@
 //! cannot fill the disk or hold memory.
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use crate::state::AppState;
 
-/// The file, hashed and counted on its way to disk.
+/// The file, hashed and counted on its way to disk: the hash and count cover exactly
+/// the bytes the file took. After a failed write nothing more is written (not even by a
+/// later flush), so the hash still matches the file.
 struct Hashed {
     file: std::fs::File,
     hasher: Sha256,
     bytes: u64,
+    broken: bool,
 }
 
 impl Write for Hashed {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
+        if self.broken {
+            return Err(std::io::Error::other(
+                "an earlier write to the recording failed",
+            ));
+        }
+        let n = self.file.write(buf).inspect_err(|_| self.broken = true)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
         Ok(n)
@@ -37,6 +45,7 @@ pub struct Recorder {
     file: std::io::BufWriter<Hashed>,
     path: std::path::PathBuf,
     started: Instant,
+    last_flush: Instant,
     width: u32,
     height: u32,
     wrote_header: bool,
@@ -142,10 +151,12 @@ impl Recorder {
                     file,
                     hasher: Sha256::new(),
                     bytes: 0,
+                    broken: false,
                 },
             ),
             path,
             started: Instant::now(),
+            last_flush: Instant::now(),
             width: 80,
             height: 24,
             wrote_header: false,
@@ -206,6 +217,12 @@ impl Recorder {
             return;
         }
         self.line(kind, data);
+        // Written out at once for what is typed, and at least every second otherwise,
+        // so a recording that can no longer be written is noticed within a second
+        // (and the session cut), not when the buffer happens to fill.
+        if kind == "i" || self.last_flush.elapsed() >= Duration::from_secs(1) {
+            self.flush();
+        }
     }
 
     /// Text from a chunk of bytes, holding back a character cut at the end so the next
@@ -282,6 +299,7 @@ impl Recorder {
     pub fn flush(&mut self) {
         self.header();
         self.failed |= self.file.flush().is_err();
+        self.last_flush = Instant::now();
     }
 
     /// A marker in the recording (asciicast v2 "m" event).
@@ -300,7 +318,8 @@ impl Recorder {
     }
 
     /// Closes the recording (later events are ignored) and returns its size and hash,
-    /// taken as it was written.
+    /// taken as it was written. A recording that could not be written in full still
+    /// gets the size and hash of what the file holds, marked `failed`.
     pub fn finish(&mut self) -> std::io::Result<Finished> {
         if self.finished {
             return Err(std::io::Error::other("recording already finished"));
@@ -316,9 +335,9 @@ impl Recorder {
             }
         }
         self.finished = true;
-        self.file.flush()?;
+        self.failed |= self.file.flush().is_err();
         let inner = self.file.get_mut();
-        inner.file.sync_all()?;
+        self.failed |= inner.file.sync_all().is_err();
         let sha256 = hex::encode(std::mem::take(&mut inner.hasher).finalize());
         Ok(Finished {
             path: self.path.display().to_string(),
@@ -347,8 +366,14 @@ mod tests {
         // The buffer spills to the disk and fails: from now on, not whole.
         assert!(!with(&rec, |r| r.output(&[b'x'; 64 * 1024])));
         assert!(!with(&rec, |r| r.input(b"ls\r")));
-        let finished = rec.lock().unwrap().finish();
-        assert!(finished.is_err() || finished.unwrap().failed);
+        // Finishing still accounts for what reached the file: here, nothing.
+        let finished = rec.lock().unwrap().finish().unwrap();
+        assert!(finished.failed);
+        assert_eq!(finished.bytes, 0);
+        assert_eq!(
+            finished.sha256,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         // A writer that panicked (a poisoned lock) counts as a failed recording too.
         let file = tempfile::tempfile().unwrap();
         let ok = std::sync::Mutex::new(Recorder::new(file, "t".into(), 1 << 30, 0));

@@ -1255,6 +1255,7 @@ pub struct SessionRow {
     pub recording_bytes: Option<i64>,
     pub recording_sha256: Option<String>,
     pub recording_truncated: bool,
+    pub recording_failed: bool,
     /// From the grant: its holder and role, for permission checks.
     pub holder_id: String,
     pub role: String,
@@ -1262,7 +1263,7 @@ pub struct SessionRow {
 
 const SESSION_COLUMNS: &str = "s.id, s.grant_id, s.user_email, s.resource, s.peer, s.started_at,
      s.ended_at, s.end_reason, s.bytes_in, s.bytes_out, s.recording, s.recording_bytes,
-     s.recording_sha256, s.recording_truncated, g.user_id AS holder_id, g.role AS role
+     s.recording_sha256, s.recording_truncated, s.recording_failed, g.user_id AS holder_id, g.role AS role
      FROM relay_sessions s JOIN grants g ON g.id = s.grant_id";
 
 pub struct NewSession<'a> {
@@ -1302,12 +1303,14 @@ pub struct EndedSession<'a> {
     pub recording_bytes: i64,
     pub recording_sha256: &'a str,
     pub recording_truncated: bool,
+    pub recording_failed: bool,
 }
 
 pub async fn end_session(conn: &mut Conn, e: &EndedSession<'_>) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE relay_sessions SET ended_at = ?, end_reason = ?, bytes_in = ?, bytes_out = ?,
-                recording_bytes = ?, recording_sha256 = ?, recording_truncated = ?
+                recording_bytes = ?, recording_sha256 = ?, recording_truncated = ?,
+                recording_failed = ?
          WHERE id = ? AND ended_at IS NULL",
     )
     .bind(e.ended_at)
@@ -1317,6 +1320,7 @@ pub async fn end_session(conn: &mut Conn, e: &EndedSession<'_>) -> Result<bool> 
     .bind(e.recording_bytes)
     .bind(e.recording_sha256)
     .bind(e.recording_truncated)
+    .bind(e.recording_failed)
     .bind(e.id)
     .execute(&mut *conn)
     .await?;

@@ -95,6 +95,7 @@ struct SessionPage {
     sha256: String,
     /// The recording reached its cap; the rest was counted, not recorded.
     truncated: bool,
+    failed: bool,
 }
 
 /// The replay page runs two scripts from this origin (the player and its start-up) and
@@ -114,6 +115,7 @@ pub async fn show(
         end_reason: s.end_reason.unwrap_or_default(),
         sha256: s.recording_sha256.unwrap_or_default(),
         truncated: s.recording_truncated,
+        failed: s.recording_failed,
     };
     let csp = super::CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self' blob:;");
     Ok(([(header::CONTENT_SECURITY_POLICY, csp)], page).into_response())
