@@ -1737,9 +1737,15 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1]["replaces_confirmed"], true);
 
-    // Rejected: refused for good, with that reason.
+    // The page warns that this is not the confirmed key.
     let (_, page) = dave.get("/admin/host-keys").await;
     let other_id = pending_id(&page, &other_fp);
+    assert!(
+        page.contains(&format!("id=\"replaces-{other_id}\"")),
+        "{page}"
+    );
+
+    // Rejected: refused for good, with that reason.
     let r = dave
         .post(
             &format!("/admin/host-keys/{other_id}/reject"),
@@ -1754,13 +1760,78 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
         err.contains("which an admin rejected for demo-ssh"),
         "{err}"
     );
-    // The first host still works with its confirmed key.
+    assert_eq!(s.events("host_key.rejected").await.len(), 1);
+
+    // The first host still works with its confirmed key; a session stays open on it.
     switch.point_at(s.sshd.port);
+    let live = s.live_session(&cert).await;
+
+    // A third key, confirmed by the admin: it replaces the first (named in the audit
+    // event), and the session through the first key ends.
+    let third = Sshd::start(&upstream.public_key_line(), "");
+    switch.point_at(third.port);
+    let third_fp = fingerprint(&third.host_key_line());
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert!(!o.status.success(), "{}", text(&o).0);
+    let (_, page) = dave.get("/admin/host-keys").await;
+    let third_id = pending_id(&page, &third_fp);
+    let r = dave
+        .post(
+            &format!("/admin/host-keys/{third_id}/confirm"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let confirmed = s.events("host_key.confirmed").await;
+    assert_eq!(confirmed.len(), 2);
+    assert_eq!(confirmed[1]["fingerprint"], third_fp);
+    assert_eq!(confirmed[1]["replaces"], fp);
+    let (status, err) = exit_of(live).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("session ended: the target's host key is no longer trusted"),
+        "{err}"
+    );
     let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
     assert_eq!(text(&o).0, "ran\n", "{}", text(&o).1);
-    assert_eq!(s.events("host_key.rejected").await.len(), 1);
-    // Six sessions, each ended and audited (the refused ones with their reason).
-    let ended = wait_ended(&s, 6).await;
+    // The first key, now replaced, is not trusted again.
+    switch.point_at(s.sshd.port);
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert!(
+        text(&o)
+            .1
+            .contains("which an admin has since replaced for demo-ssh"),
+        "{}",
+        text(&o).1
+    );
+
+    // Trust withdrawn from the confirmed key: nothing is trusted for the resource.
+    switch.point_at(third.port);
+    let r = dave
+        .post(
+            &format!("/admin/host-keys/{third_id}/withdraw"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(s.events("host_key.withdrawn").await.len(), 1);
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    assert!(
+        err.contains("which an admin rejected for demo-ssh"),
+        "{err}"
+    );
+    let r = dave
+        .post(
+            &format!("/admin/host-keys/{third_id}/withdraw"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT, "withdrawn once");
+
+    // Ten sessions, each ended and audited (the refused ones with their reason).
+    let ended = wait_ended(&s, 10).await;
     assert!(
         ended[0]["reason"]
             .as_str()
@@ -1769,4 +1840,42 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
         "{ended:?}"
     );
     s.app.assert_chain_ok().await;
+}
+
+/// A host (or a man in the middle) showing key after key cannot grow the list of keys
+/// waiting for an admin without bound.
+#[tokio::test]
+async fn at_most_twenty_host_keys_wait_for_an_admin_per_resource() {
+    let app = common::start().await;
+    let mut rng =
+        russh::keys::ssh_key::rand_core::UnwrapErr(russh::keys::ssh_key::getrandom::SysRng);
+    let mut said = Vec::new();
+    for _ in 0..21 {
+        let key = russh::keys::ssh_key::PrivateKey::random(
+            &mut rng,
+            russh::keys::ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        said.push(
+            twokey::relay::host_keys::refuse(
+                app.state(),
+                "demo-ssh",
+                "127.0.0.1:22",
+                key.public_key(),
+                false,
+            )
+            .await,
+        );
+    }
+    assert!(said[19].contains("is not confirmed yet"), "{}", said[19]);
+    assert!(
+        said[20].contains("too many keys already wait for an admin; nothing was sent to it"),
+        "{}",
+        said[20]
+    );
+    let keys = twokey::store::host_keys(&app.state().db).await.unwrap();
+    assert_eq!(keys.len(), 20);
+    assert!(keys.iter().all(|k| k.status == "pending"));
+    let seen = app.audit_actions().await;
+    assert_eq!(seen.iter().filter(|a| *a == "host_key.seen").count(), 20);
 }

@@ -4,7 +4,9 @@
 //! config is trusted; otherwise only the key an admin confirmed under **Host keys** is.
 //! Any other key the relay meets is recorded as pending (once, audited) and the session
 //! is refused with its fingerprint, so an admin can compare it with the target's own
-//! (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and confirm or reject it.
+//! (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and confirm or reject it. An
+//! admin can also withdraw trust from a confirmed key, which ends the live sessions on
+//! that resource.
 
 use russh::keys::ssh_key::{HashAlg, PublicKey};
 use serde_json::json;
@@ -13,6 +15,13 @@ use crate::error::{Error, Result};
 use crate::policy::Actor;
 use crate::state::AppState;
 use crate::store::{self, HostKeyRow};
+
+/// At most this many keys wait for an admin per resource; past it, new keys are refused
+/// without being recorded (and logged).
+pub const MAX_PENDING_PER_RESOURCE: i64 = 20;
+
+/// Why sessions end when an admin withdraws trust from their target's host key.
+pub const KEY_WITHDRAWN: &str = "the target's host key is no longer trusted";
 
 /// The key confirmed for `resource`, if an admin confirmed one.
 pub async fn confirmed(state: &AppState, resource: &str) -> Result<Option<PublicKey>> {
@@ -35,8 +44,20 @@ pub async fn refuse(
     let recorded = async {
         let now = state.now_ms();
         let mut tx = store::begin_write(&state.db).await?;
-        let (row, added) =
-            store::record_host_key(&mut tx, resource, address, &line, &fingerprint, now).await?;
+        let Some((row, added)) = store::record_host_key(
+            &mut tx,
+            resource,
+            address,
+            &line,
+            &fingerprint,
+            now,
+            MAX_PENDING_PER_RESOURCE,
+        )
+        .await?
+        else {
+            tracing::warn!(resource, %fingerprint, "relay: too many host keys wait for an admin; not recording another");
+            return Ok::<_, Error>(None);
+        };
         if added {
             crate::access::audit_event(
                 &mut tx,
@@ -52,12 +73,18 @@ pub async fn refuse(
             .await?;
         }
         tx.commit().await?;
-        Ok::<_, Error>(row.status)
+        Ok(Some(row.status))
     }
     .await;
-    match recorded.as_deref() {
-        Ok("rejected") => format!(
+    match recorded.as_ref().map(|s| s.as_deref()) {
+        Ok(Some("rejected")) => format!(
             "{address} presented host key {fingerprint}, which an admin rejected for {resource}; nothing was sent to it"
+        ),
+        Ok(Some("replaced")) => format!(
+            "{address} presented host key {fingerprint}, which an admin has since replaced for {resource}; nothing was sent to it"
+        ),
+        Ok(None) => format!(
+            "{address} presented host key {fingerprint}, which is not trusted for {resource}, and too many keys already wait for an admin; nothing was sent to it"
         ),
         Ok(_) if had_confirmed => format!(
             "{address} presented host key {fingerprint}, not the one confirmed for {resource}; nothing was sent to it. An admin can review it under Host keys (/admin/host-keys)"
@@ -74,13 +101,24 @@ pub async fn refuse(
     }
 }
 
-/// An admin confirms (trusts from now on, replacing any key confirmed before) or rejects
-/// a pending key: one conditional UPDATE with its audit event.
+/// What an admin does with a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// A pending key is trusted from now on, replacing any key confirmed before.
+    Confirm,
+    /// A pending key is never trusted.
+    Reject,
+    /// A confirmed key is no longer trusted; live sessions on its resource end.
+    Withdraw,
+}
+
+/// An admin decides on a key: one conditional UPDATE with its audit event (confirming
+/// first retires the key it replaces, in the same transaction, named in the event).
 pub async fn decide(
     state: &AppState,
     admin: &Actor,
     id: &str,
-    confirm: bool,
+    decision: Decision,
 ) -> Result<HostKeyRow> {
     if !admin.is_admin {
         return Err(Error::forbidden("only an admin may decide on a host key"));
@@ -90,14 +128,22 @@ pub async fn decide(
     let key = store::host_key(&mut tx, id)
         .await?
         .ok_or(Error::NotFound("host key"))?;
-    let status = if confirm { "confirmed" } else { "rejected" };
-    if confirm {
-        store::retire_confirmed_host_key(&mut tx, &key.resource, now).await?;
+    let (from, to, action) = match decision {
+        Decision::Confirm => ("pending", "confirmed", "host_key.confirmed"),
+        Decision::Reject => ("pending", "rejected", "host_key.rejected"),
+        Decision::Withdraw => ("confirmed", "rejected", "host_key.withdrawn"),
+    };
+    let mut replaces = None;
+    if decision == Decision::Confirm {
+        replaces = store::confirmed_host_key(&mut *tx, &key.resource)
+            .await?
+            .map(|old| old.fingerprint);
+        store::retire_confirmed_host_key(&mut tx, &key.resource).await?;
     }
-    if !store::decide_host_key(&mut tx, id, status, &admin.email, now).await? {
+    if !store::decide_host_key(&mut tx, id, (from, to), &admin.email, now).await? {
         // Dropping the transaction undoes the retirement above.
         return Err(Error::conflict(format!(
-            "this host key is already {}",
+            "this host key is {}, not {from}",
             key.status
         )));
     }
@@ -105,19 +151,41 @@ pub async fn decide(
         &mut tx,
         now,
         &admin.email,
-        &format!("host_key.{status}"),
+        action,
         &key.resource,
         json!({
             "resource": key.resource, "address": key.address, "fingerprint": key.fingerprint,
-            "by": admin.identity(),
+            "replaces": replaces, "by": admin.identity(),
         }),
     )
     .await?;
     tx.commit().await?;
+    if decision != Decision::Reject {
+        // Sessions through a key no longer trusted end now (confirming a key replaces
+        // the old one, so those go too).
+        cut_resource(state, &key.resource).await;
+    }
     Ok(HostKeyRow {
-        status: status.into(),
+        status: to.into(),
         decided_by: Some(admin.email.clone()),
         decided_at: Some(now),
         ..key
     })
+}
+
+/// Ends the live sessions and forwards on `resource` (they run on its grants).
+async fn cut_resource(state: &AppState, resource: &str) {
+    let mut on_resource = std::collections::HashSet::new();
+    for grant_id in state.live_sessions.grant_ids() {
+        match store::grant_by_id(&state.db, &grant_id).await {
+            Ok(Some(g)) if g.resource != resource => {}
+            // On the resource, or unknown (fail closed).
+            _ => {
+                on_resource.insert(grant_id);
+            }
+        }
+    }
+    state
+        .live_sessions
+        .cut_where(|g| !on_resource.contains(g), KEY_WITHDRAWN);
 }

@@ -98,7 +98,7 @@ impl LiveSessions {
     }
 
     /// The grants live sessions run on.
-    fn grant_ids(&self) -> Vec<String> {
+    pub(crate) fn grant_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .map
             .lock()
@@ -110,7 +110,7 @@ impl LiveSessions {
     }
 
     /// Ends, with `reason`, every session whose grant `keep` does not accept.
-    fn cut_where(&self, keep: impl Fn(&str) -> bool, reason: &str) {
+    pub(crate) fn cut_where(&self, keep: impl Fn(&str) -> bool, reason: &str) {
         let doomed: Vec<Arc<Cut>> = self
             .map
             .lock()

@@ -1364,17 +1364,22 @@ const HOST_KEY_COLUMNS: &str = "id, resource, address, public_key, fingerprint, 
      first_seen_at, decided_by, decided_at FROM target_host_keys";
 
 /// The key an admin confirmed for `resource`, if any.
-pub async fn confirmed_host_key(db: &Db, resource: &str) -> Result<Option<HostKeyRow>> {
+pub async fn confirmed_host_key(
+    conn: impl sqlx::SqliteExecutor<'_>,
+    resource: &str,
+) -> Result<Option<HostKeyRow>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {HOST_KEY_COLUMNS} WHERE resource = ? AND status = 'confirmed'"
     ))
     .bind(resource)
-    .fetch_optional(db)
+    .fetch_optional(conn)
     .await?)
 }
 
 /// Records a key seen on `resource` as pending, unless it is known already. Returns the
-/// key's row and whether this call added it.
+/// key's row and whether this call added it; None when it is new but `max_pending` keys
+/// already wait for `resource` (a host or a man in the middle showing key after key
+/// cannot grow the table without bound).
 pub async fn record_host_key(
     conn: &mut Conn,
     resource: &str,
@@ -1382,7 +1387,27 @@ pub async fn record_host_key(
     public_key: &str,
     fingerprint: &str,
     now: i64,
-) -> Result<(HostKeyRow, bool)> {
+    max_pending: i64,
+) -> Result<Option<(HostKeyRow, bool)>> {
+    let known = sqlx::query_as(&format!(
+        "SELECT {HOST_KEY_COLUMNS} WHERE resource = ? AND fingerprint = ?"
+    ))
+    .bind(resource)
+    .bind(fingerprint)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = known {
+        return Ok(Some((row, false)));
+    }
+    let (pending,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM target_host_keys WHERE resource = ? AND status = 'pending'",
+    )
+    .bind(resource)
+    .fetch_one(&mut *conn)
+    .await?;
+    if pending >= max_pending {
+        return Ok(None);
+    }
     let added = sqlx::query(
         "INSERT INTO target_host_keys (id, resource, address, public_key, fingerprint, status, first_seen_at)
          VALUES (?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (resource, fingerprint) DO NOTHING",
@@ -1404,7 +1429,7 @@ pub async fn record_host_key(
     .bind(fingerprint)
     .fetch_one(&mut *conn)
     .await?;
-    Ok((row, added))
+    Ok(Some((row, added)))
 }
 
 /// Every key seen, newest first.
@@ -1425,35 +1450,36 @@ pub async fn host_key(conn: &mut Conn, id: &str) -> Result<Option<HostKeyRow>> {
     )
 }
 
-/// Marks the key confirmed for `resource` (if any) replaced, ahead of confirming another.
-pub async fn retire_confirmed_host_key(conn: &mut Conn, resource: &str, now: i64) -> Result<()> {
+/// Marks the key confirmed for `resource` (if any) replaced, ahead of confirming another;
+/// who confirmed it, and when, stay as they were.
+pub async fn retire_confirmed_host_key(conn: &mut Conn, resource: &str) -> Result<()> {
     sqlx::query(
-        "UPDATE target_host_keys SET status = 'replaced', decided_at = ?
+        "UPDATE target_host_keys SET status = 'replaced'
          WHERE resource = ? AND status = 'confirmed'",
     )
-    .bind(now)
     .bind(resource)
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-/// Decides a pending key: true if it was still pending (and now is `status`).
+/// Moves a key from `from` to `to`: true if it was still `from`.
 pub async fn decide_host_key(
     conn: &mut Conn,
     id: &str,
-    status: &str,
+    (from, to): (&str, &str),
     by: &str,
     now: i64,
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE target_host_keys SET status = ?, decided_by = ?, decided_at = ?
-         WHERE id = ? AND status = 'pending'",
+         WHERE id = ? AND status = ?",
     )
-    .bind(status)
+    .bind(to)
     .bind(by)
     .bind(now)
     .bind(id)
+    .bind(from)
     .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected() == 1)

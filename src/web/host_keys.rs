@@ -14,6 +14,7 @@ use super::error::PageError;
 use super::extract::AdminUser;
 use super::pages::{Chrome, when};
 use crate::error::Error;
+use crate::relay::host_keys::{self, Decision};
 use crate::state::AppState;
 use crate::store;
 
@@ -27,6 +28,9 @@ pub struct KeyVm {
     pub seen: String,
     pub decided: String,
     pub pending: bool,
+    pub confirmed: bool,
+    /// For a pending key: the confirmed key that confirming it would replace.
+    pub replaces: String,
 }
 
 pub struct PinnedVm {
@@ -46,10 +50,23 @@ pub async fn list(
     State(state): State<AppState>,
     AdminUser(user): AdminUser,
 ) -> Result<impl IntoResponse, PageError> {
-    let keys = store::host_keys(&state.db)
-        .await?
-        .into_iter()
+    let rows = store::host_keys(&state.db).await?;
+    let confirmed_of = |resource: &str| {
+        rows.iter()
+            .find(|k| k.resource == resource && k.status == "confirmed")
+            .map(|k| k.fingerprint.clone())
+            .unwrap_or_default()
+    };
+    let keys = rows
+        .iter()
+        .cloned()
         .map(|k| KeyVm {
+            replaces: if k.status == "pending" {
+                confirmed_of(&k.resource)
+            } else {
+                String::new()
+            },
+            confirmed: k.status == "confirmed",
             algorithm: PublicKey::from_openssh(&k.public_key)
                 .map(|p| p.algorithm().to_string())
                 .unwrap_or_default(),
@@ -99,11 +116,12 @@ pub async fn decide(
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, PageError> {
     user.check_csrf(&form.csrf).await?;
-    let confirm = match action.as_str() {
-        "confirm" => true,
-        "reject" => false,
+    let decision = match action.as_str() {
+        "confirm" => Decision::Confirm,
+        "reject" => Decision::Reject,
+        "withdraw" => Decision::Withdraw,
         _ => return Err(Error::NotFound("action").into()),
     };
-    crate::relay::host_keys::decide(&state, &user.actor, &id, confirm).await?;
+    host_keys::decide(&state, &user.actor, &id, decision).await?;
     Ok(Redirect::to("/admin/host-keys"))
 }
