@@ -1631,6 +1631,30 @@ fn pending_id(page: &str, fp: &str) -> String {
     row[at..at + 36].to_string()
 }
 
+/// `echo ran` through the relay to demo-ssh is refused and runs nothing; what ssh said.
+async fn refused(s: &Setup, cert: &Path) -> String {
+    let o = s.ssh(cert, "demo-ssh", "echo ran").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    err
+}
+
+/// `echo ran` through the relay to demo-ssh runs.
+async fn runs(s: &Setup, cert: &Path) {
+    let o = s.ssh(cert, "demo-ssh", "echo ran").await;
+    assert_eq!(text(&o).0, "ran\n", "{}", text(&o).1);
+}
+
+/// An admin's decision on a host key, by the page's form.
+async fn decide(b: &common::Browser, id: &str, action: &str, csrf: &str) -> StatusCode {
+    b.post(
+        &format!("/admin/host-keys/{id}/{action}"),
+        &[("csrf", csrf)],
+    )
+    .await
+    .status()
+}
+
 /// A target with no pinned host key gets nothing until an admin confirms the key it
 /// presents; a different key later (a rebuilt host, or someone in between) is refused
 /// again until an admin confirms it too. Only admins decide, by POST with CSRF.
@@ -1654,9 +1678,7 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
 
     // Refused, with the fingerprint, and recorded once however often it is tried.
     for _ in 0..2 {
-        let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-        let (out, err) = text(&o);
-        assert!(!o.status.success() && !out.contains("ran"), "{out}");
+        let err = refused(&s, &cert).await;
         assert!(
             err.contains(&format!(
                 "the host key of demo-ssh ({fp}) is not confirmed yet: an admin must confirm it"
@@ -1708,8 +1730,7 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
     let confirmed = s.events("host_key.confirmed").await;
     assert_eq!(confirmed.len(), 1);
     assert_eq!(confirmed[0]["fingerprint"], fp);
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-    assert_eq!(text(&o).0, "ran\n", "{}", text(&o).1);
+    runs(&s, &cert).await;
 
     // The address now answers with another key: refused, nothing sent, pending again.
     let upstream = twokey::ca::Ca::load_or_create(
@@ -1723,9 +1744,7 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
     let other = Sshd::start(&upstream.public_key_line(), "");
     switch.point_at(other.port);
     let other_fp = fingerprint(&other.host_key_line());
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-    let (out, err) = text(&o);
-    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    let err = refused(&s, &cert).await;
     assert!(
         err.contains(&format!(
             "presented host key {other_fp}, not the one confirmed for demo-ssh; nothing was sent to it"
@@ -1746,16 +1765,11 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
     );
 
     // Rejected: refused for good, with that reason.
-    let r = dave
-        .post(
-            &format!("/admin/host-keys/{other_id}/reject"),
-            &[("csrf", &csrf)],
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-    let (out, err) = text(&o);
-    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    assert_eq!(
+        decide(&dave, &other_id, "reject", &csrf).await,
+        StatusCode::SEE_OTHER
+    );
+    let err = refused(&s, &cert).await;
     assert!(
         err.contains("which an admin rejected for demo-ssh"),
         "{err}"
@@ -1771,17 +1785,13 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
     let third = Sshd::start(&upstream.public_key_line(), "");
     switch.point_at(third.port);
     let third_fp = fingerprint(&third.host_key_line());
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-    assert!(!o.status.success(), "{}", text(&o).0);
+    refused(&s, &cert).await;
     let (_, page) = dave.get("/admin/host-keys").await;
     let third_id = pending_id(&page, &third_fp);
-    let r = dave
-        .post(
-            &format!("/admin/host-keys/{third_id}/confirm"),
-            &[("csrf", &csrf)],
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        decide(&dave, &third_id, "confirm", &csrf).await,
+        StatusCode::SEE_OTHER
+    );
     let confirmed = s.events("host_key.confirmed").await;
     assert_eq!(confirmed.len(), 2);
     assert_eq!(confirmed[1]["fingerprint"], third_fp);
@@ -1792,43 +1802,32 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
         err.contains("session ended: the target's host key is no longer trusted"),
         "{err}"
     );
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-    assert_eq!(text(&o).0, "ran\n", "{}", text(&o).1);
+    runs(&s, &cert).await;
     // The first key, now replaced, is not trusted again.
     switch.point_at(s.sshd.port);
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    let err = refused(&s, &cert).await;
     assert!(
-        text(&o)
-            .1
-            .contains("which an admin has since replaced for demo-ssh"),
-        "{}",
-        text(&o).1
+        err.contains("which an admin has since replaced for demo-ssh"),
+        "{err}"
     );
 
     // Trust withdrawn from the confirmed key: nothing is trusted for the resource.
     switch.point_at(third.port);
-    let r = dave
-        .post(
-            &format!("/admin/host-keys/{third_id}/withdraw"),
-            &[("csrf", &csrf)],
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        decide(&dave, &third_id, "withdraw", &csrf).await,
+        StatusCode::SEE_OTHER
+    );
     assert_eq!(s.events("host_key.withdrawn").await.len(), 1);
-    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
-    let (out, err) = text(&o);
-    assert!(!o.status.success() && !out.contains("ran"), "{out}");
+    let err = refused(&s, &cert).await;
     assert!(
         err.contains("which an admin rejected for demo-ssh"),
         "{err}"
     );
-    let r = dave
-        .post(
-            &format!("/admin/host-keys/{third_id}/withdraw"),
-            &[("csrf", &csrf)],
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::CONFLICT, "withdrawn once");
+    assert_eq!(
+        decide(&dave, &third_id, "withdraw", &csrf).await,
+        StatusCode::CONFLICT,
+        "withdrawn once"
+    );
 
     // Ten sessions, each ended and audited (the refused ones with their reason).
     let ended = wait_ended(&s, 10).await;
