@@ -1878,3 +1878,82 @@ async fn at_most_twenty_host_keys_wait_for_an_admin_per_resource() {
     let seen = app.audit_actions().await;
     assert_eq!(seen.iter().filter(|a| *a == "host_key.seen").count(), 20);
 }
+
+fn admin(n: usize) -> twokey::policy::Actor {
+    let email = format!("admin{n}@example.com");
+    twokey::policy::Actor {
+        user_id: email.clone(),
+        display_name: email.clone(),
+        issuer: "test".into(),
+        subject: email.clone(),
+        email,
+        sessions_valid_after: 0,
+        groups_synced_at: None,
+        groups: ["admins".to_string()].into(),
+        is_admin: true,
+    }
+}
+
+/// Admins deciding at the same moment: one decision per key, and never two trusted keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_deciding_at_once_leave_exactly_one_trusted_key() {
+    use twokey::relay::host_keys::{Decision, decide, refuse};
+    let app = common::start().await;
+    let state = app.state().clone();
+    let mut rng =
+        russh::keys::ssh_key::rand_core::UnwrapErr(russh::keys::ssh_key::getrandom::SysRng);
+    for _ in 0..3 {
+        let key = russh::keys::ssh_key::PrivateKey::random(
+            &mut rng,
+            russh::keys::ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        refuse(&state, "demo-ssh", "127.0.0.1:22", key.public_key(), false).await;
+    }
+    let ids: Vec<String> = twokey::store::host_keys(&state.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+
+    // Ten admins confirm the same key at once: one succeeds.
+    let mut racing = tokio::task::JoinSet::new();
+    for n in 0..10 {
+        let (state, id) = (state.clone(), ids[0].clone());
+        racing.spawn(async move { decide(&state, &admin(n), &id, Decision::Confirm).await });
+    }
+    let results = racing.join_all().await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, twokey::error::Error::Conflict(_))),
+        "{results:?}"
+    );
+
+    // Two admins confirm two other keys at once: both happen, one after the other, and
+    // the later names the earlier as the key it replaces.
+    let mut racing = tokio::task::JoinSet::new();
+    for (n, id) in ids[1..].iter().enumerate() {
+        let (state, id) = (state.clone(), id.clone());
+        racing.spawn(async move { decide(&state, &admin(n), &id, Decision::Confirm).await });
+    }
+    assert!(racing.join_all().await.iter().all(|r| r.is_ok()));
+    let keys = twokey::store::host_keys(&state.db).await.unwrap();
+    let trusted: Vec<_> = keys.iter().filter(|k| k.status == "confirmed").collect();
+    assert_eq!(trusted.len(), 1, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.status == "replaced").count(), 2);
+    let events = twokey::store::audit_page(&state.db, 0, 1000).await.unwrap();
+    let confirmed: Vec<Value> = events
+        .iter()
+        .filter(|e| e.action == "host_key.confirmed")
+        .map(|e| serde_json::from_str(&e.details).unwrap())
+        .collect();
+    assert_eq!(confirmed.len(), 3);
+    assert_eq!(confirmed[2]["fingerprint"], trusted[0].fingerprint);
+    assert_eq!(confirmed[2]["replaces"], confirmed[1]["fingerprint"]);
+    assert_eq!(confirmed[1]["replaces"], confirmed[0]["fingerprint"]);
+    app.assert_chain_ok().await;
+}
