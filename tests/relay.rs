@@ -1957,3 +1957,30 @@ async fn admins_deciding_at_once_leave_exactly_one_trusted_key() {
     assert_eq!(confirmed[1]["replaces"], confirmed[0]["fingerprint"]);
     app.assert_chain_ok().await;
 }
+
+/// The relay offers engineers AES only: OpenSSH's default choice lands on AES, and a
+/// client that will speak nothing but ChaCha20-Poly1305 is told there is no common cipher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engineers_get_aes_and_nothing_weaker() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-v"], "echo ran");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out, "ran\n", "{err}");
+    assert!(err.contains("kex: server->client cipher: aes"), "{err}");
+    let mut c = s.ssh_cmd_with(
+        &cert,
+        "demo-ssh",
+        &["-c", "chacha20-poly1305@openssh.com"],
+        "echo ran",
+    );
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(!o.status.success() && out.is_empty(), "{out}");
+    assert!(err.contains("no matching cipher found"), "{err}");
+}

@@ -526,6 +526,7 @@ pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
         // login grace time (LoginGrace) applies.
         inactivity_timeout: Some(duration(&limits.idle_timeout, 3600)),
         nodelay: true,
+        preferred: engineer_algorithms(),
         ..Default::default()
     });
     let task = tokio::spawn(accept(state.clone(), config, listener, limits, grace));
@@ -1187,6 +1188,25 @@ async fn connect_upstream(
 
 /// AES-GCM first towards the target: with AES-NI it costs the relay less CPU than
 /// ChaCha20-Poly1305 (the engineer's client picks the cipher on the other side).
+/// What the relay offers engineers: AES only, GCM first. OpenSSH picks its own first
+/// choice among these (aes128-ctr with hmac-sha2-256-etm; `twokey ssh --relay` asks for
+/// AES-GCM), and on AES-NI machines both move data faster through the relay than
+/// ChaCha20-Poly1305, which it does not offer. Every SSH client has AES-CTR.
+fn engineer_algorithms() -> russh::Preferred {
+    use russh::cipher;
+    const CIPHERS: &[cipher::Name] = &[
+        cipher::AES_256_GCM,
+        cipher::AES_128_GCM,
+        cipher::AES_256_CTR,
+        cipher::AES_192_CTR,
+        cipher::AES_128_CTR,
+    ];
+    russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(CIPHERS),
+        ..Default::default()
+    }
+}
+
 fn upstream_algorithms() -> russh::Preferred {
     use russh::cipher;
     const CIPHERS: &[cipher::Name] = &[
