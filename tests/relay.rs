@@ -1964,13 +1964,15 @@ async fn admins_deciding_at_once_leave_exactly_one_trusted_key() {
 async fn engineers_get_aes_and_nothing_weaker() {
     let s = setup().await;
     let (_, cert) = s.grant().await;
-    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-v"], "echo ran");
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-vvv"], "echo ran");
     let o = tokio::task::spawn_blocking(move || c.output().unwrap())
         .await
         .unwrap();
     let (out, err) = text(&o);
     assert_eq!(out, "ran\n", "{err}");
     assert!(err.contains("kex: server->client cipher: aes"), "{err}");
+    // Strict key exchange (the Terrapin fix) is on.
+    assert!(err.contains("will use strict KEX ordering"), "{err}");
     let mut c = s.ssh_cmd_with(
         &cert,
         "demo-ssh",
