@@ -209,6 +209,13 @@ impl Setup {
         child
     }
 
+    /// The page of the session an audit event (`session.ended`) is about, as alice.
+    async fn session_page(&self, ended: &Value) -> String {
+        let alice = self.app.browser(ALICE).await;
+        let id = ended["session_id"].as_str().unwrap();
+        alice.get(&format!("/sessions/{id}")).await.1
+    }
+
     async fn events(&self, action: &str) -> Vec<Value> {
         twokey::store::audit_page(&self.app.state().db, 0, 10_000)
             .await
@@ -235,6 +242,16 @@ async fn exit_of(mut child: std::process::Child) -> (std::process::ExitStatus, S
     })
     .await
     .unwrap()
+}
+
+/// The recording a `session.ended` event names, checked against the size and SHA-256
+/// the event put in the audit chain.
+fn recorded(ended: &Value) -> Vec<u8> {
+    use sha2::Digest;
+    let cast = std::fs::read(ended["recording"].as_str().unwrap()).unwrap();
+    assert_eq!(ended["bytes"], cast.len());
+    assert_eq!(ended["sha256"], hex::encode(sha2::Sha256::digest(&cast)));
+    cast
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -271,12 +288,7 @@ async fn a_command_runs_through_the_relay_and_is_recorded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ended = &ended[0];
-    let path = ended["recording"].as_str().unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(ended["bytes"], bytes.len());
-    use sha2::Digest;
-    assert_eq!(ended["sha256"], hex::encode(sha2::Sha256::digest(&bytes)));
-    let cast = String::from_utf8(bytes).unwrap();
+    let cast = String::from_utf8(recorded(ended)).unwrap();
     let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
     assert_eq!(header["version"], 2);
     assert!(cast.contains("relayed-42"), "{cast}");
@@ -1172,13 +1184,7 @@ async fn a_recording_stops_at_its_cap_and_the_session_goes_on() {
     );
     assert!(cast.contains("recording limit reached"), "{cast}");
     // The session's page says so too.
-    let alice = s.app.browser(ALICE).await;
-    let (_, page) = alice
-        .get(&format!(
-            "/sessions/{}",
-            ended["session_id"].as_str().unwrap()
-        ))
-        .await;
+    let page = s.session_page(ended).await;
     assert!(page.contains("id=\"recording-truncated\""), "{page}");
     // Still a valid asciicast: every line is JSON.
     for line in cast.lines() {
@@ -1201,9 +1207,7 @@ async fn stopping_twokey_ends_live_sessions_and_finalises_their_recordings() {
         "stop returned before the session was finalised"
     );
     assert_eq!(ended[0]["reason"], "twokey is shutting down");
-    let cast = std::fs::read(ended[0]["recording"].as_str().unwrap()).unwrap();
-    use sha2::Digest;
-    assert_eq!(ended[0]["sha256"], hex::encode(sha2::Sha256::digest(&cast)));
+    recorded(&ended[0]);
     let (status, err) = exit_of(child).await;
     assert!(!status.success());
     assert!(err.contains("twokey is shutting down"), "{err}");
@@ -1549,19 +1553,10 @@ async fn a_session_whose_recording_cannot_be_written_is_ended() {
     assert_eq!(ended["reason"], "its recording could not be written");
     assert_eq!(ended["recording_failed"], true);
     // What did reach the disk is still accounted for in the audit chain.
-    let cast = std::fs::read(ended["recording"].as_str().unwrap()).unwrap();
+    let cast = recorded(ended);
     assert!(cast.len() > 100 * 1024, "{} bytes recorded", cast.len());
-    assert_eq!(ended["bytes"], cast.len());
-    use sha2::Digest;
-    assert_eq!(ended["sha256"], hex::encode(sha2::Sha256::digest(&cast)));
     // The session's page says the recording is incomplete.
-    let alice = s.app.browser(ALICE).await;
-    let (_, page) = alice
-        .get(&format!(
-            "/sessions/{}",
-            ended["session_id"].as_str().unwrap()
-        ))
-        .await;
+    let page = s.session_page(ended).await;
     assert!(page.contains("id=\"recording-failed\""), "{page}");
 
     // The disk is still full: the next session does not start at all.

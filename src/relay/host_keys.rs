@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::policy::Actor;
 use crate::state::AppState;
-use crate::store::{self, HostKeyRow};
+use crate::store;
 
 /// At most this many keys wait for an admin per resource; past it, new keys are refused
 /// without being recorded (and logged).
@@ -114,12 +114,7 @@ pub enum Decision {
 
 /// An admin decides on a key: one conditional UPDATE with its audit event (confirming
 /// first retires the key it replaces, in the same transaction, named in the event).
-pub async fn decide(
-    state: &AppState,
-    admin: &Actor,
-    id: &str,
-    decision: Decision,
-) -> Result<HostKeyRow> {
+pub async fn decide(state: &AppState, admin: &Actor, id: &str, decision: Decision) -> Result<()> {
     if !admin.is_admin {
         return Err(Error::forbidden("only an admin may decide on a host key"));
     }
@@ -165,12 +160,7 @@ pub async fn decide(
         // the old one, so those go too).
         cut_resource(state, &key.resource).await;
     }
-    Ok(HostKeyRow {
-        status: to.into(),
-        decided_by: Some(admin.email.clone()),
-        decided_at: Some(now),
-        ..key
-    })
+    Ok(())
 }
 
 /// Ends the live sessions and forwards on `resource` (they run on its grants).

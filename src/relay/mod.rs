@@ -1186,38 +1186,38 @@ async fn connect_upstream(
     Ok(handle)
 }
 
-/// AES-GCM first towards the target: with AES-NI it costs the relay less CPU than
-/// ChaCha20-Poly1305 (the engineer's client picks the cipher on the other side).
 /// What the relay offers engineers: AES only, GCM first. OpenSSH picks its own first
 /// choice among these (aes128-ctr with hmac-sha2-256-etm; `twokey ssh --relay` asks for
 /// AES-GCM), and on AES-NI machines both move data faster through the relay than
 /// ChaCha20-Poly1305, which it does not offer. Every SSH client has AES-CTR.
 fn engineer_algorithms() -> russh::Preferred {
     use russh::cipher;
-    const CIPHERS: &[cipher::Name] = &[
+    ciphers(&[
         cipher::AES_256_GCM,
         cipher::AES_128_GCM,
         cipher::AES_256_CTR,
         cipher::AES_192_CTR,
         cipher::AES_128_CTR,
-    ];
-    russh::Preferred {
-        cipher: std::borrow::Cow::Borrowed(CIPHERS),
-        ..Default::default()
-    }
+    ])
 }
 
+/// AES-GCM first towards the target, where the relay is the client and so chooses:
+/// with AES-NI it costs the relay less CPU than ChaCha20-Poly1305.
 fn upstream_algorithms() -> russh::Preferred {
     use russh::cipher;
-    const CIPHERS: &[cipher::Name] = &[
+    ciphers(&[
         cipher::AES_256_GCM,
         cipher::AES_128_GCM,
         cipher::CHACHA20_POLY1305,
         cipher::AES_256_CTR,
         cipher::AES_128_CTR,
-    ];
+    ])
+}
+
+/// russh's defaults with these ciphers, in this order.
+fn ciphers(names: &'static [russh::cipher::Name]) -> russh::Preferred {
     russh::Preferred {
-        cipher: std::borrow::Cow::Borrowed(CIPHERS),
+        cipher: std::borrow::Cow::Borrowed(names),
         ..Default::default()
     }
 }

@@ -8,11 +8,10 @@ use axum::Form;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Redirect};
 use russh::keys::ssh_key::{HashAlg, PublicKey};
-use serde::Deserialize;
 
 use super::error::PageError;
 use super::extract::AdminUser;
-use super::pages::{Chrome, when};
+use super::pages::{Chrome, CsrfForm, when};
 use crate::error::Error;
 use crate::relay::host_keys::{self, Decision};
 use crate::state::AppState;
@@ -101,11 +100,6 @@ pub async fn list(
         keys,
         pinned,
     })
-}
-
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 /// Confirm or reject a pending key.

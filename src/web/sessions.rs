@@ -12,11 +12,10 @@ use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
-use serde::Deserialize;
 
 use super::error::PageError;
 use super::extract::WebUser;
-use super::pages::{Chrome, when};
+use super::pages::{Chrome, CsrfForm, when};
 use crate::error::Error;
 use crate::policy;
 use crate::state::AppState;
@@ -134,11 +133,6 @@ pub async fn cast(
         .map_err(|e| Error::Internal(format!("recording {}: {e}", s.id)))?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
-}
-
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 /// An admin ends a live session.
