@@ -1714,6 +1714,16 @@ async fn an_unpinned_target_is_used_only_once_an_admin_confirms_its_host_key() {
         )
         .await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // An action that does not exist, and withdrawing a key that was never trusted.
+    let csrf = dave.csrf("/admin/host-keys").await;
+    assert_eq!(
+        decide(&dave, &id, "approve", &csrf).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        decide(&dave, &id, "withdraw", &csrf).await,
+        StatusCode::CONFLICT
+    );
     assert!(s.events("host_key.confirmed").await.is_empty());
 
     // Confirmed by an admin: sessions go through.
