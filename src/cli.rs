@@ -197,10 +197,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
         Command::Demo { listen, data_dir } => demo(&listen, &data_dir).await,
         Command::Serve => {
             let config = load(&cli.config)?;
+            config.validate_for_serve().map_err(|e| e.to_string())?;
             run_server(config).await
         }
         Command::CheckConfig => {
             let config = load(&cli.config)?;
+            config.validate_for_serve().map_err(|e| e.to_string())?;
             println!(
                 "{}: OK ({} resources, {} roles)",
                 cli.config.display(),

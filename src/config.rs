@@ -290,6 +290,10 @@ pub struct ServerConfig {
     /// at once when a grant ends or is revoked); `"0s"` turns it off (tests drive it).
     #[serde(default = "default_reconcile_interval")]
     pub reconcile_interval: String,
+    /// Reverse proxies (IP addresses) whose `X-Forwarded-For` names the client, for
+    /// the per-address rate limits. Empty: the peer address is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn default_reconcile_interval() -> String {
@@ -309,6 +313,7 @@ impl fmt::Debug for ServerConfig {
             .field("sweep_interval", &self.sweep_interval)
             .field("outbox_interval", &self.outbox_interval)
             .field("reconcile_interval", &self.reconcile_interval)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
@@ -323,6 +328,7 @@ impl Default for ServerConfig {
             sweep_interval: default_sweep_interval(),
             outbox_interval: default_outbox_interval(),
             reconcile_interval: default_reconcile_interval(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -406,8 +412,9 @@ pub struct OidcConfig {
     /// controls.
     #[serde(default = "yes")]
     pub require_verified_email: bool,
-    /// IdP group → twokey groups. When set, only mapped groups count; when empty, IdP
-    /// group names are used as they are.
+    /// IdP group → twokey groups. Required while `groups_claim` is set: only mapped
+    /// groups count, so a group anyone can create at the provider (say, `admins`)
+    /// grants nothing unless it is mapped here.
     #[serde(default)]
     pub group_map: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -817,6 +824,14 @@ impl Config {
                 "must start with http:// or https://",
             ));
         }
+        for (i, p) in self.server.trusted_proxies.iter().enumerate() {
+            if p.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("{p:?} is not an IP address (one proxy's, e.g. \"10.0.0.5\")"),
+                ));
+            }
+        }
         check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
         if let Some(relay) = &self.relay {
             if relay.listen.parse::<SocketAddr>().is_err() {
@@ -878,6 +893,18 @@ impl Config {
             oidc.secret()?;
             if !oidc.scopes.iter().any(|s| s == "openid") {
                 return Err(invalid("auth.oidc.scopes", "must include \"openid\""));
+            }
+            // Passing IdP group names through would let whoever may create or join a
+            // group at the provider (often self-service) name themselves an approver
+            // or admin here. The operator must say which groups mean what.
+            if !oidc.groups_claim.is_empty() && oidc.group_map.is_empty() {
+                return Err(invalid(
+                    "auth.oidc.group_map",
+                    format!(
+                        "is required when groups come from the identity provider (groups_claim = {:?}): map each provider group to twokey groups, e.g. [auth.oidc.group_map] \"okta-sre\" = [\"engineers\"]; unmapped groups grant nothing. Set groups_claim = \"\" to take no groups from the provider",
+                        oidc.groups_claim
+                    ),
+                ));
             }
             if self.server.public_url.is_none() {
                 return Err(invalid(
@@ -1084,6 +1111,51 @@ impl Config {
         Ok(())
     }
 
+    /// What `serve` (and `check-config`) demand beyond [`Config::validate`]: demo
+    /// sign-in (anyone signs in as anyone, admins included, with no password) only on a
+    /// loopback address that no reverse proxy publishes. `twokey demo` does not call
+    /// this: the demo is that, with a banner on every page.
+    pub fn validate_for_serve(&self) -> Result<(), ConfigError> {
+        if !self.auth.dev_login {
+            return Ok(());
+        }
+        let listen_loopback = self
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !listen_loopback {
+            return Err(invalid(
+                "auth.dev_login",
+                format!(
+                    "demo sign-in lets anyone sign in as anyone: it is refused on server.listen = {:?}, which is not a loopback address; use `twokey demo`, listen on 127.0.0.1, or turn it off",
+                    self.server.listen
+                ),
+            ));
+        }
+        // Behind a proxy the loopback listener is public after all: the public URL says.
+        if let Some(url) = &self.server.public_url {
+            let host = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(invalid(
+                    "auth.dev_login",
+                    format!(
+                        "demo sign-in lets anyone sign in as anyone: it is refused with server.public_url = {url:?}, which is not a loopback address; use `twokey demo` or turn it off"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         // Checked in validate().
         self.server
@@ -1100,6 +1172,15 @@ impl Config {
                 self.server.data_dir.join("twokey.db").display()
             ),
         }
+    }
+
+    /// `server.trusted_proxies`, parsed (checked in validate()).
+    pub fn trusted_proxies(&self) -> Vec<std::net::IpAddr> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
 
     pub fn secure_cookies(&self) -> bool {

@@ -98,6 +98,8 @@ pub async fn start(
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        // With the peer address, for the per-address rate limits.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop)
             .await

@@ -27,6 +27,10 @@ pub struct AppState {
     pub relay: Option<Arc<crate::relay::RelayKeys>>,
     /// Relay sessions open right now.
     pub live_sessions: Arc<crate::relay::LiveSessions>,
+    /// Seals the cookies of visitors who are not signed in.
+    pub sealer: Arc<crate::auth::sealed::Sealer>,
+    /// Per-address rate limits.
+    pub limiter: Arc<crate::web::limit::Limiter>,
 }
 
 impl AppState {
@@ -57,7 +61,12 @@ impl AppState {
             )?)),
             None => None,
         };
+        let sealer = Arc::new(crate::auth::sealed::Sealer::load_or_create(
+            &config.server.data_dir,
+        )?);
         Ok(Self {
+            sealer,
+            limiter: Arc::default(),
             live_sessions: Arc::default(),
             relay,
             reconcile_now: Arc::new(tokio::sync::Notify::new()),

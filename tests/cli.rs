@@ -481,3 +481,82 @@ async fn ca_commands_print_the_servers_ca_and_write_its_krl() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("# KRL version"), "{}", stdout(&out));
 }
+
+/// A config with demo sign-in on, listening on `listen`, optionally published at `url`.
+fn dev_login_config(dir: &Path, listen: &str, public_url: Option<&str>) -> std::path::PathBuf {
+    let mut toml = twokey::config::demo_config_toml(listen, dir);
+    if let Some(url) = public_url {
+        toml = toml.replacen(
+            "[server]\n",
+            &format!("[server]\npublic_url = \"{url}\"\n"),
+            1,
+        );
+    }
+    let path = dir.join("twokey.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn serve_refuses_demo_sign_in_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    for (listen, url, why) in [
+        ("0.0.0.0:0", None, "server.listen = \"0.0.0.0:0\""),
+        ("192.0.2.10:8080", None, "not a loopback address"),
+        ("[::]:0", None, "not a loopback address"),
+        (
+            "127.0.0.1:0",
+            Some("https://twokey.example.com"),
+            "server.public_url = \"https://twokey.example.com\"",
+        ),
+    ] {
+        let config = dev_login_config(dir.path(), listen, url);
+        for cmd in ["serve", "check-config"] {
+            let out = twokey(&config, &[cmd]);
+            assert!(
+                !out.status.success(),
+                "{cmd} {listen} {url:?}: {}",
+                stdout(&out)
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains("auth.dev_login: demo sign-in lets anyone sign in as anyone")
+                    && err.contains(why),
+                "{cmd} {listen} {url:?}: {err}"
+            );
+        }
+    }
+    // Turned off, the same address is fine.
+    let config = dev_login_config(dir.path(), "0.0.0.0:0", Some("https://twokey.example.com"));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("dev_login = true", "dev_login = false")
+        .replace(
+            "dev_mailbox = true",
+            "dev_mailbox = false\nsmtp_host = \"127.0.0.1\"",
+        );
+    std::fs::write(&config, text).unwrap();
+    let out = twokey(&config, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // On loopback, published on loopback, serve runs.
+    let config = dev_login_config(dir.path(), "127.0.0.1:0", Some("http://localhost:8080"));
+    let out = twokey(&config, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_twokey"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("TWOKEY_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let first = first_line(child.0.stdout.take().unwrap());
+    assert!(
+        first.starts_with("twokey is serving at http://127.0.0.1:"),
+        "{first}"
+    );
+}

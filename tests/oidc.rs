@@ -248,19 +248,18 @@ async fn a_failed_sign_in_then_a_good_one_yields_only_the_good_identity() {
     let http = oidc::client_with(jar.clone());
     let cb = app.callback_url(&http, "outsider", "/queue").await;
     refused(&app, &http, &cb, "may not sign in").await;
-    // Same twokey session; the provider's own session for "outsider" is dropped (the
-    // user signed out there), so the provider asks who is signing in again.
+    // Same browser as far as twokey goes (its cookies, if any, carried over); the
+    // provider's own session for "outsider" is dropped (the user signed out there), so
+    // the provider asks who is signing in again.
     let twokey_url = reqwest::Url::parse(&app.base).unwrap();
-    let session = jar.cookies(&twokey_url).unwrap();
-    let session = session
-        .to_str()
-        .unwrap()
-        .split("; ")
-        .find(|c| c.starts_with("twokey_session="))
-        .unwrap()
-        .to_string();
     let jar2 = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    jar2.add_cookie_str(&session, &twokey_url);
+    if let Some(cookies) = jar.cookies(&twokey_url) {
+        for c in cookies.to_str().unwrap().split("; ") {
+            if c.starts_with("twokey_") {
+                jar2.add_cookie_str(c, &twokey_url);
+            }
+        }
+    }
     let http = oidc::client_with(jar2);
     let cb = app.callback_url(&http, "alice", "/queue").await;
     assert_eq!(
@@ -491,17 +490,31 @@ async fn signing_in_through_the_provider_rotates_the_session_id() {
             .find_map(|c| c.strip_prefix("twokey_session="))
             .map(str::to_string)
     };
-    let before = session().expect("a session before sign-in (it holds the OIDC state)");
+    assert_eq!(session(), None, "no session before sign-in");
+    // Session fixation: an id planted in the browser before sign-in is not kept.
+    jar.add_cookie_str("twokey_session=planted-by-an-attacker", &url);
     let resp = http.get(&cb).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let after = session().expect("a session after sign-in");
     assert_ne!(
-        before, after,
+        after, "planted-by-an-attacker",
         "the pre-sign-in session id must not survive sign-in"
     );
     assert_eq!(
         app.whoami(&http).await.as_deref(),
         Some("alice@corp.example")
+    );
+    let planted = oidc::client();
+    let resp = planted
+        .get(app.url("/policy"))
+        .header("cookie", "twokey_session=planted-by-an-attacker")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::SEE_OTHER,
+        "the planted id signs nobody in"
     );
 }
 
@@ -686,4 +699,200 @@ async fn an_emailed_link_leads_through_idp_sign_in_back_to_its_confirm_page() {
         ),
         ("bob@corp.example", "email")
     );
+}
+
+#[tokio::test]
+async fn idp_groups_named_like_twokey_groups_grant_nothing_unless_mapped() {
+    let app = oidc::start(3600).await;
+    // A self-service group at the provider called exactly like twokey's admin group.
+    app.provider
+        .set_groups("eve", &["admins", "engineers", "sre-leads"])
+        .await;
+    let (eve, _) = app.sign_in("eve", "/queue").await;
+    assert_eq!(app.whoami(&eve).await.as_deref(), Some("eve@corp.example"));
+    for (path, status) in [
+        ("/audit", StatusCode::FORBIDDEN),
+        ("/admin/users", StatusCode::FORBIDDEN),
+    ] {
+        let resp = eve.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+    }
+    let html = eve
+        .get(app.url("/requests/new"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("lets you request nothing"), "{html}");
+    let users = twokey::store::list_users(&app.server.state.db)
+        .await
+        .unwrap();
+    let row = users
+        .iter()
+        .find(|u| u.email == "eve@corp.example")
+        .unwrap();
+    assert_eq!(
+        row.groups, "",
+        "unmapped IdP groups pass through as nothing"
+    );
+    // The audit log still says what the provider claimed.
+    let ev = app
+        .audit()
+        .await
+        .into_iter()
+        .rfind(|e| e.action == "auth.signed_in")
+        .unwrap();
+    let d: serde_json::Value = serde_json::from_str(&ev.details).unwrap();
+    assert_eq!(
+        d["idp_groups"],
+        serde_json::json!(["admins", "engineers", "sre-leads"])
+    );
+    assert_eq!(d["groups"], serde_json::json!([]));
+
+    // Mapped, the provider's `idp-admins` does make dave an admin.
+    let (dave, _) = app.sign_in("dave", "/audit").await;
+    assert_eq!(
+        dave.get(app.url("/audit")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[test]
+fn oidc_with_groups_but_no_group_map_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let oidc_toml = |extra: &str| {
+        let mut c = common::test_config(dir.path());
+        c.server.public_url = Some("https://twokey.example.com".into());
+        c.auth.oidc = Some(
+            toml::from_str(&format!(
+                "issuer = \"https://idp.example.com\"\nclient_id = \"twokey\"\n{extra}"
+            ))
+            .unwrap(),
+        );
+        c.validate()
+    };
+    let err = oidc_toml("").unwrap_err().to_string();
+    assert!(
+        err.starts_with(
+            "auth.oidc.group_map: is required when groups come from the identity provider"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("unmapped groups grant nothing"), "{err}");
+    let err = oidc_toml("groups_claim = \"roles\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("groups_claim = \"roles\""), "{err}");
+    // A map, or taking no groups from the provider at all, is fine.
+    oidc_toml("[group_map]\n\"okta-sre\" = [\"sre-leads\"]").unwrap();
+    oidc_toml("groups_claim = \"\"").unwrap();
+}
+
+async fn session_rows(app: &OidcApp) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM tower_sessions")
+        .fetch_one(&app.server.state.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn starting_sign_ins_writes_nothing_and_the_sealed_cookie_cannot_be_forged() {
+    let app = oidc::start(3600).await;
+    assert_eq!(session_rows(&app).await, 0);
+    // Within the sign-in rate limit (20 at once per address): 5 × 2 here, 4 below.
+    for _ in 0..5 {
+        let http = oidc::client();
+        for path in [
+            "/login",
+            "/auth/oidc/start?next=/queue",
+            "/auth/oidc/callback?state=x&code=y",
+        ] {
+            let status = http.get(app.url(path)).send().await.unwrap().status();
+            assert!(status.as_u16() < 500, "{path}: {status}");
+        }
+    }
+    assert_eq!(
+        session_rows(&app).await,
+        0,
+        "anonymous sign-in starts wrote sessions"
+    );
+
+    // The sign-in cookie is sealed: its secrets are not readable in it, and a cookie
+    // changed by one character is as good as none.
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let http = oidc::client_with(jar.clone());
+    let resp = http
+        .get(app.url("/auth/oidc/start?next=/queue"))
+        .send()
+        .await
+        .unwrap();
+    let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.starts_with("twokey_oidc="), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let state = reqwest::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .to_string();
+    let value = set.split(';').next().unwrap()["twokey_oidc=".len()..].to_string();
+    assert!(!value.contains(&state), "the state is not in the clear");
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    let mut forged = value.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let resp = oidc::client()
+        .get(&cb)
+        .header("cookie", format!("twokey_oidc={forged}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("sign-in has expired or was started in another browser")
+    );
+    // The browser that started it finishes it, once; the answer clears the cookie.
+    let resp = http.get(&cb).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let cleared = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|c| c.starts_with("twokey_oidc="))
+        .expect("the callback clears the sign-in cookie");
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+    assert_eq!(
+        session_rows(&app).await,
+        1,
+        "the sign-in made the one session"
+    );
+}
+
+#[tokio::test]
+async fn a_sign_in_cookie_older_than_ten_minutes_is_refused() {
+    let app = oidc::start(3600).await;
+    let http = oidc::client();
+    let cb = app.callback_url(&http, "alice", "/queue").await;
+    app.clock.advance(chrono::Duration::milliseconds(
+        twokey::auth::oidc::PENDING_TTL_MS,
+    ));
+    refused(
+        &app,
+        &http,
+        &cb,
+        "sign-in has expired or was started in another browser",
+    )
+    .await;
 }

@@ -21,51 +21,345 @@ fn cookie_id(cookie: &str) -> &str {
     cookie.split(';').next().unwrap()
 }
 
+fn cookie_named(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|c| c.starts_with(&format!("{name}=")))
+}
+
 #[tokio::test]
 async fn sign_in_rotates_the_session_and_sets_safe_cookie_flags() {
     let app = common::start().await;
     let b = common::Browser::new(app.server.url());
     let resp = b.get_raw("/login").await;
-    let before = session_cookie(&resp).expect("login page starts a session for its CSRF token");
-    assert!(before.contains("HttpOnly"), "{before}");
-    assert!(before.contains("SameSite=Lax"), "{before}");
-    assert!(!before.contains("Secure"), "plain http: {before}");
+    assert_eq!(
+        session_cookie(&resp),
+        None,
+        "the sign-in page starts no session"
+    );
+    let csrf_cookie = cookie_named(&resp, "twokey_login_csrf").expect("a sealed CSRF cookie");
+    assert!(csrf_cookie.contains("HttpOnly"), "{csrf_cookie}");
+    assert!(csrf_cookie.contains("SameSite=Strict"), "{csrf_cookie}");
+    assert!(!csrf_cookie.contains("Secure"), "plain http: {csrf_cookie}");
     let html = resp.text().await.unwrap();
     let csrf = common::csrf_in(&html).unwrap();
-    let resp = b
-        .post("/login/dev", &[("csrf", &csrf), ("email", ALICE)])
-        .await;
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let after = session_cookie(&resp).expect("sign-in sets a new session cookie");
-    assert_ne!(
-        cookie_id(&before),
-        cookie_id(&after),
-        "session id rotated at sign-in"
-    );
+    // The cookie is sealed: the token in the form is not readable from it.
+    assert!(!csrf_cookie.contains(&csrf), "{csrf_cookie}");
 
-    // The pre-sign-in id is dead: replaying it does not sign anyone in.
-    let fixated = common::http_builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let resp = fixated
-        .get(app.url("/requests"))
-        .header("cookie", cookie_id(&before))
+    // Session fixation: an id planted before sign-in is not the one sign-in uses.
+    let planted = "twokey_session=planted-by-an-attacker";
+    let resp = b
+        .http
+        .post(app.url("/login/dev"))
+        .header("cookie", format!("{}; {planted}", cookie_id(&csrf_cookie)))
+        .form(&[("csrf", csrf.as_str()), ("email", ALICE)])
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(resp.headers()[LOCATION], "/login?next=/requests");
+    let after = session_cookie(&resp).expect("sign-in sets a session cookie");
+    assert!(
+        after.contains("HttpOnly") && after.contains("SameSite=Lax"),
+        "{after}"
+    );
+    assert_ne!(cookie_id(&after), planted, "a fresh session id at sign-in");
+
+    // The planted id signs nobody in; the real one does.
+    let plain = common::http_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (cookie, status) in [
+        (planted, StatusCode::SEE_OTHER),
+        (cookie_id(&after), StatusCode::OK),
+    ] {
+        let resp = plain
+            .get(app.url("/requests"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{cookie}");
+    }
 }
 
 #[tokio::test]
-async fn cookies_are_secure_behind_https() {
+async fn cookies_are_secure_and_hsts_is_sent_behind_https() {
     let app =
         common::start_with(|c| c.server.public_url = Some("https://twokey.example.com".into()))
             .await;
-    let b = common::Browser::new(app.server.url());
-    let cookie = session_cookie(&b.get_raw("/login").await).unwrap();
+    let http = common::http_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = http.get(app.url("/login")).send().await.unwrap();
+    let csrf_cookie = cookie_named(&resp, "__Host-twokey_login_csrf")
+        .expect("behind https the CSRF cookie has the __Host- prefix");
+    assert!(
+        csrf_cookie.contains("Secure") && csrf_cookie.contains("Path=/"),
+        "{csrf_cookie}"
+    );
+    let csrf = common::csrf_in(&resp.text().await.unwrap()).unwrap();
+    let resp = http
+        .post(app.url("/login/dev"))
+        .header("cookie", cookie_id(&csrf_cookie))
+        .form(&[("csrf", csrf.as_str()), ("email", ALICE)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let cookie = session_cookie(&resp).unwrap();
     assert!(cookie.contains("Secure"), "{cookie}");
+
+    // Strict-Transport-Security on every response: pages, errors, redirects, the API,
+    // static files, health.
+    for (method, path) in [
+        ("GET", "/login"),
+        ("GET", "/requests"),
+        ("GET", "/nope"),
+        ("GET", "/api/v1/whoami"),
+        ("GET", "/static/style.css"),
+        ("GET", "/healthz"),
+        ("POST", "/logout"),
+    ] {
+        let resp = http
+            .request(method.parse().unwrap(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("strict-transport-security")
+                .map(|v| v.to_str().unwrap()),
+            Some("max-age=31536000"),
+            "{method} {path} ({})",
+            resp.status()
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_hsts_over_plain_http() {
+    let app = common::start().await;
+    let resp = common::http().get(app.url("/login")).send().await.unwrap();
+    assert!(resp.headers().get("strict-transport-security").is_none());
+}
+
+async fn session_rows(app: &common::TestApp) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM tower_sessions")
+        .fetch_one(&app.state().db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn anonymous_visitors_leave_no_session_rows() {
+    let app = common::start().await;
+    // A real, unused emailed link, so its sign-in prompt is shown too.
+    let alice = app.api(ALICE).await;
+    let id = alice.file("demo-db", "read", "1h", None).await;
+    let state = app.state();
+    let mut conn = state.db.acquire().await.unwrap();
+    let bob = twokey::store::user_id_by_email(&mut conn, BOB)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(conn);
+    let (token, hash) = twokey::auth::new_secret("ak_");
+    let now = state.now_ms();
+    let mut tx = twokey::store::begin_write(&state.db).await.unwrap();
+    twokey::store::insert_action_token(&mut tx, &hash, &id, &bob, "approve", now, now + 600_000)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let link = Some(format!("/a/{token}"));
+    assert_eq!(session_rows(&app).await, 0);
+    for i in 0..10 {
+        // Each a new visitor with no cookies, as a flood would be.
+        let b = common::Browser::new(app.server.url());
+        for path in [
+            "/login".to_string(),
+            "/login?next=/queue".to_string(),
+            "/".to_string(),
+            "/requests".to_string(),
+            "/nope".to_string(),
+            format!("/a/ak_unknown{i}"),
+        ]
+        .into_iter()
+        .chain(link.clone())
+        {
+            let (status, _) = b.get(&path).await;
+            assert!(status.as_u16() < 500, "{path}: {status}");
+        }
+        // A form posted without a session changes nothing either.
+        let resp = b
+            .post("/login/dev", &[("csrf", "x"), ("email", ALICE)])
+            .await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+    assert_eq!(
+        session_rows(&app).await,
+        0,
+        "anonymous requests wrote sessions"
+    );
+    // Signing in is what makes the first row.
+    app.browser(ALICE).await;
+    assert_eq!(session_rows(&app).await, 1);
+}
+
+/// A client whose connections come from `ip` (any 127.0.0.0/8 address works on Linux).
+fn client_from(ip: &str) -> reqwest::Client {
+    common::http_builder()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Sends `n` requests; returns the statuses.
+async fn burst(
+    http: &reqwest::Client,
+    n: usize,
+    req: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+) -> Vec<StatusCode> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(req(http).send().await.unwrap().status());
+    }
+    out
+}
+
+#[tokio::test]
+async fn sign_in_links_token_and_slack_are_rate_limited_per_address() {
+    let app = common::start().await;
+    let sign_in = |h: &reqwest::Client| {
+        h.post(app.url("/login/dev"))
+            .form(&[("csrf", "x"), ("email", ALICE)])
+    };
+    let link = |h: &reqwest::Client| h.get(app.url("/a/ak_guess"));
+    let token = |h: &reqwest::Client| {
+        h.post(app.url("/api/v1/cli/token"))
+            .body(r#"{"code":"lc_guess","verifier":"v"}"#)
+    };
+    let slack = |h: &reqwest::Client| h.post(app.url("/slack/interactions")).body("payload=x");
+    let a = client_from("127.0.0.1");
+    let b = client_from("127.0.0.2");
+    type Req<'a> = &'a dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder;
+    // (what, request, burst, ms until one more, Retry-After in whole seconds)
+    let cases: [(&str, Req, usize, i64, u64); 4] = [
+        ("sign-in", &sign_in, 20, 3000, 3),
+        ("links", &link, 30, 2000, 2),
+        ("token", &token, 10, 6000, 6),
+        ("slack", &slack, 120, 200, 1),
+    ];
+    for (name, req, burst_size, refill_ms, refill_secs) in cases {
+        let statuses = burst(&a, burst_size, req).await;
+        assert!(
+            statuses.iter().all(|s| *s != StatusCode::TOO_MANY_REQUESTS),
+            "{name}: limited too early: {statuses:?}"
+        );
+        let resp = req(&a).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "{name}");
+        assert_eq!(
+            resp.headers()["retry-after"].to_str().unwrap(),
+            refill_secs.to_string(),
+            "{name}"
+        );
+        let body = resp.text().await.unwrap();
+        let what = match name {
+            "sign-in" => "sign-in attempts",
+            "links" => "link visits",
+            "token" => "token requests",
+            _ => "Slack requests",
+        };
+        assert!(
+            body.contains(&format!(
+                "Too many {what} from your address. Wait {refill_secs} second"
+            )),
+            "{name}: {body}"
+        );
+        // People get a page; the CLI and Slack get JSON.
+        assert_eq!(
+            body.starts_with("<!doctype html>"),
+            matches!(name, "sign-in" | "links"),
+            "{name}: {body}"
+        );
+        // Another address has its own budget.
+        assert_ne!(
+            req(&b).send().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{name} from another address"
+        );
+        // One request more is allowed after refill_ms on twokey's clock, not before.
+        app.clock
+            .advance(chrono::Duration::milliseconds(refill_ms - 1));
+        assert_eq!(
+            req(&a).send().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{name}"
+        );
+        app.clock.advance(chrono::Duration::milliseconds(1));
+        assert_ne!(
+            req(&a).send().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{name}"
+        );
+        assert_eq!(
+            req(&a).send().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{name}"
+        );
+    }
+    // Signed-in pages are not limited.
+    let (s, _) = app.browser(BOB).await.get("/requests").await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_counts_and_nobody_else_can_claim_one() {
+    let app = common::start_with(|c| c.server.trusted_proxies = vec!["127.0.0.1".into()]).await;
+    let proxy = client_from("127.0.0.1");
+    let token = |h: &reqwest::Client, client: &str| {
+        h.post(app.url("/api/v1/cli/token"))
+            .header("x-forwarded-for", format!("198.51.100.66, {client}"))
+            .body("{}")
+    };
+    for _ in 0..10 {
+        assert_ne!(
+            token(&proxy, "203.0.113.1").send().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+    assert_eq!(
+        token(&proxy, "203.0.113.1").send().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client behind the same proxy is not affected.
+    assert_ne!(
+        token(&proxy, "203.0.113.2").send().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A client that is not the proxy cannot name itself someone else.
+    let direct = client_from("127.0.0.3");
+    for _ in 0..10 {
+        token(&direct, "203.0.113.3").send().await.unwrap();
+    }
+    assert_eq!(
+        token(&direct, "203.0.113.4").send().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "X-Forwarded-For from an untrusted peer is ignored"
+    );
+}
+
+#[test]
+fn a_trusted_proxy_must_be_an_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = common::test_config(dir.path());
+    c.server.trusted_proxies = vec!["proxy.internal".into()];
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.starts_with("server.trusted_proxies[0]:"), "{err}");
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! stored hash is compared in constant time. Nothing here logs a token.
 
 pub mod oidc;
+pub mod sealed;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -28,8 +29,6 @@ pub const SESSION_CSRF: &str = "csrf";
 pub const SESSION_SIGNED_IN_AT: &str = "signed_in_at";
 /// When the session was last used (ms), for the idle timeout on the injected clock.
 pub const SESSION_LAST_SEEN: &str = "last_seen";
-/// An OIDC sign-in in progress ([`oidc::Pending`]).
-pub const SESSION_OIDC_PENDING: &str = "oidc_pending";
 
 fn random_b64(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];

@@ -1,9 +1,12 @@
 //! Sign-in with an OpenID Connect provider: authorization code flow with PKCE.
 //!
 //! What it checks, and the attack each check stops:
-//! - `state` is bound to the browser session and single-use (login CSRF: nobody can
-//!   finish a sign-in in your browser that you did not start);
-//! - the PKCE verifier never leaves the server (a stolen code is useless);
+//! - `state` is bound to the browser that started the sign-in, in a sealed cookie that
+//!   the callback clears (login CSRF: nobody can finish a sign-in in your browser that
+//!   you did not start); no server-side row exists before sign-in, so anonymous
+//!   visitors cannot fill a table;
+//! - the PKCE verifier is sealed (encrypted) in that cookie: the browser cannot read
+//!   it, and whoever intercepts the code lacks it (a stolen code is useless);
 //! - the ID token's signature, issuer, audience, expiry (on twokey's clock) and nonce
 //!   (token replay);
 //! - userinfo answers for the same subject (token substitution);
@@ -74,7 +77,7 @@ type Client = openidconnect::Client<
     EndpointMaybeSet,
 >;
 
-/// A sign-in in progress, kept in the browser's server-side session.
+/// A sign-in in progress, sealed into the browser's sign-in cookie (`web::anon`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pending {
     pub state: String,
@@ -416,19 +419,16 @@ impl Oidc {
     }
 }
 
-/// IdP groups → twokey groups. With no map, names pass through unchanged; with a map,
-/// only mapped groups count, so a new IdP group never grants anything by accident.
+/// IdP groups → twokey groups. Only mapped groups count, and an empty map maps
+/// nothing: an IdP group never grants anything by accident, whatever it is called
+/// (a self-service group named `admins` stays just a name).
 pub fn map_groups(map: &BTreeMap<String, Vec<String>>, idp_groups: &[String]) -> Vec<String> {
-    let out: BTreeSet<String> = if map.is_empty() {
-        idp_groups.iter().cloned().collect()
-    } else {
-        idp_groups
-            .iter()
-            .filter_map(|g| map.get(g))
-            .flatten()
-            .cloned()
-            .collect()
-    };
+    let out: BTreeSet<String> = idp_groups
+        .iter()
+        .filter_map(|g| map.get(g))
+        .flatten()
+        .cloned()
+        .collect();
     out.into_iter().collect()
 }
 
@@ -479,10 +479,8 @@ mod tests {
             "okta-new".to_string(),
             "admins".to_string(),
         ];
-        assert_eq!(
-            map_groups(&BTreeMap::new(), &idp),
-            ["admins", "okta-new", "okta-sre"]
-        );
+        // No map, no groups: `admins` at the provider is not `admins` here.
+        assert!(map_groups(&BTreeMap::new(), &idp).is_empty());
         let map = BTreeMap::from([(
             "okta-sre".to_string(),
             vec!["sre-leads".to_string(), "engineers".to_string()],

@@ -125,6 +125,14 @@ impl IntoResponse for PageError {
     }
 }
 
+/// A response that [`render_error_pages`] turns into the error page with this title
+/// and message (for refusals made outside a handler, such as rate limits).
+pub fn page_response(status: StatusCode, title: &'static str, message: String) -> Response {
+    let mut resp = status.into_response();
+    resp.extensions_mut().insert(ErrorInfo { title, message });
+    resp
+}
+
 /// Middleware that turns a [`PageError`] response into the error page.
 pub async fn render_error_pages(
     axum::extract::State(state): axum::extract::State<crate::state::AppState>,
@@ -142,5 +150,16 @@ pub async fn render_error_pages(
         title: info.title,
         message: info.message,
     };
-    (status, page).into_response()
+    let mut out = (status, page).into_response();
+    // What the handler said besides the error stays said: a cleared sign-in cookie,
+    // how long to wait.
+    for name in [
+        axum::http::header::SET_COOKIE,
+        axum::http::header::RETRY_AFTER,
+    ] {
+        for v in resp.headers().get_all(&name) {
+            out.headers_mut().append(name.clone(), v.clone());
+        }
+    }
+    out
 }

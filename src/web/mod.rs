@@ -5,11 +5,13 @@
 //! them. Errors become a page or a JSON body in [`error`], which logs internals and
 //! renders only safe messages. No GET handler changes state.
 
+pub mod anon;
 pub mod api;
 pub mod cli_login;
 pub mod error;
 pub mod extract;
 pub mod host_keys;
+pub mod limit;
 pub mod links;
 pub mod pages;
 pub mod sessions;
@@ -30,8 +32,18 @@ use crate::state::{AppState, Metrics};
 /// from twokey only, never framed, forms post only back to twokey.
 pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
+/// Strict-Transport-Security when twokey is served over https: browsers then refuse
+/// plain http to this host for a year, so a network attacker cannot strip TLS from a
+/// later visit. Not `includeSubDomains`: twokey cannot know what else runs on sibling
+/// hosts, and must not break it.
+pub const HSTS: &str = "max-age=31536000";
+
 /// The whole app, ready to serve.
 pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
+    let hsts = state
+        .config
+        .secure_cookies()
+        .then(|| HeaderValue::from_static(HSTS));
     let idle = state.config.session_idle_timeout();
     let session_layer = SessionManagerLayer::new(sessions)
         .with_name("twokey_session")
@@ -41,6 +53,11 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .with_expiry(Expiry::OnInactivity(time::Duration::seconds(
             idle.as_secs() as i64,
         )));
+
+    // Per-address budgets for what anyone can reach without signing in.
+    let limited = |bucket: limit::Bucket| {
+        axum::middleware::from_fn_with_state((state.clone(), bucket), limit::limit)
+    };
 
     let api = Router::new()
         .route("/requests", get(api::list).post(api::create))
@@ -52,21 +69,38 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/ca/krl", get(api::ca_krl))
         .route("/relay/host-key", get(api::relay_host_key))
         .route("/whoami", get(api::whoami))
-        .route("/cli/token", post(cli_login::token))
+        .route(
+            "/cli/token",
+            post(cli_login::token).layer(limited(limit::Bucket::Token)),
+        )
         .fallback(api::not_found);
 
     let mut page_routes = Router::new();
     // Demo sign-in exists only when configured: otherwise the route is simply absent.
     if state.config.auth.dev_login {
-        page_routes = page_routes.route("/login/dev", post(pages::dev_login));
+        page_routes = page_routes.route(
+            "/login/dev",
+            post(pages::dev_login).layer(limited(limit::Bucket::SignIn)),
+        );
     }
     let pages = page_routes
         .route("/", get(pages::home))
         .route("/login", get(pages::login_page))
         .route("/logout", post(pages::logout))
-        .route("/auth/oidc/start", get(pages::oidc_start))
-        .route("/auth/oidc/callback", get(pages::oidc_callback))
-        .route("/a/{token}", get(links::show).post(links::confirm))
+        .route(
+            "/auth/oidc/start",
+            get(pages::oidc_start).layer(limited(limit::Bucket::SignIn)),
+        )
+        .route(
+            "/auth/oidc/callback",
+            get(pages::oidc_callback).layer(limited(limit::Bucket::SignIn)),
+        )
+        .route(
+            "/a/{token}",
+            get(links::show)
+                .post(links::confirm)
+                .layer(limited(limit::Bucket::Link)),
+        )
         .route("/dev/mailbox", get(pages::dev_mailbox))
         .route("/cli/login", get(cli_login::show).post(cli_login::confirm))
         .route("/admin/users", get(pages::users))
@@ -83,6 +117,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
             "/requests/{id}/ssh-certificate",
             post(pages::ssh_certificate),
         )
+        .route("/requests/{id}/db-credentials", post(pages::db_credentials))
         .route("/requests/{id}/{action}", post(pages::act))
         .route("/queue", get(pages::queue))
         .route("/grants", get(pages::grants))
@@ -101,7 +136,10 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
 
     Router::new()
         .nest("/api/v1", api)
-        .route("/slack/interactions", post(slack::interactions))
+        .route(
+            "/slack/interactions",
+            post(slack::interactions).layer(limited(limit::Bucket::Slack)),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/static/style.css", get(style))
@@ -119,6 +157,10 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         // Later issues put single-use tokens in URLs: never leak them to other sites.
         .layer(header_layer(header::REFERRER_POLICY, "no-referrer"))
         .layer(header_layer(header::CACHE_CONTROL, "no-store"))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            move |_: &axum::response::Response| hsts.clone(),
+        ))
         .with_state(state)
 }
 

@@ -8,17 +8,17 @@ use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::header::SET_COOKIE;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tower_sessions::Session;
 
+use super::anon;
 use super::error::PageError;
 use super::extract::{AdminUser, MaybeUser, WebUser, check_csrf};
 use crate::access::{self, Channel, Decision, RequestView};
-use crate::auth::{
-    self, SESSION_CSRF, SESSION_OIDC_PENDING, SESSION_SIGNED_IN_AT, SESSION_USER, oidc,
-};
+use crate::auth::{self, SESSION_CSRF, SESSION_SIGNED_IN_AT, SESSION_USER, oidc};
 use crate::clock::from_millis;
 use crate::error::Error;
 use crate::policy::{self, Actor, FieldError, RequestInput, format_duration};
@@ -52,7 +52,12 @@ impl Chrome {
         Ok(Chrome {
             user: actor.map(|a| a.email.clone()),
             is_admin: actor.is_some_and(|a| a.is_admin),
-            csrf: csrf_token(session).await?,
+            // Only a signed-in session gets a CSRF token (it has a row already); an
+            // anonymous page view must not write one (see `web::anon`).
+            csrf: match actor {
+                Some(_) => csrf_token(session).await?,
+                None => String::new(),
+            },
             dev_banner: state.config.auth.dev_login,
         })
     }
@@ -101,6 +106,11 @@ pub struct RequestVm {
     pub reason: String,
     pub ticket: String,
     pub status: String,
+    /// What the badge says: the request's status, except that an approved request
+    /// whose grant is over says how it ended ("revoked", "ended"), never "approved".
+    pub badge: String,
+    /// When and by whom the grant was revoked or ended, for the badge's line.
+    pub badge_note: String,
     pub created: String,
     pub expires: String,
     pub have: usize,
@@ -114,27 +124,61 @@ pub struct GrantVm {
     pub holder: String,
     pub resource: String,
     pub role: String,
+    /// `active`, `ended` or `revoked`: an active grant past its end (not yet swept)
+    /// shows as `ended`, so a page never calls a grant live that the relay refuses.
     pub status: String,
     pub starts: String,
     pub ends: String,
     pub left: String,
+    /// For a grant that is over: "revoked 2026-… UTC by bob@…: reason" or "ended …";
+    /// empty while it is live.
+    pub ended: String,
+}
+
+fn grant_status(g: &GrantRow, now: i64) -> &str {
+    if g.status == "active" && g.ends_at <= now {
+        "ended"
+    } else {
+        &g.status
+    }
+}
+
+/// How a grant that is over ended, in words: when, by whom where known, and why.
+fn grant_ended(g: &GrantRow, now: i64) -> String {
+    let status = grant_status(g, now);
+    if status == "active" {
+        return String::new();
+    }
+    // A grant that ran out has no ended_at until the sweeper records it: its end is
+    // the planned one then.
+    let at = g.ended_at.unwrap_or(g.ends_at);
+    let mut out = format!("{status} {}", when(at));
+    if let Some(by) = g.ended_by_email.as_deref().filter(|b| !b.is_empty()) {
+        out.push_str(&format!(" by {by}"));
+    }
+    if let Some(c) = g.end_comment.as_deref().filter(|c| !c.is_empty()) {
+        out.push_str(&format!(": {c}"));
+    }
+    out
 }
 
 fn grant_vm(g: &GrantRow, now: i64) -> GrantVm {
+    let status = grant_status(g, now).to_string();
     GrantVm {
         id: g.id.clone(),
         request_id: g.request_id.clone(),
         holder: g.user_email.clone(),
         resource: g.resource.clone(),
         role: g.role.clone(),
-        status: g.status.clone(),
         starts: when(g.starts_at),
         ends: when(g.ends_at),
-        left: if g.status == "active" {
+        left: if status == "active" {
             time_left(g.ends_at, now)
         } else {
-            g.status.clone()
+            status.clone()
         },
+        ended: grant_ended(g, now),
+        status,
     }
 }
 
@@ -149,6 +193,17 @@ fn request_vm(v: &RequestView, now: i64) -> RequestVm {
         reason: r.reason.clone(),
         ticket: r.ticket.clone().unwrap_or_default(),
         status: r.status.clone(),
+        badge: match &v.grant {
+            Some(g) if r.status == "approved" => match grant_status(g, now) {
+                "active" => r.status.clone(),
+                over => over.to_string(),
+            },
+            _ => r.status.clone(),
+        },
+        badge_note: match &v.grant {
+            Some(g) if r.status == "approved" => grant_ended(g, now),
+            _ => String::new(),
+        },
         created: when(r.created_at),
         expires: when(r.expires_at),
         have: v.approval_count(),
@@ -277,8 +332,9 @@ pub struct NextQuery {
 pub async fn login_page(
     State(state): State<AppState>,
     user: MaybeUser,
+    headers: HeaderMap,
     Query(q): Query<NextQuery>,
-) -> Result<impl IntoResponse, PageError> {
+) -> Result<Response, PageError> {
     let dev_users = if state.config.auth.dev_login {
         state
             .config
@@ -294,12 +350,26 @@ pub async fn login_page(
     } else {
         Vec::new()
     };
-    Ok(LoginPage {
-        chrome: Chrome::new(&state, &user.session, user.actor.as_ref()).await?,
+    // The demo sign-in forms carry a CSRF token from a sealed cookie, not a session:
+    // this page is anyone's, and writes nothing server-side.
+    let mut chrome = Chrome::new(&state, &user.session, user.actor.as_ref()).await?;
+    let mut set_cookie = None;
+    if !dev_users.is_empty() {
+        let (csrf, cookie) = anon::login_csrf(&state, &headers)?;
+        chrome.csrf = csrf;
+        set_cookie = cookie;
+    }
+    let mut resp = LoginPage {
+        chrome,
         dev_users,
         oidc_name: state.oidc.as_ref().map(|o| o.display_name().to_string()),
         next: oidc::safe_next(q.next.as_deref()),
-    })
+    }
+    .into_response();
+    if let Some(c) = set_cookie {
+        resp.headers_mut().append(SET_COOKIE, c);
+    }
+    Ok(resp)
 }
 
 /// Makes `actor` the user of this session: a new session id (so a fixated id is
@@ -327,30 +397,31 @@ pub struct DevLoginForm {
 pub async fn dev_login(
     State(state): State<AppState>,
     session: Session,
+    headers: HeaderMap,
     Form(form): Form<DevLoginForm>,
 ) -> Result<Redirect, PageError> {
     // Login CSRF: the form must come from this browser's own sign-in page.
-    check_csrf(&session, &form.csrf).await?;
+    anon::check_login_csrf(&state, &headers, &form.csrf)?;
     let actor = auth::dev_sign_in(&state, &form.email).await?;
     start_session(&state, &session, &actor).await?;
     tracing::info!(user = %actor.email, "signed in (demo)");
     Ok(Redirect::to(&oidc::safe_next(form.next.as_deref())))
 }
 
-/// Starts an OIDC sign-in: remembers state, nonce and PKCE verifier in this browser's
-/// session and sends the browser to the provider.
+/// Starts an OIDC sign-in: hands state, nonce and PKCE verifier to this browser in a
+/// sealed, short-lived cookie (nothing is stored server-side for a visitor who is not
+/// signed in) and sends the browser to the provider.
 pub async fn oidc_start(
     State(state): State<AppState>,
-    session: Session,
     Query(q): Query<NextQuery>,
-) -> Result<Redirect, PageError> {
+) -> Result<Response, PageError> {
     let Some(provider) = state.oidc.clone() else {
         return Err(Error::NotFound("page").into());
     };
     let next = oidc::safe_next(q.next.as_deref());
     let (url, pending) = provider.begin(next, state.now_ms()).await?;
-    session.insert(SESSION_OIDC_PENDING, &pending).await?;
-    Ok(Redirect::to(&url))
+    let cookie = anon::pending_cookie(&state, &pending)?;
+    Ok(([(SET_COOKIE, cookie)], Redirect::to(&url)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -360,17 +431,36 @@ pub struct CallbackQuery {
     error: Option<String>,
 }
 
-/// The provider's redirect back. The pending sign-in is taken out of the session
-/// first, so a callback can be used once, and a failure leaves nobody signed in.
+/// The provider's redirect back. The answer clears the sign-in cookie whatever the
+/// outcome, so a browser presents a started sign-in once, and a failure leaves nobody
+/// signed in.
 pub async fn oidc_callback(
     State(state): State<AppState>,
     session: Session,
+    headers: HeaderMap,
     Query(q): Query<CallbackQuery>,
+) -> Result<Response, PageError> {
+    let clear = anon::clear_pending(&state);
+    let mut resp = match oidc_finish(&state, &session, &headers, &q).await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    };
+    if let Some(c) = clear {
+        resp.headers_mut().append(SET_COOKIE, c);
+    }
+    Ok(resp)
+}
+
+async fn oidc_finish(
+    state: &AppState,
+    session: &Session,
+    headers: &HeaderMap,
+    q: &CallbackQuery,
 ) -> Result<Redirect, PageError> {
     let Some(provider) = state.oidc.clone() else {
         return Err(Error::NotFound("page").into());
     };
-    let pending: Option<oidc::Pending> = session.remove(SESSION_OIDC_PENDING).await?;
+    let pending = anon::pending(state, headers);
     let had_pending = pending.is_some();
     let result = async {
         let pending = pending.ok_or(oidc::SignInError::NoPending)?;
@@ -394,8 +484,8 @@ pub async fn oidc_callback(
     .await;
     match result {
         Ok((identity, next)) => {
-            let actor = auth::oidc_sign_in(&state, &identity).await?;
-            start_session(&state, &session, &actor).await?;
+            let actor = auth::oidc_sign_in(state, &identity).await?;
+            start_session(state, session, &actor).await?;
             tracing::info!(user = %actor.email, iss = %identity.issuer, sub = %identity.subject, "signed in (oidc)");
             Ok(Redirect::to(&next))
         }
