@@ -1,9 +1,19 @@
-//! The workflow in headless Chromium: alice files, bob approves, alice sees the grant.
+//! Every button and form in headless Chromium, each clicked and its effect checked:
+//! alice files, bob approves, denies or revokes, alice cancels, gets database
+//! credentials and an SSH certificate, an admin forces a re-sign-in, and everyone signs
+//! in and out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use common::postgres::{self, Cluster};
 use common::webdriver::Browser;
+use reqwest::StatusCode;
+
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+const CAROL: &str = "carol@example.com";
+const DAVE: &str = "dave@example.com";
 
 /// Saves a screenshot when TWOKEY_SCREENSHOTS names a directory (for looking at pages).
 async fn shot(b: &Browser, name: &str) {
@@ -94,4 +104,341 @@ async fn alice_files_bob_approves_alice_sees_the_grant() {
     assert!(left.contains("2h 0m left"), "{left}");
     b.quit().await;
     app.assert_chain_ok().await;
+}
+
+/// alice's request for `demo-db/read`, approved by bob through the API.
+async fn approved_db_request(app: &common::TestApp) -> String {
+    let id = app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    let (s, r) = app.api(BOB).await.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_clicks_get_database_credentials_and_they_work() {
+    let cluster = Cluster::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let pw = secrets.path().join("pg-admin-password");
+    std::fs::write(&pw, format!("{}\n", postgres::ADMIN_PASSWORD)).unwrap();
+    let port = cluster.port;
+    let app = common::start_with(move |c| {
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.address = Some(format!("127.0.0.1:{port}"));
+        db.database = Some("app".into());
+        db.admin_user = Some("postgres".into());
+        db.admin_password_file = Some(pw);
+        db.tls = Some("disable".into());
+        db.reassign_owned_to = None;
+        db.roles[0].db_roles = vec!["readonly".into()];
+        c.validate().unwrap();
+    })
+    .await;
+    // VALID UNTIL is checked by PostgreSQL against the wall clock.
+    app.clock.set(chrono::Utc::now());
+    let id = approved_db_request(&app).await;
+    let base = app.server.url();
+    let b = Browser::start().await;
+    sign_in(&b, &base, ALICE).await;
+    b.goto(&format!("{base}/requests/{id}")).await;
+    b.click_and_wait("#get-db-credentials").await;
+    shot(&b, "db-credentials").await;
+    assert!(
+        b.url()
+            .await
+            .ends_with(&format!("/requests/{id}/db-credentials")),
+        "{}",
+        b.url().await
+    );
+    assert!(
+        b.source()
+            .await
+            .contains("Database credentials for demo-db"),
+        "{}",
+        b.source().await
+    );
+    let (host, db_port, db, user, password) = (
+        b.text("#db-host").await,
+        b.text("#db-port").await,
+        b.text("#db-name").await,
+        b.text("#db-user").await,
+        b.text("#db-password").await,
+    );
+    assert_eq!(
+        (host.as_str(), db_port.as_str(), db.as_str()),
+        ("127.0.0.1", port.to_string().as_str(), "app")
+    );
+    assert!(
+        !user.is_empty() && password.len() >= 20,
+        "{user} {password}"
+    );
+    // The login on the page works against the real server, with what the role allows.
+    let out = cluster.psql(&user, &password, "app", "SELECT count(*) FROM items");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    // The psql line carries the same login.
+    let psql = b.text("#psql-url").await;
+    assert!(
+        psql.contains(&user) && psql.contains(&format!(":{port}/app")),
+        "{psql}"
+    );
+    // Back on the request page, the login is listed (without its password).
+    b.goto(&format!("{base}/requests/{id}")).await;
+    let line = b.text("#db-credential").await;
+    assert!(!line.contains(&password), "{line}");
+    b.quit().await;
+    app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_says_revoked_with_when_and_by_whom_and_an_ended_one_says_ended() {
+    let app = common::start().await;
+    let base = app.server.url();
+    let id = approved_db_request(&app).await;
+    let b = Browser::start().await;
+
+    // bob revokes in the browser, with a reason.
+    sign_in(&b, &base, BOB).await;
+    b.goto(&format!("{base}/requests/{id}")).await;
+    assert_eq!(b.text("#status").await, "approved");
+    assert_eq!(b.text("#grant-status").await, "active");
+    b.fill("#revoke-comment", "incident over").await;
+    app.clock.advance(chrono::Duration::minutes(5));
+    b.click_and_wait("#revoke").await;
+    assert!(b.url().await.ends_with(&format!("/requests/{id}")));
+    shot(&b, "revoked").await;
+    assert_eq!(b.text("#status").await, "revoked", "not a green approved");
+    assert_eq!(b.text("#grant-status").await, "revoked");
+    assert!(!b.exists("#revoke").await, "nothing left to revoke");
+    let window = b.text("#grant-window").await;
+    assert!(
+        window.contains("revoked 2026-11-22 12:05:00 UTC by bob@example.com: incident over")
+            && window.contains("planned end 2026-11-22 13:00:00 UTC"),
+        "{window}"
+    );
+    sign_out(&b).await;
+
+    // alice sees the same in My requests and on the page.
+    sign_in(&b, &base, ALICE).await;
+    let card = b.text("li.card").await;
+    assert!(
+        card.contains("revoked 2026-11-22 12:05:00 UTC by bob@example.com: incident over"),
+        "{card}"
+    );
+    assert_eq!(b.text("li.card .status").await, "revoked");
+    b.goto(&format!("{base}/requests/{id}")).await;
+    assert_eq!(b.text("#status").await, "revoked");
+    assert!(
+        b.text("#status-note")
+            .await
+            .contains("revoked 2026-11-22 12:05:00 UTC by bob@example.com"),
+    );
+
+    // A grant that runs out: "ended" at its planned end, before and after the sweep.
+    let id2 = approved_db_request(&app).await;
+    app.clock.advance(chrono::Duration::hours(2));
+    for swept in [false, true] {
+        if swept {
+            twokey::access::sweep(app.state()).await.unwrap();
+        }
+        b.goto(&format!("{base}/requests/{id2}")).await;
+        assert_eq!(b.text("#status").await, "ended", "swept: {swept}");
+        assert_eq!(b.text("#grant-status").await, "ended", "swept: {swept}");
+        assert!(
+            b.text("#grant-window").await.contains("ended 2026-11-22"),
+            "swept: {swept}"
+        );
+        assert!(!b.exists("#get-db-credentials").await);
+    }
+    b.goto(&format!("{base}/requests")).await;
+    let badges = b
+        .script("return [...document.querySelectorAll('li.card .status')].map(e => e.innerText);")
+        .await;
+    assert_eq!(badges, serde_json::json!(["ended", "revoked"]));
+    b.quit().await;
+    app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_and_cancel_buttons_decide_the_request() {
+    let app = common::start().await;
+    let base = app.server.url();
+    let alice = app.api(ALICE).await;
+    let denied = alice.file("demo-db", "read", "1h", None).await;
+    let cancelled = alice.file("demo-db", "read", "1h", None).await;
+    let b = Browser::start().await;
+
+    sign_in(&b, &base, BOB).await;
+    b.goto(&format!("{base}/requests/{denied}")).await;
+    b.fill("#deny-comment", "use the replica").await;
+    b.click_and_wait("#deny").await;
+    assert_eq!(b.text("#status").await, "denied");
+    assert!(!b.exists("#approve").await && !b.exists("#deny").await);
+    assert!(
+        b.text("#timeline")
+            .await
+            .contains("denied by bob@example.com via web: use the replica")
+    );
+    sign_out(&b).await;
+
+    sign_in(&b, &base, ALICE).await;
+    b.goto(&format!("{base}/requests/{cancelled}")).await;
+    b.click_and_wait("#cancel").await;
+    assert_eq!(b.text("#status").await, "cancelled");
+    assert!(!b.exists("#cancel").await);
+    assert!(
+        b.text("#timeline")
+            .await
+            .contains("cancelled by alice@example.com")
+    );
+    // Nobody can act on it any more: it left bob's queue.
+    sign_out(&b).await;
+    sign_in(&b, &base, BOB).await;
+    b.goto(&format!("{base}/queue")).await;
+    assert!(!b.exists("a.request-link").await, "{}", b.source().await);
+    b.quit().await;
+    let actions = app.audit_actions().await;
+    assert!(
+        actions.contains(&"request.denied".to_string()),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&"request.cancelled".to_string()),
+        "{actions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssh_certificate_form_gives_a_certificate_for_the_pasted_key() {
+    let app = common::start().await;
+    let base = app.server.url();
+    let id = app
+        .api(ALICE)
+        .await
+        .file("demo-ssh", "admin", "1h", Some("INC-7"))
+        .await;
+    for who in [BOB, CAROL] {
+        let (s, r) = app.api(who).await.act(&id, "approve").await;
+        assert_eq!(s, StatusCode::OK, "{r}");
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("id_ed25519");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@laptop", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+
+    let b = Browser::start().await;
+    sign_in(&b, &base, ALICE).await;
+    b.goto(&format!("{base}/requests/{id}")).await;
+    b.fill("#public_key", public.trim()).await;
+    b.click_and_wait("#get-certificate").await;
+    shot(&b, "ssh-certificate").await;
+    let page = b.source().await;
+    let start = page.find("ssh-ed25519-cert-v01@openssh.com ").expect(&page);
+    let end = start + page[start..].find(['<', '\n']).unwrap();
+    let cert = page[start..end].trim().to_string();
+    let cert_file = keys.path().join("id_ed25519-cert.pub");
+    std::fs::write(&cert_file, format!("{cert}\n")).unwrap();
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-L", "-f"])
+        .arg(&cert_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    // For the pasted key, with the role's principal, signed by twokey's CA.
+    let fp = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-f"])
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout);
+    let fp = fp.split_whitespace().nth(1).unwrap();
+    assert!(
+        listing.contains(&format!("Public key: ED25519-CERT {fp}")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("Principals: \n                admin"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&app.state().ca.fingerprint()),
+        "signed by twokey's CA: {listing}"
+    );
+    b.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_clicks_force_re_sign_in_and_the_users_session_ends() {
+    let app = common::start().await;
+    let base = app.server.url();
+    // alice is signed in elsewhere.
+    let elsewhere = app.browser(ALICE).await;
+    assert_eq!(elsewhere.get("/requests").await.0, StatusCode::OK);
+
+    let b = Browser::start().await;
+    sign_in(&b, &base, DAVE).await;
+    b.goto(&format!("{base}/admin/users")).await;
+    app.clock.advance(chrono::Duration::seconds(1));
+    b.click_and_wait(&format!("button[id='reauth-{ALICE}']"))
+        .await;
+    assert!(b.url().await.ends_with("/admin/users"));
+    assert_eq!(
+        elsewhere.get("/requests").await.0,
+        StatusCode::SEE_OTHER,
+        "alice's session ended"
+    );
+    // dave's own session goes on.
+    b.goto(&format!("{base}/requests")).await;
+    assert!(b.url().await.ends_with("/requests"));
+    b.quit().await;
+    assert!(
+        app.audit_actions()
+            .await
+            .contains(&"user.reauth_forced".to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_out_ends_the_session_for_good() {
+    let app = common::start().await;
+    let base = app.server.url();
+    let b = Browser::start().await;
+    sign_in(&b, &base, ALICE).await;
+    let cookie = b
+        .script("return document.cookie;")
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // HttpOnly: pages cannot read the session cookie.
+    assert!(!cookie.contains("twokey_session"), "{cookie}");
+    sign_out(&b).await;
+    b.goto(&format!("{base}/requests")).await;
+    assert!(
+        b.url().await.contains("/login?next=/requests"),
+        "{}",
+        b.url().await
+    );
+    b.quit().await;
 }

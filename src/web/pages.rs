@@ -109,7 +109,7 @@ pub struct RequestVm {
     /// What the badge says: the request's status, except that an approved request
     /// whose grant is over says how it ended ("revoked", "ended"), never "approved".
     pub badge: String,
-    /// When and by whom the grant was revoked or ended, for the badge's line.
+    /// When and by whom the grant was revoked or ended (and why), beside the badge.
     pub badge_note: String,
     pub created: String,
     pub expires: String,
@@ -143,16 +143,23 @@ fn grant_status(g: &GrantRow, now: i64) -> &str {
     }
 }
 
-/// How a grant that is over ended, in words: when, by whom where known, and why.
+/// How a grant that is over ended, in words: "revoked 2026-… UTC by bob@…: why".
 fn grant_ended(g: &GrantRow, now: i64) -> String {
-    let status = grant_status(g, now);
-    if status == "active" {
+    match grant_status(g, now) {
+        "active" => String::new(),
+        status => format!("{status} {}", grant_end_detail(g, now)),
+    }
+}
+
+/// When a grant that is over ended, by whom where known, and why; empty while live.
+fn grant_end_detail(g: &GrantRow, now: i64) -> String {
+    if grant_status(g, now) == "active" {
         return String::new();
     }
     // A grant that ran out has no ended_at until the sweeper records it: its end is
     // the planned one then.
     let at = g.ended_at.unwrap_or(g.ends_at);
-    let mut out = format!("{status} {}", when(at));
+    let mut out = when(at);
     if let Some(by) = g.ended_by_email.as_deref().filter(|b| !b.is_empty()) {
         out.push_str(&format!(" by {by}"));
     }
@@ -201,7 +208,7 @@ fn request_vm(v: &RequestView, now: i64) -> RequestVm {
             _ => r.status.clone(),
         },
         badge_note: match &v.grant {
-            Some(g) if r.status == "approved" => grant_ended(g, now),
+            Some(g) if r.status == "approved" => grant_end_detail(g, now),
             _ => String::new(),
         },
         created: when(r.created_at),
