@@ -65,14 +65,17 @@ pub struct RelayConfig {
     /// An authenticated connection with no traffic for this long is closed.
     #[serde(default = "default_relay_idle")]
     pub idle_timeout: String,
-    /// A session's recording stops growing past this many bytes: a marker says so and
-    /// the rest is counted, not written.
+    /// A session's recorded output stops growing past this many bytes (at least
+    /// 64 KiB): a marker says so and later output is counted, not written. What the
+    /// engineer types and sends (sftp requests too) is recorded past it.
     #[serde(default = "default_max_recording")]
     pub max_recording_bytes: u64,
 }
 
 /// 100 MiB of asciicast: hours of terminal work, a bounded slice of a bulk transfer.
 pub const DEFAULT_MAX_RECORDING_BYTES: u64 = 100 << 20;
+/// The smallest `relay.max_recording_bytes` accepted.
+pub const MIN_MAX_RECORDING_BYTES: u64 = 64 << 10;
 
 fn default_relay_connections() -> usize {
     1000
@@ -846,6 +849,17 @@ impl Config {
                 return Err(invalid(
                     "relay.max_connections",
                     "max_connections and max_connections_per_ip must be at least 1",
+                ));
+            }
+            // A cap of (nearly) nothing would keep no output at all: refused, not
+            // quietly taken as "record nothing".
+            if relay.max_recording_bytes < MIN_MAX_RECORDING_BYTES {
+                return Err(invalid(
+                    "relay.max_recording_bytes",
+                    format!(
+                        "{} is too small: at least {MIN_MAX_RECORDING_BYTES} (64 KiB)",
+                        relay.max_recording_bytes
+                    ),
                 ));
             }
         }
@@ -1628,6 +1642,27 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.starts_with(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_recording_cap_of_nothing_is_refused() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (bytes, ok) in [(0, false), (65_535, false), (65_536, true)] {
+            let text = format!(
+                "{base}\n[relay]\nlisten = \"127.0.0.1:0\"\nmax_recording_bytes = {bytes}\n"
+            );
+            let checked = Config::parse(&text, "t").and_then(|c| c.validate());
+            match checked {
+                Ok(_) => assert!(ok, "{bytes} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{bytes}: {e}");
+                    assert!(
+                        e.to_string().starts_with("relay.max_recording_bytes"),
+                        "{e}"
+                    );
+                }
+            }
         }
     }
 

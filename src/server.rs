@@ -88,6 +88,8 @@ pub async fn start(
         config.server.public_url = Some(format!("http://{addr}"));
     }
     let state = open_state(config, clock).await?;
+    // Relay sessions a crash left open are closed before anything is served.
+    let relay_claim = crate::relay::claim_instance(&state).await?;
     let sessions = store::session_store(&state.db).await?;
     let app = web::router(state.clone(), sessions.clone());
     let addr = listener
@@ -181,7 +183,7 @@ pub async fn start(
             let listener = TcpListener::bind(&listen)
                 .await
                 .map_err(|e| Error::Internal(format!("relay: cannot listen on {listen}: {e}")))?;
-            let relay = crate::relay::start(state.clone(), listener).await?;
+            let relay = crate::relay::start(state.clone(), listener, relay_claim).await?;
             tracing::info!(addr = %relay.addr, "SSH relay listening");
             Some(relay)
         }

@@ -57,6 +57,7 @@ impl AppState {
         let relay = match &config.relay {
             Some(r) => Some(Arc::new(crate::relay::RelayKeys::load(
                 r,
+                &config.ca,
                 &config.server.data_dir,
             )?)),
             None => None,

@@ -1991,3 +1991,748 @@ async fn engineers_get_aes_and_nothing_weaker() {
     assert!(!o.status.success() && out.is_empty(), "{out}");
     assert!(err.contains("no matching cipher found"), "{err}");
 }
+
+/// An ssh run whose output is read up to a text and whose input is typed into, as an
+/// engineer at a terminal would (the tests wait for a prompt before answering it).
+struct Typing {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl Typing {
+    fn spawn(mut c: Command) -> Typing {
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Typing {
+            child,
+            stdin,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until `text` has been shown (within 20 s), and forgets what came before.
+    fn expect(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(i) = self
+                .seen
+                .windows(text.len())
+                .position(|w| w == text.as_bytes())
+            {
+                self.seen.drain(..i + text.len());
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend(chunk),
+                Err(_) => panic!(
+                    "never saw {text:?}; saw {:?}",
+                    String::from_utf8_lossy(&self.seen)
+                ),
+            }
+        }
+    }
+
+    fn type_in(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin and waits for the exit status.
+    fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        self.child.wait().unwrap()
+    }
+}
+
+/// A recording's events after its header: (kind, data).
+fn cast_events(cast: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(cast)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v[1].as_str().unwrap().to_string(),
+                v[2].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Everything recorded as typed, in order.
+fn typed(events: &[(String, String)]) -> String {
+    events
+        .iter()
+        .filter(|(k, _)| k == "i")
+        .map(|(_, d)| d.as_str())
+        .collect()
+}
+
+/// The recording's markers.
+fn markers(events: &[(String, String)]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|(k, _)| k == "m")
+        .map(|(_, d)| d.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_typed_past_the_recording_cap_is_still_recorded() {
+    let s = setup_with(|c| c.relay.as_mut().unwrap().max_recording_bytes = 64 * 1024).await;
+    let (_, cert) = s.grant().await;
+    let c = s.ssh_cmd(
+        &cert,
+        "demo-ssh",
+        "head -c 200000 /dev/zero | tr '\\0' x; echo; echo READY; read line; echo \"got $line\"",
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let mut t = Typing::spawn(c);
+        // Past the cap by now: the relay recorded (and dropped) the output first.
+        t.expect("READY\n");
+        t.type_in("typed-after-the-cap\n");
+        t.expect("got typed-after-the-cap");
+        t.finish()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    let ended = &wait_ended(&s, 1).await[0];
+    assert_eq!(ended["recording_truncated"], true);
+    let cast = recorded(ended);
+    let events = cast_events(&cast);
+    assert!(
+        typed(&events).contains("typed-after-the-cap\n"),
+        "{}",
+        String::from_utf8_lossy(&cast)
+    );
+    assert!(cast.len() < 64 * 1024 + 1024, "{} bytes", cast.len());
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_changes_to_authorized_keys_are_recorded_with_their_paths() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    // A home on the target with an .ssh directory (a throwaway one: the target runs
+    // as whoever runs the tests).
+    let home = tempfile::tempdir().unwrap();
+    let dot_ssh = home.path().join(".ssh");
+    std::fs::create_dir(&dot_ssh).unwrap();
+    let keys = dot_ssh.join("authorized_keys");
+    let sub = dot_ssh.join("sub");
+    let planted = s.keys.path().join("planted.pub");
+    let line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlanted planted@elsewhere\n";
+    std::fs::write(&planted, line).unwrap();
+    let batch = s.keys.path().join("batch");
+    let (k, d, p) = (keys.display(), sub.display(), planted.display());
+    std::fs::write(
+        &batch,
+        format!(
+            "mkdir {d}\nput {p} {k}\nchmod 600 {k}\nput {p} {d}/x\nrename {d}/x {d}/y\nrm {d}/y\nrmdir {d}\n"
+        ),
+    )
+    .unwrap();
+    let mut c = Command::new("sftp");
+    c.args(["-F", "/dev/null", "-b"])
+        .arg(&batch)
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .arg("-i")
+        .arg(&s.key)
+        .args(["-P", &s.relay_port().to_string()])
+        .arg("demo-ssh@127.0.0.1")
+        .stdin(Stdio::null());
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(std::fs::read_to_string(&keys).unwrap(), line);
+
+    let ended = &wait_ended(&s, 1).await[0];
+    let events = cast_events(&recorded(ended));
+    let m = markers(&events);
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let (qk, qd) = (q(&keys), q(&sub));
+    let (qx, qy) = (q(&sub.join("x")), q(&sub.join("y")));
+    for want in [
+        format!("sftp: mkdir {qd}"),
+        format!("sftp: open {qk} (write,create,truncate)"),
+        format!("sftp: write {qk} at offset 0 ({} bytes)", line.len()),
+        format!("sftp: close {qk}: wrote {} bytes in 1 writes", line.len()),
+        format!("sftp: setstat {qk} mode 0600"),
+        format!("sftp: open {qx} (write,create,truncate)"),
+        format!("sftp: rename {qx} to {qy}"),
+        format!("sftp: remove {qy}"),
+        format!("sftp: rmdir {qd}"),
+    ] {
+        assert!(
+            m.iter().any(|l| l.starts_with(&want)),
+            "{want} not in {m:#?}"
+        );
+    }
+
+    // Any other subsystem is a stream the relay cannot record: refused.
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-s"], "netconf");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("only sftp can be recorded"),
+        "{:?}",
+        text(&o)
+    );
+    let ended = wait_ended(&s, 2).await;
+    assert_eq!(ended[1]["reason"], "subsystem \"netconf\" refused");
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_prompt_from_the_target_cannot_hide_commands() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    // No terminal: nothing is masked, whatever the target prints.
+    let c = s.ssh_cmd(
+        &cert,
+        "demo-ssh",
+        "printf 'Password:'; read x; echo \"ran $x\"",
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let mut t = Typing::spawn(c);
+        t.expect("Password:");
+        t.type_in("touch /tmp/no-pty\n");
+        t.expect("ran touch /tmp/no-pty");
+        t.finish()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    let ended = &wait_ended(&s, 1).await[0];
+    assert!(typed(&cast_events(&recorded(ended))).contains("touch /tmp/no-pty\n"));
+    assert_eq!(ended["masked_inputs"], 0);
+
+    // A terminal: a prompt the target echoes at, a real secret prompt (echo off), and a
+    // line too long to be a secret.
+    let script = "printf 'Password:'; read a; echo \"A=$a\"; \
+                  stty -echo; printf 'Password:'; read b; stty echo; echo \"B=${#b}\"; \
+                  stty -echo; printf 'Password:'; read c; stty echo; echo \"C=${#c}\"";
+    let c = s.ssh_cmd_with(&cert, "demo-ssh", &["-tt"], script);
+    let long = "z".repeat(200);
+    let typed_long = long.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        let mut t = Typing::spawn(c);
+        t.expect("Password:");
+        t.type_in("rm -rf /tmp/echoed\r");
+        t.expect("A=rm -rf /tmp/echoed");
+        t.expect("Password:");
+        t.type_in("hunter2\r");
+        t.expect("B=7");
+        t.expect("Password:");
+        t.type_in(&format!("{typed_long}\r"));
+        t.expect("C=200");
+        t.finish()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    let ended = &wait_ended(&s, 2).await[1];
+    let events = cast_events(&recorded(ended));
+    let input = typed(&events);
+    assert!(input.contains("rm -rf /tmp/echoed"), "{input}");
+    assert!(input.contains(&long), "{input}");
+    assert!(!input.contains("hunter2"), "{input}");
+    assert!(input.contains("*******\r"), "{input}");
+    let m = markers(&events);
+    assert_eq!(
+        m.iter()
+            .filter(|l| l.contains("masked input begins"))
+            .count(),
+        3,
+        "{m:#?}"
+    );
+    assert_eq!(ended["masked_inputs"], 1);
+    let page = s.session_page(ended).await;
+    assert!(
+        page.contains("id=\"masked-inputs\">1 masked input:"),
+        "{page}"
+    );
+    s.app.assert_chain_ok().await;
+}
+
+/// A user certificate from twokey's own CA for the grant `id`, with `principals`.
+fn cert_with_principals(s: &Setup, id: &str, principals: &[&str]) -> PathBuf {
+    use russh::keys::ssh_key;
+    let public = std::fs::read_to_string(s.key.with_extension("pub")).unwrap();
+    let key = ssh_key::PublicKey::from_openssh(public.trim()).unwrap();
+    let ca = ssh_key::PrivateKey::read_openssh_file(
+        s.app.state().config.server.data_dir.join("ssh_user_ca"),
+    )
+    .unwrap();
+    let now = Utc::now().timestamp() as u64;
+    let mut b = ssh_key::certificate::Builder::new_with_random_nonce(
+        &mut ssh_key::rand_core::UnwrapErr(ssh_key::getrandom::SysRng),
+        key.key_data().clone(),
+        now - 60,
+        now + 600,
+    )
+    .unwrap();
+    b.serial(4242).unwrap();
+    b.key_id(format!("twokey:{id}:{ALICE}")).unwrap();
+    b.cert_type(ssh_key::certificate::CertType::User).unwrap();
+    for p in principals {
+        b.valid_principal(*p).unwrap();
+    }
+    b.extension("permit-pty", "").unwrap();
+    let cert = b.sign(&ca).unwrap();
+    let path = s
+        .keys
+        .path()
+        .join(format!("{}-cert.pub", principals.join("_")));
+    std::fs::write(&path, format!("{}\n", cert.to_openssh().unwrap())).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_without_the_roles_principals_is_refused() {
+    let s = setup().await;
+    let (_, minted) = s.grant().await;
+    let minted = russh::keys::ssh_key::Certificate::read_file(&minted).unwrap();
+    // twokey:<grant id>:<email>
+    let id = minted.key_id().split(':').nth(1).unwrap().to_string();
+    // Same CA, same live grant, but minted for other logins.
+    let other = cert_with_principals(&s, &id, &["somebody-else"]);
+    let err = refused(&s, &other).await;
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(s.events("session.started").await.is_empty());
+    let refusals = s.events("relay.refused").await;
+    assert!(
+        refusals
+            .iter()
+            .any(|e| e["reason"] == "the certificate's principals are not the role's"),
+        "{refusals:?}"
+    );
+    // The role's principal (and more) gets in.
+    let login = sshd::login();
+    runs(&s, &cert_with_principals(&s, &id, &[&login, "extra"])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zlib_is_offered_only_after_authentication() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let mut c = s.ssh_cmd_with(
+        &cert,
+        "demo-ssh",
+        &["-vvv", "-o", "Compression=yes"],
+        "echo ran",
+    );
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out, "ran\n", "{err}");
+    // What the relay proposes, as OpenSSH logs it: "compression ctos: …" after
+    // "peer server KEXINIT proposal".
+    let proposal = err
+        .split("peer server KEXINIT proposal")
+        .nth(1)
+        .expect("no server proposal in -vvv output");
+    for dir in ["ctos", "stoc"] {
+        let list = proposal
+            .lines()
+            .find_map(|l| l.split(&format!("compression {dir}: ")).nth(1))
+            .unwrap_or_else(|| panic!("no compression {dir} in {proposal}"));
+        let algs: Vec<&str> = list.trim().split(',').collect();
+        assert_eq!(algs, ["none", "zlib@openssh.com"], "{dir}");
+    }
+    // And with compression asked for, the delayed kind is what runs.
+    assert!(err.contains("compression: zlib@openssh.com"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_passphrase_the_relay_keys_are_encrypted_on_disk_and_work_after_a_restart() {
+    let pass_dir = tempfile::tempdir().unwrap();
+    let pass = pass_dir.path().join("passphrase");
+    std::fs::write(&pass, "correct horse battery staple\n").unwrap();
+    let s = setup_with(move |c| c.ca.passphrase_file = Some(pass)).await;
+    let data = s.app.state().config.server.data_dir.clone();
+    // The upstream CA was made in the clear before the passphrase was set (setup
+    // makes it for the target): encrypted at start-up too.
+    let upstream = s._ca_dir.path().join("upstream");
+    for f in [
+        data.join("relay_host_key"),
+        upstream,
+        data.join("ssh_user_ca"),
+    ] {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let k = russh::keys::ssh_key::PrivateKey::from_openssh(text.trim()).unwrap();
+        assert!(k.is_encrypted(), "{} is kept in the clear", f.display());
+    }
+    let host_line = s.app.state().relay.as_ref().unwrap().host.public_key_line();
+    let (_, cert) = s.grant().await;
+    runs(&s, &cert).await;
+
+    // A restart on the same data dir reads the encrypted keys back.
+    let Setup {
+        app,
+        sshd,
+        keys,
+        key,
+        _ca_dir,
+    } = s;
+    let config = (*app.state().config).clone();
+    let common::TestApp { server, clock, dir } = app;
+    server.stop().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = twokey::server::start(config, clock.clone(), listener)
+        .await
+        .unwrap();
+    let s = Setup {
+        app: common::TestApp { server, clock, dir },
+        sshd,
+        keys,
+        key,
+        _ca_dir,
+    };
+    let relay = s.app.state().relay.as_ref().unwrap();
+    assert_eq!(relay.host.public_key_line(), host_line);
+    runs(&s, &cert).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_audited_does_not_start() {
+    let s = setup_with(|c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.roles[0].extensions = vec!["permit-pty".into(), "permit-port-forwarding".into()];
+    })
+    .await;
+    let (_, cert) = s.grant().await;
+    // The store fails exactly these audit writes (a full disk, a broken replica…);
+    // everything else, the grant checks included, still works.
+    sqlx::query(
+        "CREATE TRIGGER test_audit_fails BEFORE INSERT ON audit_events
+         WHEN NEW.action IN ('session.started', 'session.forward_opened')
+         BEGIN SELECT RAISE(ABORT, 'the audit store is failing'); END",
+    )
+    .execute(&s.app.state().db)
+    .await
+    .unwrap();
+    let marker = s.keys.path().join("ran");
+    let o = s
+        .ssh(&cert, "demo-ssh", &format!("touch {}", marker.display()))
+        .await;
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("this session cannot be audited right now, so it does not start"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the command ran unaudited");
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM relay_sessions")
+        .fetch_all(&s.app.state().db)
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "{rows:?}");
+
+    // A forward that cannot be audited as opened is refused before any byte passes.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = format!("127.0.0.1:{}", echo.local_addr().unwrap().port());
+    let accepted = tokio::spawn(async move { echo.accept().await.is_ok() });
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-W", &dest], "");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("administratively prohibited"),
+        "{:?}",
+        text(&o)
+    );
+    assert!(s.events("session.forward_opened").await.is_empty());
+    drop(accepted);
+    s.app.assert_chain_ok().await;
+}
+
+/// `ssh` to a relay at `port` as the tests run it, for a twokey started as a process.
+fn relay_ssh(port: u16, known_hosts: &Path, key: &Path, cert: &Path, command: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ])
+    .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+    .arg("-o")
+    .arg(format!("CertificateFile={}", cert.display()))
+    .arg("-i")
+    .arg(key)
+    .args(["-p", &port.to_string(), "demo-ssh@127.0.0.1", command]);
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_left_open_by_a_crash_is_closed_as_interrupted_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_file = dir.path().join("upstream_ca");
+    let upstream = twokey::ca::Ca::load_or_create(
+        &twokey::config::CaConfig {
+            key_file: Some(upstream_file.clone()),
+            passphrase_file: None,
+        },
+        dir.path(),
+    )
+    .unwrap();
+    let sshd = Sshd::start(&upstream.public_key_line(), "");
+    let (port, relay_port) = (free_port(), free_port());
+    let base = twokey::config::demo_config_toml(&format!("127.0.0.1:{port}"), dir.path());
+    let role = "min_approvals = 2\nmax_duration = \"1h\"\nrequire_ticket = true";
+    assert!(base.contains(role));
+    let toml =
+        base.replace(
+            "address = \"127.0.0.1:22\"",
+            &format!(
+                "address = \"127.0.0.1:{}\"\nhost_key = {:?}",
+                sshd.port,
+                sshd.host_key_line().trim()
+            ),
+        )
+        .replace(
+            role,
+            "min_approvals = 1\nmax_duration = \"1h\"\nrequire_ticket = false",
+        )
+        .replacen(
+            "principals = [\"admin\"]",
+            &format!("principals = [{:?}]", sshd::login()),
+            1,
+        ) + &format!(
+            "\n[relay]\nlisten = \"127.0.0.1:{relay_port}\"\nupstream_ca_key_file = {:?}\n",
+            upstream_file.display().to_string()
+        );
+    let config = dir.path().join("twokey.toml");
+    std::fs::write(&config, toml).unwrap();
+    let twokey = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_twokey"));
+        c.args(["--config", config.to_str().unwrap()]).args(args);
+        c
+    };
+    let serve = || {
+        twokey(&["serve"])
+            .env("TWOKEY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let up = |url: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if common::http()
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+                && std::net::TcpStream::connect(("127.0.0.1", relay_port)).is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("twokey did not come up within 30 s");
+    };
+    let mut child = serve();
+    up(url.clone()).await;
+
+    // A grant, a certificate, and a session left running.
+    let token = |who: &str| {
+        let o = twokey(&["token", "create", "--user", who])
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let (a, b) = (token(ALICE), token(BOB));
+    let http = common::http();
+    let r: Value = http
+        .post(format!("{url}/api/v1/requests"))
+        .bearer_auth(&a)
+        .json(&json!({"resource": "demo-ssh", "role": "admin", "duration": "30m", "reason": "crash test"}))
+        .send().await.unwrap().json().await.unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    let ok = http
+        .post(format!("{url}/api/v1/requests/{id}/approve"))
+        .bearer_auth(&b)
+        .send()
+        .await
+        .unwrap();
+    assert!(ok.status().is_success());
+    let keys = tempfile::tempdir().unwrap();
+    let key = sshd::keygen(keys.path(), "id_ed25519");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let m: Value = http
+        .post(format!("{url}/api/v1/requests/{id}/ssh-certificate"))
+        .bearer_auth(&a)
+        .json(&json!({ "public_key": public }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cert = keys.path().join("id_ed25519-cert.pub");
+    std::fs::write(&cert, format!("{}\n", m["certificate"].as_str().unwrap())).unwrap();
+    let host = twokey::ca::Ca::load_or_create(
+        &twokey::config::CaConfig {
+            key_file: Some(dir.path().join("relay_host_key")),
+            passphrase_file: None,
+        },
+        dir.path(),
+    )
+    .unwrap();
+    let known = keys.path().join("known_hosts");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{relay_port} {}\n", host.public_key_line()),
+    )
+    .unwrap();
+    let mut ssh = relay_ssh(relay_port, &known, &key, &cert, "echo started; sleep 30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = ssh.stdout.take().unwrap();
+    let started = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        out.read_exact(&mut buf).unwrap();
+        buf
+    })
+    .await
+    .unwrap();
+    assert_eq!(&started, b"started\n");
+
+    child.kill().unwrap(); // SIGKILL: nothing of twokey's shutdown runs
+    child.wait().unwrap();
+    tokio::task::spawn_blocking(move || ssh.wait().unwrap())
+        .await
+        .unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("twokey.db").display());
+    let open_rows = || async {
+        use sqlx::Connection;
+        let mut db = sqlx::SqliteConnection::connect(&db_url).await.unwrap();
+        let rows: Vec<(String, Option<i64>, Option<String>, String, Option<i64>, Option<String>, bool)> =
+            sqlx::query_as(
+                "SELECT id, ended_at, end_reason, recording, recording_bytes, recording_sha256, interrupted
+                 FROM relay_sessions",
+            )
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+        let ended: Vec<(String,)> =
+            sqlx::query_as("SELECT details FROM audit_events WHERE action = 'session.ended'")
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        db.close().await.unwrap();
+        (rows, ended)
+    };
+    // Left open by the crash: no end, no hash, no session.ended.
+    let (rows, ended) = open_rows().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, None);
+    assert!(ended.is_empty());
+
+    let mut child = serve();
+    up(url.clone()).await;
+    let (rows, ended) = open_rows().await;
+    let (sid, ended_at, reason, recording, bytes, sha, interrupted) = rows[0].clone();
+    assert!(ended_at.is_some());
+    assert_eq!(
+        reason.as_deref(),
+        Some("interrupted: twokey stopped before the session ended")
+    );
+    assert!(interrupted);
+    let cast = std::fs::read(&recording).unwrap();
+    assert!(String::from_utf8_lossy(&cast).contains("echo started"));
+    assert_eq!(bytes, Some(cast.len() as i64));
+    use sha2::Digest;
+    assert_eq!(sha, Some(hex::encode(sha2::Sha256::digest(&cast))));
+    assert_eq!(ended.len(), 1);
+    let event: Value = serde_json::from_str(&ended[0].0).unwrap();
+    assert_eq!(event["interrupted"], true);
+    assert_eq!(event["session_id"], sid);
+    assert_eq!(event["sha256"], sha.unwrap());
+    // The session's page says so.
+    let alice = common::Browser::new(url.clone());
+    alice.sign_in(ALICE).await;
+    let (status, page) = alice.get(&format!("/sessions/{sid}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"session-interrupted\""), "{page}");
+    assert!(page.contains("ended: interrupted"), "{page}");
+    // The chain holds, and a new session runs through the restarted relay.
+    let o = twokey(&["audit", "verify"]).output().unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let mut c = relay_ssh(relay_port, &known, &key, &cert, "echo again");
+    let o = tokio::task::spawn_blocking(move || c.stdin(Stdio::null()).output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(&o).0, "again\n", "{:?}", text(&o));
+
+    // The second session ended by itself: another crash and start close nothing.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = serve();
+    up(url.clone()).await;
+    let (_, ended) = open_rows().await;
+    assert_eq!(
+        ended.len(),
+        2,
+        "the second session was ended by itself, once"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -153,7 +153,6 @@ pub async fn current_krl(state: &AppState) -> Result<Vec<u8>> {
     let version = store::audit_head_seq(&state.db).await?;
     let revoked = krl::Revoked {
         serials: rows.iter().map(|(s, _)| *s as u64).collect(),
-        key_ids: rows.into_iter().map(|(_, k)| k).collect(),
     };
     krl::encode(
         state.ca.public_key(),

@@ -1,7 +1,11 @@
 //! OpenSSH key revocation lists, in the binary format of OpenSSH's `PROTOCOL.krl`:
-//! a header, then one certificates section for twokey's CA listing revoked serials and
-//! key ids. `sshd` reads it through `RevokedKeys`; `ssh-keygen -Q -f KRL CERT` checks a
+//! a header, then one certificates section for twokey's CA listing revoked serials.
+//! `sshd` reads it through `RevokedKeys`; `ssh-keygen -Q -f KRL CERT` checks a
 //! certificate against it (the tests do exactly that).
+//!
+//! The KRL is public (served to every target), so it revokes by serial only: never by
+//! key id, which names the holder (`twokey:<grant>:<email>`) and would publish who held
+//! access to what. Every twokey certificate has a random non-zero serial.
 
 use ssh_key::PublicKey;
 
@@ -9,13 +13,11 @@ const MAGIC: &[u8; 8] = b"SSHKRL\n\0";
 const FORMAT_VERSION: u32 = 1;
 const SECTION_CERTIFICATES: u8 = 1;
 const CERT_SERIAL_LIST: u8 = 0x20;
-const CERT_KEY_ID: u8 = 0x23;
 
-/// What a KRL revokes, for one CA.
+/// What a KRL revokes, for one CA: certificate serials.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Revoked {
     pub serials: Vec<u64>,
-    pub key_ids: Vec<String>,
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -52,7 +54,7 @@ pub fn encode(
     put_u64(&mut out, 0); // flags
     put_string(&mut out, b""); // reserved
     put_string(&mut out, b"twokey");
-    if revoked.serials.is_empty() && revoked.key_ids.is_empty() {
+    if revoked.serials.iter().all(|s| *s == 0) {
         return Ok(out);
     }
 
@@ -73,17 +75,6 @@ pub fn encode(
             put_u64(&mut list, s);
         }
         section.push(CERT_SERIAL_LIST);
-        put_string(&mut section, &list);
-    }
-    let mut ids: Vec<&str> = revoked.key_ids.iter().map(String::as_str).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    if !ids.is_empty() {
-        let mut list = Vec::new();
-        for id in ids {
-            put_string(&mut list, id.as_bytes());
-        }
-        section.push(CERT_KEY_ID);
         put_string(&mut section, &list);
     }
     out.push(SECTION_CERTIFICATES);
@@ -112,7 +103,6 @@ mod tests {
             ca.public_key(),
             &Revoked {
                 serials: vec![9, 3, 9, 0],
-                key_ids: vec!["twokey:g:a@example.com".into()],
             },
             8,
             1,
@@ -130,6 +120,7 @@ mod tests {
         assert_eq!(&after[1..5], &16u32.to_be_bytes());
         assert_eq!(&after[5..13], &3u64.to_be_bytes());
         assert_eq!(&after[13..21], &9u64.to_be_bytes());
-        assert_eq!(after[21], CERT_KEY_ID);
+        // Nothing after the serials: no key ids, which would name the holders.
+        assert_eq!(after.len(), 21);
     }
 }

@@ -117,7 +117,22 @@ impl Ca {
                     "the key is encrypted: set ca.passphrase_file",
                 ));
             }
-            (false, _) => key,
+            (false, None) => key,
+            (false, Some(p)) => {
+                // Made before a passphrase was set: encrypted now, so the key does not
+                // stay readable to whoever can read the data dir.
+                let encrypted = key
+                    .encrypt(&mut UnwrapErr(SysRng), p)
+                    .and_then(|k| k.to_openssh(LineEnding::LF).map(|pem| pem.to_string()))
+                    .map_err(|e| internal("encrypting the key", e))?;
+                let tmp = path.with_extension("encrypting");
+                let _ = std::fs::remove_file(&tmp);
+                write_private(&tmp, encrypted.as_bytes())?;
+                std::fs::rename(&tmp, path)
+                    .map_err(|e| internal(&format!("replacing {}", path.display()), e))?;
+                tracing::info!(path = %path.display(), "encrypted a key kept in the clear (ca.passphrase_file is set)");
+                key
+            }
         };
         if key.algorithm() != Algorithm::Ed25519 {
             return Err(internal(

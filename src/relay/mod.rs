@@ -11,6 +11,7 @@
 pub mod commands;
 pub mod host_keys;
 pub mod recording;
+pub mod sftp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,19 +35,42 @@ const KNOWN_CRITICAL: &[&str] = &["force-command", "source-address"];
 /// this, well under the 1 s promised).
 const CUT_CHECK: Duration = Duration::from_millis(200);
 
-/// The relay's keys: its own host key, and the upstream CA targets trust.
+/// The relay's keys: its own host key, and the upstream CA targets trust; and the id
+/// of this relay instance (kept in the data dir), which each session row carries.
 pub struct RelayKeys {
     pub host: Ca,
     pub upstream_ca: Ca,
+    pub instance: String,
+    instance_file: std::path::PathBuf,
 }
 
 impl RelayKeys {
-    pub fn load(config: &crate::config::RelayConfig, data_dir: &std::path::Path) -> Result<Self> {
+    /// Loads (or makes) both keys. With `ca.passphrase_file` they are kept encrypted
+    /// at rest with the CA key's passphrase: whoever reads the data dir must not get the
+    /// key every target trusts.
+    pub fn load(
+        config: &crate::config::RelayConfig,
+        ca: &crate::config::CaConfig,
+        data_dir: &std::path::Path,
+    ) -> Result<Self> {
         let at = |p: &Option<std::path::PathBuf>, name: &str| crate::config::CaConfig {
             key_file: Some(p.clone().unwrap_or_else(|| data_dir.join(name))),
-            passphrase_file: None,
+            passphrase_file: ca.passphrase_file.clone(),
+        };
+        let instance_file = data_dir.join("relay_instance");
+        let instance = match std::fs::read_to_string(&instance_file) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+            _ => {
+                let id = uuid::Uuid::new_v4().to_string();
+                std::fs::write(&instance_file, format!("{id}\n")).map_err(|e| {
+                    Error::Internal(format!("relay: writing {}: {e}", instance_file.display()))
+                })?;
+                id
+            }
         };
         Ok(RelayKeys {
+            instance,
+            instance_file,
             host: Ca::load_or_create(&at(&config.host_key_file, "relay_host_key"), data_dir)?,
             upstream_ca: Ca::load_or_create(
                 &at(&config.upstream_ca_key_file, "relay_upstream_ca"),
@@ -299,7 +323,26 @@ pub async fn authorize(
     peer: Option<SocketAddr>,
 ) -> std::result::Result<Admitted, Refusal> {
     let presented = check_certificate(state, cert, peer)?;
-    admit(state, resource, presented).await
+    let admitted = admit(state, resource, presented).await?;
+    // The certificate must carry every principal the grant's role logs in as: one
+    // minted for another role (or by hand with the CA key for other users) names its
+    // own, and is not a pass to this role's logins.
+    let Some((_, role)) = state
+        .config
+        .role(&admitted.grant.resource, &admitted.grant.role)
+    else {
+        return Err(Refusal::Grant(format!(
+            "the role {} of your grant is no longer in the policy",
+            admitted.grant.role
+        )));
+    };
+    let held = cert.valid_principals();
+    if role.principals.is_empty() || !role.principals.iter().all(|p| held.contains(p)) {
+        return Err(Refusal::Certificate(
+            "the certificate's principals are not the role's".into(),
+        ));
+    }
+    Ok(admitted)
 }
 
 /// Whether `ip` is in `cidr` (`10.0.0.0/8`, `::1`, `127.0.0.1`).
@@ -366,6 +409,86 @@ pub struct Relay {
     task: JoinHandle<()>,
     watcher: JoinHandle<()>,
     state: AppState,
+    /// Held while this process runs the instance: another process on the same data dir
+    /// must not close this one's live sessions as interrupted.
+    _instance_lock: Option<std::fs::File>,
+}
+
+/// Why a session left open by a stopped twokey was closed at the next start.
+pub const INTERRUPTED: &str = "interrupted: twokey stopped before the session ended";
+
+/// At start-up, closes as interrupted every session this instance left open (a crash,
+/// kill -9): its recording is hashed as found on disk, its end set, and
+/// `session.ended` audited with `interrupted: true`, each in one transaction with one
+/// conditional UPDATE. Returns how many were closed.
+pub async fn close_interrupted(state: &AppState, instance: &str) -> Result<usize> {
+    let mut closed = 0;
+    for s in store::open_sessions_of(&state.db, instance).await? {
+        if state.live_sessions.is_live(&s.id) {
+            continue;
+        }
+        let path = std::path::PathBuf::from(&s.recording);
+        let found = tokio::task::spawn_blocking(move || hash_file(&path))
+            .await
+            .map_err(|e| Error::Internal(format!("hashing a recording: {e}")))?;
+        let (bytes, sha256, missing) = match found {
+            Ok((bytes, sha)) => (bytes, sha, false),
+            Err(e) => {
+                tracing::error!(error = %e, session = %s.id, "relay: an interrupted session's recording cannot be read");
+                (0, String::new(), true)
+            }
+        };
+        let now = state.now_ms();
+        let mut tx = store::begin_write(&state.db).await?;
+        if !store::end_interrupted_session(
+            &mut tx,
+            &s.id,
+            now,
+            INTERRUPTED,
+            i64::try_from(bytes).unwrap_or(i64::MAX),
+            &sha256,
+        )
+        .await?
+        {
+            continue;
+        }
+        crate::access::audit_event(
+            &mut tx,
+            now,
+            &s.user_email,
+            "session.ended",
+            &s.grant_id,
+            json!({
+                "session_id": s.id, "reason": INTERRUPTED, "interrupted": true,
+                "recording": s.recording, "bytes": bytes, "sha256": sha256,
+                "recording_missing": missing, "started_at": s.started_at,
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(session = %s.id, "relay: closed a session left open by a stop without shutdown");
+        closed += 1;
+    }
+    Ok(closed)
+}
+
+/// A file's size and SHA-256, read in chunks.
+fn hash_file(path: &std::path::Path) -> std::io::Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hex::encode(hasher.finalize())))
 }
 
 impl Relay {
@@ -500,8 +623,40 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LoginGrace<S> {
     }
 }
 
-/// Starts the relay on `listener`.
-pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
+/// This process's claim on the relay instance of its data dir: a lock held while it
+/// runs. None when the relay is off, or another process holds it.
+pub struct InstanceClaim(Option<std::fs::File>);
+
+/// Claims this data dir's relay instance and closes the sessions it left open when it
+/// last stopped uncleanly ([`close_interrupted`]). Runs at start-up before anything is
+/// served, so no page or session sees them open. A process that cannot claim the
+/// instance (another twokey runs on the same data dir) leaves them alone.
+pub async fn claim_instance(state: &AppState) -> Result<InstanceClaim> {
+    let Some(keys) = state.relay.clone() else {
+        return Ok(InstanceClaim(None));
+    };
+    let lock = std::fs::File::open(&keys.instance_file)
+        .map_err(|e| Error::Internal(format!("relay: {}: {e}", keys.instance_file.display())))?;
+    match lock.try_lock() {
+        Ok(()) => {
+            let n = close_interrupted(state, &keys.instance).await?;
+            if n > 0 {
+                tracing::warn!(
+                    sessions = n,
+                    "relay: closed sessions interrupted by the last stop"
+                );
+            }
+            Ok(InstanceClaim(Some(lock)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "relay: another twokey runs on this data dir; its open sessions are left alone");
+            Ok(InstanceClaim(None))
+        }
+    }
+}
+
+/// Starts the relay on `listener`, holding `claim` while it runs.
+pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim) -> Result<Relay> {
     let keys = state
         .relay
         .clone()
@@ -536,6 +691,7 @@ pub async fn start(state: AppState, listener: TcpListener) -> Result<Relay> {
         task,
         watcher,
         state,
+        _instance_lock: claim.0,
     })
 }
 
@@ -835,7 +991,7 @@ impl russh::server::Handler for Conn {
                 tokio::spawn(async move {
                     let _slot = slot;
                     if let Err(e) = bridge(state, admitted, channel, peer, handle).await {
-                        tracing::warn!(error = %e, "relay session ended with an error");
+                        tracing::error!(error = %e, "relay session ended with an error");
                     }
                 });
             }
@@ -1192,13 +1348,22 @@ async fn connect_upstream(
 /// ChaCha20-Poly1305, which it does not offer. Every SSH client has AES-CTR.
 fn engineer_algorithms() -> russh::Preferred {
     use russh::cipher;
-    ciphers(&[
-        cipher::AES_256_GCM,
-        cipher::AES_128_GCM,
-        cipher::AES_256_CTR,
-        cipher::AES_192_CTR,
-        cipher::AES_128_CTR,
-    ])
+    russh::Preferred {
+        // No RFC 4253 `zlib`, which starts before authentication and exposes the
+        // decompressor to anyone who connects; `zlib@openssh.com` starts only after a
+        // login succeeds.
+        compression: std::borrow::Cow::Borrowed(&[
+            russh::compression::NONE,
+            russh::compression::ZLIB_LEGACY,
+        ]),
+        ..ciphers(&[
+            cipher::AES_256_GCM,
+            cipher::AES_128_GCM,
+            cipher::AES_256_CTR,
+            cipher::AES_192_CTR,
+            cipher::AES_128_CTR,
+        ])
+    }
 }
 
 /// AES-GCM first towards the target, where the relay is the client and so chooses:
@@ -1260,12 +1425,16 @@ async fn bridge(
         .map(|r| r.path().display().to_string())
         .unwrap_or_default();
     let peer_ip = peer.map(|p| p.ip().to_string());
-    {
-        // The session row and its audit event, together.
+    let instance = state
+        .relay
+        .as_ref()
+        .map(|k| k.instance.clone())
+        .unwrap_or_default();
+    // The session row and its audit event, together: a session that cannot be audited
+    // as started does not start (fail closed), and the engineer is told.
+    let started = async {
         let now = state.now_ms();
-        let mut tx = store::begin_write(&state.db)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut tx = store::begin_write(&state.db).await?;
         store::insert_session(
             &mut tx,
             &store::NewSession {
@@ -1276,10 +1445,10 @@ async fn bridge(
                 peer: peer_ip.as_deref(),
                 started_at: now,
                 recording: &recording_path,
+                relay_instance: &instance,
             },
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         crate::access::audit_event(
             &mut tx,
             now,
@@ -1291,9 +1460,20 @@ async fn bridge(
                 "key_id": admitted.key_id, "peer": peer_ip,
             }),
         )
-        .await
-        .map_err(|e| e.to_string())?;
-        tx.commit().await.map_err(|e| e.to_string())?;
+        .await?;
+        tx.commit().await?;
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(e) = started {
+        tracing::error!(error = %e, session = %session_id, "relay: the session's start could not be audited; it does not start");
+        let _ = std::fs::remove_file(&recording_path);
+        explain(
+            client,
+            "this session cannot be audited right now, so it does not start".into(),
+        )
+        .await;
+        return Err(format!("session start not audited: {e}"));
     }
     let kill = state.live_sessions.register(&session_id, &g.id);
     // Live until this function returns: after the end is audited, or on any error.
@@ -1302,7 +1482,7 @@ async fn bridge(
     let outcome: std::result::Result<(u64, u64, String), String> = async {
         // Setup: a pty perhaps, then the one request that starts the session.
         let mut pending_pty = None;
-        let mut record_data = true;
+        let mut sftp = None;
         let mut end_reason = "closed".to_string();
         let start = loop {
             let msg = tokio::select! {
@@ -1325,7 +1505,10 @@ async fn bridge(
                     terminal_modes,
                     ..
                 } => {
-                    let _ = with_rec(&|r| r.resize(col_width, row_height));
+                    let _ = with_rec(&|r| {
+                        r.resize(col_width, row_height);
+                        r.terminal();
+                    });
                     pending_pty = Some((
                         term,
                         col_width,
@@ -1361,10 +1544,20 @@ async fn bridge(
                 }
                 ChannelMsg::RequestShell { .. } => break Some(Start::Shell),
                 ChannelMsg::RequestSubsystem { name, .. } => {
-                    // sftp (and scp, which speaks sftp since OpenSSH 9): file bytes are
-                    // counted, not written into the terminal recording.
                     let _ = with_rec(&|r| r.note(&format!("subsystem {name}")));
-                    record_data = false;
+                    // sftp (and scp, which speaks sftp since OpenSSH 9) is read as it
+                    // passes, so every file it touches is recorded. Any other subsystem
+                    // is a byte stream the relay cannot record: refused.
+                    if name != "sftp" {
+                        let why = format!(
+                            "twokey: the subsystem {name:?} is refused: only sftp can be recorded\r\n"
+                        );
+                        let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                        let _ = client.exit_status(1).await;
+                        end_reason = format!("subsystem {name:?} refused");
+                        break None;
+                    }
+                    sftp = Some(Arc::new(std::sync::Mutex::new(sftp::Sftp::default())));
                     break Some(Start::Subsystem(name));
                 }
                 ChannelMsg::Close | ChannelMsg::Eof => break None,
@@ -1405,8 +1598,15 @@ async fn bridge(
 
         let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
         if let Some((_handle, up)) = upstream {
-            let recorded = record_data.then(|| rec.clone());
-            let pumped = pump(client, up, recorded, &kill, Some(session)).await;
+            let tap = match &sftp {
+                Some(s) => Tap::Sftp(rec.clone(), s.clone()),
+                None => Tap::Terminal(rec.clone()),
+            };
+            let pumped = pump(client, up, Some(tap), &kill, Some(session)).await;
+            if let Some(s) = &sftp {
+                let open = s.lock().map(|mut s| s.unclosed()).unwrap_or_default();
+                let _ = with_rec(&|r| open.iter().for_each(|l| r.note(l)));
+            }
             (bytes_in, bytes_out) = (pumped.bytes_in, pumped.bytes_out);
             if let Some(why) = pumped.cut {
                 end_reason = why;
@@ -1445,6 +1645,7 @@ async fn bridge(
             sha256: String::new(),
             truncated: false,
             failed: true,
+            masked_inputs: 0,
         }
     });
     let now = state.now_ms();
@@ -1463,6 +1664,7 @@ async fn bridge(
             recording_sha256: &done.sha256,
             recording_truncated: done.truncated,
             recording_failed: done.failed,
+            masked_inputs: i64::from(done.masked_inputs),
         },
     )
     .await
@@ -1477,6 +1679,7 @@ async fn bridge(
             "session_id": session_id, "reason": end_reason, "recording": done.path,
             "bytes": done.bytes, "sha256": done.sha256,
             "recording_truncated": done.truncated, "recording_failed": done.failed,
+            "masked_inputs": done.masked_inputs,
             "bytes_from_client": bytes_in, "bytes_to_client": bytes_out,
         }),
     )
@@ -1485,6 +1688,71 @@ async fn bridge(
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// Where a relayed channel's bytes are recorded.
+#[derive(Clone)]
+enum Tap {
+    /// An exec or shell: what is typed and shown, into the asciicast.
+    Terminal(Arc<std::sync::Mutex<recording::Recorder>>),
+    /// sftp: each request with its paths into the asciicast; file contents counted.
+    Sftp(
+        Arc<std::sync::Mutex<recording::Recorder>>,
+        Arc<std::sync::Mutex<sftp::Sftp>>,
+    ),
+}
+
+impl Tap {
+    fn recorder(&self) -> &std::sync::Mutex<recording::Recorder> {
+        match self {
+            Tap::Terminal(r) | Tap::Sftp(r, _) => r,
+        }
+    }
+
+    /// Runs `f` on the recorder; Err (why the session must end) when it failed.
+    fn with(&self, f: impl FnOnce(&mut recording::Recorder)) -> std::result::Result<(), String> {
+        if recording::with(self.recorder(), f) {
+            Ok(())
+        } else {
+            Err(RECORDING_FAILED.into())
+        }
+    }
+
+    /// Records what the engineer sent, before it is passed on.
+    fn client(&self, data: &[u8]) -> std::result::Result<(), String> {
+        match self {
+            Tap::Terminal(_) => self.with(|r| r.input(data)),
+            Tap::Sftp(_, sftp) => {
+                let lines = sftp
+                    .lock()
+                    .map_err(|_| SFTP_UNREADABLE.to_string())?
+                    .requests(data)
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "relay: an sftp request stream does not parse");
+                        SFTP_UNREADABLE.to_string()
+                    })?;
+                self.with(|r| lines.iter().for_each(|l| r.note(l)))
+            }
+        }
+    }
+
+    /// Records what the target sent back (for sftp, only the handles it hands out).
+    fn target(&self, data: &[u8]) -> std::result::Result<(), String> {
+        match self {
+            Tap::Terminal(_) => self.with(|r| r.output(data)),
+            Tap::Sftp(_, sftp) => sftp
+                .lock()
+                .map_err(|_| SFTP_UNREADABLE.to_string())?
+                .replies(data)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "relay: an sftp reply stream does not parse");
+                    SFTP_UNREADABLE.to_string()
+                }),
+        }
+    }
+}
+
+/// Why an sftp session ends when its stream cannot be read (so cannot be recorded).
+const SFTP_UNREADABLE: &str = "its sftp requests could not be read for the recording";
 
 /// What one relayed channel moved, and why it was cut (None: it ended by itself).
 struct Pumped {
@@ -1503,20 +1771,24 @@ struct Pumped {
 async fn pump(
     client: Channel<Msg>,
     up: Channel<russh::client::Msg>,
-    rec: Option<Arc<std::sync::Mutex<recording::Recorder>>>,
+    tap: Option<Tap>,
     kill: &Arc<Cut>,
     session: Option<russh::server::Handle>,
 ) -> Pumped {
     let terminal = session.is_some();
     // Records, and says whether the bytes may pass: a recording that can no longer be
-    // written ends the session (fail closed), rather than let it go on unrecorded.
+    // written (or an sftp stream that cannot be read) ends the session (fail closed),
+    // rather than let it go on unrecorded.
     let recording_cut = kill.clone();
-    let record = move |f: &dyn Fn(&mut recording::Recorder)| match &rec {
-        Some(rec) if !recording::with(rec, f) => {
-            recording_cut.cut(RECORDING_FAILED);
-            false
-        }
-        _ => true,
+    let record = move |f: &dyn Fn(&Tap) -> std::result::Result<(), String>| match &tap {
+        Some(tap) => match f(tap) {
+            Ok(()) => true,
+            Err(why) => {
+                recording_cut.cut(&why);
+                false
+            }
+        },
+        None => true,
     };
     let (record_in, record_out) = (record.clone(), record);
     let client_id = client.id();
@@ -1538,7 +1810,7 @@ async fn pump(
             match msg {
                 ChannelMsg::Data { data } => {
                     count(&n, data.len());
-                    if !record_in(&|r| r.input(&data)) || up_tx.data_bytes(data).await.is_err() {
+                    if !record_in(&|t| t.client(&data)) || up_tx.data_bytes(data).await.is_err() {
                         break;
                     }
                 }
@@ -1548,7 +1820,7 @@ async fn pump(
                     pix_width,
                     pix_height,
                 } => {
-                    let _ = record_in(&|r| r.resize(col_width, row_height));
+                    let _ = record_in(&|t| t.with(|r| r.resize(col_width, row_height)));
                     let _ = up_tx
                         .window_change(col_width, row_height, pix_width, pix_height)
                         .await;
@@ -1573,7 +1845,7 @@ async fn pump(
             match msg {
                 ChannelMsg::Data { data } => {
                     count(&n, data.len());
-                    if !record_out(&|r| r.output(&data))
+                    if !record_out(&|t| t.target(&data))
                         || to_client.data_bytes(data).await.is_err()
                     {
                         break;
@@ -1581,7 +1853,7 @@ async fn pump(
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
                     count(&n, data.len());
-                    if !record_out(&|r| r.output(&data)) {
+                    if !record_out(&|t| t.target(&data)) {
                         break;
                     }
                     let _ = to_client.extended_data_bytes(ext, data).await;
@@ -1596,7 +1868,9 @@ async fn pump(
                     error_message,
                     lang_tag,
                 } => {
-                    let _ = record_out(&|r| r.note(&format!("exit signal {signal_name:?}")));
+                    let _ = record_out(&|t| {
+                        t.with(|r| r.note(&format!("exit signal {signal_name:?}")))
+                    });
                     if let Some(session) = &session {
                         let _ = session
                             .exit_signal_request(
@@ -1721,15 +1995,22 @@ async fn forward(
             return;
         }
     };
-    reply.accept().await;
-    audit(
+    // Audited before any byte passes: a forward that cannot be audited is refused.
+    if !audit(
         &state,
         &g.user_email,
         "session.forward_opened",
         &g.id,
         json!({ "forward_id": id, "destination": destination }),
     )
-    .await;
+    .await
+    {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        return;
+    }
+    reply.accept().await;
     let pumped = pump(client, up, None, &cut, None).await;
     audit(
         &state,
@@ -1809,22 +2090,30 @@ async fn open_upstream(
     Ok((handle, ch))
 }
 
+/// Appends one audit event in its own transaction; false when it could not be written.
+/// A failure is logged at error level, never dropped silently; callers for which the
+/// event matters (a forward opening) refuse what it would have recorded.
 async fn audit(
     state: &AppState,
     actor: &str,
     action: &str,
     subject: &str,
     details: serde_json::Value,
-) {
-    let Ok(mut tx) = store::begin_write(&state.db).await else {
-        tracing::error!(action, "audit: store unavailable");
-        return;
-    };
-    if crate::access::audit_event(&mut tx, state.now_ms(), actor, action, subject, details)
-        .await
-        .is_ok()
-    {
-        let _ = tx.commit().await;
+) -> bool {
+    let written = async {
+        let mut tx = store::begin_write(&state.db).await?;
+        crate::access::audit_event(&mut tx, state.now_ms(), actor, action, subject, details)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, Error>(())
+    }
+    .await;
+    match written {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, action, subject, "relay: an audit event could not be written");
+            false
+        }
     }
 }
 

@@ -2,9 +2,16 @@
 //! data]` lines for output, input and resizes. When the session closes, the file's
 //! SHA-256 and size go into the audit chain, so an edited recording is detectable.
 //!
-//! A recording is hashed as it is written (never read back), and capped: past the cap
-//! a marker says so and later data is counted, not written, so one bulk transfer
-//! cannot fill the disk or hold memory.
+//! A recording is hashed as it is written (never read back), and its *output* is capped:
+//! past the cap a marker says so and later output is counted, not written, so one bulk
+//! download cannot fill the disk or hold memory. What the engineer sends (typed input,
+//! exec commands, sftp requests) is recorded past the cap too: nothing the session
+//! itself does can switch its record off (DESIGN.md invariant 8).
+//!
+//! Masking at a password prompt is bounded so the target cannot steer it into hiding
+//! commands: only in a terminal (pty) session, only for one line (it ends at Enter), at
+//! most [`MASK_CAP`] characters, never while the target echoes what is typed, and each
+//! masked span is marked in the recording and counted for the session's page.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -61,8 +68,31 @@ pub struct Recorder {
     /// The terminal's current output line (its tail), to spot a password prompt.
     line: String,
     /// Input is being typed at a secret prompt: recorded as `*` until Enter.
-    secret: bool,
+    mask: Option<Mask>,
+    /// The session has a terminal (pty): only then can a prompt mask what is typed.
+    terminal: bool,
+    /// Masked spans so far, shown on the session's page.
+    masked_inputs: u32,
+    /// The last span Enter ended, until the next line: if the target then echoes what
+    /// was typed in it, it was not a secret after all.
+    ended: Option<Ended>,
 }
+
+/// A masked span that ended, and the output seen since.
+struct Ended {
+    typed: String,
+    seen: String,
+}
+
+/// One masked span: what was typed in it (at most [`MASK_CAP`] characters), kept only
+/// so that it can be written in clear if the span turns out not to be a secret.
+struct Mask {
+    typed: String,
+}
+
+/// The most characters one masked span hides; a longer line is not a secret, and is
+/// recorded in clear from its start.
+pub const MASK_CAP: usize = 128;
 
 /// Words that make a prompt ending in `:` a secret one (sudo, ssh-keygen, psql, MFA).
 const SECRET_PROMPTS: &[&str] = &[
@@ -115,6 +145,8 @@ pub struct Finished {
     pub truncated: bool,
     /// A write to the recording failed.
     pub failed: bool,
+    /// Spans of input masked at a password prompt.
+    pub masked_inputs: u32,
 }
 
 impl Recorder {
@@ -168,7 +200,10 @@ impl Recorder {
             carry_out: Vec::new(),
             failed: false,
             line: String::new(),
-            secret: false,
+            mask: None,
+            terminal: false,
+            masked_inputs: 0,
+            ended: None,
         }
     }
 
@@ -204,23 +239,31 @@ impl Recorder {
     }
 
     fn event(&mut self, kind: &str, data: &str) {
-        if self.finished || self.truncated {
+        if self.finished {
             return;
         }
         self.header();
-        if self.size() + data.len() as u64 > self.limit {
-            self.truncated = true;
-            self.line(
-                "m",
-                "twokey: recording limit reached; the rest of this session is counted, not recorded",
-            );
-            return;
+        // Only output and resizes are capped: input and markers (what the engineer
+        // sends, sftp requests, masked spans) always reach the record, or the session
+        // ends when they cannot.
+        if matches!(kind, "o" | "r") {
+            if self.truncated {
+                return;
+            }
+            if self.size() + data.len() as u64 > self.limit {
+                self.truncated = true;
+                self.line(
+                    "m",
+                    "twokey: recording limit reached; the rest of this session's output is counted, not recorded (input still is)",
+                );
+                return;
+            }
         }
         self.line(kind, data);
         // Written out at once for what is typed, and at least every second otherwise,
         // so a recording that can no longer be written is noticed within a second
         // (and the session cut), not when the buffer happens to fill.
-        if kind == "i" || self.last_flush.elapsed() >= Duration::from_secs(1) {
+        if kind != "o" || self.last_flush.elapsed() >= Duration::from_secs(1) {
             self.flush();
         }
     }
@@ -246,6 +289,34 @@ impl Recorder {
             return;
         }
         let text = Self::text(&mut self.carry_out, data);
+        // A real secret prompt does not echo what is typed (at most `*`): a target that
+        // echoes is not asking for a secret, so what was masked is written in clear.
+        if let Some(m) = &self.mask
+            && !m.typed.is_empty()
+            && text
+                .chars()
+                .any(|c| !c.is_control() && !c.is_whitespace() && c != '*')
+        {
+            self.unmask("the target echoes what is typed, so this is not a secret prompt");
+        }
+        // A whole line typed at once (pasted) ends its span before any echo comes back:
+        // an echo of exactly what was masked, right after, shows it was no secret.
+        if let Some(e) = self.ended.as_mut() {
+            e.seen.push_str(&text);
+            if e.seen.contains(&e.typed) {
+                let typed = std::mem::take(&mut e.typed);
+                self.ended = None;
+                self.masked_inputs = self.masked_inputs.saturating_sub(1);
+                self.note("twokey: the target echoed the masked input, so it was not a secret; it follows in clear");
+                self.event("i", &typed);
+            } else if e.seen.len() > 8 * MASK_CAP {
+                let cut = e.seen.len() - 4 * MASK_CAP;
+                let cut = (cut..e.seen.len())
+                    .find(|&i| e.seen.is_char_boundary(i))
+                    .unwrap_or(0);
+                e.seen.drain(..cut);
+            }
+        }
         match text.rfind('\n') {
             Some(i) => self.line = text[i + 1..].to_string(),
             None => self.line.push_str(&text),
@@ -262,35 +333,95 @@ impl Recorder {
         }
     }
 
+    /// The session has a terminal: a password prompt may mask what is typed at it.
+    pub fn terminal(&mut self) {
+        self.terminal = true;
+    }
+
+    /// Ends a masked span that was not a secret: a marker says why, then what was typed
+    /// in it, in clear. Not counted as masked.
+    fn unmask(&mut self, why: &str) {
+        if let Some(m) = self.mask.take() {
+            self.note(&format!(
+                "twokey: masking ended: {why}; what was typed at the prompt follows in clear"
+            ));
+            if !m.typed.is_empty() {
+                self.event("i", &m.typed);
+            }
+        }
+    }
+
     pub fn input(&mut self, data: &[u8]) {
-        if self.truncated {
+        let text = Self::text(&mut self.carry_in, data);
+        // The next line: a span that ended before it stays masked.
+        if self.mask.is_none() && text.contains(['\r', '\n']) {
+            self.ended = None;
+        }
+        // A span starts only in a terminal whose output is still being recorded (past
+        // the cap the prompt and any echo are unseen), at a prompt asking for a secret.
+        if self.mask.is_none()
+            && self.terminal
+            && !self.truncated
+            && !text.is_empty()
+            && asks_for_secret(&self.line)
+        {
+            let prompt = self.line.trim();
+            let from = prompt.char_indices().rev().nth(79).map_or(0, |(i, _)| i);
+            let prompt = prompt[from..].to_string();
+            self.note(&format!(
+                "twokey: masked input begins at the prompt {prompt:?}"
+            ));
+            self.mask = Some(Mask {
+                typed: String::new(),
+            });
+        }
+        if self.mask.is_none() {
+            if !text.is_empty() {
+                self.event("i", &text);
+            }
             return;
         }
-        let mut text = Self::text(&mut self.carry_in, data);
-        // What is typed at a password prompt is not kept: each character becomes `*`,
-        // up to and including the Enter that ends it.
-        if !self.secret && asks_for_secret(&self.line) {
-            self.secret = true;
-        }
-        if self.secret {
-            let mut masked = String::with_capacity(text.len());
-            for c in text.chars() {
-                if self.secret {
-                    if c == '\r' || c == '\n' || c == '\u{3}' {
-                        self.secret = false;
-                        self.line.clear();
-                        masked.push(c);
-                    } else {
-                        masked.push('*');
-                    }
-                } else {
-                    masked.push(c);
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            let Some(m) = self.mask.as_mut() else {
+                out.push(c);
+                continue;
+            };
+            if matches!(c, '\r' | '\n' | '\u{3}' | '\u{4}') {
+                // Enter (or ^C, ^D) ends the span: one line at most.
+                let typed = std::mem::take(&mut m.typed);
+                let n = typed.chars().count();
+                self.mask = None;
+                self.line.clear();
+                if !typed.is_empty() {
+                    self.masked_inputs += 1;
+                    self.ended = Some(Ended {
+                        typed,
+                        seen: String::new(),
+                    });
                 }
+                out.push(c);
+                if !out.is_empty() {
+                    self.event("i", &out);
+                    out.clear();
+                }
+                self.note(&format!("twokey: masked input ends ({n} characters)"));
+            } else if m.typed.chars().count() >= MASK_CAP {
+                if !out.is_empty() {
+                    self.event("i", &out);
+                    out.clear();
+                }
+                self.unmask(&format!(
+                    "longer than {MASK_CAP} characters, so not a secret"
+                ));
+                out.push(c);
+            } else {
+                m.typed.push(c);
+                out.push('*');
             }
-            text = masked;
         }
-        if !text.is_empty() {
-            self.event("i", &text);
+        if !out.is_empty() {
+            self.event("i", &out);
         }
     }
 
@@ -334,6 +465,11 @@ impl Recorder {
                 self.line(kind, &String::from_utf8_lossy(&carry));
             }
         }
+        if self.mask.take().is_some_and(|m| !m.typed.is_empty()) {
+            // A span the session ended in counts as masked.
+            self.masked_inputs += 1;
+            self.line("m", "twokey: masked input ends (session ended)");
+        }
         self.finished = true;
         self.failed |= self.file.flush().is_err();
         let inner = self.file.get_mut();
@@ -345,13 +481,14 @@ impl Recorder {
             sha256,
             truncated: self.truncated,
             failed: self.failed,
+            masked_inputs: self.masked_inputs,
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Recorder, asks_for_secret, with};
+    use super::{MASK_CAP, Recorder, asks_for_secret, with};
 
     #[test]
     fn a_write_that_fails_is_reported_not_hidden() {
@@ -383,6 +520,99 @@ mod tests {
             panic!("a writer panics");
         });
         assert!(!with(&ok, |r| r.output(b"after")));
+    }
+
+    /// A recorder writing to a temporary file, and a way to read back its events.
+    fn recorder(limit: u64) -> (Recorder, tempfile::NamedTempFile) {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let file = tmp.reopen().unwrap();
+        (Recorder::new(file, tmp.path().into(), limit, 0), tmp)
+    }
+
+    fn events(tmp: &tempfile::NamedTempFile) -> Vec<(String, String)> {
+        std::fs::read_to_string(tmp.path())
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v[1].as_str().unwrap().into(), v[2].as_str().unwrap().into())
+            })
+            .collect()
+    }
+
+    fn typed(ev: &[(String, String)]) -> String {
+        ev.iter()
+            .filter(|(k, _)| k == "i")
+            .map(|(_, d)| d.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn input_is_recorded_past_the_cap_and_output_is_not() {
+        let (mut r, tmp) = recorder(1024);
+        r.output(&[b'x'; 2000]);
+        r.output(b"hidden output");
+        r.input(b"typed after the cap\r");
+        let done = r.finish().unwrap();
+        assert!(done.truncated);
+        let ev = events(&tmp);
+        assert_eq!(typed(&ev), "typed after the cap\r");
+        assert!(!ev.iter().any(|(_, d)| d.contains("hidden output")));
+    }
+
+    #[test]
+    fn masking_is_one_line_in_a_terminal_marked_counted_and_bounded() {
+        // No terminal: a prompt masks nothing.
+        let (mut r, tmp) = recorder(1 << 20);
+        r.output(b"Password:");
+        r.input(b"rm -rf /srv\r");
+        assert_eq!(r.finish().unwrap().masked_inputs, 0);
+        assert_eq!(typed(&events(&tmp)), "rm -rf /srv\r");
+
+        // A terminal, echo off: masked up to Enter, marked, counted; the next line is
+        // in clear.
+        let (mut r, tmp) = recorder(1 << 20);
+        r.terminal();
+        r.output(b"[sudo] password for a: ");
+        r.input(b"hunt");
+        r.input(b"er2\rwhoami\r");
+        r.output(b"\r\nroot\r\n$ ");
+        let done = r.finish().unwrap();
+        assert_eq!(done.masked_inputs, 1);
+        let ev = events(&tmp);
+        assert_eq!(typed(&ev), "*******\rwhoami\r");
+        assert!(
+            ev.iter()
+                .any(|(k, d)| k == "m" && d.contains("masked input begins"))
+        );
+        assert!(
+            ev.iter()
+                .any(|(k, d)| k == "m" && d.contains("masked input ends (7 characters)"))
+        );
+
+        // The target echoes what is typed: not a secret, in clear, not counted.
+        for chunks in [&[&b"ls -la"[..], b"\r"][..], &[b"ls -la\r"]] {
+            let (mut r, tmp) = recorder(1 << 20);
+            r.terminal();
+            r.output(b"Password:");
+            for c in chunks {
+                r.input(c);
+                r.output(&c[..c.len().min(3)]);
+            }
+            r.output(b"-la\r\n");
+            assert_eq!(r.finish().unwrap().masked_inputs, 0, "{chunks:?}");
+            assert!(typed(&events(&tmp)).contains("ls -la"), "{chunks:?}");
+        }
+
+        // Longer than a secret: in clear from its start.
+        let (mut r, tmp) = recorder(1 << 20);
+        r.terminal();
+        r.output(b"Password:");
+        let long = "y".repeat(MASK_CAP + 10);
+        r.input(long.as_bytes());
+        assert_eq!(r.finish().unwrap().masked_inputs, 0);
+        assert!(typed(&events(&tmp)).contains(&long));
     }
 
     #[test]

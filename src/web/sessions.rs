@@ -95,6 +95,10 @@ struct SessionPage {
     /// The recording reached its cap; the rest was counted, not recorded.
     truncated: bool,
     failed: bool,
+    /// Spans of input masked at a password prompt, each marked in the recording.
+    masked_inputs: i64,
+    /// twokey stopped without ending it; closed at the next start.
+    interrupted: bool,
 }
 
 /// The replay page runs two scripts from this origin (the player and its start-up) and
@@ -115,6 +119,8 @@ pub async fn show(
         sha256: s.recording_sha256.unwrap_or_default(),
         truncated: s.recording_truncated,
         failed: s.recording_failed,
+        masked_inputs: s.masked_inputs,
+        interrupted: s.interrupted,
     };
     let csp = super::CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self' blob:;");
     Ok(([(header::CONTENT_SECURITY_POLICY, csp)], page).into_response())
