@@ -90,7 +90,7 @@ async fn main() {
         .local_addr()
         .unwrap();
     let mut config = Config::parse(&demo_config_toml("127.0.0.1:0", dir.path()), "bench").unwrap();
-    config.server.sweep_interval = "0s".into();
+    config.server.sweep_interval = std::time::Duration::ZERO;
     config.relay = Some(RelayConfig {
         listen: relay_listen.to_string(),
         host_key_file: None,

@@ -24,7 +24,7 @@ use twokey::config::{Config, demo_config_toml};
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::parse(&demo_config_toml("127.0.0.1:0", dir.path()), "bench").unwrap();
-    config.server.sweep_interval = "0s".into();
+    config.server.sweep_interval = std::time::Duration::ZERO;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = twokey::server::start(config, Arc::new(SystemClock), listener)
         .await

@@ -60,11 +60,11 @@ pub struct RelayConfig {
     #[serde(default = "default_relay_connections_per_ip")]
     pub max_connections_per_ip: usize,
     /// How long a connection may take to authenticate before it is closed.
-    #[serde(default = "default_login_grace")]
-    pub login_grace_time: String,
+    #[serde(default = "default_login_grace", with = "duration_setting")]
+    pub login_grace_time: Duration,
     /// An authenticated connection with no traffic for this long is closed.
-    #[serde(default = "default_relay_idle")]
-    pub idle_timeout: String,
+    #[serde(default = "default_relay_idle", with = "duration_setting")]
+    pub idle_timeout: Duration,
     /// A session's recorded output stops growing past this many bytes (at least
     /// 64 KiB): a marker says so and later output is counted, not written. What the
     /// engineer types and sends (sftp requests too) is recorded past it.
@@ -85,12 +85,12 @@ fn default_relay_connections_per_ip() -> usize {
     50
 }
 
-fn default_login_grace() -> String {
-    "30s".into()
+fn default_login_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
-fn default_relay_idle() -> String {
-    "1h".into()
+fn default_relay_idle() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_max_recording() -> u64 {
@@ -232,8 +232,8 @@ pub struct EmailConfig {
 fn default_smtp_tls() -> SmtpTls {
     SmtpTls::Starttls
 }
-fn default_outbox_interval() -> String {
-    "2s".into()
+fn default_outbox_interval() -> Duration {
+    Duration::from_secs(2)
 }
 
 impl fmt::Debug for EmailConfig {
@@ -284,23 +284,23 @@ pub struct ServerConfig {
     pub database_url: Option<String>,
     /// How often expired requests and grants are swept (`"1s"`, `"5s"`); `"0s"`
     /// turns the background sweeper off (tests drive it by hand).
-    #[serde(default = "default_sweep_interval")]
-    pub sweep_interval: String,
+    #[serde(default = "default_sweep_interval", with = "duration_setting")]
+    pub sweep_interval: Duration,
     /// How often the notification outbox is delivered; `"0s"` turns the worker off.
-    #[serde(default = "default_outbox_interval")]
-    pub outbox_interval: String,
+    #[serde(default = "default_outbox_interval", with = "duration_setting")]
+    pub outbox_interval: Duration,
     /// How often database logins are checked against live grants (also at start, and
     /// at once when a grant ends or is revoked); `"0s"` turns it off (tests drive it).
-    #[serde(default = "default_reconcile_interval")]
-    pub reconcile_interval: String,
+    #[serde(default = "default_reconcile_interval", with = "duration_setting")]
+    pub reconcile_interval: Duration,
     /// Reverse proxies (IP addresses) whose `X-Forwarded-For` names the client, for
     /// the per-address rate limits. Empty: the peer address is the client.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
 }
 
-fn default_reconcile_interval() -> String {
-    "60s".into()
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl fmt::Debug for ServerConfig {
@@ -342,8 +342,8 @@ fn default_listen() -> String {
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./twokey-data")
 }
-fn default_sweep_interval() -> String {
-    "1s".into()
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -360,29 +360,29 @@ pub struct AuthConfig {
     #[serde(default = "default_admin_groups")]
     pub admin_groups: Vec<String>,
     /// Idle time after which a browser session is dropped.
-    #[serde(default = "default_session_idle")]
-    pub session_idle_timeout: String,
+    #[serde(default = "default_session_idle", with = "duration_setting")]
+    pub session_idle_timeout: Duration,
     /// Longest a browser session lasts after sign-in, however active.
-    #[serde(default = "default_session_lifetime")]
-    pub session_lifetime: String,
+    #[serde(default = "default_session_lifetime", with = "duration_setting")]
+    pub session_lifetime: Duration,
     /// Sign-in with the company's OpenID Connect provider.
     #[serde(default)]
     pub oidc: Option<OidcConfig>,
     /// How long a personal API token works after it is made.
-    #[serde(default = "default_token_ttl")]
-    pub token_ttl: String,
+    #[serde(default = "default_token_ttl", with = "duration_setting")]
+    pub token_ttl: Duration,
     /// Groups from an identity provider are trusted this long after the sign-in that
     /// fetched them; after that, acting needs a fresh sign-in (so removal from a group
     /// at the provider reaches API tokens too).
-    #[serde(default = "default_groups_max_age")]
-    pub groups_max_age: String,
+    #[serde(default = "default_groups_max_age", with = "duration_setting")]
+    pub groups_max_age: Duration,
 }
 
-fn default_token_ttl() -> String {
-    "30d".into()
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(30 * 86400)
 }
-fn default_groups_max_age() -> String {
-    "24h".into()
+fn default_groups_max_age() -> Duration {
+    Duration::from_secs(86400)
 }
 
 /// An OpenID Connect provider (Okta, Entra ID, Google, Keycloak, Dex, ...).
@@ -480,8 +480,8 @@ fn default_groups_claim() -> String {
 fn default_email_claim() -> String {
     "email".into()
 }
-fn default_session_lifetime() -> String {
-    "12h".into()
+fn default_session_lifetime() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 
 impl Default for AuthConfig {
@@ -502,8 +502,8 @@ impl Default for AuthConfig {
 fn default_admin_groups() -> Vec<String> {
     vec!["admins".into()]
 }
-fn default_session_idle() -> String {
-    "8h".into()
+fn default_session_idle() -> Duration {
+    Duration::from_secs(8 * 3600)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -520,8 +520,8 @@ pub struct DevUser {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// How long a request may wait for approval before it expires.
-    #[serde(default = "default_pending_ttl")]
-    pub pending_ttl: String,
+    #[serde(default = "default_pending_ttl", with = "duration_setting")]
+    pub pending_ttl: Duration,
 }
 
 impl Default for PolicyConfig {
@@ -532,8 +532,8 @@ impl Default for PolicyConfig {
     }
 }
 
-fn default_pending_ttl() -> String {
-    "24h".into()
+fn default_pending_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -625,10 +625,11 @@ pub struct RoleConfig {
     #[serde(default)]
     pub all_groups: bool,
     /// Longest grant, e.g. `"4h"`.
-    pub max_duration: String,
+    #[serde(with = "duration_setting")]
+    pub max_duration: Duration,
     /// Overrides `policy.pending_ttl` for this role.
-    #[serde(default)]
-    pub pending_ttl: Option<String>,
+    #[serde(default, with = "optional_duration_setting")]
+    pub pending_ttl: Option<Duration>,
     #[serde(default)]
     pub require_ticket: bool,
     /// Fewest characters a reason may have (after trimming).
@@ -779,11 +780,27 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML; unknown keys are errors that name the key and its line.
+    /// Parses TOML; unknown keys and values of the wrong kind (a duration that is not
+    /// one, say) are errors that name the key and its line.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string(),
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key == "." || key.is_empty() {
+                // Not TOML at all: toml's own message shows the line.
+                return ConfigError::Parse {
+                    path: origin.to_string(),
+                    message: inner.to_string(),
+                };
+            }
+            let line = inner
+                .span()
+                .map(|span| {
+                    let upto = text.get(..span.start).unwrap_or(text);
+                    format!(" ({origin}, line {})", upto.matches('\n').count() + 1)
+                })
+                .unwrap_or_default();
+            invalid(key, format!("{}{line}", inner.message().trim_end()))
         })
     }
 
@@ -835,7 +852,6 @@ impl Config {
                 ));
             }
         }
-        check_duration("server.sweep_interval", &self.server.sweep_interval, true)?;
         if let Some(relay) = &self.relay {
             if relay.listen.parse::<SocketAddr>().is_err() {
                 return Err(invalid(
@@ -843,8 +859,8 @@ impl Config {
                     format!("{:?} is not an address like 0.0.0.0:2222", relay.listen),
                 ));
             }
-            check_duration("relay.login_grace_time", &relay.login_grace_time, false)?;
-            check_duration("relay.idle_timeout", &relay.idle_timeout, false)?;
+            check_nonzero("relay.login_grace_time", relay.login_grace_time)?;
+            check_nonzero("relay.idle_timeout", relay.idle_timeout)?;
             if relay.max_connections == 0 || relay.max_connections_per_ip == 0 {
                 return Err(invalid(
                     "relay.max_connections",
@@ -863,12 +879,6 @@ impl Config {
                 ));
             }
         }
-        check_duration("server.outbox_interval", &self.server.outbox_interval, true)?;
-        check_duration(
-            "server.reconcile_interval",
-            &self.server.reconcile_interval,
-            true,
-        )?;
         if let Some(slack) = &self.slack {
             slack.secrets()?;
             if slack.channel.trim().is_empty() {
@@ -888,15 +898,11 @@ impl Config {
                 ));
             }
         }
-        check_duration("policy.pending_ttl", &self.policy.pending_ttl, false)?;
-        check_duration(
-            "auth.session_idle_timeout",
-            &self.auth.session_idle_timeout,
-            false,
-        )?;
-        check_duration("auth.session_lifetime", &self.auth.session_lifetime, false)?;
-        check_duration("auth.token_ttl", &self.auth.token_ttl, false)?;
-        check_duration("auth.groups_max_age", &self.auth.groups_max_age, false)?;
+        check_nonzero("policy.pending_ttl", self.policy.pending_ttl)?;
+        check_nonzero("auth.session_idle_timeout", self.auth.session_idle_timeout)?;
+        check_nonzero("auth.session_lifetime", self.auth.session_lifetime)?;
+        check_nonzero("auth.token_ttl", self.auth.token_ttl)?;
+        check_nonzero("auth.groups_max_age", self.auth.groups_max_age)?;
         if let Some(oidc) = &self.auth.oidc {
             if !(oidc.issuer.starts_with("https://") || oidc.issuer.starts_with("http://")) {
                 return Err(invalid("auth.oidc.issuer", "must be an http(s) URL"));
@@ -1029,16 +1035,14 @@ impl Config {
                         ),
                     ));
                 }
-                let max =
-                    check_duration(&format!("{key}.max_duration"), &role.max_duration, false)?;
-                if max < Duration::from_secs(crate::policy::MIN_GRANT_SECS) {
+                if role.max_duration < Duration::from_secs(crate::policy::MIN_GRANT_SECS) {
                     return Err(invalid(
                         format!("{key}.max_duration"),
                         "must be at least 1m",
                     ));
                 }
-                if let Some(ttl) = &role.pending_ttl {
-                    check_duration(&format!("{key}.pending_ttl"), ttl, false)?;
+                if let Some(ttl) = role.pending_ttl {
+                    check_nonzero(&format!("{key}.pending_ttl"), ttl)?;
                 }
                 if r.kind == ResourceKind::Ssh {
                     check_ssh_role(&key, role)?;
@@ -1170,12 +1174,12 @@ impl Config {
         Ok(())
     }
 
-    pub fn listen_addr(&self) -> SocketAddr {
-        // Checked in validate().
+    /// `server.listen` as an address; never a stand-in for one that does not parse.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.server
             .listen
             .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+            .map_err(|_| invalid("server.listen", "must be IP:PORT, e.g. \"127.0.0.1:8080\""))
     }
 
     pub fn database_url(&self) -> String {
@@ -1205,27 +1209,27 @@ impl Config {
     }
 
     pub fn outbox_interval(&self) -> Duration {
-        parse_duration(&self.server.outbox_interval).unwrap_or(Duration::from_secs(2))
+        self.server.outbox_interval
     }
 
     pub fn reconcile_interval(&self) -> Duration {
-        parse_duration(&self.server.reconcile_interval).unwrap_or(Duration::from_secs(60))
+        self.server.reconcile_interval
     }
 
     pub fn sweep_interval(&self) -> Duration {
-        parse_duration(&self.server.sweep_interval).unwrap_or(Duration::from_secs(1))
+        self.server.sweep_interval
     }
 
     pub fn token_ttl(&self) -> Duration {
-        parse_duration(&self.auth.token_ttl).unwrap_or(Duration::from_secs(30 * 86400))
+        self.auth.token_ttl
     }
 
     pub fn groups_max_age(&self) -> Duration {
-        parse_duration(&self.auth.groups_max_age).unwrap_or(Duration::from_secs(86400))
+        self.auth.groups_max_age
     }
 
     pub fn session_lifetime(&self) -> Duration {
-        parse_duration(&self.auth.session_lifetime).unwrap_or(Duration::from_secs(12 * 3600))
+        self.auth.session_lifetime
     }
 
     /// The base URL for links in messages.
@@ -1247,16 +1251,12 @@ impl Config {
     }
 
     pub fn session_idle_timeout(&self) -> Duration {
-        parse_duration(&self.auth.session_idle_timeout).unwrap_or(Duration::from_secs(8 * 3600))
+        self.auth.session_idle_timeout
     }
 
-    /// The pending TTL that applies to a role.
+    /// The pending TTL that applies to a role: its own, else `policy.pending_ttl`.
     pub fn pending_ttl(&self, role: &RoleConfig) -> Duration {
-        let ttl = role
-            .pending_ttl
-            .as_deref()
-            .unwrap_or(&self.policy.pending_ttl);
-        parse_duration(ttl).unwrap_or(Duration::from_secs(24 * 3600))
+        role.pending_ttl.unwrap_or(self.policy.pending_ttl)
     }
 
     pub fn resource(&self, name: &str) -> Option<&ResourceConfig> {
@@ -1279,16 +1279,43 @@ impl Config {
 
 impl RoleConfig {
     pub fn max_duration(&self) -> Duration {
-        parse_duration(&self.max_duration).unwrap_or(Duration::from_secs(3600))
+        self.max_duration
     }
 }
 
-fn check_duration(key: &str, value: &str, zero_ok: bool) -> Result<Duration, ConfigError> {
-    let d = parse_duration(value).map_err(|e| invalid(key, e))?;
-    if d.is_zero() && !zero_ok {
+fn check_nonzero(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
         return Err(invalid(key, "must be longer than zero"));
     }
-    Ok(d)
+    Ok(())
+}
+
+/// Durations in the file are text (`"50ms"`, `"30s"`, `"1h30m"`, see
+/// [`parse_duration`]), parsed once, here, at load: the rest of twokey only ever sees a
+/// [`Duration`], so no later reader can re-parse one and fall back to a default. A bad
+/// value fails the load, and [`Config::parse`] names its key.
+mod duration_setting {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// [`duration_setting`] for a setting that may be absent.
+mod optional_duration_setting {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| super::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -1667,6 +1694,143 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_parsed_once_at_load_or_refused_naming_their_key() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with =
+            |section: &str, line: &str| base.replacen(section, &format!("{section}\n{line}"), 1);
+        // Valid: each setting holds the typed value, sub-second ones included.
+        let ok: &[(&str, &str, fn(&Config) -> Duration, u64)] = &[
+            (
+                "[server]",
+                "outbox_interval = \"50ms\"",
+                |c| c.outbox_interval(),
+                50,
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"250ms\"",
+                |c| c.sweep_interval(),
+                250,
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"0s\"",
+                |c| c.sweep_interval(),
+                0,
+            ),
+            (
+                "[server]",
+                "reconcile_interval = \"1m30s\"",
+                |c| c.reconcile_interval(),
+                90_000,
+            ),
+            (
+                "[auth]",
+                "token_ttl = \"7d\"",
+                |c| c.token_ttl(),
+                7 * 86_400_000,
+            ),
+            (
+                "[auth]",
+                "session_idle_timeout = \"1500ms\"",
+                |c| c.session_idle_timeout(),
+                1500,
+            ),
+            (
+                "[auth]",
+                "groups_max_age = \"90\"",
+                |c| c.groups_max_age(),
+                90_000,
+            ),
+            ("[policy]", "", |c| c.policy.pending_ttl, 24 * 3_600_000),
+        ];
+        for (section, line, get, ms) in ok {
+            let c = Config::parse(&with(section, line), "t").unwrap();
+            c.validate().unwrap();
+            assert_eq!(get(&c), Duration::from_millis(*ms), "{line}");
+        }
+        let c = Config::parse(&base, "t").unwrap();
+        assert_eq!(c.outbox_interval(), Duration::from_secs(2), "the default");
+        let role = &c.resources[0].roles[0];
+        assert_eq!(role.max_duration(), Duration::from_secs(4 * 3600));
+        assert_eq!(c.pending_ttl(role), Duration::from_secs(24 * 3600));
+
+        // Invalid: refused, the key named, never replaced by a default.
+        let bad: &[(&str, &str, &str)] = &[
+            (
+                "[server]",
+                "outbox_interval = \"2 seconds\"",
+                "server.outbox_interval: \"2 seconds\" is not a duration",
+            ),
+            (
+                "[server]",
+                "outbox_interval = \"5us\"",
+                "server.outbox_interval: \"5us\" is not a duration",
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"1.5s\"",
+                "server.sweep_interval: ",
+            ),
+            (
+                "[server]",
+                "reconcile_interval = 60",
+                "server.reconcile_interval: invalid type",
+            ),
+            (
+                "[auth]",
+                "token_ttl = \"400d\"",
+                "auth.token_ttl: \"400d\" is longer than a year",
+            ),
+            (
+                "[auth]",
+                "session_lifetime = \"0ms\"",
+                "auth.session_lifetime: must be longer than zero",
+            ),
+            (
+                "[auth]",
+                "groups_max_age = \"\"",
+                "auth.groups_max_age: a duration is required",
+            ),
+            (
+                "[auth]",
+                "session_idle_timeout = \"8hours\"",
+                "auth.session_idle_timeout: ",
+            ),
+        ];
+        for (section, line, want) in bad {
+            let err = Config::parse(&with(section, line), "t.toml")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{line}: {err}");
+        }
+        let err = Config::parse(&with("[server]", "outbox_interval = \"2x\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("(t.toml, line 5)"), "{err}");
+        let text = base.replacen(
+            "max_duration = \"1h\"",
+            "max_duration = \"1h\"\npending_ttl = \"soon\"",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(
+            err.starts_with("resources[1].roles[0].pending_ttl: \"soon\""),
+            "{err}"
+        );
+        let text = base.replacen("max_duration = \"1h\"", "max_duration = \"59s\"", 1);
+        let err = Config::parse(&text, "t")
+            .and_then(|c| c.validate())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("resources[1].roles[0].max_duration: must be at least 1m"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn all_groups_needs_enough_approvals() {
         let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
         let text = base.replacen(
@@ -1683,7 +1847,7 @@ mod tests {
         let mut c = demo();
         c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()))
             .unwrap();
-        assert_eq!(c.listen_addr().port(), 9999);
+        assert_eq!(c.listen_addr().unwrap().port(), 9999);
         let err = c
             .apply_env(|k| (k == "TWOKEY_DATABASE_URL_FILE").then(|| "/nonexistent/x".to_string()))
             .unwrap_err();

@@ -203,7 +203,9 @@ pub async fn start(
 
 /// Binds the configured address and starts.
 pub async fn serve(config: Config, clock: Arc<dyn Clock>) -> Result<Server> {
-    let addr = config.listen_addr();
+    let addr = config
+        .listen_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?;

@@ -560,3 +560,60 @@ async fn serve_refuses_demo_sign_in_off_loopback() {
         "{first}"
     );
 }
+
+/// Durations in the file: `"50ms"` is a duration like any other, and one that is not a
+/// duration (or is zero where that means nothing) is refused by `check-config` with its
+/// key named, never replaced by a default.
+#[test]
+fn check_config_takes_milliseconds_and_names_a_bad_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("twokey.toml");
+    let demo = twokey::config::demo_config_toml("127.0.0.1:0", dir.path());
+    let with = |line: &str| demo.replacen("[server]", &format!("[server]\n{line}"), 1);
+    std::fs::write(&config, with("outbox_interval = \"50ms\"")).unwrap();
+    let out = twokey(&config, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (line, want) in [
+        (
+            "outbox_interval = \"2 seconds\"",
+            "server.outbox_interval: \"2 seconds\" is not a duration",
+        ),
+        (
+            "sweep_interval = \"100us\"",
+            "server.sweep_interval: \"100us\" is not a duration",
+        ),
+        (
+            "reconcile_interval = \"400d\"",
+            "server.reconcile_interval: \"400d\" is longer than a year",
+        ),
+    ] {
+        std::fs::write(&config, with(line)).unwrap();
+        let out = twokey(&config, &["check-config"]);
+        assert!(!out.status.success(), "{line}");
+        assert!(stderr(&out).contains(want), "{line}: {}", stderr(&out));
+    }
+    std::fs::write(
+        &config,
+        demo.replacen("max_duration = \"4h\"", "max_duration = \"4 hours\"", 1),
+    )
+    .unwrap();
+    let out = twokey(&config, &["check-config"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("resources[0].roles[0].max_duration: \"4 hours\" is not a duration"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(
+        &config,
+        demo.replacen("[auth]", "[auth]\nsession_lifetime = \"0ms\"", 1),
+    )
+    .unwrap();
+    let out = twokey(&config, &["check-config"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("auth.session_lifetime: must be longer than zero"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -646,7 +646,7 @@ async fn revocation_drops_the_login_at_once_and_owned_objects_follow_the_config(
     let app = common::start_with(move |c| {
         target(c, port, &dir, &["readonly"]);
         // The background reconciler runs (hourly), so only the revocation wakes it.
-        c.server.reconcile_interval = "1h".into();
+        c.server.reconcile_interval = Duration::from_secs(3600);
         c.resources[0].reassign_owned_to = Some("keeper".into());
         c.resources[0].roles[0].db_grants = vec!["GRANT CREATE ON SCHEMA public TO {role}".into()];
     })

@@ -445,7 +445,9 @@ async fn approver_follows_the_mailed_link_in_chromium_and_the_requester_hears_ba
 #[tokio::test]
 async fn the_demo_worker_fills_the_mailbox_page_and_requesters_hear_every_outcome() {
     // The background worker on (every 50ms), as in `twokey demo`.
-    let app = common::start_with(|c| c.server.outbox_interval = "50ms".into()).await;
+    let app =
+        common::start_with(|c| c.server.outbox_interval = std::time::Duration::from_millis(50))
+            .await;
     let alice = app.api(ALICE).await;
     let bob = app.api(BOB).await;
     let denied = alice.file("demo-db", "read", "1h", None).await;

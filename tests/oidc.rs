@@ -542,7 +542,10 @@ async fn chromium_signs_in_through_the_provider_and_lands_where_it_asked() {
 
 #[tokio::test]
 async fn stale_idp_groups_stop_an_api_token_until_the_user_signs_in_again() {
-    let app = oidc::start_with(3 * 3600, |c| c.auth.groups_max_age = "1h".into()).await;
+    let app = oidc::start_with(3 * 3600, |c| {
+        c.auth.groups_max_age = std::time::Duration::from_secs(3600)
+    })
+    .await;
     let (_bob_web, _) = app.sign_in("bob", "/queue").await;
     let token = twokey::auth::create_api_token(&app.server.state, "bob@corp.example", "cli")
         .await

@@ -1066,7 +1066,7 @@ fn closed_within(sock: &mut std::net::TcpStream, within: Duration) -> bool {
 async fn stalled_logins_and_too_many_connections_are_closed() {
     let s = setup_with(|c| {
         let r = c.relay.as_mut().unwrap();
-        r.login_grace_time = "1s".into();
+        r.login_grace_time = Duration::from_secs(1);
         r.max_connections_per_ip = 3;
     })
     .await;

@@ -818,3 +818,43 @@ async fn another_engineers_request_is_invisible_and_untouchable_in_pages() {
     let (_, html) = frank.get(&detail).await;
     assert!(html.contains("id=\"status\">pending<"), "nothing changed");
 }
+
+/// `outbox_interval = "50ms"` in the file is what runs. Each request is filed just after
+/// a delivery pass, so with the 2 s it used to become, each would wait about 2 s for
+/// its mail; at 50 ms none waits anywhere near a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_interval_of_50ms_in_the_file_is_the_interval_that_runs() {
+    use std::time::{Duration, Instant};
+    let text = twokey::config::demo_config_toml("127.0.0.1:0", std::path::Path::new("/tmp/x"))
+        .replacen("[server]", "[server]\noutbox_interval = \"50ms\"", 1);
+    let from_file = twokey::config::Config::parse(&text, "twokey.toml").unwrap();
+    from_file.validate().unwrap();
+    assert_eq!(from_file.outbox_interval(), Duration::from_millis(50));
+    let interval = from_file.server.outbox_interval;
+    let app = common::start_with(move |c| c.server.outbox_interval = interval).await;
+    let alice = app.api(ALICE).await;
+    let mailed = || async {
+        twokey::store::dev_mailbox(&app.state().db, 1000)
+            .await
+            .unwrap()
+            .len()
+    };
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let before = mailed().await;
+        let t = Instant::now();
+        alice.file("demo-db", "read", "1h", None).await;
+        while mailed().await == before {
+            assert!(t.elapsed() < Duration::from_secs(10), "never delivered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        waits.push(t.elapsed());
+        // Let the pass that delivered it finish before the next request.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("filed → mailed: {waits:?}");
+    assert!(
+        waits.iter().all(|w| *w < Duration::from_secs(1)),
+        "{waits:?}"
+    );
+}

@@ -159,7 +159,8 @@ pub async fn create_request(
             )),
         );
     }
-    let ttl = Duration::from_std(state.config.pending_ttl(role)).unwrap_or(Duration::hours(24));
+    let ttl = Duration::from_std(state.config.pending_ttl(role))
+        .map_err(|e| Error::Internal(format!("pending_ttl of {}: {e}", role.name)))?;
     let id = store::insert_request(
         &mut tx,
         &store::NewRequest {

@@ -252,49 +252,65 @@ pub fn check_comment(comment: Option<&str>) -> Result<Option<String>, FieldError
     }
 }
 
-/// Parses `"90"` (seconds), `"30m"`, `"1h30m"`, `"2h"`, `"1d"`, `"45s"`.
+/// Parses `"90"` (seconds), `"50ms"`, `"45s"`, `"30m"`, `"1h30m"`, `"2h"`, `"1d"`:
+/// whole numbers, each with a unit (`ms`, `s`, `m`, `h`, `d`), largest first or not,
+/// at most a year in all.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let bad = || format!("{s:?} is not a duration; write e.g. \"30m\", \"1h30m\" or seconds");
+    let bad =
+        || format!("{s:?} is not a duration; write e.g. \"50ms\", \"30m\", \"1h30m\" or seconds");
     if s.is_empty() {
         return Err("a duration is required, e.g. \"30m\"".into());
     }
     if s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse::<u64>().map(Duration::from_secs).map_err(|_| bad());
+        let secs: u64 = s.parse().map_err(|_| bad())?;
+        return capped(s, secs.checked_mul(1000).ok_or_else(bad)?);
     }
-    let mut total: u64 = 0;
+    let mut total_ms: u64 = 0;
     let mut num = String::new();
-    for c in s.chars() {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             num.push(c);
             continue;
         }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
+        let unit_ms = match c {
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
             _ => return Err(bad()),
         };
         let n: u64 = num.parse().map_err(|_| bad())?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
+        total_ms = n
+            .checked_mul(unit_ms)
+            .and_then(|v| total_ms.checked_add(v))
             .ok_or_else(bad)?;
         num.clear();
     }
     if !num.is_empty() {
         return Err(bad());
     }
+    capped(s, total_ms)
+}
+
+fn capped(s: &str, ms: u64) -> Result<Duration, String> {
     // Cap far beyond any sane grant so arithmetic on timestamps cannot overflow.
-    if total > 366 * 86400 {
+    if ms > 366 * 86_400_000 {
         return Err(format!("{s:?} is longer than a year"));
     }
-    Ok(Duration::from_secs(total))
+    Ok(Duration::from_millis(ms))
 }
 
 /// `5400s` → `"1h30m"`.
 pub fn format_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) && !d.is_zero() {
+        return format!("{}ms", d.as_millis());
+    }
     let s = d.as_secs();
     let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
     let mut out = String::new();
@@ -322,7 +338,7 @@ mod tests {
             approver_groups: groups.iter().map(|g| g.to_string()).collect(),
             min_approvals: min,
             all_groups: all,
-            max_duration: "4h".into(),
+            max_duration: Duration::from_secs(4 * 3600),
             pending_ttl: None,
             require_ticket: false,
             reason_min_chars: 3,
@@ -354,30 +370,57 @@ mod tests {
     #[test]
     fn durations() {
         let ok = [
-            ("90", 90),
-            ("30m", 1800),
-            ("1h30m", 5400),
-            ("2h", 7200),
-            ("1d", 86400),
-            (" 45s ", 45),
+            ("90", 90_000),
+            ("0", 0),
+            ("0s", 0),
+            ("50ms", 50),
+            ("1ms", 1),
+            ("1500ms", 1500),
+            ("1s500ms", 1500),
+            ("30m", 1_800_000),
+            ("1m30s", 90_000),
+            ("1h30m", 5_400_000),
+            ("2h", 7_200_000),
+            ("1d", 86_400_000),
+            ("1d12h", 129_600_000),
+            (" 45s ", 45_000),
+            ("366d", 366 * 86_400_000),
         ];
-        for (s, secs) in ok {
-            assert_eq!(parse_duration(s).unwrap().as_secs(), secs, "{s}");
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s).unwrap().as_millis(), ms, "{s}");
         }
         for s in [
             "",
             "m",
+            "ms",
             "30x",
             "1h30",
             "-5",
             "1.5h",
+            "50 ms",
+            "50MS",
+            "5us",
+            "5mss",
             "99999999999999999999h",
+            "99999999999999999999",
             "400d",
+            "367d",
         ] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
+        assert!(
+            parse_duration("30x")
+                .unwrap_err()
+                .contains("\"30x\" is not a duration")
+        );
+        assert!(
+            parse_duration("400d")
+                .unwrap_err()
+                .contains("longer than a year")
+        );
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
         assert_eq!(format_duration(Duration::from_secs(0)), "0s");
+        assert_eq!(format_duration(Duration::from_millis(50)), "50ms");
     }
 
     #[test]

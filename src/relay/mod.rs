@@ -665,10 +665,7 @@ pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim)
         .local_addr()
         .map_err(|e| Error::Internal(format!("relay listener: {e}")))?;
     let limits = state.config.relay.clone().unwrap_or_default();
-    let duration = |s: &str, default: u64| {
-        crate::policy::parse_duration(s).unwrap_or(Duration::from_secs(default))
-    };
-    let grace = duration(&limits.login_grace_time, 30);
+    let grace = limits.login_grace_time;
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     let config = Arc::new(russh::server::Config {
@@ -679,7 +676,7 @@ pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim)
         max_auth_attempts: 6,
         // An authenticated connection with nothing flowing; before authentication the
         // login grace time (LoginGrace) applies.
-        inactivity_timeout: Some(duration(&limits.idle_timeout, 3600)),
+        inactivity_timeout: Some(limits.idle_timeout),
         nodelay: true,
         preferred: engineer_algorithms(),
         ..Default::default()

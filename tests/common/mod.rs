@@ -39,9 +39,9 @@ pub struct TestApp {
 /// The demo config, sweeper off (tests sweep by hand after moving the clock).
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::parse(&demo_config_toml("127.0.0.1:0", dir), "demo").unwrap();
-    config.server.sweep_interval = "0s".into();
-    config.server.outbox_interval = "0s".into();
-    config.server.reconcile_interval = "0s".into();
+    config.server.sweep_interval = std::time::Duration::ZERO;
+    config.server.outbox_interval = std::time::Duration::ZERO;
+    config.server.reconcile_interval = std::time::Duration::ZERO;
     config.validate().unwrap();
     config
 }
