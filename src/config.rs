@@ -1699,7 +1699,8 @@ mod tests {
         let with =
             |section: &str, line: &str| base.replacen(section, &format!("{section}\n{line}"), 1);
         // Valid: each setting holds the typed value, sub-second ones included.
-        let ok: &[(&str, &str, fn(&Config) -> Duration, u64)] = &[
+        type Read = fn(&Config) -> Duration;
+        let ok: &[(&str, &str, Read, u64)] = &[
             (
                 "[server]",
                 "outbox_interval = \"50ms\"",

@@ -899,3 +899,96 @@ async fn a_sign_in_cookie_older_than_ten_minutes_is_refused() {
     )
     .await;
 }
+
+/// Groups are replaced at each sign-in through the provider: a sign-in that still
+/// carries the group keeps alice's grant, and the one after the IdP removed her from
+/// the group revokes it at once, with its audit event and reason.
+#[tokio::test]
+async fn a_sign_in_without_the_group_revokes_the_grant_it_allowed() {
+    let app = oidc::start(3600).await;
+    let (alice, _) = app.sign_in("alice", "/requests").await;
+    let (bob, _) = app.sign_in("bob", "/queue").await;
+    let token = csrf(&alice, &app.url("/requests/new")).await;
+    let resp = alice
+        .post(app.url("/requests"))
+        .form(&[
+            ("csrf", token.as_str()),
+            ("target", "demo-db/read"),
+            ("duration", "1h"),
+            ("reason", "check replication"),
+            ("ticket", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let id = location.rsplit('/').next().unwrap().to_string();
+    let detail = app.url(&location);
+    let token = csrf(&bob, &detail).await;
+    let resp = bob
+        .post(format!("{detail}/approve"))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let grant = || async {
+        let mut conn = app.server.state.db.acquire().await.unwrap();
+        twokey::store::grant_for_request(&mut conn, &id)
+            .await
+            .unwrap()
+            .expect("a grant")
+    };
+    assert_eq!(grant().await.status, "active");
+
+    // Signing in again with the same groups changes nothing.
+    app.clock.advance(chrono::Duration::seconds(1));
+    let cb = app.callback_url(&alice, "alice", "/requests").await;
+    assert_eq!(
+        alice.get(&cb).send().await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(grant().await.status, "active");
+
+    // The IdP drops her from idp-eng (→ engineers); her next sign-in ends the grant.
+    app.provider.set_groups("alice", &["idp-unmapped"]).await;
+    app.clock.advance(chrono::Duration::seconds(1));
+    let cb = app.callback_url(&alice, "alice", "/requests").await;
+    assert_eq!(
+        alice.get(&cb).send().await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    let g = grant().await;
+    assert_eq!(g.status, "revoked");
+    assert_eq!(
+        g.end_comment.as_deref(),
+        Some("the user's groups no longer allow this role")
+    );
+    let revoked: Vec<serde_json::Value> = app
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.action == "grant.revoked")
+        .map(|e| {
+            assert_eq!(e.subject, g.id);
+            assert_eq!(e.actor, "system");
+            serde_json::from_str(&e.details).unwrap()
+        })
+        .collect();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        revoked[0]["reason"],
+        "the user's groups no longer allow this role"
+    );
+    assert_eq!(revoked[0]["request_id"], id.as_str());
+    // Her request page shows it.
+    let html = alice
+        .get(&detail)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("revoked"), "{html}");
+}

@@ -2736,3 +2736,218 @@ async fn a_session_left_open_by_a_crash_is_closed_as_interrupted_at_the_next_sta
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `ssh-keygen -Q` of `cert` against twokey's served KRL: whether it is revoked.
+async fn in_served_krl(s: &Setup, cert: &Path) -> bool {
+    let krl = reqwest::get(s.app.url("/api/v1/ca/krl"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let path = s.keys.path().join("served_krl");
+    std::fs::write(&path, &krl).unwrap();
+    let o = Command::new("ssh-keygen")
+        .arg("-Q")
+        .arg("-f")
+        .arg(&path)
+        .arg(cert)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    // "PATH (KEY ID): REVOKED" or "PATH (KEY ID): ok"
+    match out.trim().rsplit(": ").next() {
+        Some("REVOKED") => true,
+        Some("ok") => false,
+        _ => panic!("ssh-keygen -Q said {out:?} {err:?}"),
+    }
+}
+
+/// An admin forces alice to sign in again, through the users page and its CSRF token:
+/// her relayed session is cut, both her grants show revoked (one audit event each, with
+/// the reason), her certificate's serial is in the KRL, and her database login on a real
+/// PostgreSQL is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_a_user_to_sign_in_again_ends_her_session_certificate_and_database_login() {
+    let cluster = common::postgres::Cluster::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let pw = secrets.path().join("pg-admin-password");
+    std::fs::write(&pw, format!("{}\n", common::postgres::ADMIN_PASSWORD)).unwrap();
+    let pg_port = cluster.port;
+    let s = setup_with(move |c| {
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.address = Some(format!("127.0.0.1:{pg_port}"));
+        db.database = Some("app".into());
+        db.admin_user = Some("postgres".into());
+        db.admin_password_file = Some(pw);
+        db.tls = Some("disable".into());
+        db.reassign_owned_to = None;
+        db.roles[0].db_roles = vec!["readonly".into()];
+        // The background reconciler runs (hourly), so only the revocation wakes it.
+        c.server.reconcile_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let (ssh_id, cert) = s.grant().await;
+    let alice = s.app.api(ALICE).await;
+    let db_id = alice.file("demo-db", "read", "1h", None).await;
+    let (st, _) = s.app.api(BOB).await.act(&db_id, "approve").await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, c) = alice
+        .post(&format!("/requests/{db_id}/db-credentials"), json!({}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{c}");
+    let (user, password) = (
+        c["username"].as_str().unwrap().to_string(),
+        c["password"].as_str().unwrap().to_string(),
+    );
+    let o = cluster.psql(&user, &password, "app", "SELECT count(*) FROM items");
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(!in_served_krl(&s, &cert).await);
+    let child = s.live_session(&cert).await;
+
+    // Dave, an admin, presses "Force re-sign-in" for alice.
+    let alice_id = twokey::store::list_users(&s.app.state().db)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|u| u.email == ALICE)
+        .unwrap()
+        .id;
+    let dave = s.app.browser("dave@example.com").await;
+    let (_, page) = dave.get("/admin/users").await;
+    assert!(page.contains(&format!("id=\"reauth-{ALICE}\"")), "{page}");
+    let csrf = common::csrf_in(&page).unwrap();
+    // Without the CSRF token nothing happens.
+    let resp = dave
+        .post(
+            &format!("/admin/users/{alice_id}/reauth"),
+            &[("csrf", "forged")],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(s.events("grant.revoked").await.is_empty());
+    let resp = dave
+        .post(
+            &format!("/admin/users/{alice_id}/reauth"),
+            &[("csrf", csrf.as_str())],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+
+    // The relayed session is cut (without the cut, `sleep 30` ends by itself, cleanly).
+    let (status, err) = exit_of(child).await;
+    assert!(!status.success());
+    assert!(err.contains("the grant has ended or was revoked"), "{err}");
+    let ended = wait_ended(&s, 1).await;
+    assert_eq!(ended[0]["reason"], "grant ended");
+
+    // Both grants show revoked, by dave, for the reason given, one event each.
+    let bob = s.app.api(BOB).await;
+    for id in [&ssh_id, &db_id] {
+        let (st, r) = bob.get(&format!("/requests/{id}")).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(r["grant"]["status"], "revoked", "{r}");
+        assert_eq!(r["grant"]["ended_by"], "dave@example.com", "{r}");
+    }
+    let revoked = s.events("grant.revoked").await;
+    assert_eq!(revoked.len(), 2, "{revoked:?}");
+    let mut requests: Vec<&str> = revoked
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    requests.sort();
+    let mut want = vec![ssh_id.as_str(), db_id.as_str()];
+    want.sort();
+    assert_eq!(requests, want);
+    for e in &revoked {
+        assert_eq!(e["reason"], "user forced to sign in again", "{e}");
+        assert_eq!(e["by"]["email"], "dave@example.com", "{e}");
+    }
+
+    // The certificate is in the KRL, and the relay refuses it.
+    assert!(in_served_krl(&s, &cert).await);
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert!(!o.status.success(), "{:?}", text(&o));
+
+    // The database login is gone, and so is its password.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster.twokey_roles().is_empty() {
+        assert!(Instant::now() < deadline, "{user} was not dropped");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let o = cluster.psql(&user, &password, "app", "SELECT 1");
+    assert!(!o.status.success(), "{:?}", text(&o));
+    // Her old API token is dead too.
+    let (st, _) = alice.get("/whoami").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    s.app.assert_chain_ok().await;
+}
+
+/// The relay does not trust the grant row alone: a holder forced out, or no longer in a
+/// group that may request the role, loses the live session even when no revocation was
+/// written (here the store is changed behind twokey's back), and a connection kept open
+/// admits nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_cuts_a_holder_who_lost_the_right_even_if_the_grant_row_says_active() {
+    let s = setup().await;
+    let (id, cert) = s.grant().await;
+    let grant_status = || async {
+        let mut conn = s.app.state().db.acquire().await.unwrap();
+        twokey::store::grant_for_request(&mut conn, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+    };
+
+    // Out of every group that may request demo-ssh/admin.
+    let child = s.live_session(&cert).await;
+    s.app.user(ALICE, &["sre-leads"]).await;
+    let (status, err) = exit_of(child).await;
+    assert!(!status.success());
+    assert!(err.contains("the grant has ended or was revoked"), "{err}");
+    assert_eq!(grant_status().await, "active");
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert!(!o.status.success(), "{:?}", text(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("ran"));
+
+    // Back in the group: the same grant works again (it was never revoked)...
+    s.app.user(ALICE, &["engineers"]).await;
+    let o = s.ssh(&cert, "demo-ssh", "echo ran").await;
+    assert!(o.status.success(), "{:?}", text(&o));
+
+    // ...until she is forced out without the revocation being written.
+    let child = s.live_session(&cert).await;
+    let alice_id = twokey::store::list_users(&s.app.state().db)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|u| u.email == ALICE)
+        .unwrap()
+        .id;
+    {
+        let mut conn = s.app.state().db.acquire().await.unwrap();
+        let later = s.app.state().now_ms() + 1;
+        assert!(
+            twokey::store::force_reauth(&mut conn, &alice_id, later)
+                .await
+                .unwrap()
+        );
+    }
+    let (status, err) = exit_of(child).await;
+    assert!(!status.success());
+    assert!(err.contains("the grant has ended or was revoked"), "{err}");
+    assert_eq!(grant_status().await, "active");
+    let ended = wait_ended(&s, 3).await;
+    assert!(
+        ended
+            .iter()
+            .filter(|e| e["reason"] == "grant ended")
+            .count()
+            >= 2
+    );
+}

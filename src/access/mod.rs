@@ -587,28 +587,16 @@ pub async fn revoke(
             Error::conflict(format!("this request is {} and has no grant", req.status)),
         );
     };
-    if !store::end_grant(
-        &mut tx,
-        &grant.id,
-        "revoked",
-        now,
-        Some(&actor.user_id),
-        comment.as_deref(),
-    )
-    .await?
-    {
+    let by = Revoker {
+        user_id: Some(&actor.user_id),
+        email: &actor.email,
+        identity: actor.identity(),
+        comment: comment.as_deref(),
+        reason: None,
+    };
+    if !end_early(state, &mut tx, &req, &grant.id, &by, now).await? {
         return refuse(state, Error::conflict("this grant has already ended"));
     }
-    audit(
-        &mut tx,
-        now,
-        &actor.email,
-        "grant.revoked",
-        &grant.id,
-        json!({ "request_id": id, "revoked_by_id": actor.user_id, "by": actor.identity(), "comment": comment }),
-    )
-    .await?;
-    notify::enqueue_for(state, &mut tx, &req, "revoked", now).await?;
     let view = load_view(state, &mut tx, req).await?;
     tx.commit().await?;
     // Its database login goes now, not at the next periodic pass.
@@ -616,6 +604,153 @@ pub async fn revoke(
     Metrics::inc(&state.metrics.grants_revoked);
     tracing::info!(request = %id, grant = %grant.id, by = %actor.email, "grant revoked");
     Ok(view)
+}
+
+/// Who ends a grant early, and why.
+struct Revoker<'a> {
+    /// The person, if one did (`None`: twokey itself, e.g. at a sign-in).
+    user_id: Option<&'a str>,
+    /// The audit event's actor.
+    email: &'a str,
+    identity: serde_json::Value,
+    comment: Option<&'a str>,
+    /// Why twokey ended it on its own (recorded in the audit event).
+    reason: Option<&'a str>,
+}
+
+/// The one revocation step, in the caller's transaction: the conditional UPDATE, its
+/// audit event and the holder's notice. False if the grant was no longer live. The
+/// caller wakes the reconciler after commit; the KRL and the relay read the grant row.
+async fn end_early(
+    state: &AppState,
+    conn: &mut Conn,
+    req: &RequestRow,
+    grant_id: &str,
+    by: &Revoker<'_>,
+    now: i64,
+) -> Result<bool> {
+    let comment = by.comment.or(by.reason);
+    if !store::end_grant(conn, grant_id, "revoked", now, by.user_id, comment).await? {
+        return Ok(false);
+    }
+    let mut details = json!({
+        "request_id": req.id,
+        "revoked_by_id": by.user_id,
+        "by": by.identity,
+        "comment": by.comment,
+    });
+    if let Some(reason) = by.reason {
+        details["reason"] = json!(reason);
+    }
+    audit(conn, now, by.email, "grant.revoked", grant_id, details).await?;
+    notify::enqueue_for(state, conn, req, "revoked", now).await?;
+    Ok(true)
+}
+
+/// Why a forced re-sign-in revokes grants.
+pub const FORCED_OUT: &str = "user forced to sign in again";
+/// Why a sign-in whose groups no longer allow a role revokes its grants.
+pub const NO_LONGER_ELIGIBLE: &str = "the user's groups no longer allow this role";
+
+/// Revokes every live grant of `user_id` (an admin forced them to sign in again), each
+/// with its own conditional UPDATE and audit event, in the caller's transaction. The
+/// caller commits and then calls [`after_revocations`]. Returns how many were revoked.
+pub async fn revoke_all_of_user(
+    state: &AppState,
+    conn: &mut Conn,
+    admin: &Actor,
+    user_id: &str,
+    now: i64,
+) -> Result<usize> {
+    let by = Revoker {
+        user_id: Some(&admin.user_id),
+        email: &admin.email,
+        identity: admin.identity(),
+        comment: None,
+        reason: Some(FORCED_OUT),
+    };
+    revoke_where(state, conn, user_id, &by, now, |_| true).await
+}
+
+/// Revokes the live grants of `user_id` whose role their groups (as just stored) no
+/// longer let them request, in the caller's transaction. Returns how many.
+pub async fn revoke_ineligible(
+    state: &AppState,
+    conn: &mut Conn,
+    user_id: &str,
+    now: i64,
+) -> Result<usize> {
+    let Some(holder) = store::load_actor(conn, user_id, &state.config.auth.admin_groups).await?
+    else {
+        return Ok(0);
+    };
+    let by = Revoker {
+        user_id: None,
+        email: "system",
+        identity: json!({ "system": "sign-in", "user": holder.identity() }),
+        comment: None,
+        reason: Some(NO_LONGER_ELIGIBLE),
+    };
+    revoke_where(state, conn, user_id, &by, now, |g| {
+        let role = state.config.role(&g.resource, &g.role).map(|(_, r)| r);
+        !policy::may_hold(&holder.groups, role)
+    })
+    .await
+}
+
+async fn revoke_where(
+    state: &AppState,
+    conn: &mut Conn,
+    user_id: &str,
+    by: &Revoker<'_>,
+    now: i64,
+    revoke: impl Fn(&GrantRow) -> bool,
+) -> Result<usize> {
+    let mut n = 0;
+    for grant in store::live_grants_of(conn, user_id, now).await? {
+        if !revoke(&grant) {
+            continue;
+        }
+        let req = store::get_request(conn, &grant.request_id)
+            .await?
+            .ok_or(Error::NotFound("request"))?;
+        if end_early(state, conn, &req, &grant.id, by, now).await? {
+            n += 1;
+            tracing::info!(grant = %grant.id, user = %grant.user_email, reason = by.reason.unwrap_or_default(), "grant revoked");
+        }
+    }
+    Ok(n)
+}
+
+/// After a transaction that revoked `n` grants committed: their database logins go now,
+/// not at the next periodic pass.
+pub fn after_revocations(state: &AppState, n: usize) {
+    if n > 0 {
+        state.reconcile_now.notify_one();
+    }
+    for _ in 0..n {
+        Metrics::inc(&state.metrics.grants_revoked);
+    }
+}
+
+/// Which of these grants are rightfully held right now: active, inside their window,
+/// started after their holder was last forced to sign in again, and still allowed by
+/// the policy to the holder's current groups. One query, however many ids. The relay
+/// asks this rather than reading the grant row alone, so a holder who lost the right
+/// loses the session even if the revocation write never happened.
+pub async fn rightful_grants_among(
+    state: &AppState,
+    ids: &[String],
+) -> Result<std::collections::HashSet<String>> {
+    Ok(store::grant_holdings_among(&state.db, ids, state.now_ms())
+        .await?
+        .into_iter()
+        .filter(|h| {
+            let role = state.config.role(&h.resource, &h.role).map(|(_, r)| r);
+            policy::may_hold(&h.groups, role)
+        })
+        .map(|h| h.grant_id)
+        .collect())
 }
 
 /// What one sweep changed.

@@ -108,6 +108,7 @@ pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
     let user_id = sync_user(&mut tx, dev, now).await?;
+    let revoked = crate::access::revoke_ineligible(state, &mut tx, &user_id, now).await?;
     store::append_audit(
         &mut tx,
         now,
@@ -123,6 +124,7 @@ pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
         .await?
         .ok_or(Error::Unauthenticated)?;
     tx.commit().await?;
+    crate::access::after_revocations(state, revoked);
     Ok(actor)
 }
 
@@ -135,6 +137,9 @@ pub async fn oidc_sign_in(state: &AppState, id: &oidc::Identity) -> Result<Actor
     let user_id =
         store::upsert_identity(&mut tx, &id.issuer, &id.subject, &id.email, &id.name, now).await?;
     store::set_user_groups(&mut tx, &user_id, &id.groups, now).await?;
+    // Groups are replaced at every sign-in: a grant whose role they no longer allow ends
+    // here, in the same transaction, not at its planned end.
+    let revoked = crate::access::revoke_ineligible(state, &mut tx, &user_id, now).await?;
     store::append_audit(
         &mut tx,
         now,
@@ -157,6 +162,7 @@ pub async fn oidc_sign_in(state: &AppState, id: &oidc::Identity) -> Result<Actor
         .await?
         .ok_or(Error::Unauthenticated)?;
     tx.commit().await?;
+    crate::access::after_revocations(state, revoked);
     Ok(actor)
 }
 
@@ -184,8 +190,11 @@ pub async fn revoke_api_tokens(state: &AppState, email: &str) -> Result<u64> {
 }
 
 /// Ends every browser session and API token of a user at once: they must sign in
-/// again (and so get their groups refreshed).
-pub async fn force_reauth(state: &AppState, admin: &Actor, user_id: &str) -> Result<()> {
+/// again (and so get their groups refreshed). Their live grants are revoked in the same
+/// transaction, each with its audit event: whoever was forced out must not keep what
+/// they were granted while signed in (certificates reach the KRL, database logins are
+/// dropped, relayed sessions are cut). Returns how many grants were revoked.
+pub async fn force_reauth(state: &AppState, admin: &Actor, user_id: &str) -> Result<usize> {
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
     if !store::force_reauth(&mut tx, user_id, now).await? {
@@ -202,8 +211,10 @@ pub async fn force_reauth(state: &AppState, admin: &Actor, user_id: &str) -> Res
         },
     )
     .await?;
+    let revoked = crate::access::revoke_all_of_user(state, &mut tx, admin, user_id, now).await?;
     tx.commit().await?;
-    Ok(())
+    crate::access::after_revocations(state, revoked);
+    Ok(revoked)
 }
 
 async fn sync_user(

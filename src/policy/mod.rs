@@ -50,6 +50,14 @@ pub fn may_request(actor: &Actor, role: &RoleConfig) -> bool {
     actor.in_any(&role.requester_groups)
 }
 
+/// May someone holding `groups` now keep a grant of `role` (`None`: the role is no
+/// longer in the policy)? The same rule as [`may_request`]: a grant is only as good as
+/// the right to ask for it, so losing the group (or the role leaving the policy) ends
+/// what was granted, not only what could be asked next.
+pub fn may_hold(groups: &BTreeSet<String>, role: Option<&RoleConfig>) -> bool {
+    role.is_some_and(|r| r.requester_groups.iter().any(|g| groups.contains(g)))
+}
+
 /// Why an approver may not decide on a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecideRefusal {
@@ -535,6 +543,30 @@ mod tests {
         let ok = check_request(&input("4h", "  fix prod  ", Some("OPS-1")), &r).unwrap();
         assert_eq!(ok.reason, "fix prod");
         assert_eq!(ok.duration.as_secs(), 4 * 3600);
+    }
+
+    #[test]
+    fn holding_needs_the_right_to_request() {
+        let r = role(1, false, &["sre-leads"]);
+        let groups = |g: &[&str]| -> BTreeSet<String> { g.iter().map(|s| s.to_string()).collect() };
+        for (held, role_present, want) in [
+            (&["engineers"][..], true, true),
+            (&["engineers", "other"][..], true, true),
+            (&[][..], true, false),
+            (&["sre-leads"][..], true, false),
+            (&["admins"][..], true, false),
+            (&["engineers"][..], false, false),
+        ] {
+            let role = role_present.then_some(&r);
+            assert_eq!(
+                may_hold(&groups(held), role),
+                want,
+                "{held:?} {role_present}"
+            );
+            if let Some(role) = role {
+                assert_eq!(may_request(&actor("a", held, false), role), want);
+            }
+        }
     }
 
     #[test]

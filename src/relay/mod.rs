@@ -704,7 +704,9 @@ async fn watch_grants(state: AppState) {
         if ids.is_empty() {
             continue;
         }
-        match store::live_grants_among(&state.db, &ids, state.now_ms()).await {
+        // Rightful, not merely active: the holder may have been forced out or lost the
+        // group since (crate::access::rightful_grants_among).
+        match crate::access::rightful_grants_among(&state, &ids).await {
             // A session registered during the query is on a grant it did not ask about:
             // left for the next tick.
             Ok(live) => state.live_sessions.cut_where(
@@ -1384,14 +1386,13 @@ fn ciphers(names: &'static [russh::cipher::Name]) -> russh::Preferred {
     }
 }
 
-/// Whether the grant is active and not past its end right now; a store that cannot
-/// answer says no (fail closed).
+/// Whether the grant is active, not past its end, and still rightfully held (the
+/// holder was not forced out since and may still request its role) right now; a store
+/// that cannot answer says no (fail closed).
 async fn grant_is_live(state: &AppState, grant_id: &str) -> bool {
-    store::grant_by_id(&state.db, grant_id)
+    crate::access::rightful_grants_among(state, &[grant_id.to_string()])
         .await
-        .ok()
-        .flatten()
-        .is_some_and(|g| g.status == "active" && g.ends_at > state.now_ms())
+        .is_ok_and(|live| live.contains(grant_id))
 }
 
 /// One relayed session: client channel ⇄ upstream channel, recorded, cut at the end.

@@ -1237,6 +1237,59 @@ pub async fn live_grants_among(
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
+/// A live grant with what decides whether its holder may still hold it.
+#[derive(Debug, Clone)]
+pub struct GrantHolding {
+    pub grant_id: String,
+    pub resource: String,
+    pub role: String,
+    /// The holder's groups as stored now.
+    pub groups: BTreeSet<String>,
+}
+
+/// Of `ids`, the grants that are active, not past their end at `now`, and started after
+/// their holder was last forced to sign in again, each with the holder's current
+/// groups: one query, however many ids.
+pub async fn grant_holdings_among(db: &Db, ids: &[String], now: i64) -> Result<Vec<GrantHolding>> {
+    let json =
+        serde_json::to_string(ids).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT g.id, g.resource, g.role,
+                (SELECT json_group_array(ug.group_name) FROM user_groups ug WHERE ug.user_id = g.user_id)
+         FROM grants g JOIN users u ON u.id = g.user_id
+         WHERE g.status = 'active' AND g.ends_at > ? AND g.starts_at > u.sessions_valid_after
+           AND g.id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(now)
+    .bind(json)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(|(grant_id, resource, role, groups)| {
+            let groups: BTreeSet<String> = serde_json::from_str(&groups)
+                .map_err(|e| crate::error::Error::Internal(format!("groups of a holder: {e}")))?;
+            Ok(GrantHolding {
+                grant_id,
+                resource,
+                role,
+                groups,
+            })
+        })
+        .collect()
+}
+
+/// A user's grants that are active and not past their end at `now`.
+pub async fn live_grants_of(conn: &mut Conn, user_id: &str, now: i64) -> Result<Vec<GrantRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} WHERE g.user_id = ? AND g.status = 'active' AND g.ends_at > ?
+         ORDER BY g.ends_at"
+    ))
+    .bind(user_id)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
 // ---------------------------------------------------------------- relay sessions
 
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
