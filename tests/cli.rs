@@ -431,6 +431,12 @@ async fn secrets_never_reach_the_logs_or_pages() {
         assert!(!logs.contains(secret), "a token reached the logs");
         assert!(!bodies.contains(secret), "a token reached a response");
     }
+    // Nor the audit signing key (the demo's worker signs checkpoints as it runs).
+    let key = std::fs::read_to_string(data.join("audit_signing_key")).unwrap();
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!logs.contains(line), "the audit key reached the logs");
+        assert!(!bodies.contains(line), "the audit key reached a response");
+    }
 }
 
 fn stdout_of(o: &Output) -> String {
