@@ -165,12 +165,24 @@ pub enum ExportFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Verify the hash chain; names the first bad event.
+    /// Verify the hash chain and its signed checkpoints; names the first bad event.
     Verify {
         /// Verify an exported JSONL file instead of the database (offline).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Accept signatures only by this key (a file with the line `twokey audit
+        /// public-key` printed). Repeatable. With --file it replaces the key the file
+        /// names; on the database it is accepted beside the server's (after a rotation).
+        #[arg(long = "public-key", value_name = "FILE")]
+        public_keys: Vec<PathBuf>,
+        /// Fail unless event SEQ still has HASH (a head printed by an earlier verify).
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<audit::checkpoint::HeadPin>,
     },
+    /// Sign a checkpoint of the chain head now (the server also does every minute).
+    Checkpoint,
+    /// Print the public key that checkpoints are signed with (for --public-key).
+    PublicKey,
     /// Write every event, oldest first.
     Export {
         #[arg(long, value_enum, default_value = "jsonl")]
@@ -331,16 +343,55 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { file: Some(file) },
-        } => verify_file(&file),
+            command:
+                AuditCommand::Verify {
+                    file,
+                    public_keys,
+                    expect_head,
+                },
+        } => {
+            let mut keys = Vec::new();
+            for path in &public_keys {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--public-key {}: {e}", path.display()))?;
+                keys.push(
+                    audit::checkpoint::parse_public_key(&text)
+                        .map_err(|e| format!("--public-key {}: {e}", path.display()))?,
+                );
+            }
+            match file {
+                Some(file) => verify_file(&file, &keys, expect_head.as_ref()),
+                None => {
+                    let state = open(&cli.config).await?;
+                    // The server's own key is always accepted; pinned ones are old keys.
+                    keys.insert(0, state.audit_key.public_key().clone());
+                    let result =
+                        audit::checkpoint::verify_db(&state.db, &keys, expect_head.as_ref())
+                            .await
+                            .map_err(|e| describe(&e))?;
+                    Ok(report(result, true))
+                }
+            }
+        }
         Command::Audit {
-            command: AuditCommand::Verify { file: None },
+            command: AuditCommand::Checkpoint,
         } => {
             let state = open(&cli.config).await?;
-            let result = store::verify_audit(&state.db)
+            match audit::checkpoint::checkpoint(&state, "command")
                 .await
-                .map_err(|e| describe(&e))?;
-            Ok(report(result))
+                .map_err(|e| describe(&e))?
+            {
+                Some(cp) => println!("checkpoint at seq {}: head {}:{}", cp.seq, cp.seq, cp.hash),
+                None => println!("the audit log is empty: nothing to sign"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::PublicKey,
+        } => {
+            let state = open(&cli.config).await?;
+            println!("{}", state.audit_key.public_key_line());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
             command:
@@ -450,20 +501,51 @@ async fn run_server(config: Config) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn report(result: Result<audit::ChainOk, audit::ChainBreak>) -> ExitCode {
+fn report(
+    result: Result<audit::checkpoint::Verified, audit::checkpoint::Failure>,
+    key_pinned: bool,
+) -> ExitCode {
     match result {
-        Ok(ok) => {
-            println!("OK: {} events, head {}", ok.events, ok.head);
+        Ok(v) => {
+            let head_seq = v.chain.events;
+            let mut line = format!(
+                "OK: {} events, head {head_seq}:{}",
+                v.chain.events, v.chain.head
+            );
+            match (v.checkpoint, &v.key) {
+                (Some(seq), key) => {
+                    line.push_str(&format!("; signed checkpoint at seq {seq}"));
+                    if let Some(key) = key {
+                        line.push_str(&format!(" by {key}"));
+                    }
+                    let newer = head_seq.saturating_sub(seq as u64);
+                    if newer > 0 {
+                        line.push_str(&format!("; {newer} newer event(s) not signed yet"));
+                    }
+                }
+                (None, _) if head_seq > 0 => line.push_str("; no signed checkpoint yet"),
+                (None, _) => {}
+            }
+            if !key_pinned {
+                line.push_str(
+                    "\nThe key was not pinned: compare it with `twokey audit public-key` on the server, or pass --public-key",
+                );
+            }
+            println!("{line}");
             ExitCode::SUCCESS
         }
-        Err(b) => {
-            println!("FAIL: first bad event is seq {}: {}", b.seq, b.reason);
+        Err(f) => {
+            println!("FAIL: {f}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn verify_file(path: &Path) -> Result<ExitCode, String> {
+fn verify_file(
+    path: &Path,
+    keys: &[ssh_key::PublicKey],
+    pin: Option<&audit::checkpoint::HeadPin>,
+) -> Result<ExitCode, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let lines = std::io::BufReader::new(file)
         .lines()
@@ -473,11 +555,28 @@ fn verify_file(path: &Path) -> Result<ExitCode, String> {
             let l = l.map_err(|e| format!("line {}: {e}", n + 1))?;
             audit::parse_export_line(&l).map_err(|e| format!("line {}: {e}", n + 1))
         });
-    let result = audit::verify(lines)?;
-    Ok(report(result))
+    let result = audit::checkpoint::verify_export(lines, keys, pin)?;
+    Ok(report(result, !keys.is_empty()))
 }
 
 async fn export(state: &crate::state::AppState, output: Option<&Path>) -> Result<ExitCode, String> {
+    // Always a checkpoint at export: the file ends with a statement signed over its
+    // last event, so a copy cut short, or ending at an earlier checkpoint, fails.
+    let closing = audit::checkpoint::checkpoint(state, "export")
+        .await
+        .map_err(|e| describe(&e))?;
+    let (end_seq, end_hash, end_ts) = match &closing {
+        Some(c) => (c.seq, c.hash.clone(), c.ts),
+        None => (0, audit::GENESIS.to_string(), state.now_ms()),
+    };
+    let end = state
+        .audit_key
+        .sign_export_end(end_seq, &end_hash, end_ts)
+        .map_err(|e| describe(&e))?;
+    let checkpoints = audit::checkpoint::list(&state.db, end_seq)
+        .await
+        .map_err(|e| describe(&e))?;
+    let mut checkpoints = checkpoints.into_iter().peekable();
     let mut out: Box<dyn Write> = match output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -486,18 +585,29 @@ async fn export(state: &crate::state::AppState, output: Option<&Path>) -> Result
     };
     let mut after = 0;
     let mut count = 0u64;
-    loop {
+    'pages: while after < end_seq {
         let page = store::audit_page(&state.db, after, 5000)
             .await
             .map_err(|e| describe(&e))?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for ev in &page {
+            // Events added while exporting belong to the next export.
+            if ev.seq > end_seq {
+                break 'pages;
+            }
             writeln!(out, "{}", ev.to_export_line()).map_err(|e| e.to_string())?;
             count += 1;
+            while let Some(cp) = checkpoints.next_if(|c| c.seq <= ev.seq) {
+                writeln!(out, "{}", cp.to_export_line()).map_err(|e| e.to_string())?;
+            }
         }
     }
+    writeln!(out, "{}", end.to_export_end_line()).map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
-    eprintln!("exported {count} events");
+    eprintln!(
+        "exported {count} events, closing checkpoint at seq {end_seq}, signed by {}",
+        state.audit_key.fingerprint()
+    );
     Ok(ExitCode::SUCCESS)
 }

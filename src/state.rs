@@ -21,6 +21,8 @@ pub struct AppState {
     pub slack: Option<Arc<crate::notify::slack::Slack>>,
     /// The SSH user CA.
     pub ca: Arc<crate::ca::Ca>,
+    /// Signs checkpoints of the audit chain head (a key outside the database).
+    pub audit_key: Arc<crate::audit::checkpoint::Signer>,
     /// Wakes the database-login reconciler (a grant ended or was revoked).
     pub reconcile_now: Arc<tokio::sync::Notify>,
     /// The SSH relay's host key and upstream CA, when the relay is on.
@@ -54,6 +56,11 @@ impl AppState {
             &config.ca,
             &config.server.data_dir,
         )?);
+        let audit_key = Arc::new(crate::audit::checkpoint::Signer::load_or_create(
+            &config.audit,
+            &config.ca,
+            &config.server.data_dir,
+        )?);
         let relay = match &config.relay {
             Some(r) => Some(Arc::new(crate::relay::RelayKeys::load(
                 r,
@@ -72,6 +79,7 @@ impl AppState {
             relay,
             reconcile_now: Arc::new(tokio::sync::Notify::new()),
             ca,
+            audit_key,
             mailer,
             slack,
             config: Arc::new(config),

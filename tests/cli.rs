@@ -74,7 +74,12 @@ async fn tamper(config: &Path, sql: &str) {
 /// Each tamper case gets its own copy of the data dir.
 fn copy_setup(from: &Path) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["twokey.db", "twokey.db-wal", "twokey.db-shm"] {
+    for f in [
+        "twokey.db",
+        "twokey.db-wal",
+        "twokey.db-shm",
+        "audit_signing_key",
+    ] {
         let src = from.parent().unwrap().join(f);
         if src.exists() {
             std::fs::copy(&src, dir.path().join(f)).unwrap();
@@ -163,7 +168,8 @@ async fn audit_export_verifies_offline_and_detects_a_tampered_file() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = std::fs::read_to_string(&export).unwrap();
-    assert_eq!(text.lines().count(), 14);
+    // 14 events, the export's checkpoint event, its signed checkpoint, the closing line.
+    assert_eq!(text.lines().count(), 17);
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     for key in [
         "seq",
@@ -424,6 +430,12 @@ async fn secrets_never_reach_the_logs_or_pages() {
         let secret = &token["tk_".len()..];
         assert!(!logs.contains(secret), "a token reached the logs");
         assert!(!bodies.contains(secret), "a token reached a response");
+    }
+    // Nor the audit signing key (the demo's worker signs checkpoints as it runs).
+    let key = std::fs::read_to_string(data.join("audit_signing_key")).unwrap();
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!logs.contains(line), "the audit key reached the logs");
+        assert!(!bodies.contains(line), "the audit key reached a response");
     }
 }
 

@@ -4,7 +4,13 @@
 //! each length-prefixed so no two different events hash alike. Editing, deleting or
 //! reordering any row breaks the chain at that row, which [`verify`] reports.
 //!
+//! The hash alone is unkeyed: whoever can write the database could recompute every
+//! hash after an edit. [`checkpoint`] signs the chain head with a key kept outside the
+//! database, so such a rewrite no longer matches a signed checkpoint.
+//!
 //! Never put a secret in `details`: the log is exported to auditors and SIEMs.
+
+pub mod checkpoint;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -136,9 +142,22 @@ pub fn verify<I, E>(events: I) -> Result<Result<ChainOk, ChainBreak>, E>
 where
     I: IntoIterator<Item = Result<AuditEvent, E>>,
 {
-    let mut prev = GENESIS.to_string();
+    verify_from(0, GENESIS, events)
+}
+
+/// Verifies the events that follow `(after_seq, after_hash)`, in sequence order.
+/// `ChainOk::events` counts the events checked here.
+pub fn verify_from<I, E>(
+    after_seq: i64,
+    after_hash: &str,
+    events: I,
+) -> Result<Result<ChainOk, ChainBreak>, E>
+where
+    I: IntoIterator<Item = Result<AuditEvent, E>>,
+{
+    let mut prev = after_hash.to_string();
     let mut count = 0u64;
-    for (expected_seq, ev) in (1..).zip(events) {
+    for (expected_seq, ev) in (after_seq + 1..).zip(events) {
         let ev = ev?;
         if ev.seq != expected_seq {
             let reason = if ev.seq > expected_seq {
@@ -197,9 +216,37 @@ pub fn check_head(ok: ChainOk, head: Option<(i64, String)>) -> Result<ChainOk, C
     Ok(ok)
 }
 
-/// Parses a JSONL export back into events for offline verification.
-pub fn parse_export_line(line: &str) -> Result<AuditEvent, String> {
-    serde_json::from_str(line).map_err(|e| format!("not an audit event: {e}"))
+/// One line of a JSONL export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportLine {
+    Event(AuditEvent),
+    /// A signed checkpoint from the database, placed after the event it covers.
+    Checkpoint(checkpoint::SignedHead),
+    /// The export's closing statement, signed when it was written: always the last line.
+    End(checkpoint::SignedHead),
+}
+
+/// Parses a JSONL export line back for offline verification.
+pub fn parse_export_line(line: &str) -> Result<ExportLine, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not an audit event: {e}"))?;
+    for (key, end) in [
+        (checkpoint::EXPORT_CHECKPOINT_KEY, false),
+        (checkpoint::EXPORT_END_KEY, true),
+    ] {
+        if let Some(inner) = v.get(key) {
+            let head = checkpoint::SignedHead::from_export(inner)
+                .map_err(|e| format!("not a checkpoint: {e}"))?;
+            return Ok(if end {
+                ExportLine::End(head)
+            } else {
+                ExportLine::Checkpoint(head)
+            });
+        }
+    }
+    serde_json::from_value(v)
+        .map(ExportLine::Event)
+        .map_err(|e| format!("not an audit event: {e}"))
 }
 
 #[cfg(test)]
@@ -286,7 +333,7 @@ mod tests {
         for ev in chain(3) {
             let line = ev.to_export_line();
             assert!(line.contains("\"time\""));
-            assert_eq!(parse_export_line(&line).unwrap(), ev);
+            assert_eq!(parse_export_line(&line).unwrap(), ExportLine::Event(ev));
         }
     }
 }

@@ -1,0 +1,942 @@
+//! Signed checkpoints of the audit chain head, and the verification that checks them.
+//!
+//! The chain's hash is unkeyed: whoever can write the database can edit an event and
+//! recompute every hash after it (and the recorded head). A checkpoint is the
+//! statement "event `seq` has hash `hash`", signed with an Ed25519 key that lives in
+//! a file outside the database (like the SSH CA key). A rewrite of any event at or
+//! before a checkpoint no longer matches it, and its signature cannot be remade
+//! without the key. Signatures are OpenSSH signatures (`ssh-keygen -Y`), so an
+//! auditor can check one with stock tools too.
+//!
+//! Checkpoints are made by the background worker (every `audit.checkpoint_interval`
+//! or `audit.checkpoint_every` events, whichever comes first), by `twokey audit
+//! checkpoint`, and always at export. Each is recorded as an `audit.checkpoint` event
+//! and covers that event itself, so deleting a checkpoint row is caught as well. An
+//! export ends with a closing statement signed under another namespace, so a file
+//! cut off after any earlier checkpoint still fails.
+//!
+//! The private key never leaves this module: not in logs, errors, pages or the log.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ssh_key::getrandom::SysRng;
+use ssh_key::rand_core::UnwrapErr;
+use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey, SshSig};
+
+use super::{AuditEvent, ChainBreak, ChainOk, GENESIS, NewEvent, check_head, verify_from};
+use crate::clock::from_millis;
+use crate::config::{AuditConfig, CaConfig};
+use crate::error::{Error, Result};
+use crate::state::AppState;
+use crate::store::{self, Conn, Db};
+
+/// The SSH signature namespace of checkpoints stored in the database.
+pub const CHECKPOINT_NAMESPACE: &str = "twokey-audit-checkpoint";
+/// The namespace of an export's closing statement: a checkpoint signature cannot be
+/// passed off as one, so a file cut off after an earlier checkpoint still fails.
+pub const EXPORT_NAMESPACE: &str = "twokey-audit-export";
+/// The audit action of a checkpoint.
+pub const ACTION: &str = "audit.checkpoint";
+/// The key of a checkpoint line in a JSONL export.
+pub const EXPORT_CHECKPOINT_KEY: &str = "checkpoint";
+/// The key of an export's closing line.
+pub const EXPORT_END_KEY: &str = "export_end";
+
+/// Where the signing key lives unless configured.
+pub fn default_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit_signing_key")
+}
+
+/// A signed statement: event `seq` of the chain has hash `hash` (made at `ts`, ms).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SignedHead {
+    pub seq: i64,
+    pub hash: String,
+    pub ts: i64,
+    /// An armored SSH signature (`-----BEGIN SSH SIGNATURE-----`), which names its key.
+    pub signature: String,
+}
+
+/// The exact bytes signed. Every field is on its own line with its name, and `seq`
+/// and `ts` are integers, so no two statements read alike.
+fn statement(seq: i64, hash: &str, ts: i64) -> String {
+    format!("twokey audit head v1\nseq {seq}\nhash {hash}\nts {ts}\n")
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("audit key: {what}: {e}"))
+}
+
+impl SignedHead {
+    fn sig(&self) -> std::result::Result<SshSig, String> {
+        SshSig::from_pem(self.signature.trim())
+            .map_err(|_| "the signature is not an SSH signature".into())
+    }
+
+    /// The key the signature names (not yet checked).
+    pub fn signer(&self) -> std::result::Result<PublicKey, String> {
+        Ok(PublicKey::from(self.sig()?.public_key().clone()))
+    }
+
+    /// Checks the signature under `namespace` with one of `accepted`; returns its key.
+    pub fn verify(
+        &self,
+        namespace: &str,
+        accepted: &[PublicKey],
+    ) -> std::result::Result<PublicKey, String> {
+        let sig = self.sig()?;
+        let signer = PublicKey::from(sig.public_key().clone());
+        // Match on the key itself, never on a comment or a fingerprint the file states.
+        let Some(key) = accepted.iter().find(|k| k.key_data() == signer.key_data()) else {
+            return Err(format!(
+                "signed by {}, which is not {}",
+                fingerprint(&signer),
+                describe_keys(accepted)
+            ));
+        };
+        key.verify(
+            namespace,
+            statement(self.seq, &self.hash, self.ts).as_bytes(),
+            &sig,
+        )
+        .map_err(|_| "the signature does not verify: forged or altered".to_string())?;
+        Ok(key.clone())
+    }
+
+    /// The JSON object written in an export line.
+    fn to_export(&self) -> serde_json::Value {
+        let key = self
+            .signer()
+            .ok()
+            .and_then(|k| public_line(&k).ok())
+            .unwrap_or_default();
+        serde_json::json!({
+            "seq": self.seq,
+            "hash": self.hash,
+            "ts": self.ts,
+            "time": from_millis(self.ts).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "public_key": key,
+            "signature": self.signature,
+        })
+    }
+
+    /// A `{"checkpoint": …}` export line.
+    pub fn to_export_line(&self) -> String {
+        serde_json::json!({ EXPORT_CHECKPOINT_KEY: self.to_export() }).to_string()
+    }
+
+    /// An `{"export_end": …}` export line.
+    pub fn to_export_end_line(&self) -> String {
+        serde_json::json!({ EXPORT_END_KEY: self.to_export() }).to_string()
+    }
+
+    /// Reads the object of a checkpoint or closing line. Its `public_key` must be the
+    /// key that made the signature: a line naming one key but signed by another lies.
+    pub fn from_export(v: &serde_json::Value) -> std::result::Result<SignedHead, String> {
+        let field = |name: &str| v.get(name).ok_or_else(|| format!("lacks {name}"));
+        let int = |name: &str| {
+            field(name)?
+                .as_i64()
+                .ok_or_else(|| format!("{name} is not an integer"))
+        };
+        let text = |name: &str| {
+            field(name)?
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("{name} is not a string"))
+        };
+        let head = SignedHead {
+            seq: int("seq")?,
+            hash: text("hash")?,
+            ts: int("ts")?,
+            signature: text("signature")?,
+        };
+        let stated = PublicKey::from_openssh(text("public_key")?.trim())
+            .map_err(|_| "public_key is not an OpenSSH public key".to_string())?;
+        if stated.key_data() != head.signer()?.key_data() {
+            return Err("its public_key is not the key that made its signature".into());
+        }
+        Ok(head)
+    }
+}
+
+/// A key's SHA-256 fingerprint, as `ssh-keygen -l` prints it.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+fn describe_keys(keys: &[PublicKey]) -> String {
+    match keys {
+        [] => "any accepted key".into(),
+        [k] => format!("the accepted key {}", fingerprint(k)),
+        more => format!(
+            "any of the accepted keys {}",
+            more.iter().map(fingerprint).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn public_line(key: &PublicKey) -> std::result::Result<String, String> {
+    let mut key = key.clone();
+    key.set_comment("twokey-audit");
+    key.to_openssh().map_err(|e| e.to_string())
+}
+
+/// Reads an OpenSSH public key line (what `twokey audit public-key` prints).
+pub fn parse_public_key(text: &str) -> std::result::Result<PublicKey, String> {
+    let key = PublicKey::from_openssh(text.trim()).map_err(|_| {
+        "is not an OpenSSH public key line (as `twokey audit public-key` prints)".to_string()
+    })?;
+    if key.algorithm() != Algorithm::Ed25519 {
+        return Err("is not an Ed25519 key".into());
+    }
+    Ok(key)
+}
+
+/// The signing key, decrypted in memory, and the newest head this process signed.
+pub struct Signer {
+    key: PrivateKey,
+    public: PublicKey,
+    /// What this process last signed: a chain that no longer contains it is never
+    /// signed again, even if every checkpoint row was removed from the database.
+    last_signed: Mutex<Option<(i64, String)>>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("public", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Loads the key from its file, or makes one there (mode 0600) when absent. With a
+    /// passphrase (`audit.passphrase_file`, else `ca.passphrase_file`) it is kept
+    /// encrypted at rest.
+    pub fn load_or_create(config: &AuditConfig, ca: &CaConfig, data_dir: &Path) -> Result<Signer> {
+        let path = config.key_path(data_dir);
+        let passphrase = config
+            .passphrase(ca)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let key = if path.exists() {
+            load(&path, passphrase.as_deref())?
+        } else {
+            let mut key = PrivateKey::random(&mut UnwrapErr(SysRng), Algorithm::Ed25519)
+                .map_err(|e| internal("generating the key", e))?;
+            key.set_comment("twokey audit signing key");
+            let at_rest = match passphrase.as_deref() {
+                Some(p) => key
+                    .encrypt(&mut UnwrapErr(SysRng), p)
+                    .map_err(|e| internal("encrypting the key", e))?,
+                None => key.clone(),
+            };
+            let pem = at_rest
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| internal("encoding the key", e))?;
+            write_private(&path, pem.as_bytes())?;
+            tracing::info!(path = %path.display(), fingerprint = %fingerprint(key.public_key()), "generated the audit signing key");
+            key
+        };
+        Ok(Signer {
+            public: key.public_key().clone(),
+            key,
+            last_signed: Mutex::new(None),
+        })
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// The public key as one OpenSSH line, for `--public-key` and auditors.
+    pub fn public_key_line(&self) -> String {
+        public_line(&self.public).unwrap_or_default()
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.public)
+    }
+
+    fn sign(&self, namespace: &str, seq: i64, hash: &str, ts: i64) -> Result<SignedHead> {
+        let sig = self
+            .key
+            .sign(
+                namespace,
+                HashAlg::Sha512,
+                statement(seq, hash, ts).as_bytes(),
+            )
+            .map_err(|e| internal("signing", e))?;
+        let signature = sig
+            .to_pem(LineEnding::LF)
+            .map_err(|e| internal("encoding a signature", e))?;
+        Ok(SignedHead {
+            seq,
+            hash: hash.to_string(),
+            ts,
+            signature,
+        })
+    }
+
+    /// Signs an export's closing statement for `head` (the export's closing checkpoint).
+    pub fn sign_export_end(&self, seq: i64, hash: &str, ts: i64) -> Result<SignedHead> {
+        self.sign(EXPORT_NAMESPACE, seq, hash, ts)
+    }
+
+    fn remember(&self, seq: i64, hash: &str) {
+        let mut last = self.last_signed.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref().is_none_or(|(s, _)| *s < seq) {
+            *last = Some((seq, hash.to_string()));
+        }
+    }
+
+    fn remembered(&self) -> Option<(i64, String)> {
+        self.last_signed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn load(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey> {
+    check_private_mode(path)?;
+    let at = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| internal(&format!("reading {at}"), e))?;
+    let key = PrivateKey::from_openssh(text.trim())
+        .map_err(|_| internal(&at, "not an OpenSSH private key"))?;
+    let key = match (key.is_encrypted(), passphrase) {
+        (true, Some(p)) => key.decrypt(p).map_err(|_| {
+            internal(
+                &at,
+                "the passphrase (audit.passphrase_file, else ca.passphrase_file) does not decrypt it",
+            )
+        })?,
+        (true, None) => {
+            return Err(internal(
+                &at,
+                "the key is encrypted: set audit.passphrase_file",
+            ));
+        }
+        (false, _) => key,
+    };
+    if key.algorithm() != Algorithm::Ed25519 {
+        return Err(internal(&at, "the audit signing key must be Ed25519"));
+    }
+    Ok(key)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| internal(&format!("creating {}", dir.display()), e))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| internal(&format!("writing {}", path.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| internal(&format!("writing {}", path.display()), e))
+}
+
+/// Like OpenSSH with identity files: a signing key others can read is refused.
+fn check_private_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| internal(&format!("reading {}", path.display()), e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(internal(
+            &path.display().to_string(),
+            format!(
+                "is readable by others (mode {:o}); chmod 600 it",
+                mode & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- making checkpoints
+
+/// Signs a checkpoint of the current head now (unless the head is already one), e.g.
+/// for `twokey audit checkpoint` and at export. Returns the newest checkpoint, or
+/// `None` when the log is empty.
+pub async fn checkpoint(state: &AppState, reason: &str) -> Result<Option<SignedHead>> {
+    make(state, reason, true).await
+}
+
+/// The background worker's step: signs a checkpoint when the head has moved and
+/// either `audit.checkpoint_every` events or `audit.checkpoint_interval` have passed
+/// since the last one (or there is none yet). Returns the new checkpoint, if any.
+pub async fn checkpoint_if_due(state: &AppState) -> Result<Option<SignedHead>> {
+    make(state, "periodic", false).await
+}
+
+async fn make(state: &AppState, reason: &str, force: bool) -> Result<Option<SignedHead>> {
+    let now = state.now_ms();
+    let signer = &state.audit_key;
+    let mut tx = store::begin_write(&state.db).await?;
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((head_seq, _)) = head else {
+        return Ok(None);
+    };
+    let last = latest(&mut tx).await?;
+    if let Some(last) = &last {
+        if last.seq >= head_seq && !force {
+            return Ok(None);
+        }
+        let cfg = &state.config.audit;
+        let interval = i64::try_from(cfg.checkpoint_interval().as_millis()).unwrap_or(i64::MAX);
+        let due = (head_seq - last.seq) as u64 >= cfg.checkpoint_every
+            || now.saturating_sub(last.ts) >= interval;
+        if !force && !due {
+            return Ok(None);
+        }
+    }
+    // Never bless a rewritten chain: what is signed must extend what was signed.
+    if let Err(why) = extends(&mut tx, last.as_ref(), signer.remembered()).await? {
+        tracing::error!(reason = %why, "audit: refusing to sign a checkpoint");
+        return Err(Error::Internal(format!(
+            "audit: refusing to sign a checkpoint: {why}; run `twokey audit verify`"
+        )));
+    }
+    if let Some(last) = last.as_ref().filter(|l| l.seq >= head_seq) {
+        // Already signed, and still matching (checked just above).
+        return Ok(Some(last.clone()));
+    }
+    let details = serde_json::json!({
+        "key": signer.fingerprint(),
+        "reason": reason,
+        "previous": last.as_ref().map(|l| l.seq),
+    });
+    let ev = store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: "system",
+            action: ACTION,
+            subject: "audit",
+            details,
+        },
+    )
+    .await?;
+    // The checkpoint covers its own event: removing the row leaves an
+    // `audit.checkpoint` event without its signature, which verify reports.
+    let signed = signer.sign(CHECKPOINT_NAMESPACE, ev.seq, &ev.hash, now)?;
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, hash, ts, key_fingerprint, signature)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(signed.seq)
+    .bind(&signed.hash)
+    .bind(signed.ts)
+    .bind(signer.fingerprint())
+    .bind(&signed.signature)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    signer.remember(signed.seq, &signed.hash);
+    tracing::info!(seq = signed.seq, "audit checkpoint signed");
+    Ok(Some(signed))
+}
+
+async fn latest(conn: &mut Conn) -> Result<Option<SignedHead>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, hash, ts, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+async fn hash_at(conn: &mut Conn, seq: i64) -> Result<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = ?")
+            .bind(seq)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// Whether the chain still holds the last checkpoint (and what this process last
+/// signed) and links correctly from there to the head. `Ok(Err(why))` is a refusal.
+async fn extends(
+    conn: &mut Conn,
+    last: Option<&SignedHead>,
+    remembered: Option<(i64, String)>,
+) -> Result<std::result::Result<(), String>> {
+    let (mut seq, mut hash) = match last {
+        Some(l) => {
+            // Any key may have signed it (the key may have been rotated): the
+            // signature must be sound, and `audit verify` judges the key.
+            let signer = match l.signer() {
+                Ok(k) => k,
+                Err(e) => return Ok(Err(format!("the checkpoint at seq {}: {e}", l.seq))),
+            };
+            if let Err(e) = l.verify(CHECKPOINT_NAMESPACE, &[signer]) {
+                return Ok(Err(format!("the checkpoint at seq {}: {e}", l.seq)));
+            }
+            if hash_at(conn, l.seq).await?.as_deref() != Some(l.hash.as_str()) {
+                return Ok(Err(format!(
+                    "event {} no longer matches the checkpoint signed for it",
+                    l.seq
+                )));
+            }
+            (l.seq, l.hash.clone())
+        }
+        None => {
+            let recorded: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE action = ?")
+                    .bind(ACTION)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if recorded > 0 {
+                return Ok(Err(format!(
+                    "the chain records {recorded} checkpoint(s) but audit_checkpoints holds none"
+                )));
+            }
+            (0, GENESIS.to_string())
+        }
+    };
+    if let Some((s, h)) = remembered
+        && hash_at(conn, s).await?.as_deref() != Some(h.as_str())
+    {
+        return Ok(Err(format!(
+            "event {s} no longer matches what this server signed for it"
+        )));
+    }
+    loop {
+        let page: Vec<AuditEvent> = sqlx::query_as(
+            "SELECT seq, ts, actor, action, subject, details, prev_hash, hash
+             FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 5000",
+        )
+        .bind(seq)
+        .fetch_all(&mut *conn)
+        .await?;
+        if page.is_empty() {
+            return Ok(Ok(()));
+        }
+        match verify_from(seq, &hash, page.into_iter().map(Ok::<_, Error>))? {
+            Ok(ok) => {
+                seq += ok.events as i64;
+                hash = ok.head;
+            }
+            Err(b) => return Ok(Err(format!("event {}: {}", b.seq, b.reason))),
+        }
+    }
+}
+
+/// Every checkpoint up to and including `seq`, oldest first.
+pub async fn list(db: &Db, up_to: i64) -> Result<Vec<SignedHead>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, hash, ts, signature FROM audit_checkpoints WHERE seq <= ? ORDER BY seq",
+    )
+    .bind(up_to)
+    .fetch_all(db)
+    .await?)
+}
+
+// ---------------------------------------------------------------- verifying
+
+/// A head an operator recorded earlier (`SEQ:HASH`): the chain must still hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadPin {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for HeadPin {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("{s:?} is not SEQ:HASH (as `twokey audit verify` prints the head)");
+        let (seq, hash) = s.trim().split_once(':').ok_or_else(bad)?;
+        let seq: i64 = seq.parse().map_err(|_| bad())?;
+        let hash = hash.to_ascii_lowercase();
+        if seq < 1 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(HeadPin { seq, hash })
+    }
+}
+
+/// What a successful verification established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub chain: ChainOk,
+    /// The newest signed checkpoint's seq, if any.
+    pub checkpoint: Option<i64>,
+    /// The fingerprint of the key the newest checkpoint was signed with.
+    pub key: Option<String>,
+}
+
+/// Why verification failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The hash chain itself is broken.
+    Chain(ChainBreak),
+    /// A signed checkpoint is missing, forged, or no longer matches the chain.
+    Checkpoint { seq: i64, reason: String },
+    /// The operator's pinned head is not in the chain.
+    Pin(String),
+    /// An export file is incomplete (cut off) or malformed.
+    Export(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Chain(b) => write!(f, "first bad event is seq {}: {}", b.seq, b.reason),
+            Failure::Checkpoint { seq, reason } => write!(f, "checkpoint at seq {seq}: {reason}"),
+            Failure::Pin(r) => write!(f, "pinned head: {r}"),
+            Failure::Export(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// Checks signed checkpoints against a verified chain. `hashes[i]` is event `i+1`'s
+/// hash; `recorded` the seqs of `audit.checkpoint` events; each checkpoint must be
+/// signed by one of `accepted`.
+pub fn check_signed(
+    hashes: &[String],
+    checkpoints: &[SignedHead],
+    recorded: &[i64],
+    accepted: &[PublicKey],
+    pin: Option<&HeadPin>,
+) -> std::result::Result<(Option<i64>, Option<String>), Failure> {
+    let end = hashes.len() as i64;
+    let mut newest: Option<(i64, String)> = None;
+    for cp in checkpoints {
+        let fail = |reason: String| Failure::Checkpoint {
+            seq: cp.seq,
+            reason,
+        };
+        let key = cp.verify(CHECKPOINT_NAMESPACE, accepted).map_err(fail)?;
+        if cp.seq < 1 || cp.seq > end {
+            return Err(fail(format!(
+                "it covers seq {} but the chain ends at seq {end}: the newest events were deleted or cut off",
+                cp.seq
+            )));
+        }
+        // A rewrite that recomputed every hash still cannot match the signed one.
+        if hashes[(cp.seq - 1) as usize] != cp.hash {
+            return Err(fail(format!(
+                "event {} does not match the signed head: the chain was rewritten at or before seq {}",
+                cp.seq, cp.seq
+            )));
+        }
+        if newest.as_ref().is_none_or(|(s, _)| *s < cp.seq) {
+            newest = Some((cp.seq, fingerprint(&key)));
+        }
+    }
+    for &seq in recorded {
+        if !checkpoints.iter().any(|c| c.seq == seq) {
+            return Err(Failure::Checkpoint {
+                seq,
+                reason: "event records a checkpoint whose signed head is missing (deleted)".into(),
+            });
+        }
+    }
+    if let Some(pin) = pin {
+        if pin.seq > end {
+            return Err(Failure::Pin(format!(
+                "seq {} is beyond the end of the chain (seq {end}): events were deleted or cut off",
+                pin.seq
+            )));
+        }
+        if hashes[(pin.seq - 1) as usize] != pin.hash {
+            return Err(Failure::Pin(format!(
+                "event {} does not have the pinned hash: the chain was rewritten at or before seq {}",
+                pin.seq, pin.seq
+            )));
+        }
+    }
+    Ok(match newest {
+        Some((s, k)) => (Some(s), Some(k)),
+        None => (None, None),
+    })
+}
+
+/// Verifies the live database: the chain, the recorded head, every signed checkpoint
+/// (with one of `accepted`), and the pinned head.
+pub async fn verify_db(
+    db: &Db,
+    accepted: &[PublicKey],
+    pin: Option<&HeadPin>,
+) -> Result<std::result::Result<Verified, Failure>> {
+    let mut hashes = Vec::new();
+    let mut recorded = Vec::new();
+    let (mut seq, mut hash) = (0i64, GENESIS.to_string());
+    loop {
+        let page = store::audit_page(db, seq, 5000).await?;
+        if page.is_empty() {
+            break;
+        }
+        for e in &page {
+            hashes.push(e.hash.clone());
+            if e.action == ACTION {
+                recorded.push(e.seq);
+            }
+        }
+        match verify_from(seq, &hash, page.into_iter().map(Ok::<_, Error>))? {
+            Ok(ok) => {
+                seq += ok.events as i64;
+                hash = ok.head;
+            }
+            Err(b) => return Ok(Err(Failure::Chain(b))),
+        }
+    }
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_optional(db)
+            .await?;
+    let chain = match check_head(
+        ChainOk {
+            events: seq as u64,
+            head: hash,
+        },
+        head,
+    ) {
+        Ok(c) => c,
+        Err(b) => return Ok(Err(Failure::Chain(b))),
+    };
+    let checkpoints = list(db, i64::MAX).await?;
+    Ok(
+        check_signed(&hashes, &checkpoints, &recorded, accepted, pin).map(|(checkpoint, key)| {
+            Verified {
+                chain,
+                checkpoint,
+                key,
+            }
+        }),
+    )
+}
+
+/// Verifies an export offline: the chain, its checkpoints, and its closing statement,
+/// which must be the last line and cover the last event. With no `accepted` key the
+/// closing statement's own key is used for every line (and should be compared with
+/// the server's); with some, every signature must be by one of them.
+pub fn verify_export<I, E>(
+    lines: I,
+    accepted: &[PublicKey],
+    pin: Option<&HeadPin>,
+) -> std::result::Result<std::result::Result<Verified, Failure>, E>
+where
+    I: IntoIterator<Item = std::result::Result<super::ExportLine, E>>,
+{
+    use super::ExportLine;
+    let mut hashes = Vec::new();
+    let mut recorded = Vec::new();
+    let mut checkpoints = Vec::new();
+    let mut end: Option<SignedHead> = None;
+    let (mut seq, mut hash) = (0i64, GENESIS.to_string());
+    for line in lines {
+        let line = line?;
+        if end.is_some() {
+            return Ok(Err(Failure::Export(
+                "lines follow the export's closing checkpoint: not a file twokey wrote".into(),
+            )));
+        }
+        match line {
+            ExportLine::Event(ev) => {
+                let (ev_seq, ev_hash, is_cp) = (ev.seq, ev.hash.clone(), ev.action == ACTION);
+                match verify_from(seq, &hash, std::iter::once(Ok::<_, E>(ev)))? {
+                    Ok(_) => {
+                        seq = ev_seq;
+                        hash = ev_hash.clone();
+                        hashes.push(ev_hash);
+                        if is_cp {
+                            recorded.push(ev_seq);
+                        }
+                    }
+                    Err(b) => return Ok(Err(Failure::Chain(b))),
+                }
+            }
+            ExportLine::Checkpoint(cp) => checkpoints.push(cp),
+            ExportLine::End(e) => end = Some(e),
+        }
+    }
+    let Some(end) = end else {
+        return Ok(Err(Failure::Export(format!(
+            "the export's closing checkpoint is missing (after seq {seq}): the file was cut off, or is not a complete export"
+        ))));
+    };
+    let own;
+    let accepted = if accepted.is_empty() {
+        match end.signer() {
+            Ok(k) => {
+                own = [k];
+                &own[..]
+            }
+            Err(e) => {
+                return Ok(Err(Failure::Export(format!(
+                    "the export's closing checkpoint: {e}"
+                ))));
+            }
+        }
+    } else {
+        accepted
+    };
+    if let Err(e) = end.verify(EXPORT_NAMESPACE, accepted) {
+        return Ok(Err(Failure::Export(format!(
+            "the export's closing checkpoint: {e}"
+        ))));
+    }
+    if end.seq != seq || end.hash != hash {
+        return Ok(Err(Failure::Export(format!(
+            "the export's closing checkpoint covers seq {} but the file's events end at seq {seq}: events were cut off or altered",
+            end.seq
+        ))));
+    }
+    Ok(
+        check_signed(&hashes, &checkpoints, &recorded, accepted, pin).map(|(checkpoint, _)| {
+            Verified {
+                chain: ChainOk {
+                    events: seq as u64,
+                    head: hash,
+                },
+                checkpoint,
+                key: Some(fingerprint(&accepted[0])).filter(|_| accepted.len() == 1),
+            }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(dir: &Path, passphrase: Option<&str>) -> Result<Signer> {
+        let pass_file = passphrase.map(|p| {
+            let f = dir.join("pass");
+            std::fs::write(&f, p).unwrap();
+            f
+        });
+        Signer::load_or_create(
+            &AuditConfig {
+                passphrase_file: pass_file,
+                ..AuditConfig::default()
+            },
+            &CaConfig {
+                key_file: None,
+                passphrase_file: None,
+            },
+            dir,
+        )
+    }
+
+    #[test]
+    fn key_is_private_reloaded_and_encrypted_with_its_passphrase() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = signer(dir.path(), None).unwrap();
+        let path = default_key_path(dir.path());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            a.public_key_line(),
+            signer(dir.path(), None).unwrap().public_key_line()
+        );
+        assert!(!format!("{a:?}").contains("PRIVATE"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = signer(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let a = signer(dir.path(), Some("correct horse")).unwrap();
+        let text = std::fs::read_to_string(default_key_path(dir.path())).unwrap();
+        assert!(PrivateKey::from_openssh(&text).unwrap().is_encrypted());
+        let b = signer(dir.path(), Some("correct horse")).unwrap();
+        assert_eq!(a.public_key_line(), b.public_key_line());
+        let err = signer(dir.path(), Some("wrong")).unwrap_err().to_string();
+        assert!(err.contains("does not decrypt"), "{err}");
+        let err = signer(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("audit.passphrase_file"), "{err}");
+    }
+
+    #[test]
+    fn signatures_bind_seq_hash_time_namespace_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = signer(dir.path(), None).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = signer(other_dir.path(), None).unwrap();
+        let keys = [s.public_key().clone()];
+        let h = "ab".repeat(32);
+        let cp = s.sign(CHECKPOINT_NAMESPACE, 7, &h, 1000).unwrap();
+        assert!(cp.signature.starts_with("-----BEGIN SSH SIGNATURE-----"));
+        assert!(cp.verify(CHECKPOINT_NAMESPACE, &keys).is_ok());
+        for altered in [
+            SignedHead {
+                seq: 8,
+                ..cp.clone()
+            },
+            SignedHead {
+                hash: "cd".repeat(32),
+                ..cp.clone()
+            },
+            SignedHead {
+                ts: 1001,
+                ..cp.clone()
+            },
+        ] {
+            let err = altered.verify(CHECKPOINT_NAMESPACE, &keys).unwrap_err();
+            assert!(err.contains("does not verify"), "{err}");
+        }
+        assert!(cp.verify(EXPORT_NAMESPACE, &keys).is_err());
+        let foreign = other.sign(CHECKPOINT_NAMESPACE, 7, &h, 1000).unwrap();
+        let err = foreign.verify(CHECKPOINT_NAMESPACE, &keys).unwrap_err();
+        assert!(err.contains("not the accepted key"), "{err}");
+        let garbage = SignedHead {
+            signature: "nope".into(),
+            ..cp.clone()
+        };
+        assert!(
+            garbage
+                .verify(CHECKPOINT_NAMESPACE, &keys)
+                .unwrap_err()
+                .contains("not an SSH signature")
+        );
+
+        // An export line naming one key while signed by another is refused as it is read.
+        let mut v: serde_json::Value = serde_json::from_str(&foreign.to_export_line()).unwrap();
+        v[EXPORT_CHECKPOINT_KEY]["public_key"] = s.public_key_line().into();
+        let err = SignedHead::from_export(&v[EXPORT_CHECKPOINT_KEY]).unwrap_err();
+        assert!(err.contains("not the key that made"), "{err}");
+        let v: serde_json::Value = serde_json::from_str(&cp.to_export_line()).unwrap();
+        assert_eq!(
+            SignedHead::from_export(&v[EXPORT_CHECKPOINT_KEY]).unwrap(),
+            cp
+        );
+    }
+
+    #[test]
+    fn head_pins_parse_strictly() {
+        let h = "Ab".repeat(32);
+        let pin: HeadPin = format!("12:{h}").parse().unwrap();
+        assert_eq!(
+            pin,
+            HeadPin {
+                seq: 12,
+                hash: h.to_ascii_lowercase()
+            }
+        );
+        for bad in [
+            "",
+            "12",
+            "x:ab",
+            "0:abab",
+            &format!("-1:{h}"),
+            &format!("3:{}", "zz".repeat(32)),
+        ] {
+            assert!(bad.parse::<HeadPin>().is_err(), "{bad:?}");
+        }
+    }
+}
