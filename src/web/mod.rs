@@ -5,6 +5,7 @@
 //! them. Errors become a page or a JSON body in [`error`], which logs internals and
 //! renders only safe messages. No GET handler changes state.
 
+pub mod account;
 pub mod api;
 pub mod cli_login;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod links;
 pub mod pages;
 pub mod sessions;
 pub mod slack;
+pub mod tokens;
 
 use axum::Router;
 use axum::extract::State;
@@ -69,6 +71,14 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .route("/a/{token}", get(links::show).post(links::confirm))
         .route("/dev/mailbox", get(pages::dev_mailbox))
         .route("/cli/login", get(cli_login::show).post(cli_login::confirm))
+        .route("/account", get(account::show))
+        .route("/tokens", get(tokens::list))
+        .route("/tokens/{id}/revoke", post(tokens::revoke))
+        .route("/account/slack/unlink", post(slack::unlink))
+        .route(
+            "/slack/link/{token}",
+            get(slack::link_page).post(slack::link_confirm),
+        )
         .route("/admin/users", get(pages::users))
         .route("/admin/users/{id}/reauth", post(pages::force_reauth))
         .route("/admin/host-keys", get(host_keys::list))
