@@ -74,6 +74,10 @@ pub enum Command {
         /// Print the sign-in URL without trying to open a browser.
         #[arg(long)]
         no_browser: bool,
+        /// Also ask for the `approve` scope (deciding other people's requests). Without
+        /// it the token can only file and follow your own requests and get credentials.
+        #[arg(long)]
+        approve: bool,
     },
     /// Ask for access: a role on a resource, for a time, with a reason.
     Request {
@@ -150,6 +154,13 @@ pub enum TokenCommand {
         user: String,
         #[arg(long, default_value = "cli")]
         label: String,
+        /// What the token may do: `requests` (own requests and credentials), `approve`
+        /// (decide others' requests), or `requests,approve`.
+        #[arg(long, default_value = "requests")]
+        scope: String,
+        /// How long it works, e.g. `12h`; at most (and by default) `auth.token_ttl`.
+        #[arg(long)]
+        ttl: Option<String>,
     },
     /// Revoke every API token of a user.
     Revoke {
@@ -234,10 +245,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
-            command: TokenCommand::Create { user, label },
+            command:
+                TokenCommand::Create {
+                    user,
+                    label,
+                    scope,
+                    ttl,
+                },
         } => {
+            let scopes =
+                auth::scopes::Scopes::parse(&scope).map_err(|e| format!("--scope: {e}"))?;
+            let ttl = ttl
+                .map(|t| crate::policy::parse_duration(&t).map_err(|e| format!("--ttl: {e}")))
+                .transpose()?;
             let state = open(&cli.config).await?;
-            let token = auth::create_api_token(&state, &user, &label)
+            let token = auth::create_scoped_token(&state, &user, &label, &scopes, ttl)
                 .await
                 .map_err(|e| describe(&e))?;
             println!("{token}");
@@ -257,7 +279,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             server,
             token_stdin,
             no_browser,
-        } => crate::client::login(&server, token_stdin, !no_browser).await,
+            approve,
+        } => crate::client::login(&server, token_stdin, !no_browser, approve).await,
         Command::Request {
             resource,
             role,

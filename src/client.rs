@@ -149,6 +149,7 @@ pub async fn login(
     server: &str,
     token_stdin: bool,
     open_browser: bool,
+    approve: bool,
 ) -> Result<ExitCode, String> {
     let server = server.trim_end_matches('/').to_string();
     // The token rides on every call: plain http only to this machine.
@@ -167,7 +168,7 @@ pub async fn login(
             .map_err(|e| e.to_string())?;
         line.trim().to_string()
     } else {
-        browser_login(&server, open_browser).await?
+        browser_login(&server, open_browser, approve).await?
     };
     let api = Api::new(Credentials {
         server: server.clone(),
@@ -182,14 +183,24 @@ pub async fn login(
     })
     .map_err(|e| e.to_string())?;
     write_private(&dir.join("credentials.toml"), creds.as_bytes())?;
+    let scopes = me["scopes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
     println!(
-        "Signed in to {server} as {}",
-        me["email"].as_str().unwrap_or("?")
+        "Signed in to {server} as {} (scopes: {scopes}; until {})",
+        me["email"].as_str().unwrap_or("?"),
+        me["token_expires_at"].as_str().unwrap_or("?")
     );
     Ok(ExitCode::SUCCESS)
 }
 
-async fn browser_login(server: &str, open_browser: bool) -> Result<String, String> {
+async fn browser_login(server: &str, open_browser: bool, approve: bool) -> Result<String, String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("cannot listen on loopback: {e}"))?;
@@ -197,7 +208,14 @@ async fn browser_login(server: &str, open_browser: bool) -> Result<String, Strin
     let state = random_b64url(24);
     let verifier = random_b64url(48);
     let challenge = crate::auth::pkce_challenge(&verifier);
-    let url = format!("{server}/cli/login?port={port}&state={state}&challenge={challenge}");
+    // Only `requests` unless asked: a stolen CLI token should not approve anything.
+    let scope = if approve {
+        "requests+approve"
+    } else {
+        "requests"
+    };
+    let url =
+        format!("{server}/cli/login?port={port}&state={state}&challenge={challenge}&scope={scope}");
     eprintln!("Open this page to sign in (waiting up to 5 minutes):\n  {url}");
     if open_browser {
         for opener in ["xdg-open", "open"] {

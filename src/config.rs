@@ -232,6 +232,9 @@ pub struct SlackConfig {
     pub signing_secret_file: PathBuf,
     /// Where requests are posted.
     pub channel: String,
+    /// The workspace (`T…`) whose clicks count; clicks from any other are refused.
+    /// Required: one app's signing secret is shared by every workspace it is in.
+    pub team_id: String,
     /// Slack's Web API; tests point it at a local server.
     #[serde(default = "default_slack_api")]
     pub api_base: String,
@@ -247,6 +250,7 @@ impl fmt::Debug for SlackConfig {
             .field("bot_token_file", &self.bot_token_file)
             .field("signing_secret_file", &self.signing_secret_file)
             .field("channel", &self.channel)
+            .field("team_id", &self.team_id)
             .field("api_base", &self.api_base)
             .finish()
     }
@@ -442,9 +446,14 @@ pub struct AuthConfig {
     /// Sign-in with the company's OpenID Connect provider.
     #[serde(default)]
     pub oidc: Option<OidcConfig>,
-    /// How long a personal API token works after it is made.
+    /// The longest any API token works after it is made (checked at every use, so
+    /// lowering it ends longer-lived tokens too), and the life of `token create`
+    /// tokens unless `--ttl` asks for less.
     #[serde(default = "default_token_ttl", with = "duration_setting")]
     pub token_ttl: Duration,
+    /// How long a token from `twokey login` works; at most `token_ttl`.
+    #[serde(default = "default_cli_token_ttl", with = "duration_setting")]
+    pub cli_token_ttl: Duration,
     /// Groups from an identity provider are trusted this long after the sign-in that
     /// fetched them; after that, acting needs a fresh sign-in (so removal from a group
     /// at the provider reaches API tokens too).
@@ -453,7 +462,10 @@ pub struct AuthConfig {
 }
 
 fn default_token_ttl() -> Duration {
-    Duration::from_secs(30 * 86400)
+    Duration::from_secs(7 * 86400)
+}
+fn default_cli_token_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 fn default_groups_max_age() -> Duration {
     Duration::from_secs(86400)
@@ -568,6 +580,7 @@ impl Default for AuthConfig {
             session_lifetime: default_session_lifetime(),
             oidc: None,
             token_ttl: default_token_ttl(),
+            cli_token_ttl: default_cli_token_ttl(),
             groups_max_age: default_groups_max_age(),
         }
     }
@@ -965,6 +978,17 @@ impl Config {
                     "must name a channel, e.g. \"#access-requests\" or its id",
                 ));
             }
+            let team = &slack.team_id;
+            if !(2..=32).contains(&team.len())
+                || !team
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+            {
+                return Err(invalid(
+                    "slack.team_id",
+                    "must be the workspace's id, e.g. \"T0123ABCD\" (in Slack: workspace settings, or the team_id of any interaction)",
+                ));
+            }
             // Plain http only to loopback (tests): the bot token rides on every call.
             let api_ok = reqwest::Url::parse(&slack.api_base).is_ok_and(|u| {
                 u.scheme() == "https" || (u.scheme() == "http" && u.host_str() == Some("127.0.0.1"))
@@ -980,6 +1004,13 @@ impl Config {
         check_nonzero("auth.session_idle_timeout", self.auth.session_idle_timeout)?;
         check_nonzero("auth.session_lifetime", self.auth.session_lifetime)?;
         check_nonzero("auth.token_ttl", self.auth.token_ttl)?;
+        check_nonzero("auth.cli_token_ttl", self.auth.cli_token_ttl)?;
+        if self.cli_token_ttl() > self.token_ttl() {
+            return Err(invalid(
+                "auth.cli_token_ttl",
+                "must not be longer than auth.token_ttl, which caps every token",
+            ));
+        }
         check_nonzero("auth.groups_max_age", self.auth.groups_max_age)?;
         if let Some(oidc) = &self.auth.oidc {
             if !(oidc.issuer.starts_with("https://") || oidc.issuer.starts_with("http://")) {
@@ -1302,6 +1333,10 @@ impl Config {
         self.auth.token_ttl
     }
 
+    pub fn cli_token_ttl(&self) -> Duration {
+        self.auth.cli_token_ttl
+    }
+
     pub fn groups_max_age(&self) -> Duration {
         self.auth.groups_max_age
     }
@@ -1618,7 +1653,7 @@ mod tests {
         };
         let slack = |channel: &str, api: &str, secret_file: &Path| {
             format!(
-                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\napi_base = {api:?}\n",
+                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\nteam_id = \"T0TEAM\"\napi_base = {api:?}\n",
                 token.display().to_string(),
                 secret_file.display().to_string()
             )
@@ -1633,6 +1668,16 @@ mod tests {
         with(slack("#a", "https://slack.com/api", &secret)).unwrap();
         let err = with(slack(" ", "https://slack.com/api", &secret)).unwrap_err();
         assert!(err.starts_with("slack.channel"), "{err}");
+        for bad in ["", "t0team", "T0 TEAM", "T0TEAM\\n"] {
+            let section = slack("#a", "https://slack.com/api", &secret)
+                .replace("team_id = \"T0TEAM\"", &format!("team_id = \"{bad}\""));
+            let err = with(section).unwrap_err();
+            assert!(err.starts_with("slack.team_id"), "{bad:?}: {err}");
+        }
+        let without =
+            slack("#a", "https://slack.com/api", &secret).replace("team_id = \"T0TEAM\"\n", "");
+        let err = with(without).unwrap_err();
+        assert!(err.contains("team_id"), "{err}");
         for bad in [
             "http://slack.example/api",
             "http://127.0.0.1.evil.example/api",

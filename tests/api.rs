@@ -565,11 +565,12 @@ async fn tokens_expire_are_revocable_and_die_with_a_forced_re_sign_in() {
     );
     assert_eq!(fresh.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
 
-    // ...or until its 30-day lifetime is over.
+    // ...or until its lifetime (auth.token_ttl, 7 days by default) is over.
     let later = app.api(ALICE).await;
-    app.clock.advance(chrono::Duration::days(29));
+    app.clock
+        .advance(chrono::Duration::days(7) - chrono::Duration::seconds(1));
     assert_eq!(later.get("/whoami").await.0, StatusCode::OK);
-    app.clock.advance(chrono::Duration::days(2));
+    app.clock.advance(chrono::Duration::seconds(1));
     assert_eq!(later.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
     let actions = app.audit_actions().await;
     assert!(actions.contains(&"user.reauth_forced".to_string()));
@@ -664,4 +665,241 @@ async fn all_groups_needs_an_approver_from_each_listed_group() {
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["status"], "approved");
     assert!(r["grant"]["id"].is_string());
+}
+
+use twokey::auth::scopes::Scopes;
+
+#[tokio::test]
+async fn approving_through_the_api_needs_the_approve_scope() {
+    let app = common::start().await;
+    let alice = app.api_with(ALICE, &Scopes::requests()).await;
+    let bob_requests = app.api_with(BOB, &Scopes::requests()).await;
+    let bob_approve = app.api_with(BOB, &Scopes::parse("approve").unwrap()).await;
+    let id = alice.file("demo-db", "read", "30m", None).await;
+
+    // A `requests` token: no deciding, and not even reading someone else's request.
+    for action in ["approve", "deny"] {
+        let (s, r) = bob_requests.act(&id, action).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains("lacks the \"approve\" scope"),
+            "{r}"
+        );
+    }
+    let (s, _) = bob_requests.get(&format!("/requests/{id}")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, r) = bob_requests.get("/requests").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["requests"].as_array().unwrap().len(), 0, "{r}");
+    let (_, r) = alice.get(&format!("/requests/{id}")).await;
+    assert_eq!(
+        (r["status"].as_str(), r["approval_count"].as_u64()),
+        (Some("pending"), Some(0))
+    );
+    // An `approve`-only token decides, but cannot file or get credentials.
+    let (s, r) = bob_approve
+        .post(
+            "/requests",
+            json!({"resource": "demo-db", "role": "read", "duration": "1h", "reason": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{r}");
+    let (s, r) = bob_approve.get("/requests").await;
+    assert_eq!(
+        (s, r["requests"].as_array().unwrap().len()),
+        (StatusCode::OK, 1)
+    );
+    let (s, r) = bob_approve.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["status"], "approved");
+    // Revoking: one's own grant with `requests`; another's needs `approve`.
+    let (s, _) = bob_requests.act(&id, "revoke").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, r) = alice.act(&id, "revoke").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["grant"]["status"], "revoked");
+    // whoami answers any token, with its scopes.
+    assert_eq!(
+        bob_approve.get("/whoami").await.1["scopes"],
+        json!(["approve"])
+    );
+    assert_eq!(alice.get("/whoami").await.1["scopes"], json!(["requests"]));
+}
+
+#[tokio::test]
+async fn a_token_works_until_its_own_end_on_the_injected_clock() {
+    let app = common::start().await;
+    let token = twokey::auth::create_scoped_token(
+        app.state(),
+        ALICE,
+        "short",
+        &Scopes::requests(),
+        Some(std::time::Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let api = common::Api {
+        base: app.url("/api/v1"),
+        token,
+        http: common::http(),
+    };
+    let (s, me) = api.get("/whoami").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(me["token_expires_at"], "2026-11-22T13:00:00Z");
+    app.clock
+        .advance(chrono::Duration::minutes(59) + chrono::Duration::seconds(59));
+    assert_eq!(api.get("/whoami").await.0, StatusCode::OK);
+    app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(api.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
+    // No token outlives auth.token_ttl, nor has no scope.
+    let err = twokey::auth::create_scoped_token(
+        app.state(),
+        ALICE,
+        "long",
+        &Scopes::requests(),
+        Some(std::time::Duration::from_secs(8 * 86400)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("invalid"), "{err}");
+    let err =
+        twokey::auth::create_scoped_token(app.state(), ALICE, "none", &Scopes::default(), None)
+            .await
+            .unwrap_err();
+    assert!(matches!(err, twokey::Error::Invalid(_)), "{err}");
+}
+
+/// The id of the only token labelled `label`.
+async fn token_id(app: &common::TestApp, label: &str) -> String {
+    let (id,): (String,) = sqlx::query_as("SELECT id FROM api_tokens WHERE label = ?")
+        .bind(label)
+        .fetch_one(&app.state().db)
+        .await
+        .unwrap();
+    id
+}
+
+async fn labelled(app: &common::TestApp, email: &str, label: &str) -> common::Api {
+    let token = twokey::auth::create_scoped_token(app.state(), email, label, &Scopes::all(), None)
+        .await
+        .unwrap();
+    common::Api {
+        base: app.url("/api/v1"),
+        token,
+        http: common::http(),
+    }
+}
+
+#[tokio::test]
+async fn tokens_page_lists_and_revokes_for_their_owner_and_admins_only() {
+    let app = common::start().await;
+    let bob_api = labelled(&app, BOB, "bob-laptop").await;
+    let alice_api = labelled(&app, ALICE, "alice-ci").await;
+    assert_eq!(bob_api.get("/whoami").await.0, StatusCode::OK);
+    let (bob_id, alice_id) = (
+        token_id(&app, "bob-laptop").await,
+        token_id(&app, "alice-ci").await,
+    );
+
+    // Bob sees his own token (never the token itself), not alice's.
+    let bob = app.browser(BOB).await;
+    let (s, page) = bob.get("/tokens").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        page.contains("bob-laptop") && page.contains("requests approve"),
+        "{page}"
+    );
+    assert!(
+        page.contains("2026-11-29 12:00:00 UTC"),
+        "ends after 7 days: {page}"
+    );
+    assert!(!page.contains("alice-ci"), "{page}");
+    assert!(
+        !page.contains(&bob_api.token[3..]),
+        "the token itself is never shown"
+    );
+    // Bob cannot revoke alice's token, nor without the session's CSRF token.
+    let csrf = common::csrf_in(&page).unwrap();
+    let resp = bob
+        .post(&format!("/tokens/{alice_id}/revoke"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = bob
+        .post(&format!("/tokens/{bob_id}/revoke"), &[("csrf", "forged")])
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(alice_api.get("/whoami").await.0, StatusCode::OK);
+    assert_eq!(bob_api.get("/whoami").await.0, StatusCode::OK);
+    // His own: revoked at once, and a second try conflicts.
+    let resp = bob
+        .post(&format!("/tokens/{bob_id}/revoke"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(bob_api.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
+    let resp = bob
+        .post(&format!("/tokens/{bob_id}/revoke"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert!(!bob.get("/tokens").await.1.contains("bob-laptop"));
+
+    // Dave (an admin) sees alice's token and revokes it.
+    let dave = app.browser(DAVE).await;
+    let (_, page) = dave.get("/tokens").await;
+    assert!(page.contains("alice-ci") && page.contains(ALICE), "{page}");
+    let csrf = common::csrf_in(&page).unwrap();
+    let resp = dave
+        .post(&format!("/tokens/{alice_id}/revoke"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(alice_api.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
+    let (_, page) = dave.get("/tokens").await;
+    assert!(!page.contains("alice-ci"), "{page}");
+    assert_eq!(
+        dave.post("/tokens/no-such-token/revoke", &[("csrf", &csrf)])
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let events = twokey::store::audit_page(&app.state().db, 0, 1000)
+        .await
+        .unwrap();
+    let revoked: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.action == "token.revoked")
+        .map(|e| {
+            let d: serde_json::Value = serde_json::from_str(&e.details).unwrap();
+            (e.actor.clone(), d["token_id"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(revoked, [(BOB.into(), bob_id), (DAVE.into(), alice_id)]);
+    app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tokens_page_revoke_button_revokes_in_a_browser() {
+    let app = common::start().await;
+    let api = labelled(&app, BOB, "bob-laptop").await;
+    let id = token_id(&app, "bob-laptop").await;
+    let base = app.server.url();
+    let b = common::webdriver::Browser::start().await;
+    b.goto(&format!("{base}/login")).await;
+    b.click_and_wait(&format!("button[id='login-{BOB}']")).await;
+    b.goto(&format!("{base}/requests")).await;
+    b.click_and_wait("nav a[href='/tokens']").await;
+    assert!(b.url().await.ends_with("/tokens"));
+    assert_eq!(
+        b.text(&format!("#token-{id} td.scopes")).await,
+        "requests approve"
+    );
+    assert_eq!(api.get("/whoami").await.0, StatusCode::OK);
+    b.click_and_wait(&format!("#revoke-{id}")).await;
+    assert!(b.url().await.ends_with("/tokens"));
+    assert!(!b.exists(&format!("#token-{id}")).await);
+    assert!(b.exists("#no-tokens").await);
+    assert_eq!(api.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
+    b.quit().await;
 }

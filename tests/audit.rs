@@ -723,7 +723,7 @@ async fn the_worker_signs_checkpoints_by_time_and_by_count() {
 
 #[tokio::test]
 async fn the_background_sweeper_makes_checkpoints() {
-    let app = common::start_with(|c| c.server.sweep_interval = "20ms".into()).await;
+    let app = common::start_with(|c| c.server.sweep_interval = std::time::Duration::from_millis(20)).await;
     app.api("alice@example.com").await;
     // Bounded wait for the worker's first pass.
     let mut found = false;

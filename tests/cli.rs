@@ -287,6 +287,59 @@ async fn token_create_prints_a_working_token_once() {
         "{}",
         stderr(&out)
     );
+
+    // Scopes and life: what was asked is stored; bad values are refused by name.
+    let out = twokey(
+        &config,
+        &[
+            "token",
+            "create",
+            "--user",
+            "bob@example.com",
+            "--label",
+            "ci",
+            "--scope",
+            "approve",
+            "--ttl",
+            "2h",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut conn = SqliteConnection::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("data/twokey.db").display()
+    ))
+    .await
+    .unwrap();
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT label, scopes, expires_at - created_at FROM api_tokens ORDER BY created_at",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("cli".into(), "requests".into(), 7 * 86_400_000),
+            ("ci".into(), "approve".into(), 7_200_000)
+        ]
+    );
+    for (flag, value, says) in [
+        ("--scope", "admin", "--scope: unknown scope \"admin\""),
+        ("--ttl", "forever", "--ttl"),
+        ("--ttl", "8d", "auth.token_ttl"),
+    ] {
+        let out = twokey(
+            &config,
+            &["token", "create", "--user", "bob@example.com", flag, value],
+        );
+        assert!(!out.status.success(), "{flag} {value}");
+        assert!(
+            stderr(&out).contains(says),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 /// The first line a child prints, waiting at most 30 s (a server stuck while starting
@@ -391,7 +444,19 @@ async fn secrets_never_reach_the_logs_or_pages() {
         .unwrap()
         .to_string();
     let config = data.join("twokey.toml");
-    let mint = |user: &str| stdout_of(&twokey(&config, &["token", "create", "--user", user]));
+    let mint = |user: &str| {
+        stdout_of(&twokey(
+            &config,
+            &[
+                "token",
+                "create",
+                "--user",
+                user,
+                "--scope",
+                "requests,approve",
+            ],
+        ))
+    };
     let (alice, bob) = (mint("alice@example.com"), mint("bob@example.com"));
     let http = common::http();
     let created: serde_json::Value = http

@@ -476,6 +476,8 @@ async fn a_crash_never_leaves_a_login_behind() {
                 "create",
                 "--user",
                 who,
+                "--scope",
+                "requests,approve",
             ])
             .output()
             .unwrap();

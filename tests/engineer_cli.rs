@@ -91,8 +91,16 @@ impl Setup {
 
     /// `twokey login` through the browser: alice confirms in her signed-in session.
     async fn login_as(&self, email: &str) {
+        self.login_with(email, &[]).await;
+    }
+
+    /// `twokey login EXTRA…` confirmed in `email`'s session; returns the consent page.
+    async fn login_with(&self, email: &str, extra: &[&str]) -> String {
+        let server = self.app.server.url();
+        let mut args = vec!["login", "--server", &server, "--no-browser"];
+        args.extend_from_slice(extra);
         let mut child = self
-            .cmd(&["login", "--server", &self.app.server.url(), "--no-browser"])
+            .cmd(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -114,16 +122,22 @@ impl Setup {
         let (status, page) = browser.get(path).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         assert!(
-            page.contains(&format!("act as <strong>{email}</strong>")),
+            page.contains(&format!("acts as <strong>{email}</strong> for 12h")),
             "{page}"
         );
+        let consent = page.clone();
         let field = |name: &str| {
             let marker = format!("name=\"{name}\" value=\"");
             let start = page.find(&marker).unwrap() + marker.len();
             page[start..start + page[start..].find('"').unwrap()].to_string()
         };
         let csrf = common::csrf_in(&page).unwrap();
-        let (port, state, challenge) = (field("port"), field("state"), field("challenge"));
+        let (port, state, challenge, scope) = (
+            field("port"),
+            field("state"),
+            field("challenge"),
+            field("scope"),
+        );
         let resp = browser
             .post(
                 "/cli/login",
@@ -132,6 +146,7 @@ impl Setup {
                     ("port", port.as_str()),
                     ("state", state.as_str()),
                     ("challenge", challenge.as_str()),
+                    ("scope", scope.as_str()),
                 ],
             )
             .await;
@@ -181,6 +196,14 @@ impl Setup {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        consent
+    }
+
+    /// The token `twokey login` saved.
+    fn saved_token(&self) -> String {
+        let creds = std::fs::read_to_string(self.twokey_home().join("credentials.toml")).unwrap();
+        let v: toml::Value = toml::from_str(&creds).unwrap();
+        v["token"].as_str().unwrap().to_string()
     }
 }
 
@@ -436,6 +459,7 @@ async fn denied_requests_and_bad_login_attempts_are_explained() {
         s.app.state(),
         &actor,
         &twokey::auth::pkce_challenge(&verifier),
+        &twokey::auth::scopes::Scopes::requests(),
     )
     .await
     .unwrap();
@@ -453,6 +477,7 @@ async fn denied_requests_and_bad_login_attempts_are_explained() {
         s.app.state(),
         &actor,
         &twokey::auth::pkce_challenge(&verifier),
+        &twokey::auth::scopes::Scopes::requests(),
     )
     .await
     .unwrap();
@@ -461,4 +486,66 @@ async fn denied_requests_and_bad_login_attempts_are_explained() {
         token(json!({"code": code, "verifier": verifier})).await,
         StatusCode::FORBIDDEN
     );
+}
+
+#[tokio::test]
+async fn login_asks_only_for_requests_unless_told_and_says_so() {
+    let s = setup().await;
+    let alice = s.app.api(ALICE).await;
+    let id = alice.file("demo-ssh", "quick", "30m", None).await;
+    let api = |token: String| common::Api {
+        base: s.app.url("/api/v1"),
+        token,
+        http: common::http(),
+    };
+
+    // Plain `twokey login`: the page says what the token may do, and that it cannot
+    // approve; the token indeed cannot.
+    let page = s.login_with(BOB, &[]).await;
+    assert!(
+        page.contains("<code>requests</code>: file and read your own requests"),
+        "{page}"
+    );
+    assert!(!page.contains("<code>approve</code>"), "{page}");
+    assert!(page.contains("It cannot approve or deny anyone"), "{page}");
+    let bob = api(s.saved_token());
+    let (status, me) = bob.get("/whoami").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(me["scopes"], json!(["requests"]));
+    let ends =
+        chrono::DateTime::parse_from_rfc3339(me["token_expires_at"].as_str().unwrap()).unwrap();
+    let life = ends.timestamp() - s.app.state().clock.now().timestamp();
+    assert!((12 * 3600 - 5..=12 * 3600).contains(&life), "{life}");
+    let (status, body) = bob.act(&id, "approve").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("approve"),
+        "{body}"
+    );
+
+    // `twokey login --approve` asks for it, and the page warns.
+    let page = s.login_with(BOB, &["--approve"]).await;
+    assert!(
+        page.contains("<code>approve</code>: read the requests you may decide"),
+        "{page}"
+    );
+    assert!(page.contains("cli-approve-warning"), "{page}");
+    let bob = api(s.saved_token());
+    assert_eq!(
+        bob.get("/whoami").await.1["scopes"],
+        json!(["requests", "approve"])
+    );
+    let (status, body) = bob.act(&id, "approve").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A tampered consent form cannot ask for a scope that does not exist.
+    let browser = s.app.browser(BOB).await;
+    let (status, _) = browser
+        .get(&format!(
+            "/cli/login?port=4000&state={}&challenge={}&scope=admin",
+            "a".repeat(32),
+            "b".repeat(43)
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }

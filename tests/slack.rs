@@ -18,7 +18,18 @@ struct Setup {
     _secrets: tempfile::TempDir,
 }
 
+/// Slack with U_ALICE, U_BOB and U_CAROL linked to their twokey users (through the
+/// pages, as a person would).
 async fn setup() -> Setup {
+    let s = setup_unlinked().await;
+    for (slack_id, email) in [("U_ALICE", ALICE), ("U_BOB", BOB), ("U_CAROL", CAROL)] {
+        s.link(slack_id, email).await;
+    }
+    s
+}
+
+/// Slack whose users have linked nothing yet.
+async fn setup_unlinked() -> Setup {
     let fake = FakeSlack::start().await;
     let secrets = tempfile::tempdir().unwrap();
     let token = secrets.path().join("bot-token");
@@ -32,6 +43,7 @@ async fn setup() -> Setup {
             bot_token_file: token,
             signing_secret_file: secret,
             channel: "#access-requests".into(),
+            team_id: slack::TEAM_ID.into(),
             api_base: api,
         });
         c.validate().unwrap();
@@ -81,6 +93,58 @@ impl Setup {
             Some(slack::sign(slack::SIGNING_SECRET, ts, &body)),
         )
         .await
+    }
+
+    /// Posts a correctly signed payload.
+    async fn send(&self, payload: &Value) -> StatusCode {
+        let body = slack::body(payload);
+        let ts = self.now();
+        self.post(
+            &body,
+            Some(ts),
+            Some(slack::sign(slack::SIGNING_SECRET, ts, &body)),
+        )
+        .await
+    }
+
+    /// What twokey last told `user` about their click on `action`.
+    fn told(&self, user: &str, action: &str) -> String {
+        let told = self.fake.calls(&format!("response_url/{user}-{action}"));
+        let last = told.last().expect("an ephemeral reply");
+        assert_eq!(last["response_type"], "ephemeral");
+        last["text"].as_str().unwrap().to_string()
+    }
+
+    /// An unlinked user clicks (a button of any request): the path of the one-time link
+    /// twokey answers with, privately.
+    async fn link_offer(&self, slack_id: &str) -> String {
+        let mut payload = slack::payload(&self.fake.base, slack_id, "approve", "any-request");
+        payload["response_url"] = format!("{}/actions/{slack_id}-link", self.fake.base).into();
+        assert_eq!(self.send(&payload).await, StatusCode::OK);
+        let text = self.told(slack_id, "link");
+        assert!(
+            text.contains("not linked to twokey yet, so this click did not count"),
+            "{text}"
+        );
+        let start = text.find("/slack/link/sl_").expect("a link");
+        let end = start + text[start..].find('|').unwrap();
+        text[start..end].to_string()
+    }
+
+    /// Links `slack_id` to twokey user `email` the way a person does: click in Slack,
+    /// open the link signed in, confirm.
+    async fn link(&self, slack_id: &str, email: &str) {
+        let path = self.link_offer(slack_id).await;
+        let b = self.app.browser(email).await;
+        let (status, page) = b.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert!(page.contains("id=\"confirm-link\""), "{page}");
+        let csrf = common::csrf_in(&page).unwrap();
+        let resp = b.post(&path, &[("csrf", &csrf)]).await;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+        assert_eq!(resp.headers()["location"], "/account");
+        // A new click a second later does not replay this one.
+        self.app.clock.advance(chrono::Duration::seconds(1));
     }
 
     async fn status(&self, id: &str) -> (String, usize) {
@@ -290,7 +354,7 @@ async fn forged_stale_reserialised_and_replayed_interactions_are_refused() {
 }
 
 #[tokio::test]
-async fn unmapped_users_and_self_approval_are_refused_and_told_why() {
+async fn unknown_and_deactivated_users_and_self_approval_are_refused_and_told_why() {
     let s = setup().await;
     let id = s
         .app
@@ -300,65 +364,39 @@ async fn unmapped_users_and_self_approval_are_refused_and_told_why() {
         .await;
     s.deliver().await;
 
-    assert_eq!(s.click("U_STRANGER", "approve", &id).await, StatusCode::OK);
-    let told = s.fake.calls("response_url/U_STRANGER-approve");
-    assert!(
-        told[0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("twokey does not know you"),
-        "{told:?}"
+    // Unknown to Slack, deactivated, a bot: nobody, and no link is offered.
+    s.fake.user_as(
+        "U_GONE",
+        serde_json::json!({"id": "U_GONE", "deleted": true, "is_email_confirmed": true, "profile": {"email": BOB}}),
     );
-    assert_eq!(told[0]["response_type"], "ephemeral");
-
-    // A Slack user whose email is not a twokey user.
-    s.fake.user("U_EVE", "eve@elsewhere.example");
-    assert_eq!(s.click("U_EVE", "deny", &id).await, StatusCode::OK);
-    assert!(
-        s.fake.calls("response_url/U_EVE-deny")[0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("does not know you")
+    s.fake.user_as(
+        "U_BOT",
+        serde_json::json!({"id": "U_BOT", "is_bot": true, "is_email_confirmed": true, "profile": {"email": BOB}}),
     );
-
-    // Bob's email, but Slack has not confirmed it (or does not say), or the account
-    // is deactivated: not bob.
-    for (slack_id, user) in [
-        (
-            "U_BOB2",
-            serde_json::json!({"id": "U_BOB2", "deleted": false, "is_email_confirmed": false, "profile": {"email": BOB}}),
-        ),
-        (
-            "U_BOB3",
-            serde_json::json!({"id": "U_BOB3", "deleted": false, "profile": {"email": BOB}}),
-        ),
-        (
-            "U_BOB4",
-            serde_json::json!({"id": "U_BOB4", "deleted": true, "is_email_confirmed": true, "profile": {"email": BOB}}),
-        ),
-    ] {
-        s.fake.user_as(slack_id, user);
+    for slack_id in ["U_STRANGER", "U_GONE", "U_BOT"] {
         assert_eq!(s.click(slack_id, "approve", &id).await, StatusCode::OK);
-        let told = s.fake.calls(&format!("response_url/{slack_id}-approve"));
+        let text = s.told(slack_id, "approve");
         assert!(
-            told[0]["text"]
-                .as_str()
-                .unwrap()
-                .contains("does not know you"),
-            "{slack_id}: {told:?}"
+            text.contains("does not take decisions from this Slack account"),
+            "{slack_id}: {text}"
         );
     }
+    // Bob's own Slack account, once deactivated, is nobody too, link or not.
+    s.fake.user_as(
+        "U_BOB",
+        serde_json::json!({"id": "U_BOB", "deleted": true, "is_email_confirmed": true, "profile": {"email": BOB}}),
+    );
+    assert_eq!(s.click("U_BOB", "approve", &id).await, StatusCode::OK);
+    assert!(
+        s.told("U_BOB", "approve")
+            .contains("does not take decisions")
+    );
 
+    // Alice is linked, and still cannot decide her own request from Slack.
     for action in ["approve", "deny"] {
         assert_eq!(s.click("U_ALICE", action, &id).await, StatusCode::OK);
-        let told = s.fake.calls(&format!("response_url/U_ALICE-{action}"));
-        assert!(
-            told[0]["text"]
-                .as_str()
-                .unwrap()
-                .contains("your own request"),
-            "{told:?}"
-        );
+        let text = s.told("U_ALICE", action);
+        assert!(text.contains("your own request"), "{text}");
     }
     assert_eq!(s.status(&id).await, ("pending".into(), 0));
 }
@@ -464,4 +502,306 @@ async fn cancelled_and_expired_requests_lose_their_buttons() {
         StatusCode::OK
     );
     assert_eq!(s.status(&cancelled).await, ("cancelled".into(), 0));
+}
+
+#[tokio::test]
+async fn a_replay_with_the_signature_in_another_letter_case_is_refused() {
+    let s = setup().await;
+    // Two approvals needed: a replay that got through would count toward them.
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-ssh", "admin", "30m", Some("OPS-9"))
+        .await;
+    s.deliver().await;
+    let body = slack::body(&slack::payload(&s.fake.base, "U_BOB", "deny", &id));
+    let now = s.now();
+    let good = slack::sign(slack::SIGNING_SECRET, now, &body);
+    let hex = good.strip_prefix("v0=").unwrap();
+    assert!(hex.bytes().any(|b| b.is_ascii_lowercase()), "{good}");
+    assert_eq!(
+        s.post(&body, Some(now), Some(good.clone())).await,
+        StatusCode::OK
+    );
+    assert_eq!(s.status(&id).await, ("denied".into(), 1));
+    let mixed: String = hex
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i % 2 == 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect();
+    for replay in [
+        format!("v0={}", hex.to_ascii_uppercase()),
+        format!("v0={mixed}"),
+    ] {
+        assert_ne!(replay, good);
+        assert_eq!(
+            s.post(&body, Some(now), Some(replay.clone())).await,
+            StatusCode::UNAUTHORIZED,
+            "{replay}"
+        );
+    }
+    // Refused before it was read: Slack was told nothing about the replays.
+    assert!(s.fake.calls("response_url/U_BOB-deny").is_empty());
+}
+
+/// The rows of `slack_links`: (team, Slack user, twokey email).
+async fn links(s: &Setup) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT l.team_id, l.slack_user_id, u.email FROM slack_links l
+         JOIN users u ON u.id = l.user_id ORDER BY l.slack_user_id",
+    )
+    .fetch_all(&s.app.state().db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_unlinked_click_never_counts_and_linking_through_the_pages_makes_it_count() {
+    let s = setup_unlinked().await;
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    s.deliver().await;
+
+    // Bob's Slack profile carries his confirmed email, and still his click does not
+    // count: he gets a one-time link, privately.
+    assert_eq!(s.click("U_BOB", "approve", &id).await, StatusCode::OK);
+    assert_eq!(s.status(&id).await, ("pending".into(), 0));
+    let text = s.told("U_BOB", "approve");
+    assert!(text.contains("did not count"), "{text}");
+    let start = text.find("/slack/link/").unwrap();
+    let path = text[start..start + text[start..].find('|').unwrap()].to_string();
+    // Only the hash is stored.
+    let stored: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM slack_link_tokens")
+        .fetch_all(&s.app.state().db)
+        .await
+        .unwrap();
+    let token = path.trim_start_matches("/slack/link/");
+    assert_eq!(stored, [(twokey::auth::hash_token(token),)]);
+
+    // Signed out: only a sign-in prompt, no details of the Slack account.
+    let anon = common::Browser::new(s.app.server.url());
+    let (status, page) = anon.get(&path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(&format!("/login?next={path}")), "{page}");
+    assert!(
+        !page.contains("U_BOB") && !page.contains("confirm-link"),
+        "{page}"
+    );
+
+    // Signed in as bob: a confirm page; the GET linked nothing.
+    let bob = s.app.browser(BOB).await;
+    let (status, page) = bob.get(&path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("U_BOB") && page.contains("T0TEAM") && page.contains(BOB),
+        "{page}"
+    );
+    assert!(links(&s).await.is_empty());
+    // A POST without the session's CSRF token is refused.
+    let resp = bob.post(&path, &[("csrf", "forged")]).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(links(&s).await.is_empty());
+    let csrf = common::csrf_in(&page).unwrap();
+    let resp = bob.post(&path, &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        links(&s).await,
+        [("T0TEAM".into(), "U_BOB".into(), BOB.into())]
+    );
+    // Single use.
+    assert_eq!(bob.get(&path).await.0, StatusCode::GONE);
+    assert_eq!(
+        bob.post(&path, &[("csrf", &csrf)]).await.status(),
+        StatusCode::CONFLICT
+    );
+    // The account page shows the link.
+    let (_, account) = bob.get("/account").await;
+    assert!(
+        account.contains("U_BOB") && account.contains("Unlink"),
+        "{account}"
+    );
+
+    // Now the click counts, as bob.
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(s.click("U_BOB", "approve", &id).await, StatusCode::OK);
+    assert_eq!(s.status(&id).await, ("approved".into(), 1));
+
+    // Unlinked, the next click counts for nobody again (and earns a new link).
+    let id2 = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    let resp = bob
+        .post(
+            "/account/slack/unlink",
+            &[
+                ("csrf", &csrf),
+                ("team_id", "T0TEAM"),
+                ("slack_user_id", "U_BOB"),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(links(&s).await.is_empty());
+    let (_, account) = bob.get("/account").await;
+    assert!(account.contains("no-slack-link"), "{account}");
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(s.click("U_BOB", "approve", &id2).await, StatusCode::OK);
+    assert_eq!(s.status(&id2).await, ("pending".into(), 0));
+    assert!(s.told("U_BOB", "approve").contains("did not count"));
+    // Unlinking what is not (or no longer) yours is refused.
+    let resp = bob
+        .post(
+            "/account/slack/unlink",
+            &[
+                ("csrf", &csrf),
+                ("team_id", "T0TEAM"),
+                ("slack_user_id", "U_BOB"),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    let actions = s.app.audit_actions().await;
+    assert!(actions.contains(&"slack.linked".to_string()), "{actions:?}");
+    assert!(
+        actions.contains(&"slack.unlinked".to_string()),
+        "{actions:?}"
+    );
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test]
+async fn a_link_is_refused_to_another_user_after_expiry_and_when_one_exists() {
+    let s = setup_unlinked().await;
+    let path = s.link_offer("U_BOB").await;
+    // Carol cannot take bob's Slack account (its confirmed email is bob's).
+    let carol = s.app.browser(CAROL).await;
+    let (status, page) = carol.get(&path).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("not carol@example.com"), "{page}");
+    let csrf = common::csrf_in(&page).unwrap();
+    assert_eq!(
+        carol.post(&path, &[("csrf", &csrf)]).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    // An unconfirmed Slack email links nobody.
+    s.fake.user_as(
+        "U_DAVE",
+        serde_json::json!({"id": "U_DAVE", "is_email_confirmed": false, "profile": {"email": CAROL}}),
+    );
+    let dave = s.link_offer("U_DAVE").await;
+    let (status, page) = carol.get(&dave).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(page.contains("has not confirmed"), "{page}");
+    assert!(links(&s).await.is_empty());
+
+    // Ten minutes on (the injected clock), bob's link is dead.
+    s.app.clock.advance(chrono::Duration::minutes(10));
+    let bob = s.app.browser(BOB).await;
+    let (status, page) = bob.get(&path).await;
+    assert_eq!(status, StatusCode::GONE);
+    assert!(page.contains("expired"), "{page}");
+    let csrf = common::csrf_in(&page).unwrap();
+    assert_eq!(
+        bob.post(&path, &[("csrf", &csrf)]).await.status(),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        bob.get("/slack/link/sl_forged").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert!(links(&s).await.is_empty());
+
+    // Bob links; a second Slack account showing his email cannot be linked to him too.
+    s.link("U_BOB", BOB).await;
+    s.fake.user("U_MALLORY", BOB);
+    let mallory = s.link_offer("U_MALLORY").await;
+    let (_, page) = bob.get(&mallory).await;
+    let csrf = common::csrf_in(&page).unwrap();
+    assert_eq!(
+        bob.post(&mallory, &[("csrf", &csrf)]).await.status(),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        links(&s).await,
+        [("T0TEAM".into(), "U_BOB".into(), BOB.into())]
+    );
+}
+
+#[tokio::test]
+async fn a_changed_slack_email_does_not_move_the_link() {
+    let s = setup().await;
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-ssh", "admin", "30m", Some("OPS-8"))
+        .await;
+    s.deliver().await;
+    // Whoever edits profiles gives bob's Slack account carol's email, and a new
+    // account bob's: neither moves who the accounts are.
+    s.fake.user("U_BOB", CAROL);
+    s.fake.user("U_MALLORY", BOB);
+    assert_eq!(s.click("U_MALLORY", "approve", &id).await, StatusCode::OK);
+    assert!(s.told("U_MALLORY", "approve").contains("did not count"));
+    assert_eq!(s.status(&id).await, ("pending".into(), 0));
+    assert_eq!(s.click("U_BOB", "approve", &id).await, StatusCode::OK);
+    let mut conn = s.app.state().db.acquire().await.unwrap();
+    let approvals = twokey::store::approvals_for(&mut conn, &id).await.unwrap();
+    let who: Vec<&str> = approvals
+        .iter()
+        .map(|a| a.approver_email.as_str())
+        .collect();
+    assert_eq!(who, [BOB]);
+}
+
+#[tokio::test]
+async fn clicks_from_another_workspace_are_refused() {
+    let s = setup().await;
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    s.deliver().await;
+    // Signed with the app's own secret (one app, many workspaces), by a user whose id
+    // is linked in ours.
+    let other = slack::payload_from("T0OTHER", &s.fake.base, "U_BOB", "approve", &id);
+    assert_eq!(s.send(&other).await, StatusCode::OK);
+    assert!(s.told("U_BOB", "approve").contains("this Slack workspace"));
+    // Mixed team ids, or none at all, are refused too.
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    let mut mixed = slack::payload(&s.fake.base, "U_BOB", "approve", &id);
+    mixed["team"]["id"] = "T0OTHER".into();
+    assert_eq!(s.send(&mixed).await, StatusCode::OK);
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    let mut none = slack::payload(&s.fake.base, "U_BOB", "approve", &id);
+    none.as_object_mut().unwrap().remove("team");
+    none["user"].as_object_mut().unwrap().remove("team_id");
+    assert_eq!(s.send(&none).await, StatusCode::OK);
+    assert_eq!(
+        s.fake.calls("response_url/U_BOB-approve").len(),
+        3,
+        "each refusal was told"
+    );
+    assert_eq!(s.status(&id).await, ("pending".into(), 0));
+    // From our workspace, the same user's click counts.
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(s.click("U_BOB", "approve", &id).await, StatusCode::OK);
+    assert_eq!(s.status(&id).await, ("approved".into(), 1));
 }

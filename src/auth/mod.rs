@@ -5,6 +5,7 @@
 
 pub mod oidc;
 pub mod sealed;
+pub mod scopes;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::policy::Actor;
 use crate::state::AppState;
 use crate::store;
+use scopes::Scopes;
 
 /// Prefix that makes a leaked twokey token easy to recognise (and to scan for).
 pub const TOKEN_PREFIX: &str = "tk_";
@@ -62,8 +64,19 @@ pub fn new_secret(prefix: &str) -> (String, String) {
     (token, hash)
 }
 
-/// The user behind a bearer token, with their current groups.
-pub async fn authenticate_token(state: &AppState, token: &str) -> Result<Actor> {
+/// Who is calling with a bearer token, and what the token may do.
+#[derive(Debug, Clone)]
+pub struct TokenUser {
+    pub actor: Actor,
+    pub scopes: Scopes,
+    pub token_id: String,
+    pub expires_at: i64,
+}
+
+/// The user behind a bearer token, with their current groups and the token's scopes.
+/// A token works until the earlier of its own end and `auth.token_ttl` after it was
+/// made, unless revoked or older than the user's last forced re-sign-in.
+pub async fn authenticate_token(state: &AppState, token: &str) -> Result<TokenUser> {
     if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
         return Err(Error::Unauthenticated);
     }
@@ -76,18 +89,27 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<Actor> 
     if !secrets_equal(&row.token_hash, &hash) {
         return Err(Error::Unauthenticated);
     }
-    if state.now_ms() - row.created_at >= state.config.token_ttl().as_millis() as i64 {
+    let now = state.now_ms();
+    let cap = row.created_at + state.config.token_ttl().as_millis() as i64;
+    if now >= row.expires_at || now >= cap {
         return Err(Error::Unauthenticated);
     }
     let mut conn = state.db.acquire().await?;
     let actor = store::load_actor(&mut conn, &row.user_id, &state.config.auth.admin_groups)
         .await?
         .ok_or(Error::Unauthenticated)?;
+    drop(conn);
     // A forced re-sign-in ends the user's tokens made before it too.
     if row.created_at <= actor.sessions_valid_after {
         return Err(Error::Unauthenticated);
     }
-    Ok(actor)
+    store::touch_token(&state.db, &row.id, now).await?;
+    Ok(TokenUser {
+        actor,
+        scopes: Scopes::from_db(&row.scopes),
+        token_id: row.id,
+        expires_at: row.expires_at.min(cap),
+    })
 }
 
 /// Loads the signed-in user of a session.
@@ -243,9 +265,39 @@ pub async fn sync_dev_users(state: &AppState) -> Result<()> {
     Ok(())
 }
 
-/// Creates a personal API token for an existing user. Returns the token, which is
-/// never stored and cannot be shown again.
+/// Creates a personal API token with only the `requests` scope and the default life.
 pub async fn create_api_token(state: &AppState, email: &str, label: &str) -> Result<String> {
+    create_scoped_token(state, email, label, &Scopes::requests(), None).await
+}
+
+/// Creates a personal API token for an existing user, with these scopes, for `ttl`
+/// (at most, and by default, `auth.token_ttl`). Returns the token, which is never
+/// stored and cannot be shown again.
+pub async fn create_scoped_token(
+    state: &AppState,
+    email: &str,
+    label: &str,
+    scopes: &Scopes,
+    ttl: Option<std::time::Duration>,
+) -> Result<String> {
+    let max = state.config.token_ttl();
+    let ttl = match ttl {
+        Some(t) if t.is_zero() => return Err(Error::invalid("ttl", "must be longer than zero")),
+        Some(t) if t > max => {
+            return Err(Error::invalid(
+                "ttl",
+                format!(
+                    "may be at most auth.token_ttl ({})",
+                    crate::policy::format_duration(max)
+                ),
+            ));
+        }
+        Some(t) => t,
+        None => max,
+    };
+    if scopes.iter().next().is_none() {
+        return Err(Error::invalid("scope", "name at least one scope"));
+    }
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
     let user_id = match store::user_id_by_email(&mut tx, email).await? {
@@ -260,36 +312,104 @@ pub async fn create_api_token(state: &AppState, email: &str, label: &str) -> Res
             }
         },
     };
-    let token = issue_token(&mut tx, &user_id, label, json!({ "user": email }), now).await?;
+    let token = issue_token(
+        &mut tx,
+        &NewToken {
+            user_id: &user_id,
+            label,
+            scopes,
+            ttl,
+            details: json!({ "user": email }),
+            now,
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(token)
 }
 
+struct NewToken<'a> {
+    user_id: &'a str,
+    label: &'a str,
+    scopes: &'a Scopes,
+    ttl: std::time::Duration,
+    details: serde_json::Value,
+    now: i64,
+}
+
 /// Stores a new API token's hash with its audit event, in the caller's transaction;
 /// returns the token (shown once, never stored).
-async fn issue_token(
-    tx: &mut store::Conn,
-    user_id: &str,
-    label: &str,
-    mut details: serde_json::Value,
-    now: i64,
-) -> Result<String> {
+async fn issue_token(tx: &mut store::Conn, t: &NewToken<'_>) -> Result<String> {
     let (token, hash) = new_api_token();
-    let token_id = store::insert_token(tx, user_id, &hash, label, now).await?;
+    let expires_at = t.now + t.ttl.as_millis() as i64;
+    let scopes = t.scopes.to_db();
+    let token_id = store::insert_token(
+        tx,
+        &store::NewToken {
+            user_id: t.user_id,
+            token_hash: &hash,
+            label: t.label,
+            scopes: &scopes,
+            now: t.now,
+            expires_at,
+        },
+    )
+    .await?;
+    let mut details = t.details.clone();
     details["token_id"] = json!(token_id);
-    details["label"] = json!(label);
+    details["label"] = json!(t.label);
+    details["scopes"] = json!(scopes);
+    details["expires_at"] = json!(expires_at);
     store::append_audit(
         tx,
-        now,
+        t.now,
         &NewEvent {
             actor: "cli",
             action: "token.created",
-            subject: user_id,
+            subject: t.user_id,
             details,
         },
     )
     .await?;
     Ok(token)
+}
+
+/// Revokes one token from the web app: its owner or an admin may. One conditional
+/// UPDATE with its audit event.
+pub async fn revoke_token(state: &AppState, actor: &Actor, token_id: &str) -> Result<()> {
+    let now = state.now_ms();
+    let mut tx = store::begin_write(&state.db).await?;
+    let Some(row) = store::token_by_id(&mut tx, token_id).await? else {
+        return Err(Error::NotFound("token"));
+    };
+    // Owners manage their own tokens; only admins reach anyone else's.
+    if row.user_id != actor.user_id && !actor.is_admin {
+        return Err(Error::forbidden(
+            "only the token's owner or an admin may revoke it",
+        ));
+    }
+    if !store::revoke_token(&mut tx, token_id, &actor.user_id, now).await? {
+        return Err(Error::conflict("this token is already revoked"));
+    }
+    store::append_audit(
+        &mut tx,
+        now,
+        &NewEvent {
+            actor: &actor.email,
+            action: "token.revoked",
+            subject: &row.user_id,
+            details: json!({
+                "by": actor.identity(),
+                "user": row.owner_email,
+                "token_id": token_id,
+                "label": row.label,
+                "count": 1,
+            }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// How long a CLI sign-in code works.
@@ -301,8 +421,13 @@ pub fn pkce_challenge(verifier: &str) -> String {
 }
 
 /// The signed-in user confirmed `twokey login`: a one-time code for the CLI, bound to
-/// its PKCE challenge.
-pub async fn begin_cli_login(state: &AppState, actor: &Actor, challenge: &str) -> Result<String> {
+/// its PKCE challenge and to the scopes the user agreed to.
+pub async fn begin_cli_login(
+    state: &AppState,
+    actor: &Actor,
+    challenge: &str,
+    scopes: &Scopes,
+) -> Result<String> {
     let now = state.now_ms();
     let (code, hash) = new_secret("lc_");
     let mut tx = store::begin_write(&state.db).await?;
@@ -311,6 +436,7 @@ pub async fn begin_cli_login(state: &AppState, actor: &Actor, challenge: &str) -
         &hash,
         &actor.user_id,
         challenge,
+        &scopes.to_db(),
         now,
         now + CLI_CODE_TTL_MS,
     )
@@ -322,7 +448,11 @@ pub async fn begin_cli_login(state: &AppState, actor: &Actor, challenge: &str) -
             actor: &actor.email,
             action: "cli_login.confirmed",
             subject: &actor.user_id,
-            details: json!({ "by": actor.identity(), "code_expires_at": now + CLI_CODE_TTL_MS }),
+            details: json!({
+                "by": actor.identity(),
+                "scopes": scopes.to_db(),
+                "code_expires_at": now + CLI_CODE_TTL_MS,
+            }),
         },
     )
     .await?;
@@ -341,7 +471,7 @@ pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Re
     }
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
-    let Some((user_id, challenge)) =
+    let Some((user_id, challenge, scopes)) =
         store::consume_cli_code(&mut tx, &hash_token(code), now).await?
     else {
         return Err(refused());
@@ -364,10 +494,14 @@ pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Re
     }
     let token = issue_token(
         &mut tx,
-        &user_id,
-        "twokey login",
-        json!({ "via": "browser confirmation" }),
-        now,
+        &NewToken {
+            user_id: &user_id,
+            label: "twokey login",
+            scopes: &Scopes::from_db(&scopes),
+            ttl: state.config.cli_token_ttl(),
+            details: json!({ "via": "browser confirmation" }),
+            now,
+        },
     )
     .await?;
     tx.commit().await?;

@@ -1,8 +1,13 @@
 //! `/api/v1`: JSON over bearer tokens, for the CLI and automation.
 //!
 //! 401 without a valid token, 403 when the caller may not act (self-approval
-//! included), 404 for an unknown id, 409 when the request is no longer in a state that
-//! allows the action, 422 with field-level messages for bad input.
+//! included) or the token lacks the scope the action needs, 404 for an unknown id, 409
+//! when the request is no longer in a state that allows the action, 422 with
+//! field-level messages for bad input.
+//!
+//! Scopes ([`crate::auth::scopes`]): `requests` for one's own requests, grants and
+//! credentials; `approve` to read, decide or revoke anyone else's. A token never acts
+//! beyond its scopes, whatever its owner may do in the browser.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -13,8 +18,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::extract::ApiUser;
+use super::extract::{ApiToken, ApiUser};
 use crate::access::{self, Channel, Decision, RequestView};
+use crate::auth::scopes::Scope;
 use crate::clock::from_millis;
 use crate::error::Error;
 use crate::policy::{FieldError, RequestInput};
@@ -150,12 +156,24 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(request_json(&view))))
 }
 
+/// The scope needed to touch a request: `requests` for one's own, `approve` for
+/// anyone else's.
+fn scope_for(actor_id: &str, view: &RequestView) -> Scope {
+    if view.request.requester_id == actor_id {
+        Scope::Requests
+    } else {
+        Scope::Approve
+    }
+}
+
 pub async fn show(
     State(state): State<AppState>,
-    ApiUser(actor): ApiUser,
+    token: ApiToken,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let view = access::view(&state, &actor, &id).await?;
+    let actor = &token.0.actor;
+    let view = access::view(&state, actor, &id).await?;
+    token.require(scope_for(&actor.user_id, &view))?;
     Ok(Json(request_json(&view)))
 }
 
@@ -164,23 +182,48 @@ pub struct ListQuery {
     status: Option<String>,
 }
 
+/// With `approve`, every request the caller may see; with only `requests`, their own.
 pub async fn list(
     State(state): State<AppState>,
-    ApiUser(actor): ApiUser,
+    token: ApiToken,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let views = access::list(&state, &actor, access::Scope::Visible, q.status.as_deref()).await?;
+    let which = if token.0.scopes.contains(Scope::Approve) {
+        access::Scope::Visible
+    } else {
+        token.require(Scope::Requests)?;
+        access::Scope::Mine
+    };
+    let views = access::list(&state, &token.0.actor, which, q.status.as_deref()).await?;
     Ok(Json(json!({
         "requests": views.iter().map(request_json).collect::<Vec<_>>()
     })))
 }
 
+/// approve / deny need the `approve` scope; cancel needs `requests` (it is only ever
+/// one's own); revoke needs `requests` for one's own grant and `approve` for anyone
+/// else's.
 pub async fn act(
     State(state): State<AppState>,
-    ApiUser(actor): ApiUser,
+    token: ApiToken,
     Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let actor = &token.0.actor;
+    // The scope is checked before anything else: a token without it learns nothing.
+    match action.as_str() {
+        "approve" | "deny" => {
+            token.require(Scope::Approve)?;
+        }
+        "cancel" => {
+            token.require(Scope::Requests)?;
+        }
+        "revoke" => {
+            let view = access::view(&state, actor, &id).await?;
+            token.require(scope_for(&actor.user_id, &view))?;
+        }
+        _ => return Err(Error::NotFound("action").into()),
+    }
     let map = parse_body(&body)?;
     let mut errors = Vec::new();
     let comment = string_field(&map, "comment", false, &mut errors);
@@ -190,21 +233,11 @@ pub async fn act(
     let comment = comment.as_deref();
     let view = match action.as_str() {
         "approve" => {
-            access::decide(
-                &state,
-                &actor,
-                &id,
-                Decision::Approve,
-                comment,
-                Channel::Api,
-            )
-            .await?
+            access::decide(&state, actor, &id, Decision::Approve, comment, Channel::Api).await?
         }
-        "deny" => {
-            access::decide(&state, &actor, &id, Decision::Deny, comment, Channel::Api).await?
-        }
-        "cancel" => access::cancel(&state, &actor, &id, comment).await?,
-        "revoke" => access::revoke(&state, &actor, &id, comment).await?,
+        "deny" => access::decide(&state, actor, &id, Decision::Deny, comment, Channel::Api).await?,
+        "cancel" => access::cancel(&state, actor, &id, comment).await?,
+        "revoke" => access::revoke(&state, actor, &id, comment).await?,
         _ => return Err(Error::NotFound("action").into()),
     };
     Ok(Json(request_json(&view)))
@@ -286,12 +319,16 @@ pub async fn ca_krl(State(state): State<AppState>) -> Result<impl IntoResponse, 
     ))
 }
 
-pub async fn whoami(ApiUser(actor): ApiUser) -> Json<Value> {
+/// Who the token is for and what it may do, with any scope.
+pub async fn whoami(ApiToken(token): ApiToken) -> Json<Value> {
+    let actor = &token.actor;
     Json(json!({
         "email": actor.email,
         "name": actor.display_name,
         "groups": actor.groups,
         "admin": actor.is_admin,
+        "scopes": token.scopes.iter().map(Scope::as_str).collect::<Vec<_>>(),
+        "token_expires_at": iso(token.expires_at),
     }))
 }
 

@@ -4,6 +4,10 @@
 //!
 //! The redirect goes only to `http://127.0.0.1:<port>/callback` — never to a host taken
 //! from the request — so this page cannot be made into an open redirect.
+//!
+//! The CLI asks for scopes (`scope=requests`, the default, or `requests approve` for
+//! `twokey login --approve`); the page says exactly what they allow and for how long,
+//! and the token gets those scopes and no others.
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -19,6 +23,7 @@ use super::error::{ApiError, PageError};
 use super::extract::WebUser;
 use super::pages::Chrome;
 use crate::auth;
+use crate::auth::scopes::{Scope, Scopes};
 use crate::error::Error;
 use crate::state::AppState;
 
@@ -30,6 +35,8 @@ pub struct LoginQuery {
     state: String,
     #[serde(default)]
     challenge: String,
+    #[serde(default)]
+    scope: String,
 }
 
 #[derive(Template, WebTemplate)]
@@ -40,11 +47,17 @@ struct CliLoginPage {
     port: u16,
     state: String,
     challenge: String,
+    /// The stored form, for the hidden field.
+    scope: String,
+    /// What each scope allows, in words.
+    allows: Vec<(String, String)>,
+    ttl: String,
+    approve: bool,
 }
 
 /// What the CLI sent, checked: a loopback port, and state and challenge of the shapes it
 /// makes (so nothing odd is reflected into the page or the redirect).
-fn checked(q: &LoginQuery) -> Result<(u16, String, String), Error> {
+fn checked(q: &LoginQuery) -> Result<(u16, String, String, Scopes), Error> {
     let port = q
         .port
         .parse::<u16>()
@@ -67,7 +80,12 @@ fn checked(q: &LoginQuery) -> Result<(u16, String, String), Error> {
             "is missing or malformed: run twokey login again",
         ));
     }
-    Ok((port, q.state.clone(), q.challenge.clone()))
+    let scopes = if q.scope.trim().is_empty() {
+        Scopes::requests()
+    } else {
+        Scopes::parse(&q.scope).map_err(|e| Error::invalid("scope", e))?
+    };
+    Ok((port, q.state.clone(), q.challenge.clone(), scopes))
 }
 
 /// GET: a confirm page (never an action).
@@ -76,13 +94,20 @@ pub async fn show(
     user: WebUser,
     Query(q): Query<LoginQuery>,
 ) -> Result<impl IntoResponse, PageError> {
-    let (port, st, challenge) = checked(&q)?;
+    let (port, st, challenge, scopes) = checked(&q)?;
     Ok(CliLoginPage {
         chrome: Chrome::of(&state, &user).await?,
         email: user.actor.email.clone(),
         port,
         state: st,
         challenge,
+        scope: scopes.to_db(),
+        allows: scopes
+            .iter()
+            .map(|s| (s.as_str().to_string(), s.describe().to_string()))
+            .collect(),
+        ttl: crate::policy::format_duration(state.config.cli_token_ttl()),
+        approve: scopes.contains(Scope::Approve),
     })
 }
 
@@ -100,8 +125,8 @@ pub async fn confirm(
     Form(form): Form<ConfirmForm>,
 ) -> Result<impl IntoResponse, PageError> {
     user.check_csrf(&form.csrf).await?;
-    let (port, st, challenge) = checked(&form.q)?;
-    let code = auth::begin_cli_login(&state, &user.actor, &challenge).await?;
+    let (port, st, challenge, scopes) = checked(&form.q)?;
+    let code = auth::begin_cli_login(&state, &user.actor, &challenge, &scopes).await?;
     // Browsers apply form-action to the redirect after a POST: allow exactly the CLI's
     // loopback origin for this one response.
     let csp = super::CSP.replace(

@@ -1,5 +1,6 @@
 //! Extractors that *are* the permission checks: a handler that takes [`WebUser`],
-//! [`AdminUser`] or [`ApiUser`] cannot run for anyone else.
+//! [`AdminUser`] or [`ApiUser`] cannot run for anyone else, and [`ApiToken::require`]
+//! refuses a token without the scope an action needs.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -8,6 +9,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use tower_sessions::Session;
 
 use super::error::{ApiError, PageError};
+use crate::auth::scopes::Scope;
 use crate::auth::{self, SESSION_CSRF, SESSION_LAST_SEEN, SESSION_SIGNED_IN_AT, SESSION_USER};
 use crate::error::Error;
 use crate::policy::Actor;
@@ -163,11 +165,11 @@ impl FromRequestParts<AppState> for AdminUser {
     }
 }
 
-/// A caller of `/api/v1` with a valid `Authorization: Bearer` token. The API takes no
-/// cookies, so it needs no CSRF defence.
-pub struct ApiUser(pub Actor);
+/// A caller of `/api/v1` with a valid `Authorization: Bearer` token, whatever its
+/// scopes. The API takes no cookies, so it needs no CSRF defence.
+pub struct ApiToken(pub auth::TokenUser);
 
-impl FromRequestParts<AppState> for ApiUser {
+impl FromRequestParts<AppState> for ApiToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -180,8 +182,45 @@ impl FromRequestParts<AppState> for ApiUser {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(ApiError(Error::Unauthenticated))?;
-        Ok(ApiUser(
+        Ok(ApiToken(
             auth::authenticate_token(state, token.trim()).await?,
         ))
+    }
+}
+
+impl ApiToken {
+    /// Refuses (403) a token without `scope`, naming what it lacks.
+    pub fn require(&self, scope: Scope) -> Result<&Actor, ApiError> {
+        if self.0.scopes.contains(scope) {
+            Ok(&self.0.actor)
+        } else {
+            Err(ApiError(Error::forbidden(format!(
+                "this token lacks the {:?} scope (it has: {}); make one with it: twokey login{} or twokey token create --scope {}",
+                scope.as_str(),
+                self.0.scopes,
+                if scope == Scope::Approve {
+                    " --approve"
+                } else {
+                    ""
+                },
+                scope.as_str(),
+            ))))
+        }
+    }
+}
+
+/// A caller whose token has the `requests` scope: their own requests and credentials.
+pub struct ApiUser(pub Actor);
+
+impl FromRequestParts<AppState> for ApiUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = ApiToken::from_request_parts(parts, state).await?;
+        token.require(Scope::Requests)?;
+        Ok(ApiUser(token.0.actor))
     }
 }

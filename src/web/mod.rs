@@ -6,6 +6,7 @@
 //! renders only safe messages. No GET handler changes state.
 
 pub mod anon;
+pub mod account;
 pub mod api;
 pub mod cli_login;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod links;
 pub mod pages;
 pub mod sessions;
 pub mod slack;
+pub mod tokens;
 
 use axum::Router;
 use axum::extract::State;
@@ -103,6 +105,16 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         )
         .route("/dev/mailbox", get(pages::dev_mailbox))
         .route("/cli/login", get(cli_login::show).post(cli_login::confirm))
+        .route("/account", get(account::show))
+        .route("/tokens", get(tokens::list))
+        .route("/tokens/{id}/revoke", post(tokens::revoke))
+        .route("/account/slack/unlink", post(slack::unlink))
+        .route(
+            "/slack/link/{token}",
+            get(slack::link_page)
+                .post(slack::link_confirm)
+                .layer(limited(limit::Bucket::Link)),
+        )
         .route("/admin/users", get(pages::users))
         .route("/admin/users/{id}/reauth", post(pages::force_reauth))
         .route("/admin/host-keys", get(host_keys::list))

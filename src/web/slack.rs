@@ -1,14 +1,25 @@
 //! `POST /slack/interactions`: Slack's interactivity callback for the Approve/Deny
 //! buttons. Unverified requests get 401 and are not read further; verified ones get
 //! 200 at once (Slack retries anything else), with refusals told to the clicking user.
+//!
+//! `/slack/link/{token}`: where an unlinked Slack user links their Slack account to
+//! their twokey account, signed in, by a POST with CSRF; `/account/slack/unlink`
+//! removes it. A GET never links.
 
+use axum::Form;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
 
+use super::error::PageError;
+use super::extract::{MaybeUser, WebUser};
+use super::pages::{Chrome, CsrfForm};
+use crate::notify::slack::{self, LinkRefusal};
 use crate::state::AppState;
 
+/// `POST /slack/interactions`.
 pub async fn interactions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -46,4 +57,109 @@ pub async fn interactions(
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
     StatusCode::OK
+}
+
+// ------------------------------------------------------------------ linking
+
+#[derive(askama::Template, askama_web::WebTemplate)]
+#[template(path = "slack_link.html")]
+struct LinkPage {
+    chrome: Chrome,
+    /// Why the visitor cannot link (empty when they can).
+    notice: String,
+    sign_in: Option<String>,
+    confirm: Option<LinkConfirm>,
+}
+
+struct LinkConfirm {
+    slack_name: String,
+    slack_user_id: String,
+    team_id: String,
+    email: String,
+    post_url: String,
+}
+
+fn notice(chrome: Chrome, status: StatusCode, notice: String, sign_in: Option<String>) -> Response {
+    let page = LinkPage {
+        chrome,
+        notice,
+        sign_in,
+        confirm: None,
+    };
+    (status, page).into_response()
+}
+
+/// GET `/slack/link/{token}`: a confirm page, never an action. The Slack account's
+/// details are shown only to a signed-in user it may be linked to.
+pub async fn link_page(
+    State(state): State<AppState>,
+    user: MaybeUser,
+    Path(token): Path<String>,
+) -> Result<Response, PageError> {
+    let chrome = Chrome::new(&state, &user.session, user.actor.as_ref()).await?;
+    let row = match slack::check_link_token(&state, &token).await? {
+        Ok(row) => row,
+        Err(refusal) => {
+            let status = match refusal {
+                LinkRefusal::Unknown => StatusCode::NOT_FOUND,
+                LinkRefusal::Used | LinkRefusal::Expired => StatusCode::GONE,
+            };
+            return Ok(notice(chrome, status, refusal.message().into(), None));
+        }
+    };
+    let Some(actor) = user.actor else {
+        return Ok(notice(
+            chrome,
+            StatusCode::OK,
+            "Sign in to twokey to link your Slack account.".into(),
+            Some(format!("/login?next=/slack/link/{token}")),
+        ));
+    };
+    if let Some(why) = slack::link_mismatch(&row, &actor) {
+        return Ok(notice(chrome, StatusCode::FORBIDDEN, why, None));
+    }
+    Ok(LinkPage {
+        chrome,
+        notice: String::new(),
+        sign_in: None,
+        confirm: Some(LinkConfirm {
+            slack_name: row.slack_name,
+            slack_user_id: row.slack_user_id,
+            team_id: row.team_id,
+            email: actor.email,
+            post_url: format!("/slack/link/{token}"),
+        }),
+    }
+    .into_response())
+}
+
+/// POST `/slack/link/{token}`: the signed-in user confirms; the token is used up in the
+/// same transaction that makes the link.
+pub async fn link_confirm(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(token): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    slack::link(&state, &user.actor, &token).await?;
+    Ok(Redirect::to("/account"))
+}
+
+#[derive(Deserialize)]
+pub struct UnlinkForm {
+    csrf: String,
+    team_id: String,
+    slack_user_id: String,
+}
+
+/// POST `/account/slack/unlink`: the user removes their own link.
+pub async fn unlink(
+    State(state): State<AppState>,
+    user: WebUser,
+    Form(form): Form<UnlinkForm>,
+) -> Result<Redirect, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    slack::unlink(&state, &user.actor, &form.team_id, &form.slack_user_id).await?;
+    Ok(Redirect::to("/account"))
 }

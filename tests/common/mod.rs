@@ -85,9 +85,16 @@ impl TestApp {
             .unwrap();
     }
 
-    /// An API client for a user (who must exist, or be a demo user).
+    /// An API client for a user (who must exist, or be a demo user), with a token of
+    /// both scopes (`requests` and `approve`).
     pub async fn api(&self, email: &str) -> Api {
-        let token = twokey::auth::create_api_token(self.state(), email, "test")
+        self.api_with(email, &twokey::auth::scopes::Scopes::all())
+            .await
+    }
+
+    /// An API client whose token has exactly these scopes.
+    pub async fn api_with(&self, email: &str, scopes: &twokey::auth::scopes::Scopes) -> Api {
+        let token = twokey::auth::create_scoped_token(self.state(), email, "test", scopes, None)
             .await
             .unwrap();
         Api {

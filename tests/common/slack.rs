@@ -19,6 +19,8 @@ use sha2::Sha256;
 pub const BOT_TOKEN: &str = "xoxb-test-0123456789";
 pub const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 pub const CHANNEL_ID: &str = "C0TWOKEY";
+/// The workspace twokey is pinned to in the tests.
+pub const TEAM_ID: &str = "T0TEAM";
 
 #[derive(Clone, Default)]
 pub struct Recorded {
@@ -160,11 +162,18 @@ impl FakeSlack {
     }
 }
 
-/// What Slack posts when `user` clicks `action` on request `request_id`.
+/// What Slack posts when `user` of the pinned workspace clicks `action` on request
+/// `request_id`.
 pub fn payload(base: &str, user: &str, action: &str, request_id: &str) -> Value {
+    payload_from(TEAM_ID, base, user, action, request_id)
+}
+
+/// The same click from a user of workspace `team`.
+pub fn payload_from(team: &str, base: &str, user: &str, action: &str, request_id: &str) -> Value {
     json!({
         "type": "block_actions",
-        "user": {"id": user, "username": user, "team_id": "T0TEAM"},
+        "team": {"id": team, "domain": "example"},
+        "user": {"id": user, "username": user, "team_id": team},
         "api_app_id": "A0APP",
         "container": {"type": "message", "message_ts": "1763812800.000100", "channel_id": CHANNEL_ID},
         "channel": {"id": CHANNEL_ID, "name": "access-requests"},
