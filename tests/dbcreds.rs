@@ -837,6 +837,18 @@ async fn a_pass_never_drops_a_login_issued_while_it_runs(v: Version) {
     assert_eq!(cluster.twokey_roles(), std::slice::from_ref(&user));
     assert_eq!(ok(&cluster.psql(&user, &pw, "app", "SELECT 1")), "1");
 
+    // A login whose last attempt failed (and may be retried at any moment) is its live
+    // grant's too: only the grant's end lets a pass drop it.
+    sqlx::query("UPDATE db_credentials SET status = 'error', last_error = 'timed out'")
+        .execute(&app.state().db)
+        .await
+        .unwrap();
+    assert_eq!(
+        twokey::dbcreds::reconcile(app.state()).await.unwrap(),
+        twokey::dbcreds::Reconciled::default()
+    );
+    assert_eq!(cluster.twokey_roles(), std::slice::from_ref(&user));
+
     // Once the grant is over, the next pass drops it.
     app.api(BOB).await.act(&id, "revoke").await;
     assert_eq!(
