@@ -43,8 +43,13 @@ pub enum Command {
     },
     /// Serve with the given config.
     Serve,
-    /// Check a config file and exit.
-    CheckConfig,
+    /// Check a config file, and each database target's admin privileges on the live
+    /// target, and exit.
+    CheckConfig {
+        /// Check the file only, without connecting to database targets.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Create or upgrade the database schema and exit (`serve` also does this).
     Migrate,
     /// Personal API tokens.
@@ -223,9 +228,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             config.validate_for_serve().map_err(|e| e.to_string())?;
             run_server(config).await
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { offline } => {
             let config = load(&cli.config)?;
             config.validate_for_serve().map_err(|e| e.to_string())?;
+            if !offline {
+                check_db_targets(&config).await?;
+            }
             println!(
                 "{}: OK ({} resources, {} roles)",
                 cli.config.display(),
@@ -445,6 +453,39 @@ fn describe(e: &crate::Error) -> String {
             .collect::<Vec<_>>()
             .join("; "),
         other => other.to_string(),
+    }
+}
+
+/// `check-config` against the live database targets: one line per target, then an
+/// error listing every problem with its fix.
+async fn check_db_targets(config: &Config) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for r in config.resources.iter().filter(|r| r.manages_db_roles()) {
+        match crate::dbcreds::check_target(r).await {
+            Ok(c) if c.is_ok() => println!(
+                "resource {}: admin_user can create and drop logins (PostgreSQL {}.{}{})",
+                r.name,
+                c.version / 10000,
+                c.version % 10000,
+                if c.superuser {
+                    "; it is a superuser, more than twokey needs"
+                } else {
+                    ""
+                }
+            ),
+            Ok(c) => problems.extend(
+                c.blocking
+                    .into_iter()
+                    .chain(c.issuance)
+                    .map(|p| format!("resource {}: {p}", r.name)),
+            ),
+            Err(msg) => problems.push(format!("resource {}: {msg}", r.name)),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
     }
 }
 

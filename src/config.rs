@@ -657,15 +657,22 @@ pub struct ResourceConfig {
     #[serde(default)]
     pub database: Option<String>,
     /// PostgreSQL: the role twokey administers the target as (it creates and drops
-    /// the per-grant roles: needs CREATEROLE, or superuser).
+    /// the per-grant roles: CREATEROLE and the grants the README lists; checked
+    /// against the live target at start-up and by `check-config`).
     #[serde(default)]
     pub admin_user: Option<String>,
     /// PostgreSQL: a file holding the admin role's password.
     #[serde(default)]
     pub admin_password_file: Option<PathBuf>,
-    /// PostgreSQL: `disable`, `prefer`, `require` (default) or `verify-full`.
+    /// PostgreSQL: TLS of twokey's admin connection: `verify-full` (default: the
+    /// certificate must be signed by a trusted CA and name the host), `require`
+    /// (encrypted, server not verified), `prefer` or `disable`.
     #[serde(default)]
     pub tls: Option<String>,
+    /// PostgreSQL: a PEM file of the CA(s) that sign the target's certificate, trusted
+    /// beside the public web CAs (libpq's `sslrootcert`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// PostgreSQL: at a grant's end, objects its role created go to this role
     /// (`REASSIGN OWNED`); without it they are dropped with the role (`DROP OWNED`).
     #[serde(default)]
@@ -1209,14 +1216,32 @@ impl Config {
                     ));
                 }
                 r.admin_password(&key)?;
-                if !matches!(
-                    r.tls.as_deref().unwrap_or("require"),
-                    "disable" | "prefer" | "require" | "verify-full"
-                ) {
+                let tls = r.tls.as_deref().unwrap_or(crate::dbcreds::DEFAULT_TLS);
+                if !matches!(tls, "disable" | "prefer" | "require" | "verify-full") {
                     return Err(invalid(
                         format!("{key}.tls"),
-                        "must be disable, prefer, require or verify-full",
+                        "must be verify-full (the default), require, prefer or disable",
                     ));
+                }
+                if let Some(ca) = &r.tls_ca_file {
+                    if tls == "disable" {
+                        return Err(invalid(
+                            format!("{key}.tls_ca_file"),
+                            "has no effect with tls = \"disable\": remove one of them",
+                        ));
+                    }
+                    let pem = std::fs::read_to_string(ca).map_err(|e| {
+                        invalid(
+                            format!("{key}.tls_ca_file"),
+                            format!("cannot read {}: {e}", ca.display()),
+                        )
+                    })?;
+                    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                        return Err(invalid(
+                            format!("{key}.tls_ca_file"),
+                            format!("{} holds no PEM certificate", ca.display()),
+                        ));
+                    }
                 }
             }
             if let Some(addr) = &r.address
@@ -1599,6 +1624,17 @@ mod tests {
             pw.display().to_string()
         );
         with(&good, "db_roles = [\"readonly\"]").unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        with(
+            &format!("{good}\ntls_ca_file = {:?}", ca.display().to_string()),
+            "db_roles = [\"readonly\"]",
+        )
+        .unwrap();
         for (resource, role, key) in [
             (
                 good.replace("database = \"app\"\n", ""),
@@ -1614,6 +1650,25 @@ mod tests {
                 format!("{good}\ntls = \"sometimes\""),
                 "db_roles = [\"r\"]",
                 "resources[0].tls",
+            ),
+            (
+                format!("{good}\ntls_ca_file = \"/no/such/ca.pem\""),
+                "db_roles = [\"r\"]",
+                "resources[0].tls_ca_file",
+            ),
+            (
+                // The password file is no certificate.
+                format!("{good}\ntls_ca_file = {:?}", pw.display().to_string()),
+                "db_roles = [\"r\"]",
+                "resources[0].tls_ca_file",
+            ),
+            (
+                format!(
+                    "{good}\ntls = \"disable\"\ntls_ca_file = {:?}",
+                    ca.display().to_string()
+                ),
+                "db_roles = [\"r\"]",
+                "resources[0].tls_ca_file",
             ),
             (
                 good.replace("pw\"", "absent\""),

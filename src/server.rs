@@ -90,6 +90,7 @@ pub async fn start(
     let state = open_state(config, clock).await?;
     // Relay sessions a crash left open are closed before anything is served.
     let relay_claim = crate::relay::claim_instance(&state).await?;
+    check_db_targets(&state).await?;
     let sessions = store::session_store(&state.db).await?;
     let app = web::router(state.clone(), sessions.clone());
     let addr = listener
@@ -203,6 +204,37 @@ pub async fn start(
         reconciler,
         relay,
     })
+}
+
+/// Refuses to start when a database target's admin cannot end the logins twokey would
+/// hand out there (revocation would silently fail); what only breaks issuing is logged.
+/// A target that cannot be reached is logged too: the reconciler retries it.
+async fn check_db_targets(state: &AppState) -> Result<()> {
+    for r in state
+        .config
+        .resources
+        .iter()
+        .filter(|r| r.manages_db_roles())
+    {
+        match crate::dbcreds::check_target(r).await {
+            Ok(c) if !c.blocking.is_empty() => {
+                return Err(Error::Internal(format!(
+                    "resource {}: {}",
+                    r.name,
+                    c.blocking.join("; ")
+                )));
+            }
+            Ok(c) => {
+                for problem in c.issuance {
+                    tracing::error!(resource = %r.name, "{problem}");
+                }
+            }
+            Err(msg) => {
+                tracing::warn!(resource = %r.name, error = %msg, "cannot check the database admin's privileges now");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Binds the configured address and starts.

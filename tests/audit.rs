@@ -465,13 +465,8 @@ async fn an_export_cut_off_forged_or_signed_by_another_key_fails_offline() {
     );
     assert_eq!(all[16]["action"], "token.created");
     assert_eq!(all[17]["action"], "audit.checkpoint");
-    assert_eq!(
-        all[17]["details"]
-            .as_str()
-            .unwrap()
-            .contains("\"reason\":\"export\""),
-        true
-    );
+    let details = all[17]["details"].as_str().unwrap();
+    assert!(details.contains("\"reason\":\"export\""), "{details}");
     // A second export of the same head is the same file (nothing new is signed).
     assert_eq!(
         stdout(&twokey(&config, &["audit", "export"])),
@@ -723,7 +718,9 @@ async fn the_worker_signs_checkpoints_by_time_and_by_count() {
 
 #[tokio::test]
 async fn the_background_sweeper_makes_checkpoints() {
-    let app = common::start_with(|c| c.server.sweep_interval = std::time::Duration::from_millis(20)).await;
+    let app =
+        common::start_with(|c| c.server.sweep_interval = std::time::Duration::from_millis(20))
+            .await;
     app.api("alice@example.com").await;
     // Bounded wait for the worker's first pass.
     let mut found = false;

@@ -4,8 +4,8 @@
 //! stored hash is compared in constant time. Nothing here logs a token.
 
 pub mod oidc;
-pub mod sealed;
 pub mod scopes;
+pub mod sealed;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -37,6 +37,8 @@ pub const ROLE_PREFIX: &str = "twokey_";
 const SCRAM_ITERATIONS: u32 = 4096;
 /// How long a statement on a target may take before twokey gives up on it.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(15);
+/// The admin connection's TLS mode when `tls` is not set.
+pub const DEFAULT_TLS: &str = "verify-full";
 
 /// The login twokey makes for a grant.
 pub fn role_name(grant_id: &str) -> String {
@@ -114,6 +116,14 @@ struct Target {
     admin_password: String,
     ssl: PgSslMode,
     ssl_name: &'static str,
+    /// PEM file of the CA(s) that sign the target's certificate (`tls_ca_file`).
+    ca_file: Option<std::path::PathBuf>,
+}
+
+/// An open admin connection and the target's `server_version_num` (e.g. 150018).
+struct Admin {
+    conn: PgConnection,
+    version: u32,
 }
 
 impl Target {
@@ -124,11 +134,15 @@ impl Target {
             .as_deref()
             .ok_or_else(|| bad("no address"))?;
         let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("bad address"))?;
-        let (ssl, ssl_name) = match resource.tls.as_deref().unwrap_or("require") {
+        // The admin credential can create logins: by default the server must prove it is
+        // the target (a CA twokey trusts, the host named in its certificate), so a
+        // machine in the middle can neither read nor steer what twokey sends.
+        let (ssl, ssl_name) = match resource.tls.as_deref().unwrap_or(DEFAULT_TLS) {
             "disable" => (PgSslMode::Disable, "disable"),
             "prefer" => (PgSslMode::Prefer, "prefer"),
+            "require" => (PgSslMode::Require, "require"),
             "verify-full" => (PgSslMode::VerifyFull, "verify-full"),
-            _ => (PgSslMode::Require, "require"),
+            other => return Err(bad(&format!("tls = {other:?} is not a TLS mode"))),
         };
         Ok(Target {
             host: host.to_string(),
@@ -146,11 +160,12 @@ impl Target {
                 .map_err(|e| Error::Internal(e.to_string()))?,
             ssl,
             ssl_name,
+            ca_file: resource.tls_ca_file.clone(),
         })
     }
 
-    async fn connect(&self) -> std::result::Result<PgConnection, String> {
-        let opts = PgConnectOptions::new()
+    async fn connect(&self) -> std::result::Result<Admin, String> {
+        let mut opts = PgConnectOptions::new()
             .host(&self.host)
             .port(self.port)
             .database(&self.database)
@@ -159,6 +174,9 @@ impl Target {
             .ssl_mode(self.ssl)
             .application_name("twokey")
             .disable_statement_logging();
+        if let Some(ca) = &self.ca_file {
+            opts = opts.ssl_root_cert(ca);
+        }
         let mut conn = tokio::time::timeout(TARGET_TIMEOUT, opts.connect())
             .await
             .map_err(|_| {
@@ -172,7 +190,8 @@ impl Target {
             .fetch_one(&mut conn)
             .await
             .map_err(|e| self.describe(&e))?;
-        if version.parse::<u32>().unwrap_or(0) < 140000 {
+        let version = version.parse::<u32>().unwrap_or(0);
+        if version < 140000 {
             return Err("twokey needs PostgreSQL 14 or newer on the target".into());
         }
         let scs: String = sqlx::query_scalar("SHOW standard_conforming_strings")
@@ -184,7 +203,25 @@ impl Target {
                 "the database has standard_conforming_strings off; twokey needs it on".into(),
             );
         }
-        Ok(conn)
+        Ok(Admin { conn, version })
+    }
+
+    /// A failed TLS handshake. The TLS library's words name the cause (an unknown
+    /// issuer, a name not in the certificate, no TLS on the server); they hold no secret.
+    fn tls_failure(&self, detail: &dyn std::fmt::Display) -> String {
+        format!(
+            "TLS to the database at {}:{} failed (tls = {:?}): {detail}; with verify-full the \
+             server's certificate must name {} and be signed by a CA twokey trusts \
+             (tls_ca_file = the CA's PEM file, {})",
+            self.host,
+            self.port,
+            self.ssl_name,
+            self.host,
+            match &self.ca_file {
+                Some(p) => format!("now {}", p.display()),
+                None => "not set".to_string(),
+            }
+        )
     }
 
     /// An error from the target, in words safe to show (never the admin password).
@@ -197,16 +234,20 @@ impl Target {
                 Some(code) => format!("the database refused: {} (SQLSTATE {code})", d.message()),
                 None => format!("the database refused: {}", d.message()),
             },
+            // A refused certificate surfaces from the handshake as invalid data.
+            sqlx::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::InvalidData
+                    && !matches!(self.ssl, PgSslMode::Disable) =>
+            {
+                self.tls_failure(io)
+            }
             sqlx::Error::Io(io) => format!(
                 "cannot reach the database at {}:{} ({})",
                 self.host,
                 self.port,
                 io.kind()
             ),
-            sqlx::Error::Tls(_) => format!(
-                "TLS to the database at {}:{} failed (tls = {:?})",
-                self.host, self.port, self.ssl_name
-            ),
+            sqlx::Error::Tls(tls) => self.tls_failure(tls),
             _ => format!(
                 "talking to the database at {}:{} failed",
                 self.host, self.port
@@ -368,7 +409,7 @@ async fn provision(
     ends: &chrono::DateTime<chrono::Utc>,
     comment: &str,
 ) -> std::result::Result<bool, String> {
-    let mut conn = target.connect().await?;
+    let Admin { mut conn, .. } = target.connect().await?;
     let salt: [u8; 16] = rand::random();
     let verifier = scram_verifier(password, &salt, SCRAM_ITERATIONS);
     let until = ends.format("%Y-%m-%d %H:%M:%S+00").to_string();
@@ -390,22 +431,8 @@ async fn provision(
             )
             .await?;
         } else {
-            let mut sql = format!(
-                "CREATE ROLE {ident} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
-                 PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}",
-                quote_literal(&verifier),
-                quote_literal(&until),
-                role.connection_limit
-            );
-            if !role.db_roles.is_empty() {
-                let roles: Vec<String> = role.db_roles.iter().map(|r| quote_ident(r)).collect();
-                sql.push_str(&format!(" IN ROLE {}", roles.join(", ")));
-            }
-            tx.execute(sql.as_str()).await?;
-            tx.execute(format!("COMMENT ON ROLE {ident} IS {}", quote_literal(comment)).as_str())
-                .await?;
-            for g in &role.db_grants {
-                tx.execute(g.replace("{role}", &ident).as_str()).await?;
+            for sql in create_statements(name, role, Some((&verifier, &until)), comment) {
+                tx.execute(sql.as_str()).await?;
             }
         }
         tx.commit().await?;
@@ -416,6 +443,40 @@ async fn provision(
         .map_err(|_| "the database did not answer in time".to_string())?
         .map_err(|e| target.describe(&e));
     let _ = conn.close().await;
+    out
+}
+
+/// The statements that make a grant's login: the role (with its memberships), its
+/// COMMENT, its grants. `login` is the SCRAM verifier and `VALID UNTIL`; without it the
+/// role is NOLOGIN (the start-up rehearsal, rolled back).
+fn create_statements(
+    name: &str,
+    role: &RoleConfig,
+    login: Option<(&str, &str)>,
+    comment: &str,
+) -> Vec<String> {
+    let ident = quote_ident(name);
+    let mut sql = match login {
+        Some((verifier, until)) => format!(
+            "CREATE ROLE {ident} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
+             PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}",
+            quote_literal(verifier),
+            quote_literal(until),
+            role.connection_limit
+        ),
+        None => format!(
+            "CREATE ROLE {ident} WITH NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
+        ),
+    };
+    if !role.db_roles.is_empty() {
+        let roles: Vec<String> = role.db_roles.iter().map(|r| quote_ident(r)).collect();
+        sql.push_str(&format!(" IN ROLE {}", roles.join(", ")));
+    }
+    let mut out = vec![
+        sql,
+        format!("COMMENT ON ROLE {ident} IS {}", quote_literal(comment)),
+    ];
+    out.extend(role.db_grants.iter().map(|g| g.replace("{role}", &ident)));
     out
 }
 
@@ -455,11 +516,14 @@ async fn reconcile_resource(
     resource: &ResourceConfig,
 ) -> std::result::Result<Reconciled, String> {
     let target = Target::of(resource).map_err(|e| e.to_string())?;
-    let now = state.now_ms();
-    let live = store::live_db_roles(&state.db, now)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut conn = target.connect().await?;
+    let Admin {
+        mut conn, version, ..
+    } = target.connect().await?;
+    // The target's roles first, the store second. A login is recorded ('creating',
+    // committed) before it is made on the target, so every role this listing sees
+    // already has its row when the store is read below. Read the other way round, a
+    // login made in between would look like an orphan and be dropped while its grant
+    // is live — right after its password was handed out.
     // Only roles this instance made (by their COMMENT), whichever resource they were for.
     let present: Vec<String> = sqlx::query_scalar(
         "SELECT rolname FROM pg_roles
@@ -470,6 +534,13 @@ async fn reconcile_resource(
     .fetch_all(&mut conn)
     .await
     .map_err(|e| target.describe(&e))?;
+    if present.is_empty() {
+        let _ = conn.close().await;
+        return Ok(Reconciled::default());
+    }
+    let live = store::live_db_roles(&state.db, state.now_ms())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = Reconciled::default();
     for name in present.into_iter().filter(|n| !live.contains(n)) {
         let record = store::db_credential_by_role(&state.db, &name)
@@ -478,6 +549,7 @@ async fn reconcile_resource(
         match drop_role(
             &target,
             &mut conn,
+            version,
             &name,
             resource.reassign_owned_to.as_deref(),
         )
@@ -559,6 +631,7 @@ async fn reconcile_resource(
 async fn drop_role(
     target: &Target,
     conn: &mut PgConnection,
+    version: u32,
     name: &str,
     reassign_to: Option<&str>,
 ) -> std::result::Result<Vec<String>, String> {
@@ -568,6 +641,9 @@ async fn drop_role(
         conn.execute(format!("ALTER ROLE {ident} NOLOGIN").as_str())
             .await?;
         steps.push("login disabled".to_string());
+        if join_login(conn, version, name).await? {
+            steps.push("admin joined the login to end it".to_string());
+        }
         // The sessions' pids first, then each terminated on its own, waiting (up to 5 s)
         // until it is really gone. (One query with pg_terminate_backend in its WHERE
         // could be evaluated on other rows first — this very connection among them.)
@@ -605,6 +681,241 @@ async fn drop_role(
         .map_err(|_| "the database did not answer in time".to_string())?
         .map_err(|e| target.describe(&e))?;
     Ok(steps)
+}
+
+/// What [`check_target`] found on a live target: each problem names what is missing
+/// and the SQL that fixes it (run by a superuser or the role's owner on the target).
+#[derive(Debug, Default)]
+pub struct TargetCheck {
+    /// The target's `server_version_num`, e.g. 170010.
+    pub version: u32,
+    /// The admin is a superuser (it can do everything; more than twokey needs).
+    pub superuser: bool,
+    /// Problems that keep twokey from ending logins: `serve` refuses to start.
+    pub blocking: Vec<String>,
+    /// Problems that make issuing a role's login fail (shown then too).
+    pub issuance: Vec<String>,
+}
+
+impl TargetCheck {
+    /// Whether nothing is missing.
+    pub fn is_ok(&self) -> bool {
+        self.blocking.is_empty() && self.issuance.is_empty()
+    }
+}
+
+/// Checks, on the live target, that the admin can do all twokey does there: make each
+/// role's login (memberships, COMMENT, `db_grants`) and end one (join it, reassign or
+/// drop what it owns, drop it). Each is rehearsed on a NOLOGIN probe role inside a
+/// transaction that is rolled back, so nothing stays. `Err` when the target cannot be
+/// reached or refuses the admin credential (a message safe to show).
+pub async fn check_target(resource: &ResourceConfig) -> std::result::Result<TargetCheck, String> {
+    let target = Target::of(resource).map_err(|e| e.to_string())?;
+    let Admin { mut conn, version } = target.connect().await?;
+    let out = tokio::time::timeout(
+        TARGET_TIMEOUT,
+        check_on(&target, &mut conn, version, resource),
+    )
+    .await
+    .map_err(|_| "the database did not answer in time".to_string())?
+    .map_err(|e| target.describe(&e));
+    let _ = conn.close().await;
+    out
+}
+
+async fn check_on(
+    target: &Target,
+    conn: &mut PgConnection,
+    version: u32,
+    resource: &ResourceConfig,
+) -> std::result::Result<TargetCheck, sqlx::Error> {
+    let admin = quote_ident(&target.admin_user);
+    let (superuser, createrole, inherit): (bool, bool, bool) = sqlx::query_as(
+        "SELECT rolsuper, rolcreaterole, rolinherit FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut out = TargetCheck {
+        version,
+        superuser,
+        ..TargetCheck::default()
+    };
+    let v16 = version >= 160000;
+    if !superuser && !createrole {
+        out.blocking.push(format!(
+            "admin_user {admin} lacks CREATEROLE (it creates and drops the logins); fix: \
+             ALTER ROLE {admin} CREATEROLE;"
+        ));
+    }
+    if !superuser && !v16 && !inherit {
+        out.blocking.push(format!(
+            "admin_user {admin} is NOINHERIT: on PostgreSQL 14 and 15 it must inherit the \
+             login it joins to end its sessions and drop what it owns; fix: ALTER ROLE {admin} INHERIT;"
+        ));
+    }
+    if let Some(keeper) = &resource.reassign_owned_to {
+        let has: Option<bool> = sqlx::query_scalar(
+            "SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = $1",
+        )
+        .bind(keeper)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let k = quote_ident(keeper);
+        match has {
+            None => out.blocking.push(format!(
+                "reassign_owned_to: role {k} does not exist on the target; fix: CREATE ROLE {k} NOLOGIN;"
+            )),
+            Some(false) => out.blocking.push(format!(
+                "admin_user {admin} lacks the privileges of {k}, which REASSIGN OWNED needs; fix: \
+                 GRANT {k} TO {admin}{};",
+                if v16 { " WITH INHERIT TRUE, SET FALSE" } else { "" }
+            )),
+            Some(true) => {}
+        }
+    }
+    if !out.blocking.is_empty() {
+        return Ok(out);
+    }
+    let probe = format!(
+        "{ROLE_PREFIX}check_{}",
+        hex::encode(rand::random::<[u8; 6]>())
+    );
+    // The end of a login, as drop_role does it (no session to terminate: the right to
+    // terminate one is the same privilege of the login that DROP OWNED needs).
+    let ident = quote_ident(&probe);
+    let mut steps = vec![
+        format!("CREATE ROLE {ident} NOLOGIN"),
+        join_statement(version, &probe),
+    ];
+    if let Some(keeper) = &resource.reassign_owned_to {
+        steps.push(format!(
+            "REASSIGN OWNED BY {ident} TO {}",
+            quote_ident(keeper)
+        ));
+    }
+    steps.push(format!("DROP OWNED BY {ident}"));
+    steps.push(format!("DROP ROLE {ident}"));
+    if let Err(e) = rehearse(conn, &steps).await? {
+        out.blocking.push(format!(
+            "admin_user {admin} cannot end a login: {e} (PostgreSQL {})",
+            version / 10000
+        ));
+        return Ok(out);
+    }
+    for role in &resource.roles {
+        let mut ready = true;
+        for r in &role.db_roles {
+            let rq = quote_ident(r);
+            let admin_of: Option<bool> = sqlx::query_scalar(
+                "SELECT pg_has_role(current_user, oid, 'MEMBER WITH ADMIN OPTION') FROM pg_roles \
+                 WHERE rolname = $1",
+            )
+            .bind(r)
+            .fetch_optional(&mut *conn)
+            .await?;
+            match admin_of {
+                None => {
+                    ready = false;
+                    out.issuance.push(format!(
+                        "role {}: db_roles: {rq} does not exist on the target",
+                        role.name
+                    ));
+                }
+                // 16 made CREATEROLE need ADMIN on a role to grant it; 14/15 let
+                // CREATEROLE grant any non-superuser role, which the rehearsal checks.
+                Some(false) if v16 => {
+                    ready = false;
+                    out.issuance.push(format!(
+                        "role {}: admin_user {admin} lacks ADMIN on {rq} (to make logins members); \
+                         fix: GRANT {rq} TO {admin} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE;",
+                        role.name
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if !ready {
+            continue;
+        }
+        let steps = create_statements(&probe, role, None, "twokey: privilege check");
+        if let Err(e) = rehearse(conn, &steps).await? {
+            out.issuance.push(format!(
+                "role {}: admin_user {admin} cannot make its login: {e}{}",
+                role.name,
+                if role.db_grants.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (each db_grants privilege must be held WITH GRANT OPTION, e.g. \
+                         GRANT SELECT ON public.orders TO {admin} WITH GRANT OPTION;)"
+                    )
+                }
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `steps` in one transaction and rolls it back: `Ok(Err(message))` when the
+/// target refused one (the statement's kind and PostgreSQL's words).
+async fn rehearse(
+    conn: &mut PgConnection,
+    steps: &[String],
+) -> std::result::Result<std::result::Result<(), String>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    for sql in steps {
+        if let Err(e) = tx.execute(sql.as_str()).await {
+            let sqlx::Error::Database(d) = &e else {
+                return Err(e);
+            };
+            // (No secret in these: the probe has no password.)
+            let msg = format!("{sql} refused: {}", d.message());
+            drop(tx);
+            return Ok(Err(msg));
+        }
+    }
+    tx.rollback().await?;
+    Ok(Ok(()))
+}
+
+/// Makes the admin a member of the login, with its privileges, unless it has them
+/// (a superuser, or a join left by an earlier failed pass). Returns whether it joined.
+///
+/// PostgreSQL lets only a role with the login's privileges (or `pg_signal_backend`, or a
+/// superuser) terminate its sessions and `DROP OWNED BY` it; CREATEROLE alone does not
+/// give them, on any version. Joining here, when the login already cannot log in and
+/// is about to be dropped, asks no more of the DBA than CREATEROLE (which on 14/15 may
+/// grant any non-superuser role, and on 16+ comes with ADMIN on the roles it creates):
+/// no cluster-wide `pg_signal_backend`, and the admin never holds the login's
+/// privileges while the login is in use. The membership goes with `DROP ROLE`.
+async fn join_login(
+    conn: &mut PgConnection,
+    version: u32,
+    name: &str,
+) -> std::result::Result<bool, sqlx::Error> {
+    let has: bool = sqlx::query_scalar("SELECT pg_has_role(current_user, $1, 'USAGE')")
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+    if has {
+        return Ok(false);
+    }
+    conn.execute(join_statement(version, name).as_str()).await?;
+    Ok(true)
+}
+
+/// `GRANT login TO CURRENT_USER`: on 16+ with INHERIT (whatever the admin's own
+/// INHERIT attribute) and without SET (the admin never acts as the login); 14/15 know
+/// no such options, and the admin must then be INHERIT (checked in [`check_target`]).
+fn join_statement(version: u32, name: &str) -> String {
+    if version >= 160000 {
+        format!(
+            "GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET FALSE",
+            quote_ident(name)
+        )
+    } else {
+        format!("GRANT {} TO CURRENT_USER", quote_ident(name))
+    }
 }
 
 /// The holder's view of a grant's database login, for the request page.
@@ -658,6 +969,23 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert_eq!(STANDARD.decode(parts[0]).unwrap().len(), 32);
         assert_eq!(STANDARD.decode(parts[1]).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn the_admin_joins_a_login_with_what_its_version_knows() {
+        // 16+: with the login's privileges but never acting as it; 14/15 have no options.
+        assert_eq!(
+            join_statement(170010, "twokey_ab"),
+            "GRANT \"twokey_ab\" TO CURRENT_USER WITH INHERIT TRUE, SET FALSE"
+        );
+        assert_eq!(
+            join_statement(160000, "twokey_ab"),
+            "GRANT \"twokey_ab\" TO CURRENT_USER WITH INHERIT TRUE, SET FALSE"
+        );
+        assert_eq!(
+            join_statement(150018, "twokey_ab"),
+            "GRANT \"twokey_ab\" TO CURRENT_USER"
+        );
     }
 
     #[test]

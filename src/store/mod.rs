@@ -1395,11 +1395,13 @@ pub async fn db_credential_dropped(conn: &mut Conn, role_name: &str, now: i64) -
 
 /// Role names whose grant is live right now, on any resource (roles are server-wide in
 /// PostgreSQL, and two resources may share a server): the only twokey roles that may
-/// exist. Rows still being created count, so the reconciler never races a creation.
+/// exist. Whatever the login's own status (being made, made, or a failed attempt that
+/// may be retried at any moment): only the grant's end lets the reconciler drop it, so
+/// it never races a creation or a re-key.
 pub async fn live_db_roles(db: &Db, now: i64) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
         "SELECT c.role_name FROM db_credentials c JOIN grants g ON g.id = c.grant_id
-         WHERE g.status = 'active' AND g.ends_at > ? AND c.status IN ('creating', 'active')",
+         WHERE g.status = 'active' AND g.ends_at > ?",
     )
     .bind(now)
     .fetch_all(db)

@@ -5,8 +5,8 @@
 //! them. Errors become a page or a JSON body in [`error`], which logs internals and
 //! renders only safe messages. No GET handler changes state.
 
-pub mod anon;
 pub mod account;
+pub mod anon;
 pub mod api;
 pub mod cli_login;
 pub mod error;
