@@ -2664,7 +2664,17 @@ async fn a_session_left_open_by_a_crash_is_closed_as_interrupted_at_the_next_sta
     let open_rows = || async {
         use sqlx::Connection;
         let mut db = sqlx::SqliteConnection::connect(&db_url).await.unwrap();
-        let rows: Vec<(String, Option<i64>, Option<String>, String, Option<i64>, Option<String>, bool)> =
+        // id, ended_at, end_reason, recording, recording_bytes, recording_sha256, interrupted
+        type Row = (
+            String,
+            Option<i64>,
+            Option<String>,
+            String,
+            Option<i64>,
+            Option<String>,
+            bool,
+        );
+        let rows: Vec<Row> =
             sqlx::query_as(
                 "SELECT id, ended_at, end_reason, recording, recording_bytes, recording_sha256, interrupted
                  FROM relay_sessions",
