@@ -509,3 +509,41 @@ async fn the_demo_worker_fills_the_mailbox_page_and_requesters_hear_every_outcom
     );
     assert!(page.contains("To alice@example.com"), "{page}");
 }
+
+/// A grant twokey ends itself (the holder's groups no longer allow the role) names
+/// twokey and the reason in the requester's mail, not an empty "Revoked by :".
+#[tokio::test]
+async fn a_revocation_by_twokey_itself_says_so_in_the_mail() {
+    let app = common::start().await;
+    let alice = app.api(ALICE).await;
+    let bob = app.api(BOB).await;
+    let id = alice.file("demo-db", "read", "1h", None).await;
+    bob.act(&id, "approve").await;
+    app.user(ALICE, &[]).await;
+    let state = app.state();
+    let mut tx = twokey::store::begin_write(&state.db).await.unwrap();
+    let user = twokey::store::user_id_by_email(&mut tx, ALICE)
+        .await
+        .unwrap()
+        .unwrap();
+    let now = twokey::clock::to_millis(twokey::clock::Clock::now(&*app.clock));
+    let n = twokey::access::revoke_ineligible(state, &mut tx, &user, now)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(n, 1);
+    deliver(&app).await;
+    let revocation = mailbox(&app, ALICE)
+        .await
+        .into_iter()
+        .find(|m| m.subject.contains("revoked"))
+        .expect("a revocation mail");
+    assert!(
+        revocation
+            .body_text
+            .contains("Revoked by twokey: the user's groups no longer allow this role"),
+        "{}",
+        revocation.body_text
+    );
+    assert!(!revocation.body_text.contains("Revoked by :"));
+}

@@ -242,11 +242,18 @@ async fn outcome_words(state: &AppState, req: &RequestRow, kind: &str) -> Result
         _ => (
             "revoked".into(),
             match grant {
-                Some(g) => format!(
-                    "Revoked by {}{}",
-                    g.ended_by_email.unwrap_or_default(),
-                    g.end_comment.map(|c| format!(": {c}")).unwrap_or_default()
-                ),
+                // A revocation twokey made itself (the holder's groups changed) has
+                // nobody to name: the mail says so instead of "Revoked by : …".
+                Some(g) => match g.ended_by_email.filter(|e| !e.is_empty()) {
+                    Some(who) => format!(
+                        "Revoked by {who}{}",
+                        g.end_comment.map(|c| format!(": {c}")).unwrap_or_default()
+                    ),
+                    None => format!(
+                        "Revoked by twokey{}",
+                        g.end_comment.map(|c| format!(": {c}")).unwrap_or_default()
+                    ),
+                },
                 None => String::new(),
             },
         ),
