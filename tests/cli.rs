@@ -559,6 +559,32 @@ async fn ca_commands_print_the_servers_ca_and_write_its_krl() {
     assert!(stdout(&out).contains("# KRL version"), "{}", stdout(&out));
 }
 
+/// Runs `twokey CMD`, which must exit by itself within 30 s: a server that starts
+/// when it should have refused is killed and fails the test rather than hanging it.
+fn bounded(config: &Path, cmd: &str) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_twokey"))
+        .arg("--config")
+        .arg(config)
+        .arg(cmd)
+        .env("TWOKEY_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("twokey {cmd} did not exit within 30 s: it is serving");
+        }
+    }
+}
+
 /// A config with demo sign-in on, listening on `listen`, optionally published at `url`.
 fn dev_login_config(dir: &Path, listen: &str, public_url: Option<&str>) -> std::path::PathBuf {
     let mut toml = twokey::config::demo_config_toml(listen, dir);
@@ -589,7 +615,7 @@ async fn serve_refuses_demo_sign_in_off_loopback() {
     ] {
         let config = dev_login_config(dir.path(), listen, url);
         for cmd in ["serve", "check-config"] {
-            let out = twokey(&config, &[cmd]);
+            let out = bounded(&config, cmd);
             assert!(
                 !out.status.success(),
                 "{cmd} {listen} {url:?}: {}",

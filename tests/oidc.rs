@@ -762,6 +762,33 @@ async fn idp_groups_named_like_twokey_groups_grant_nothing_unless_mapped() {
     );
 }
 
+#[tokio::test]
+async fn without_a_group_map_idp_groups_grant_nothing_even_if_validation_is_skipped() {
+    // Validation refuses such a config; a config built in code might skip it.
+    let app = oidc::start_unvalidated(3600, |c| {
+        c.auth.oidc.as_mut().unwrap().group_map.clear();
+    })
+    .await;
+    app.provider
+        .set_groups("eve", &["admins", "engineers"])
+        .await;
+    let (eve, _) = app.sign_in("eve", "/queue").await;
+    assert_eq!(app.whoami(&eve).await.as_deref(), Some("eve@corp.example"));
+    assert_eq!(
+        eve.get(app.url("/audit")).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN,
+        "an IdP group named admins made eve an admin"
+    );
+    let users = twokey::store::list_users(&app.server.state.db)
+        .await
+        .unwrap();
+    let row = users
+        .iter()
+        .find(|u| u.email == "eve@corp.example")
+        .unwrap();
+    assert_eq!(row.groups, "");
+}
+
 #[test]
 fn oidc_with_groups_but_no_group_map_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
