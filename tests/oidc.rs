@@ -547,9 +547,16 @@ async fn stale_idp_groups_stop_an_api_token_until_the_user_signs_in_again() {
     })
     .await;
     let (_bob_web, _) = app.sign_in("bob", "/queue").await;
-    let token = twokey::auth::create_api_token(&app.server.state, "bob@corp.example", "cli")
-        .await
-        .unwrap();
+    // A token that may approve: what stops it here is the stale groups, not its scope.
+    let token = twokey::auth::create_scoped_token(
+        &app.server.state,
+        "bob@corp.example",
+        "cli",
+        &twokey::auth::scopes::Scopes::all(),
+        None,
+    )
+    .await
+    .unwrap();
     let (alice, _) = app.sign_in("alice", "/requests").await;
     let csrf = csrf(&alice, &app.url("/requests/new")).await;
     let resp = alice
