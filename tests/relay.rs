@@ -456,6 +456,12 @@ async fn an_interactive_shell_in_tmux_is_recorded_and_replays_and_scp_copies_50_
         // Ctrl-C reaches the remote shell through the pty.
         term.keys(&["sleep 30", "Enter"]);
         term.keys(&["C-c"]);
+        // The prompt back before typing on: the terminal flushes what is typed while
+        // its ^C is delivered, so keys sent in the same burst could be lost (a loaded
+        // machine ran "ead" for "read").
+        term.wait_for("the prompt after Ctrl-C", |p| {
+            p.contains("^C") && p.trim_end().ends_with(['$', '#'])
+        });
         // A secret typed at a no-echo password prompt stays out of the recording.
         term.keys(&["read -s -p 'Password: ' pw", "Enter"]);
         term.wait_for("the password prompt", |p| p.ends_with("Password:"));
@@ -2589,9 +2595,17 @@ async fn a_session_left_open_by_a_crash_is_closed_as_interrupted_at_the_next_sta
 
     // A grant, a certificate, and a session left running.
     let token = |who: &str| {
-        let o = twokey(&["token", "create", "--user", who])
-            .output()
-            .unwrap();
+        // Both scopes: bob approves with his.
+        let o = twokey(&[
+            "token",
+            "create",
+            "--user",
+            who,
+            "--scope",
+            "requests,approve",
+        ])
+        .output()
+        .unwrap();
         String::from_utf8(o.stdout).unwrap().trim().to_string()
     };
     let (a, b) = (token(ALICE), token(BOB));
