@@ -2974,3 +2974,198 @@ async fn the_relay_cuts_a_holder_who_lost_the_right_even_if_the_grant_row_says_a
             >= 2
     );
 }
+
+/// Chromium signed in as `who` by the demo sign-in button.
+async fn signed_in_browser(s: &Setup, who: &str) -> common::webdriver::Browser {
+    let b = common::webdriver::Browser::start().await;
+    b.goto(&s.app.url("/login")).await;
+    b.click_and_wait(&format!("button[id='login-{who}']")).await;
+    b
+}
+
+/// The text of the host keys page's row for key `id`, as the browser shows it.
+async fn host_key_row(b: &common::webdriver::Browser, id: &str) -> String {
+    b.script(&format!(
+        "const s = document.getElementById('status-{id}'); return s ? s.closest('tr').innerText : '';"
+    ))
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_string()
+}
+
+/// The host keys page's Confirm, Reject and Withdraw trust buttons, clicked in Chromium by
+/// an admin: each changes the key's status on the page, and what the relay then does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_key_buttons_confirm_reject_and_withdraw_trust_in_chromium() {
+    const DAVE: &str = "dave@example.com";
+    let switch = Switch::start().await;
+    let address = format!("127.0.0.1:{}", switch.port);
+    let s = setup_with(move |c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.host_key = None;
+        ssh.address = Some(address);
+    })
+    .await;
+    switch.point_at(s.sshd.port);
+    let fp = fingerprint(&s.sshd.host_key_line());
+    let (_, cert) = s.grant().await;
+    refused(&s, &cert).await;
+
+    let b = signed_in_browser(&s, DAVE).await;
+    b.goto(&s.app.url("/admin/host-keys")).await;
+    let id = pending_id(&b.source().await, &fp);
+    assert_eq!(
+        b.text(&format!("strong[id='status-{id}']")).await,
+        "pending"
+    );
+
+    // Confirm: the row says confirmed by dave, offers only Withdraw trust, and ssh runs.
+    b.click_and_wait(&format!("button[id='confirm-{id}']"))
+        .await;
+    assert!(
+        b.url().await.ends_with("/admin/host-keys"),
+        "{}",
+        b.url().await
+    );
+    assert_eq!(
+        b.text(&format!("strong[id='status-{id}']")).await,
+        "confirmed"
+    );
+    let row = host_key_row(&b, &id).await;
+    assert!(row.contains(DAVE), "{row}");
+    assert!(!b.exists(&format!("button[id='confirm-{id}']")).await);
+    assert!(!b.exists(&format!("button[id='reject-{id}']")).await);
+    assert!(b.exists(&format!("button[id='withdraw-{id}']")).await);
+    let confirmed = s.events("host_key.confirmed").await;
+    assert_eq!(confirmed.len(), 1);
+    assert_eq!(confirmed[0]["fingerprint"], fp);
+    assert_eq!(confirmed[0]["by"]["email"], DAVE);
+    runs(&s, &cert).await;
+
+    // Another key at the address: refused, pending; Reject keeps it refused for good.
+    let upstream = twokey::ca::Ca::load_or_create(
+        &twokey::config::CaConfig {
+            key_file: Some(s._ca_dir.path().join("upstream")),
+            passphrase_file: None,
+        },
+        s._ca_dir.path(),
+    )
+    .unwrap();
+    let other = Sshd::start(&upstream.public_key_line(), "");
+    switch.point_at(other.port);
+    let other_fp = fingerprint(&other.host_key_line());
+    refused(&s, &cert).await;
+    b.goto(&s.app.url("/admin/host-keys")).await;
+    let other_id = pending_id(&b.source().await, &other_fp);
+    assert!(b.exists(&format!("p[id='replaces-{other_id}']")).await);
+    b.click_and_wait(&format!("button[id='reject-{other_id}']"))
+        .await;
+    assert_eq!(
+        b.text(&format!("strong[id='status-{other_id}']")).await,
+        "rejected"
+    );
+    let row = host_key_row(&b, &other_id).await;
+    assert!(row.contains(DAVE), "{row}");
+    assert!(!b.exists(&format!("button[id='confirm-{other_id}']")).await);
+    assert!(!b.exists(&format!("button[id='withdraw-{other_id}']")).await);
+    // Rejecting the other key left the confirmed one as it was.
+    assert_eq!(
+        b.text(&format!("strong[id='status-{id}']")).await,
+        "confirmed"
+    );
+    let rejected = s.events("host_key.rejected").await;
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0]["fingerprint"], other_fp);
+    let err = refused(&s, &cert).await;
+    assert!(
+        err.contains("which an admin rejected for demo-ssh"),
+        "{err}"
+    );
+    assert!(!other.log().contains("Accepted"), "{}", other.log());
+
+    // Withdraw trust from the confirmed key with a session live on it: the session is
+    // cut, and a new ssh to the same host is refused.
+    switch.point_at(s.sshd.port);
+    let live = s.live_session(&cert).await;
+    b.goto(&s.app.url("/admin/host-keys")).await;
+    b.click_and_wait(&format!("button[id='withdraw-{id}']"))
+        .await;
+    assert_eq!(
+        b.text(&format!("strong[id='status-{id}']")).await,
+        "rejected"
+    );
+    assert!(!b.exists(&format!("button[id='withdraw-{id}']")).await);
+    let (status, err) = exit_of(live).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("session ended: the target's host key is no longer trusted"),
+        "{err}"
+    );
+    let withdrawn = s.events("host_key.withdrawn").await;
+    assert_eq!(withdrawn.len(), 1);
+    assert_eq!(withdrawn[0]["fingerprint"], fp);
+    assert_eq!(withdrawn[0]["by"]["email"], DAVE);
+    let err = refused(&s, &cert).await;
+    assert!(
+        err.contains("which an admin rejected for demo-ssh"),
+        "{err}"
+    );
+    b.quit().await;
+    s.app.assert_chain_ok().await;
+}
+
+/// "End this session now", clicked in Chromium by an admin on a live session's page:
+/// the engineer's ssh exits with the reason, and the page shows the session ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_this_session_now_button_ends_a_live_session_in_chromium() {
+    const DAVE: &str = "dave@example.com";
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let child = s.live_session(&cert).await;
+    let (_, page) = s.app.browser(DAVE).await.get("/sessions").await;
+    let id = page
+        .split("/sessions/")
+        .filter_map(|p| p.split('"').next())
+        .find(|p| p.len() == 36)
+        .unwrap_or_else(|| panic!("no live session listed: {page}"))
+        .to_string();
+
+    let b = signed_in_browser(&s, DAVE).await;
+    b.goto(&s.app.url(&format!("/sessions/{id}"))).await;
+    assert_eq!(b.text("#session-state").await, "live");
+    b.click_and_wait("button[id='terminate']").await;
+    assert!(
+        b.url().await.ends_with(&format!("/sessions/{id}")),
+        "{}",
+        b.url().await
+    );
+
+    let (status, err) = exit_of(child).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("session ended: terminated by an administrator"),
+        "{err}"
+    );
+    let terminated = s.events("session.terminated").await;
+    assert_eq!(terminated.len(), 1);
+    assert_eq!(terminated[0]["session_id"], id.as_str());
+    assert_eq!(terminated[0]["by"]["email"], DAVE);
+    let ended = wait_ended(&s, 1).await;
+    assert_eq!(ended[0]["session_id"], id.as_str());
+
+    // The page, loaded again, says it ended and why; the button is gone.
+    b.goto(&s.app.url(&format!("/sessions/{id}"))).await;
+    let state = b.text("#session-state").await;
+    assert!(
+        state.starts_with("ended: terminated by an administrator after "),
+        "{state}"
+    );
+    assert!(!b.exists("button[id='terminate']").await);
+    b.quit().await;
+    s.app.assert_chain_ok().await;
+}
