@@ -549,3 +549,156 @@ async fn login_asks_only_for_requests_unless_told_and_says_so() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+/// Starts `twokey login EXTRA… --no-browser` and returns it with the consent URL it
+/// prints.
+fn spawn_cli_login(s: &Setup, extra: &[&str]) -> (std::process::Child, String) {
+    let server = s.app.server.url();
+    let mut args = vec!["login", "--server", &server, "--no-browser"];
+    args.extend_from_slice(extra);
+    let mut child = s
+        .cmd(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut url = String::new();
+    for _ in 0..5 {
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        if line.trim().starts_with("http") {
+            url = line.trim().to_string();
+            break;
+        }
+    }
+    assert!(url.contains("/cli/login?port="), "{url}");
+    (child, url)
+}
+
+/// Headless Chromium opens the consent URL `twokey login EXTRA…` printed, signs in as
+/// `email`, and is left on the consent page; returns the CLI process.
+async fn chromium_consent(
+    s: &Setup,
+    b: &common::webdriver::Browser,
+    email: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    let (child, url) = spawn_cli_login(s, extra);
+    b.goto(&url).await;
+    assert!(b.url().await.contains("/login?next="), "{}", b.url().await);
+    b.click_and_wait(&format!("button[id='login-{email}']"))
+        .await;
+    assert_eq!(b.url().await, url, "back on the consent page after sign-in");
+    assert_eq!(b.text("h1").await, "Sign in the twokey command line?");
+    child
+}
+
+/// The scope names the consent page lists.
+async fn listed_scopes(b: &common::webdriver::Browser) -> serde_json::Value {
+    b.script(
+        "return [...document.querySelectorAll('#cli-scopes li code')].map(e => e.textContent);",
+    )
+    .await
+}
+
+/// Clicks "Sign in the CLI", lands on the CLI's loopback page, and waits for the CLI.
+async fn click_consent_and_wait(b: &common::webdriver::Browser, child: std::process::Child) {
+    b.click_and_wait("#confirm-cli").await;
+    assert!(
+        b.url().await.starts_with("http://127.0.0.1:")
+            && b.url().await.contains("/callback?code=lc_"),
+        "{}",
+        b.url().await
+    );
+    assert!(
+        b.text("body").await.contains("Signed in."),
+        "{}",
+        b.source().await
+    );
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The consent page in Chromium: clicking "Sign in the CLI" gives the CLI a working
+/// token with exactly the scopes the page listed, and that token cannot approve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_login_consent_clicked_in_chromium_gives_the_listed_scopes() {
+    let s = setup().await;
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-ssh", "quick", "30m", None)
+        .await;
+    let b = common::webdriver::Browser::start().await;
+    let child = chromium_consent(&s, &b, BOB, &[]).await;
+    assert_eq!(listed_scopes(&b).await, json!(["requests"]));
+    assert!(b.exists("#cli-no-approve").await);
+    assert!(!b.exists("#cli-approve-warning").await);
+    assert!(
+        b.text("main")
+            .await
+            .contains(&format!("acts as {BOB} for 12h")),
+        "{}",
+        b.source().await
+    );
+    let listed = listed_scopes(&b).await;
+    click_consent_and_wait(&b, child).await;
+    b.quit().await;
+
+    let bob = common::Api {
+        base: s.app.url("/api/v1"),
+        token: s.saved_token(),
+        http: common::http(),
+    };
+    let (status, me) = bob.get("/whoami").await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["email"], json!(BOB), "{me}");
+    assert_eq!(me["scopes"], listed, "the token has what the page said");
+    let (status, body) = bob.act(&id, "approve").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+/// `twokey login --approve` in Chromium: the page lists the approve scope and warns
+/// about it, and the clicked token can approve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_login_with_approve_warns_in_chromium_and_the_token_can_approve() {
+    let s = setup().await;
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-ssh", "quick", "30m", None)
+        .await;
+    let b = common::webdriver::Browser::start().await;
+    let child = chromium_consent(&s, &b, BOB, &["--approve"]).await;
+    assert_eq!(listed_scopes(&b).await, json!(["requests", "approve"]));
+    let warning = b.text("#cli-approve-warning").await;
+    assert!(
+        warning.contains("This token can approve other people's requests"),
+        "{warning}"
+    );
+    assert!(!b.exists("#cli-no-approve").await);
+    let listed = listed_scopes(&b).await;
+    click_consent_and_wait(&b, child).await;
+    b.quit().await;
+
+    let bob = common::Api {
+        base: s.app.url("/api/v1"),
+        token: s.saved_token(),
+        http: common::http(),
+    };
+    let (status, me) = bob.get("/whoami").await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["scopes"], listed, "the token has what the page said");
+    let (status, body) = bob.act(&id, "approve").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -547,3 +547,74 @@ async fn a_revocation_by_twokey_itself_says_so_in_the_mail() {
     );
     assert!(!revocation.body_text.contains("Revoked by :"));
 }
+
+/// The mailed Deny link, followed in Chromium: sign in, confirm on the page, and the
+/// request is denied, once, with the comment, and the requester's mail says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approver_follows_the_mailed_deny_link_in_chromium_and_the_requester_hears_back() {
+    let maildev = MailDev::start().await;
+    let app = common::start_with(smtp_config(maildev.smtp_port)).await;
+    let id = app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "2h", None)
+        .await;
+    deliver(&app).await;
+    let mails = maildev.wait_for(2).await;
+    let to_bob = mails
+        .iter()
+        .find(|m| mail::to(m) == BOB)
+        .expect("mail to bob");
+    assert!(
+        to_bob["html"].as_str().unwrap().contains(">Deny</a>"),
+        "HTML part"
+    );
+    let deny = mail::link(to_bob["text"].as_str().unwrap(), "Deny:");
+    assert!(deny.starts_with(&app.server.url()), "{deny}");
+    assert_ne!(
+        deny,
+        mail::link(to_bob["text"].as_str().unwrap(), "Approve:")
+    );
+
+    let b = common::webdriver::Browser::start().await;
+    b.goto(&deny).await;
+    assert!(b.text("#notice").await.contains("Sign in"));
+    b.click_and_wait("#sign-in").await;
+    b.click_and_wait(&format!("button[id='login-{BOB}']")).await;
+    assert_eq!(
+        b.url().await,
+        deny,
+        "back on the confirm page after sign-in"
+    );
+    assert_eq!(b.text("h1").await, "Deny this request?");
+    assert_eq!(b.text("#confirm").await, "Deny");
+    assert_eq!(status_of(&app, &id).await, "pending", "nothing decided yet");
+    b.fill("#comment", "not during the freeze").await;
+    b.click_and_wait("#confirm").await;
+    assert!(b.url().await.ends_with(&format!("/requests/{id}")));
+    assert_eq!(b.text("#status").await, "denied");
+    assert_eq!(status_of(&app, &id).await, "denied");
+    // The link worked once: following it again decides nothing.
+    b.goto(&deny).await;
+    assert!(!b.exists("#confirm").await, "a used link offers no button");
+    assert_eq!(status_of(&app, &id).await, "denied");
+    b.quit().await;
+
+    deliver(&app).await;
+    let mails = maildev.wait_for(3).await;
+    assert_eq!(mails.len(), 3, "one outcome mail, no more");
+    let outcome = mails
+        .iter()
+        .find(|m| mail::to(m) == ALICE)
+        .expect("outcome mail to alice");
+    assert!(
+        outcome["subject"].as_str().unwrap().contains("was denied"),
+        "{}",
+        outcome["subject"]
+    );
+    let text = outcome["text"].as_str().unwrap();
+    assert!(
+        text.contains("Denied by bob@example.com: not during the freeze"),
+        "{text}"
+    );
+}

@@ -805,3 +805,59 @@ async fn clicks_from_another_workspace_are_refused() {
     assert_eq!(s.click("U_BOB", "approve", &id).await, StatusCode::OK);
     assert_eq!(s.status(&id).await, ("approved".into(), 1));
 }
+
+/// The link confirm page and the Account page's Unlink button, clicked in headless
+/// Chromium: Link makes the link (and the Account page lists it), Unlink removes it,
+/// each with its audit event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linking_and_unlinking_slack_in_chromium() {
+    let s = setup_unlinked().await;
+    let count = |actions: &[String], a: &str| actions.iter().filter(|x| *x == a).count();
+    let path = s.link_offer("U_BOB").await;
+    let url = s.app.url(&path);
+
+    let b = common::webdriver::Browser::start().await;
+    b.goto(&url).await;
+    assert_eq!(
+        b.text("#notice").await,
+        "Sign in to twokey to link your Slack account."
+    );
+    assert!(!b.exists("#confirm-link").await);
+    b.click_and_wait("#sign-in").await;
+    b.click_and_wait(&format!("button[id='login-{BOB}']")).await;
+    assert_eq!(b.url().await, url, "back on the link page after sign-in");
+    let main = b.text("main").await;
+    assert!(
+        main.contains("U_BOB") && main.contains("T0TEAM") && main.contains(BOB),
+        "{main}"
+    );
+    assert!(b.exists("#link-warning").await);
+    assert!(links(&s).await.is_empty(), "the page itself linked nothing");
+
+    b.click_and_wait("#confirm-link").await;
+    assert_eq!(b.url().await, s.app.url("/account"));
+    assert_eq!(
+        links(&s).await,
+        [("T0TEAM".into(), "U_BOB".into(), BOB.into())]
+    );
+    assert_eq!(b.text("#slack-links .slack-user").await, "U_BOB");
+    assert!(!b.exists("#no-slack-link").await);
+    let actions = s.app.audit_actions().await;
+    assert_eq!(count(&actions, "slack.linked"), 1, "{actions:?}");
+    assert_eq!(count(&actions, "slack.unlinked"), 0, "{actions:?}");
+
+    b.click_and_wait("button.unlink-slack").await;
+    assert_eq!(b.url().await, s.app.url("/account"));
+    assert!(links(&s).await.is_empty());
+    assert!(!b.exists("#slack-links").await);
+    assert!(
+        b.text("#no-slack-link")
+            .await
+            .starts_with("No Slack account is linked")
+    );
+    b.quit().await;
+    let actions = s.app.audit_actions().await;
+    assert_eq!(count(&actions, "slack.linked"), 1, "{actions:?}");
+    assert_eq!(count(&actions, "slack.unlinked"), 1, "{actions:?}");
+    s.app.assert_chain_ok().await;
+}

@@ -95,7 +95,7 @@ pub async fn show(
     Query(q): Query<LoginQuery>,
 ) -> Result<impl IntoResponse, PageError> {
     let (port, st, challenge, scopes) = checked(&q)?;
-    Ok(CliLoginPage {
+    let page = CliLoginPage {
         chrome: Chrome::of(&state, &user).await?,
         email: user.actor.email.clone(),
         port,
@@ -108,7 +108,25 @@ pub async fn show(
             .collect(),
         ttl: crate::policy::format_duration(state.config.cli_token_ttl()),
         approve: scopes.contains(Scope::Approve),
-    })
+    };
+    // Browsers check a form's redirect against the form-action of the page that holds
+    // the form, not of the POST's response: this page must allow the CLI's listener.
+    Ok((
+        [(
+            axum::http::header::CONTENT_SECURITY_POLICY,
+            loopback_csp(port),
+        )],
+        page,
+    ))
+}
+
+/// The site's CSP, with form submissions (and their redirects) also allowed to exactly
+/// the CLI's loopback listener on `port`.
+fn loopback_csp(port: u16) -> String {
+    super::CSP.replace(
+        "form-action 'self'",
+        &format!("form-action 'self' http://127.0.0.1:{port}"),
+    )
 }
 
 #[derive(Deserialize)]
@@ -127,14 +145,13 @@ pub async fn confirm(
     user.check_csrf(&form.csrf).await?;
     let (port, st, challenge, scopes) = checked(&form.q)?;
     let code = auth::begin_cli_login(&state, &user.actor, &challenge, &scopes).await?;
-    // Browsers apply form-action to the redirect after a POST: allow exactly the CLI's
-    // loopback origin for this one response.
-    let csp = super::CSP.replace(
-        "form-action 'self'",
-        &format!("form-action 'self' http://127.0.0.1:{port}"),
-    );
+    // The same loopback-only form-action on the redirect response, for browsers that
+    // check it there too.
     Ok((
-        [(axum::http::header::CONTENT_SECURITY_POLICY, csp)],
+        [(
+            axum::http::header::CONTENT_SECURITY_POLICY,
+            loopback_csp(port),
+        )],
         Redirect::to(&format!(
             "http://127.0.0.1:{port}/callback?code={code}&state={st}"
         )),
