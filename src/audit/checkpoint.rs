@@ -64,8 +64,11 @@ fn statement(seq: i64, hash: &str, ts: i64) -> String {
     format!("twokey audit head v1\nseq {seq}\nhash {hash}\nts {ts}\n")
 }
 
+/// What errors about the audit signing key start with.
+const WHO: &str = "audit key";
+
 fn internal(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Internal(format!("audit key: {what}: {e}"))
+    Error::Internal(format!("{WHO}: {what}: {e}"))
 }
 
 impl SignedHead {
@@ -235,7 +238,7 @@ impl Signer {
             let pem = at_rest
                 .to_openssh(LineEnding::LF)
                 .map_err(|e| internal("encoding the key", e))?;
-            write_private(&path, pem.as_bytes())?;
+            crate::ca::write_private(WHO, &path, pem.as_bytes())?;
             tracing::info!(path = %path.display(), fingerprint = %fingerprint(key.public_key()), "generated the audit signing key");
             key
         };
@@ -300,7 +303,7 @@ impl Signer {
 }
 
 fn load(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey> {
-    check_private_mode(path)?;
+    crate::ca::check_private_mode(WHO, path)?;
     let at = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| internal(&format!("reading {at}"), e))?;
     let key = PrivateKey::from_openssh(text.trim())
@@ -324,43 +327,6 @@ fn load(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey> {
         return Err(internal(&at, "the audit signing key must be Ed25519"));
     }
     Ok(key)
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| internal(&format!("creating {}", dir.display()), e))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| internal(&format!("writing {}", path.display()), e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| internal(&format!("writing {}", path.display()), e))
-}
-
-/// Like OpenSSH with identity files: a signing key others can read is refused.
-fn check_private_mode(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| internal(&format!("reading {}", path.display()), e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(internal(
-            &path.display().to_string(),
-            format!(
-                "is readable by others (mode {:o}); chmod 600 it",
-                mode & 0o777
-            ),
-        ));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- making checkpoints

@@ -62,8 +62,11 @@ pub struct CertSpec<'a> {
     pub source_address: Option<&'a str>,
 }
 
+/// What errors about the CA key start with.
+const WHO: &str = "ssh ca";
+
 fn internal(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Internal(format!("ssh ca: {what}: {e}"))
+    Error::Internal(format!("{WHO}: {what}: {e}"))
 }
 
 impl Ca {
@@ -90,7 +93,7 @@ impl Ca {
         let pem = at_rest
             .to_openssh(LineEnding::LF)
             .map_err(|e| internal("encoding the key", e))?;
-        write_private(&path, pem.as_bytes())?;
+        write_private(WHO, &path, pem.as_bytes())?;
         tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(HashAlg::Sha256), "generated the SSH user CA");
         Ok(Ca {
             public: key.public_key().clone(),
@@ -99,7 +102,7 @@ impl Ca {
     }
 
     fn load(path: &Path, passphrase: Option<&str>) -> Result<Ca> {
-        check_private_mode(path)?;
+        check_private_mode(WHO, path)?;
         let text = std::fs::read_to_string(path)
             .map_err(|e| internal(&format!("reading {}", path.display()), e))?;
         let key = PrivateKey::from_openssh(text.trim())
@@ -127,7 +130,7 @@ impl Ca {
                     .map_err(|e| internal("encrypting the key", e))?;
                 let tmp = path.with_extension("encrypting");
                 let _ = std::fs::remove_file(&tmp);
-                write_private(&tmp, encrypted.as_bytes())?;
+                write_private(WHO, &tmp, encrypted.as_bytes())?;
                 std::fs::rename(&tmp, path)
                     .map_err(|e| internal(&format!("replacing {}", path.display()), e))?;
                 tracing::info!(path = %path.display(), "encrypted a key kept in the clear (ca.passphrase_file is set)");
@@ -270,39 +273,39 @@ pub fn random_serial() -> u64 {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes a new private key file, mode 0600 from its first byte, and syncs it. Shared
+/// by every key twokey keeps on disk (CA, audit signing key); `who` prefixes errors.
+pub(crate) fn write_private(who: &str, path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let fail = |what: String, e: std::io::Error| Error::Internal(format!("{who}: {what}: {e}"));
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| internal(&format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating {}", dir.display()), e))?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| internal(&format!("writing {}", path.display()), e))?;
+        .map_err(|e| fail(format!("writing {}", path.display()), e))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
-        .map_err(|e| internal(&format!("writing {}", path.display()), e))
+        .map_err(|e| fail(format!("writing {}", path.display()), e))
 }
 
-/// Like OpenSSH with identity files: a CA key others can read is refused.
-fn check_private_mode(path: &Path) -> Result<()> {
+/// Like OpenSSH with identity files: a private key others can read is refused.
+pub(crate) fn check_private_mode(who: &str, path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)
-        .map_err(|e| internal(&format!("reading {}", path.display()), e))?
+        .map_err(|e| Error::Internal(format!("{who}: reading {}: {e}", path.display())))?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        return Err(internal(
-            &format!("{}", path.display()),
-            format!(
-                "is readable by others (mode {:o}); chmod 600 it",
-                mode & 0o777
-            ),
-        ));
+        return Err(Error::Internal(format!(
+            "{who}: {}: is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )));
     }
     Ok(())
 }
