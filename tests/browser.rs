@@ -123,7 +123,8 @@ async fn the_holder_clicks_get_database_credentials_and_they_work() {
     let cluster = Cluster::start();
     let secrets = tempfile::tempdir().unwrap();
     let pw = secrets.path().join("pg-admin-password");
-    std::fs::write(&pw, format!("{}\n", postgres::ADMIN_PASSWORD)).unwrap();
+    // The admin the README tells operators to make (no superuser).
+    std::fs::write(&pw, format!("{}\n", postgres::TWOKEY_ADMIN_PASSWORD)).unwrap();
     let port = cluster.port;
     let app = common::start_with(move |c| {
         let db = c
@@ -133,7 +134,7 @@ async fn the_holder_clicks_get_database_credentials_and_they_work() {
             .unwrap();
         db.address = Some(format!("127.0.0.1:{port}"));
         db.database = Some("app".into());
-        db.admin_user = Some("postgres".into());
+        db.admin_user = Some(postgres::TWOKEY_ADMIN.into());
         db.admin_password_file = Some(pw);
         db.tls = Some("disable".into());
         db.reassign_owned_to = None;
