@@ -35,6 +35,7 @@ pub mod relay;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tasks;
 pub mod web;
 
 pub use error::{Error, Result};

@@ -1,5 +1,5 @@
-//! Starting and stopping the server: database, sessions, sweeper, outbox, the
-//! database-login reconciler, listener.
+//! Starting and stopping the server: database, sessions, listener, and the background
+//! tasks (sweeper, outbox, database-login reconciler) that [`crate::tasks`] runs and drains.
 //!
 //! Tests call [`start`] with a listener on `127.0.0.1:0` and their own clock, exactly
 //! as `twokey serve` does with the configured address and the wall clock.
@@ -16,6 +16,8 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::state::AppState;
+use crate::store::SessionStore;
+use crate::tasks::Tasks;
 use crate::{access, auth, store, web};
 
 /// A running server.
@@ -24,9 +26,7 @@ pub struct Server {
     pub state: AppState,
     shutdown: watch::Sender<bool>,
     serve: JoinHandle<()>,
-    sweeper: Option<JoinHandle<()>>,
-    outbox: Option<JoinHandle<()>>,
-    reconciler: Option<JoinHandle<()>>,
+    tasks: Tasks,
     /// The SSH relay, when configured.
     pub relay: Option<crate::relay::Relay>,
 }
@@ -38,19 +38,15 @@ impl Server {
     }
 
     /// Stops accepting, ends relay sessions (their recordings finalised and audited),
-    /// finishes in-flight requests, stops the sweeper.
+    /// finishes in-flight requests, then lets the background tasks finish the pass they
+    /// are in (the sweeper, the outbox, the reconciler) and stops them.
     pub async fn stop(self) {
         if let Some(relay) = self.relay {
             relay.stop().await;
         }
         let _ = self.shutdown.send(true);
         let _ = self.serve.await;
-        for task in [self.sweeper, self.outbox, self.reconciler]
-            .into_iter()
-            .flatten()
-        {
-            task.abort();
-        }
+        self.tasks.drain().await;
     }
 
     /// Waits until the server stops (for `serve`, until Ctrl-C).
@@ -110,79 +106,36 @@ pub async fn start(
             tracing::error!(error = %e, "server stopped with an error");
         }
     });
-    let interval = state.config.sweep_interval();
-    let sweeper = (!interval.is_zero()).then(|| {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match access::sweep(&state).await {
-                    Ok(s) if s != access::Swept::default() => {
-                        tracing::info!(
-                            expired = s.expired_requests,
-                            ended = s.ended_grants,
-                            "swept"
-                        )
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
-                }
-                // Periodic checkpoints ride on the sweeper (audit.checkpoint_interval).
-                if let Err(e) = crate::audit::checkpoint::checkpoint_if_due(&state).await {
-                    tracing::error!(error = %e, "audit checkpoint failed; will retry");
-                }
-                if let Err(e) = sessions.delete_expired().await {
-                    tracing::warn!(error = %e, "session cleanup failed");
+    let mut tasks = Tasks::new();
+    let st = state.clone();
+    tasks.every("sweeper", state.config.sweep_interval(), None, move || {
+        let (state, sessions) = (st.clone(), sessions.clone());
+        async move { sweep(&state, &sessions).await }
+    });
+    if state.mailer.is_some() || state.slack.is_some() {
+        let st = state.clone();
+        tasks.every("outbox", state.config.outbox_interval(), None, move || {
+            let state = st.clone();
+            async move {
+                if let Err(e) = crate::notify::deliver_due(&state).await {
+                    tracing::warn!(error = %e, "outbox pass failed; will retry");
                 }
             }
-        })
-    });
-    let outbox = (state.mailer.is_some() || state.slack.is_some())
-        .then(|| state.config.outbox_interval())
-        .filter(|i| !i.is_zero())
-        .map(|interval| {
-            let state = state.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    if let Err(e) = crate::notify::deliver_due(&state).await {
-                        tracing::warn!(error = %e, "outbox pass failed; will retry");
-                    }
-                }
-            })
         });
-    let reconcile_interval = state.config.reconcile_interval();
-    let reconciler = (state.config.resources.iter().any(|r| r.manages_db_roles())
-        && !reconcile_interval.is_zero())
-    .then(|| {
-        let state = state.clone();
-        tokio::spawn(async move {
-            // The first tick is at once: a restart cleans up what a crash left.
-            let mut tick = tokio::time::interval(reconcile_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = state.reconcile_now.notified() => {}
-                }
-                match crate::dbcreds::reconcile(&state).await {
-                    Ok(r) if r != crate::dbcreds::Reconciled::default() => {
-                        tracing::info!(
-                            dropped = r.dropped,
-                            failed = r.failed,
-                            "database logins reconciled"
-                        )
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "database reconcile failed; will retry"),
-                }
-            }
-        })
-    });
+    }
+    if state.config.resources.iter().any(|r| r.manages_db_roles()) {
+        let st = state.clone();
+        // The first pass is at once: a restart cleans up what a crash left.
+        tasks.every(
+            "reconciler",
+            state.config.reconcile_interval(),
+            Some(state.reconcile_now.clone()),
+            move || {
+                let state = st.clone();
+                async move { reconcile(&state).await }
+            },
+        );
+    }
     let relay = match state.config.relay.as_ref().map(|r| r.listen.clone()) {
         Some(listen) => {
             let listener = TcpListener::bind(&listen)
@@ -199,11 +152,47 @@ pub async fn start(
         state,
         shutdown,
         serve,
-        sweeper,
-        outbox,
-        reconciler,
+        tasks,
         relay,
     })
+}
+
+/// One pass of the sweeper: expire requests, end grants, checkpoint the audit chain when
+/// due, delete expired browser sessions.
+async fn sweep(state: &AppState, sessions: &SessionStore) {
+    match access::sweep(state).await {
+        Ok(s) if s != access::Swept::default() => {
+            tracing::info!(
+                expired = s.expired_requests,
+                ended = s.ended_grants,
+                "swept"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
+    }
+    // Periodic checkpoints ride on the sweeper (audit.checkpoint_interval).
+    if let Err(e) = crate::audit::checkpoint::checkpoint_if_due(state).await {
+        tracing::error!(error = %e, "audit checkpoint failed; will retry");
+    }
+    if let Err(e) = sessions.delete_expired().await {
+        tracing::warn!(error = %e, "session cleanup failed");
+    }
+}
+
+/// One pass of the database-login reconciler.
+async fn reconcile(state: &AppState) {
+    match crate::dbcreds::reconcile(state).await {
+        Ok(r) if r != crate::dbcreds::Reconciled::default() => {
+            tracing::info!(
+                dropped = r.dropped,
+                failed = r.failed,
+                "database logins reconciled"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "database reconcile failed; will retry"),
+    }
 }
 
 /// Refuses to start when a database target's admin cannot end the logins twokey would
