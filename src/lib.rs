@@ -31,6 +31,7 @@ pub mod dbcreds;
 pub mod error;
 pub mod notify;
 pub mod policy;
+pub mod recording;
 pub mod relay;
 pub mod server;
 pub mod state;

@@ -10,7 +10,6 @@
 
 pub mod commands;
 pub mod host_keys;
-pub mod recording;
 pub mod sftp;
 
 use std::net::SocketAddr;
@@ -26,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::ca::Ca;
 use crate::error::{Error, Result};
+use crate::recording::{self, hash_file};
 use crate::state::AppState;
 use crate::store::{self, GrantRow};
 
@@ -470,25 +470,6 @@ pub async fn close_interrupted(state: &AppState, instance: &str) -> Result<usize
         closed += 1;
     }
     Ok(closed)
-}
-
-/// A file's size and SHA-256, read in chunks.
-fn hash_file(path: &std::path::Path) -> std::io::Result<(u64, String)> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut bytes = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    Ok((bytes, hex::encode(hasher.finalize())))
 }
 
 impl Relay {
@@ -1415,7 +1396,7 @@ async fn bridge(
         .map(|(_, r)| r.blocked_commands.clone())
         .unwrap_or_default();
     let rec = Arc::new(std::sync::Mutex::new(
-        recording::Recorder::create(&state, &session_id).map_err(|e| format!("recording: {e}"))?,
+        recording_for(&state, &session_id).map_err(|e| format!("recording: {e}"))?,
     ));
     let with_rec = |f: &dyn Fn(&mut recording::Recorder)| recording::with(&rec, f);
     let recording_path = rec
@@ -1685,6 +1666,23 @@ async fn bridge(
     .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// A new recording for `session_id` under the data dir, capped as configured.
+fn recording_for(state: &AppState, session_id: &str) -> std::io::Result<recording::Recorder> {
+    let limit = state
+        .config
+        .relay
+        .as_ref()
+        .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
+            r.max_recording_bytes
+        });
+    recording::Recorder::create(
+        &state.config.server.data_dir.join("recordings"),
+        session_id,
+        limit,
+        state.clock.now().timestamp(),
+    )
 }
 
 /// Where a relayed channel's bytes are recorded.
