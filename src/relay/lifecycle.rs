@@ -11,6 +11,7 @@
 use serde_json::json;
 
 use super::admission::Admitted;
+use super::error::RelayError;
 use crate::error::{Error, Result};
 use crate::recording::{self, hash_file};
 use crate::state::AppState;
@@ -201,7 +202,7 @@ pub struct Closing<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// The recording as finished, or why it could not be.
-    pub recording: std::result::Result<recording::Finished, String>,
+    pub recording: std::result::Result<recording::Finished, RelayError>,
     /// The recording's path, named in the audit even when it could not be finished.
     pub recording_path: &'a str,
 }
@@ -280,16 +281,18 @@ pub(crate) fn recording_for(
     )
 }
 
-/// Appends one audit event in its own transaction; false when it could not be written.
-/// A failure is logged at error level, never dropped silently; callers for which the
-/// event matters (a forward opening) refuse what it would have recorded.
+/// Appends one audit event in its own transaction, through the crate's one append
+/// path (`access::audit_event`). A failure is logged at error level here and returned,
+/// never dropped: the caller decides what it refuses. Where the event is the condition
+/// for going on (a forward opening) it refuses on Err; where it records a refusal (a
+/// blocked command, a refused forward or login) the refusal stands either way.
 pub(crate) async fn audit(
     state: &AppState,
     actor: &str,
     action: &str,
     subject: &str,
     details: serde_json::Value,
-) -> bool {
+) -> std::result::Result<(), RelayError> {
     let written = async {
         let mut tx = store::begin_write(&state.db).await?;
         crate::access::audit_event(&mut tx, state.now_ms(), actor, action, subject, details)
@@ -298,11 +301,11 @@ pub(crate) async fn audit(
         Ok::<_, Error>(())
     }
     .await;
-    match written {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(error = %e, action, subject, "relay: an audit event could not be written");
-            false
+    written.map_err(|e| {
+        tracing::error!(error = %e, action, subject, "relay: an audit event could not be written");
+        RelayError::AuditFailed {
+            action: action.to_string(),
+            source: e,
         }
-    }
+    })
 }

@@ -21,6 +21,7 @@
 //! and must fail closed when the store cannot answer (DESIGN.md invariant 5).
 
 pub mod admission;
+pub mod error;
 pub mod lifecycle;
 pub mod limits;
 pub mod live;
@@ -35,6 +36,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::state::AppState;
 
+pub use error::RelayError;
 pub use lifecycle::{INTERRUPTED, InstanceClaim, close_interrupted};
 pub use live::LiveSessions;
 pub use ssh::{RelayKeys, host_keys};

@@ -20,6 +20,7 @@ use super::upstream::{connect_upstream, open_upstream};
 use super::{commands, sftp};
 use crate::recording;
 use crate::relay::admission::Admitted;
+use crate::relay::error::RelayError;
 use crate::relay::lifecycle::{self, RECORDING_FAILED, audit};
 use crate::relay::live::Registered;
 use crate::state::AppState;
@@ -34,7 +35,7 @@ pub(super) async fn bridge(
     admitted: Admitted,
     mut client: Channel<Msg>,
     session: russh::server::Handle,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), RelayError> {
     let session_id = uuid::Uuid::new_v4().to_string();
     let g = admitted.grant.clone();
     let blocked = state
@@ -43,7 +44,7 @@ pub(super) async fn bridge(
         .map(|(_, r)| r.blocked_commands.clone())
         .unwrap_or_default();
     let rec = Arc::new(std::sync::Mutex::new(
-        lifecycle::recording_for(&state, &session_id).map_err(|e| format!("recording: {e}"))?,
+        lifecycle::recording_for(&state, &session_id).map_err(RelayError::Recording)?,
     ));
     let with_rec = |f: &dyn Fn(&mut recording::Recorder)| recording::with(&rec, f);
     let recording_path = rec
@@ -75,13 +76,13 @@ pub(super) async fn bridge(
             "this session cannot be audited right now, so it does not start".into(),
         )
         .await;
-        return Err(format!("session start not audited: {e}"));
+        return Err(RelayError::StartNotAudited(e));
     }
     let kill = state.live_sessions.register(&session_id, &g.id);
     // Live until this function returns: after the end is audited, or on any error.
     let _live = Registered(&state.live_sessions, &session_id);
 
-    let outcome: std::result::Result<(u64, u64, String), String> = async {
+    let outcome: std::result::Result<(u64, u64, String), RelayError> = async {
         // Setup: a pty perhaps, then the one request that starts the session.
         let mut pending_pty = None;
         let mut sftp = None;
@@ -123,7 +124,9 @@ pub(super) async fn bridge(
                 ChannelMsg::Exec { command, .. } => {
                     let cmd = String::from_utf8_lossy(&command).to_string();
                     if let Some(p) = commands::blocked_by(&blocked, &cmd) {
-                        audit(
+                        // Blocked whether or not this can be audited (a failure is
+                        // logged): the refusal never depends on the audit.
+                        let _ = audit(
                             &state,
                             &g.user_email,
                             "session.command_blocked",
@@ -193,7 +196,7 @@ pub(super) async fn bridge(
                     Start::Shell => ch.request_shell(true).await,
                     Start::Subsystem(name) => ch.request_subsystem(true, name).await,
                 }
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| RelayError::UpstreamRequest(e.to_string()))?;
                 Some((h, ch))
             }
         };
@@ -230,11 +233,8 @@ pub(super) async fn bridge(
             (0, 0, format!("failed: {e}"))
         }
     };
-    let done = match rec
-        .lock()
-        .map_err(|_| "recording lock poisoned".to_string())
-    {
-        Ok(mut r) => r.finish().map_err(|e| format!("recording: {e}")),
+    let done = match rec.lock().map_err(|_| RelayError::RecordingPoisoned) {
+        Ok(mut r) => r.finish().map_err(RelayError::Recording),
         Err(e) => Err(e),
     };
     lifecycle::close(
@@ -250,7 +250,7 @@ pub(super) async fn bridge(
         },
     )
     .await
-    .map_err(|e| e.to_string())
+    .map_err(RelayError::Store)
 }
 
 /// A forwarded port (`ssh -L`), when the role allows it: the target's sshd opens the
@@ -275,24 +275,28 @@ pub(super) async fn forward(
             connect_upstream(&state, &admitted, &id),
         )
         .await
-        .map_err(|_| "the target did not complete the login in time".to_string())??;
+        .map_err(|_| RelayError::UpstreamLoginTimeout)??;
         let up = handle
             .channel_open_direct_tcpip(host.clone(), port, from_host, from_port)
             .await
-            .map_err(|e| format!("the target could not open {destination}: {e}"))?;
-        Ok::<_, String>((handle, up))
+            .map_err(|e| RelayError::ForwardFailed {
+                destination: destination.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok::<_, RelayError>((handle, up))
     }
     .await;
     let (_handle, up) = match opened {
         Ok(o) => o,
         Err(e) => {
             tracing::info!(error = %e, "relay: a forwarded port could not be opened");
-            audit(
+            // Refused whether or not this can be audited (a failure is logged).
+            let _ = audit(
                 &state,
                 &g.user_email,
                 "session.forward_failed",
                 &g.id,
-                json!({ "forward_id": id, "destination": destination, "error": e }),
+                json!({ "forward_id": id, "destination": destination, "error": e.to_string() }),
             )
             .await;
             reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
@@ -300,7 +304,7 @@ pub(super) async fn forward(
         }
     };
     // Audited before any byte passes: a forward that cannot be audited is refused.
-    if !audit(
+    if audit(
         &state,
         &g.user_email,
         "session.forward_opened",
@@ -308,6 +312,7 @@ pub(super) async fn forward(
         json!({ "forward_id": id, "destination": destination }),
     )
     .await
+    .is_err()
     {
         reply
             .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -316,7 +321,9 @@ pub(super) async fn forward(
     }
     reply.accept().await;
     let pumped = pump(client, up, None, &cut, None).await;
-    audit(
+    // The forward is over: nothing is left to refuse, and a failure is logged (its
+    // opening was audited before any byte passed).
+    let _ = audit(
         &state,
         &g.user_email,
         "session.forward_closed",
@@ -332,7 +339,7 @@ pub(super) async fn forward(
 
 /// Tells the engineer why their session could not start, closes the channel, and
 /// hands the error back for the audit.
-async fn tell_failure(client: &Channel<Msg>, resource: &str, e: String) -> String {
+async fn tell_failure(client: &Channel<Msg>, resource: &str, e: RelayError) -> RelayError {
     let _ = client
         .extended_data_bytes(
             1,

@@ -12,7 +12,7 @@ use russh::{Channel, ChannelMsg};
 
 use super::sftp;
 use crate::recording;
-use crate::relay::lifecycle::RECORDING_FAILED;
+use crate::relay::error::RelayError;
 use crate::relay::live::{Cut, GRANT_ENDED};
 
 /// Where a relayed channel's bytes are recorded.
@@ -35,26 +35,29 @@ impl Tap {
     }
 
     /// Runs `f` on the recorder; Err (why the session must end) when it failed.
-    fn with(&self, f: impl FnOnce(&mut recording::Recorder)) -> std::result::Result<(), String> {
+    fn with(
+        &self,
+        f: impl FnOnce(&mut recording::Recorder),
+    ) -> std::result::Result<(), RelayError> {
         if recording::with(self.recorder(), f) {
             Ok(())
         } else {
-            Err(RECORDING_FAILED.into())
+            Err(RelayError::RecordingFailed)
         }
     }
 
     /// Records what the engineer sent, before it is passed on.
-    fn client(&self, data: &[u8]) -> std::result::Result<(), String> {
+    fn client(&self, data: &[u8]) -> std::result::Result<(), RelayError> {
         match self {
             Tap::Terminal(_) => self.with(|r| r.input(data)),
             Tap::Sftp(_, sftp) => {
                 let lines = sftp
                     .lock()
-                    .map_err(|_| SFTP_UNREADABLE.to_string())?
+                    .map_err(|_| RelayError::SftpUnreadable)?
                     .requests(data)
                     .map_err(|e| {
                         tracing::warn!(error = %e, "relay: an sftp request stream does not parse");
-                        SFTP_UNREADABLE.to_string()
+                        RelayError::SftpUnreadable
                     })?;
                 self.with(|r| lines.iter().for_each(|l| r.note(l)))
             }
@@ -62,23 +65,20 @@ impl Tap {
     }
 
     /// Records what the target sent back (for sftp, only the handles it hands out).
-    fn target(&self, data: &[u8]) -> std::result::Result<(), String> {
+    fn target(&self, data: &[u8]) -> std::result::Result<(), RelayError> {
         match self {
             Tap::Terminal(_) => self.with(|r| r.output(data)),
             Tap::Sftp(_, sftp) => sftp
                 .lock()
-                .map_err(|_| SFTP_UNREADABLE.to_string())?
+                .map_err(|_| RelayError::SftpUnreadable)?
                 .replies(data)
                 .map_err(|e| {
                     tracing::warn!(error = %e, "relay: an sftp reply stream does not parse");
-                    SFTP_UNREADABLE.to_string()
+                    RelayError::SftpUnreadable
                 }),
         }
     }
 }
-
-/// Why an sftp session ends when its stream cannot be read (so cannot be recorded).
-const SFTP_UNREADABLE: &str = "its sftp requests could not be read for the recording";
 
 /// What one relayed channel moved, and why it was cut (None: it ended by itself).
 pub(super) struct Pumped {
@@ -88,8 +88,9 @@ pub(super) struct Pumped {
 }
 
 /// Moves one channel's traffic both ways until either side closes or `kill` fires
-/// (an admin, shutdown, or [`crate::relay::live::watch_grants`] when the grant ends). Each direction runs in its own task: a direction blocked on flow control
-/// must never stop the other from draining (that deadlocks bulk transfers).
+/// (an admin, shutdown, or [`crate::relay::live::watch_grants`] when the grant ends).
+/// Each direction runs in its own task: a direction blocked on flow control must never
+/// stop the other from draining (that deadlocks bulk transfers).
 ///
 /// `rec` records the bytes (terminal sessions); `session` is the engineer's SSH
 /// session for exit signals and the messages a terminal shows when a session is cut
@@ -106,11 +107,11 @@ pub(super) async fn pump(
     // written (or an sftp stream that cannot be read) ends the session (fail closed),
     // rather than let it go on unrecorded.
     let recording_cut = kill.clone();
-    let record = move |f: &dyn Fn(&Tap) -> std::result::Result<(), String>| match &tap {
+    let record = move |f: &dyn Fn(&Tap) -> std::result::Result<(), RelayError>| match &tap {
         Some(tap) => match f(tap) {
             Ok(()) => true,
             Err(why) => {
-                recording_cut.cut(&why);
+                recording_cut.cut(&why.to_string());
                 false
             }
         },

@@ -92,7 +92,7 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// Sessions open on this connection right now.
     channels: Arc<std::sync::atomic::AtomicUsize>,
-    admission: Option<std::result::Result<Admitted, String>>,
+    admission: Option<std::result::Result<Admitted, Refusal>>,
     /// Set once a certificate is accepted: ends the login grace time.
     authenticated: Arc<std::sync::atomic::AtomicBool>,
     refusals: Arc<RefusalLog>,
@@ -122,7 +122,8 @@ impl Conn {
             );
             return;
         }
-        audit(
+        // Refused whether or not this can be audited (a failure is logged).
+        let _ = audit(
             &self.state,
             "relay",
             "relay.refused",
@@ -150,19 +151,19 @@ impl Conn {
     /// Admission was decided at authentication; a connection can open channels long
     /// after (ControlMaster). Each channel re-checks that the grant is still live, and a
     /// connection whose grant is over admits nothing more.
-    async fn recheck(&mut self) -> std::result::Result<Admitted, String> {
+    async fn recheck(&mut self) -> std::result::Result<Admitted, Refusal> {
         let admission = self
             .admission
             .clone()
-            .unwrap_or_else(|| Err("not logged in".into()));
+            .unwrap_or_else(|| Err(Refusal::Grant("not logged in".into())));
         let a = admission?;
         if grant_is_live(&self.state, &a.grant.id).await {
             return Ok(a);
         }
-        let why = format!(
+        let why = Refusal::Grant(format!(
             "your grant on {} has ended or was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
             a.grant.resource, a.grant.resource, a.grant.role
-        );
+        ));
         self.admission = Some(Err(why.clone()));
         Err(why)
     }
@@ -171,7 +172,8 @@ impl Conn {
         if let Some(Ok(a)) = &self.admission
             && self.refusals.first_in_a_while(a.serial, what)
         {
-            audit(
+            // Refused whether or not this can be audited (a failure is logged).
+            let _ = audit(
                 &self.state,
                 &a.grant.user_email,
                 "session.forward_refused",
@@ -207,10 +209,10 @@ impl russh::server::Handler for Conn {
                 self.authenticated.store(true, Ordering::Release);
                 Ok(Auth::Accept)
             }
-            Err(Refusal::Grant(why)) => {
+            Err(r @ Refusal::Grant(_)) => {
                 // The certificate proves who this is; tell them why, forward nothing.
-                self.audit_refusal(user, &why, cert).await;
-                self.admission = Some(Err(why));
+                self.audit_refusal(user, r.text(), cert).await;
+                self.admission = Some(Err(r));
                 self.authenticated.store(true, Ordering::Release);
                 Ok(Auth::Accept)
             }
@@ -259,7 +261,7 @@ impl russh::server::Handler for Conn {
             Err(why) => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    explain(channel, why).await;
+                    explain(channel, why.text().to_string()).await;
                 });
             }
         }

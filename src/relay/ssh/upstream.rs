@@ -13,6 +13,7 @@ use russh::keys::ssh_key::PublicKey;
 
 use super::{host_keys, upstream_algorithms};
 use crate::relay::admission::{Admitted, grant_is_live};
+use crate::relay::error::RelayError;
 use crate::relay::live::Cut;
 use crate::state::AppState;
 
@@ -52,22 +53,22 @@ pub(super) async fn connect_upstream(
     state: &AppState,
     admitted: &Admitted,
     session_id: &str,
-) -> std::result::Result<russh::client::Handle<Upstream>, String> {
-    let keys = state.relay.clone().ok_or("relay keys missing")?;
+) -> std::result::Result<russh::client::Handle<Upstream>, RelayError> {
+    let keys = state.relay.clone().ok_or(RelayError::KeysMissing)?;
     let g = &admitted.grant;
     let (resource, role) = state
         .config
         .role(&g.resource, &g.role)
-        .ok_or("the grant's role is no longer in the policy")?;
+        .ok_or(RelayError::RoleGone)?;
     let address = resource
         .address
         .clone()
-        .ok_or_else(|| format!("{} has no address", resource.name))?;
+        .ok_or_else(|| RelayError::NoAddress(resource.name.clone()))?;
     // Pinned in config, or else learned: the key an admin confirmed, if any.
     let pinned = match &resource.host_key {
         Some(k) => Some(
             PublicKey::from_openssh(k.trim())
-                .map_err(|_| format!("{}'s pinned host_key is not a key", resource.name))?,
+                .map_err(|_| RelayError::PinnedKeyInvalid(resource.name.clone()))?,
         ),
         None => None,
     };
@@ -77,7 +78,7 @@ pub(super) async fn connect_upstream(
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "relay: cannot read the confirmed host key");
-                "the relay cannot check the target's host key right now".to_string()
+                RelayError::HostKeyUnchecked
             })?,
     };
     let had_confirmed = pinned.is_none() && trusted.is_some();
@@ -86,14 +87,14 @@ pub(super) async fn connect_upstream(
         .principals
         .first()
         .cloned()
-        .ok_or("the role has no principal")?;
+        .ok_or(RelayError::NoPrincipal)?;
     // A throwaway key and a certificate for it, from the upstream CA, valid only for
     // this session's grant.
     let key = russh::keys::ssh_key::PrivateKey::random(
         &mut russh::keys::ssh_key::rand_core::UnwrapErr(russh::keys::ssh_key::getrandom::SysRng),
         russh::keys::ssh_key::Algorithm::Ed25519,
     )
-    .map_err(|e| format!("session key: {e}"))?;
+    .map_err(|e| RelayError::SessionKey(e.to_string()))?;
     let now = u64::try_from(state.now_ms() / 1000).unwrap_or(0);
     let principals = vec![principal.clone()];
     let extensions = role.extensions.clone();
@@ -110,7 +111,7 @@ pub(super) async fn connect_upstream(
             force_command: role.force_command.as_deref(),
             source_address: None,
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(RelayError::UpstreamCertificate)?;
     let config = Arc::new(russh::client::Config {
         inactivity_timeout: None,
         nodelay: true,
@@ -126,34 +127,37 @@ pub(super) async fn connect_upstream(
         russh::client::connect(config, address.as_str(), upstream),
     )
     .await
-    .map_err(|_| format!("{address} did not answer"))?;
+    .map_err(|_| RelayError::UpstreamTimeout(address.clone()))?;
     let mut handle = match connected {
         Ok(h) => h,
         Err(russh::Error::UnknownKey) if pinned.is_some() => {
-            return Err(format!(
-                "{address} presented a host key other than the one pinned for {}; nothing was sent to it",
-                resource.name
-            ));
+            return Err(RelayError::HostKeyChanged {
+                address,
+                resource: resource.name.clone(),
+            });
         }
         Err(russh::Error::UnknownKey) => {
             let shown = presented.lock().ok().and_then(|mut p| p.take());
             return Err(match shown {
-                Some(key) => {
-                    host_keys::refuse(state, &resource.name, &address, &key, had_confirmed).await
-                }
-                None => format!("{address} presented a host key the relay does not accept"),
+                Some(key) => RelayError::HostKeyUnconfirmed(
+                    host_keys::refuse(state, &resource.name, &address, &key, had_confirmed).await,
+                ),
+                None => RelayError::HostKeyRefused(address),
             });
         }
-        Err(e) => return Err(format!("cannot connect to {address}: {e}")),
+        Err(e) => {
+            return Err(RelayError::UpstreamConnect {
+                address,
+                reason: e.to_string(),
+            });
+        }
     };
     let auth = handle
         .authenticate_openssh_cert(principal.clone(), Arc::new(key), cert)
         .await
-        .map_err(|e| format!("upstream login failed: {e}"))?;
+        .map_err(|e| RelayError::UpstreamAuth(e.to_string()))?;
     if !auth.success() {
-        return Err(format!(
-            "{address} refused the relay's login as {principal}"
-        ));
+        return Err(RelayError::UpstreamRefused { address, principal });
     }
     Ok(handle)
 }
@@ -169,27 +173,28 @@ pub(super) async fn open_upstream(
     session_id: &str,
     pty: Option<PtyRequest>,
     kill: &Cut,
-) -> std::result::Result<(russh::client::Handle<Upstream>, Channel<russh::client::Msg>), String> {
+) -> std::result::Result<(russh::client::Handle<Upstream>, Channel<russh::client::Msg>), RelayError>
+{
     // Bounded: a target that stalls mid-login must not hang the session forever. And a
     // session cut meanwhile (revoked, ended by an admin) never reaches the target.
     let handle = tokio::select! {
         up = tokio::time::timeout(Duration::from_secs(20), connect_upstream(state, admitted, session_id)) => up
-            .map_err(|_| "the target did not complete the login in time".to_string())??,
-        why = kill.wait() => return Err(format!("session ended: {why}")),
+            .map_err(|_| RelayError::UpstreamLoginTimeout)??,
+        why = kill.wait() => return Err(RelayError::Cut(why)),
     };
     let ch = handle
         .channel_open_session()
         .await
-        .map_err(|e| format!("upstream session: {e}"))?;
+        .map_err(|e| RelayError::UpstreamSession(e.to_string()))?;
     if let Some((term, c, r, pw, ph, modes)) = pty {
         ch.request_pty(false, &term, c, r, pw, ph, &modes)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| RelayError::UpstreamRequest(e.to_string()))?;
     }
     // Reaching the target took time: the grant must still be live now, just before the
     // command, shell or subsystem is sent.
     if !grant_is_live(state, &admitted.grant.id).await {
-        return Err("the grant has ended or was revoked".into());
+        return Err(RelayError::GrantEnded);
     }
     Ok((handle, ch))
 }
