@@ -11,7 +11,10 @@
 //!   UPDATE plus its audit event in one transaction.
 //! - [`ca`] signs SSH user certificates for live grants and writes the KRL.
 //! - [`dbcreds`] makes and drops the PostgreSQL logins of grants.
-//! - [`relay`] is the SSH relay: admits live grants only, records, cuts at the end.
+//! - [`relay`] is the data plane: a protocol-neutral core (admission, live sessions and
+//!   the one cut watcher, limits, session lifecycle) under the SSH layer `relay::ssh`;
+//!   it admits live grants only and cuts at the end.
+//! - [`recording`] writes the hashed session recordings (asciicast v2) the relay makes.
 //! - [`notify`] delivers the outbox (email) and mints single-use action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
 //! - [`server`] wires it together; [`cli`] is the command line, [`client`] the
@@ -31,6 +34,7 @@ pub mod dbcreds;
 pub mod error;
 pub mod notify;
 pub mod policy;
+pub mod recording;
 pub mod relay;
 pub mod server;
 pub mod state;

@@ -2490,6 +2490,67 @@ async fn what_cannot_be_audited_does_not_start() {
     s.app.assert_chain_ok().await;
 }
 
+/// A refusal never depends on its audit: with the audit store failing for exactly the
+/// refusal events, a blocked command is still blocked, a forward the role does not
+/// allow is still refused, and so is a grant for another resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_stands_when_its_audit_cannot_be_written() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    sqlx::query(
+        "CREATE TRIGGER test_audit_fails BEFORE INSERT ON audit_events
+         WHEN NEW.action IN ('session.command_blocked', 'session.forward_refused', 'relay.refused')
+         BEGIN SELECT RAISE(ABORT, 'the audit store is failing'); END",
+    )
+    .execute(&s.app.state().db)
+    .await
+    .unwrap();
+
+    let doomed = s.keys.path().join("must-survive");
+    std::fs::create_dir(&doomed).unwrap();
+    let o = s
+        .ssh(&cert, "demo-ssh", &format!("rm -rf {}", doomed.display()))
+        .await;
+    assert_eq!(o.status.code(), Some(126), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("blocked for this role"),
+        "{:?}",
+        text(&o)
+    );
+    assert!(doomed.exists(), "the blocked command ran");
+
+    // The role does not permit port forwarding.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = format!("127.0.0.1:{}", echo.local_addr().unwrap().port());
+    let mut c = s.ssh_cmd_with(&cert, "demo-ssh", &["-W", &dest], "");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("administratively prohibited"),
+        "{:?}",
+        text(&o)
+    );
+    drop(echo);
+
+    let o = s.ssh(&cert, "demo-db", "echo should-not-run").await;
+    let (out, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(!out.contains("should-not-run"));
+    assert!(err.contains("twokey: no live grant for demo-db"), "{err}");
+
+    // The refusals were not audited (the store failed them), and nothing else was lost.
+    for action in [
+        "session.command_blocked",
+        "session.forward_refused",
+        "relay.refused",
+    ] {
+        assert!(s.events(action).await.is_empty(), "{action}");
+    }
+    s.app.assert_chain_ok().await;
+}
+
 /// `ssh` to a relay at `port` as the tests run it, for a twokey started as a process.
 fn relay_ssh(port: u16, known_hosts: &Path, key: &Path, cert: &Path, command: &str) -> Command {
     let mut c = Command::new("ssh");

@@ -38,8 +38,34 @@ pub fn blocked_by(patterns: &[String], line: &str) -> Option<String> {
     }
     patterns
         .iter()
-        .find(|p| commands.iter().any(|c| super::glob_match(p, c)))
+        .find(|p| commands.iter().any(|c| glob_match(p, c)))
         .cloned()
+}
+
+/// `*` matches any run of characters, `?` one; everything else itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
 }
 
 /// The longest exec command checked; a longer one is refused.
@@ -312,6 +338,16 @@ fn backticked(chars: &[char], start: usize) -> (String, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("rm -rf *", "rm -rf /"));
+        assert!(glob_match("shutdown*", "shutdown -h now"));
+        assert!(!glob_match("rm -rf *", "ls"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "abbc"));
+    }
 
     fn blocked(line: &str) -> bool {
         let patterns = vec!["rm -rf *".to_string(), "shutdown*".to_string()];

@@ -18,36 +18,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::state::AppState;
+use super::hashed::Hashed;
+use super::mask::{Ended, MASK_CAP, Mask, asks_for_secret};
 
-/// The file, hashed and counted on its way to disk: the hash and count cover exactly
-/// the bytes the file took. After a failed write nothing more is written (not even by a
-/// later flush), so the hash still matches the file.
-struct Hashed {
-    file: std::fs::File,
-    hasher: Sha256,
-    bytes: u64,
-    broken: bool,
-}
-
-impl Write for Hashed {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.broken {
-            return Err(std::io::Error::other(
-                "an earlier write to the recording failed",
-            ));
-        }
-        let n = self.file.write(buf).inspect_err(|_| self.broken = true)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
+/// One session's asciicast v2 recording, hashed as it is written.
 pub struct Recorder {
     file: std::io::BufWriter<Hashed>,
     path: std::path::PathBuf,
@@ -78,50 +52,6 @@ pub struct Recorder {
     ended: Option<Ended>,
 }
 
-/// A masked span that ended, and the output seen since.
-struct Ended {
-    typed: String,
-    seen: String,
-}
-
-/// One masked span: what was typed in it (at most [`MASK_CAP`] characters), kept only
-/// so that it can be written in clear if the span turns out not to be a secret.
-struct Mask {
-    typed: String,
-}
-
-/// The most characters one masked span hides; a longer line is not a secret, and is
-/// recorded in clear from its start.
-pub const MASK_CAP: usize = 128;
-
-/// Words that make a prompt ending in `:` a secret one (sudo, ssh-keygen, psql, MFA).
-const SECRET_PROMPTS: &[&str] = &[
-    "password",
-    "passphrase",
-    "passcode",
-    "pin",
-    "token",
-    "secret",
-    "otp",
-    "verification code",
-];
-
-/// Whether `line` (the text since the last newline) asks for a secret.
-fn asks_for_secret(line: &str) -> bool {
-    let line = line.trim_end().to_lowercase();
-    let Some(prompt) = line.strip_suffix(':') else {
-        return false;
-    };
-    SECRET_PROMPTS.iter().any(|w| {
-        prompt.rmatch_indices(w).any(|(i, _)| {
-            // A whole word: "pin" is not "ping".
-            let before = prompt[..i].chars().next_back();
-            let after = prompt[i + w.len()..].chars().next();
-            !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
-        })
-    })
-}
-
 /// Runs `f` on a shared recorder and says whether the recording is still whole. False
 /// (a write failed, or a writer panicked and poisoned the lock) means what passes next
 /// would go unrecorded: the relay then ends the session rather than let it go on.
@@ -150,9 +80,16 @@ pub struct Finished {
 }
 
 impl Recorder {
-    pub fn create(state: &AppState, session_id: &str) -> std::io::Result<Recorder> {
-        let dir = state.config.server.data_dir.join("recordings");
-        std::fs::create_dir_all(&dir)?;
+    /// A new recording `SESSION_ID.cast` in `dir` (made if missing), never overwriting
+    /// one: output past `limit` bytes is counted, not written; `timestamp` (Unix
+    /// seconds) goes in the header.
+    pub fn create(
+        dir: &std::path::Path,
+        session_id: &str,
+        limit: u64,
+        timestamp: i64,
+    ) -> std::io::Result<Recorder> {
+        std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{session_id}.cast"));
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -160,19 +97,7 @@ impl Recorder {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let limit = state
-            .config
-            .relay
-            .as_ref()
-            .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
-                r.max_recording_bytes
-            });
-        Ok(Recorder::new(
-            file,
-            path,
-            limit,
-            state.clock.now().timestamp(),
-        ))
+        Ok(Recorder::new(file, path, limit, timestamp))
     }
 
     fn new(file: std::fs::File, path: std::path::PathBuf, limit: u64, timestamp: i64) -> Recorder {
@@ -488,7 +413,7 @@ impl Recorder {
 
 #[cfg(test)]
 mod tests {
-    use super::{MASK_CAP, Recorder, asks_for_secret, with};
+    use super::{MASK_CAP, Recorder, with};
 
     #[test]
     fn a_write_that_fails_is_reported_not_hidden() {
@@ -613,23 +538,6 @@ mod tests {
         r.input(long.as_bytes());
         assert_eq!(r.finish().unwrap().masked_inputs, 0);
         assert!(typed(&events(&tmp)).contains(&long));
-    }
-
-    #[test]
-    fn secret_prompts_are_spotted() {
-        for p in [
-            "[sudo] password for alice: ",
-            "Password:",
-            "Enter passphrase for key '/root/.ssh/id_ed25519': ",
-            "Password for user postgres: ",
-            "Verification code: ",
-            "PIN:",
-        ] {
-            assert!(asks_for_secret(p), "{p:?}");
-        }
-        for p in ["alice@host:~$ ", "ping: ", "password changed", "Name: ", ""] {
-            assert!(!asks_for_secret(p), "{p:?}");
-        }
     }
 
     #[test]

@@ -1,0 +1,360 @@
+//! One relayed session: the engineer's channel to the target's, opened and closed
+//! through the shared lifecycle (`session.started` before anything reaches the target,
+//! `session.ended` with the recording's hash after), recorded, cut when its grant ends.
+//! Also a forwarded port (`ssh -L`), counted and audited rather than recorded.
+//!
+//! This must never run what cannot be recorded or audited: a recording that cannot be
+//! written, or a start that cannot be audited, ends the session before the target
+//! hears of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg};
+use serde_json::json;
+
+use super::pump::{Tap, pump};
+use super::server::explain;
+use super::upstream::{connect_upstream, open_upstream};
+use super::{commands, sftp};
+use crate::recording;
+use crate::relay::admission::Admitted;
+use crate::relay::error::RelayError;
+use crate::relay::lifecycle::{self, RECORDING_FAILED, audit};
+use crate::relay::live::Registered;
+use crate::state::AppState;
+
+/// One relayed session: client channel ⇄ upstream channel, recorded, cut at the end.
+///
+/// After the first request (exec, shell or subsystem) opens the upstream channel, each
+/// direction runs in its own task: a direction blocked on flow control must never stop
+/// the other from draining (that deadlocks bulk transfers).
+pub(super) async fn bridge(
+    state: AppState,
+    admitted: Admitted,
+    mut client: Channel<Msg>,
+    session: russh::server::Handle,
+) -> std::result::Result<(), RelayError> {
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let g = admitted.grant.clone();
+    let blocked = state
+        .config
+        .role(&g.resource, &g.role)
+        .map(|(_, r)| r.blocked_commands.clone())
+        .unwrap_or_default();
+    let rec = Arc::new(std::sync::Mutex::new(
+        lifecycle::recording_for(&state, &session_id).map_err(RelayError::Recording)?,
+    ));
+    let with_rec = |f: &dyn Fn(&mut recording::Recorder)| recording::with(&rec, f);
+    let recording_path = rec
+        .lock()
+        .map(|r| r.path().display().to_string())
+        .unwrap_or_default();
+    let instance = state
+        .relay
+        .as_ref()
+        .map(|k| k.instance.id.clone())
+        .unwrap_or_default();
+    // The session row and its audit event, together: a session that cannot be audited
+    // as started does not start (fail closed), and the engineer is told.
+    let started = lifecycle::open(
+        &state,
+        &lifecycle::Opening {
+            id: &session_id,
+            admitted: &admitted,
+            recording: &recording_path,
+            instance: &instance,
+        },
+    )
+    .await;
+    if let Err(e) = started {
+        tracing::error!(error = %e, session = %session_id, "relay: the session's start could not be audited; it does not start");
+        let _ = std::fs::remove_file(&recording_path);
+        explain(
+            client,
+            "this session cannot be audited right now, so it does not start".into(),
+        )
+        .await;
+        return Err(RelayError::StartNotAudited(e));
+    }
+    let kill = state.live_sessions.register(&session_id, &g.id);
+    // Live until this function returns: after the end is audited, or on any error.
+    let _live = Registered(&state.live_sessions, &session_id);
+
+    let outcome: std::result::Result<(u64, u64, String), RelayError> = async {
+        // Setup: a pty perhaps, then the one request that starts the session.
+        let mut pending_pty = None;
+        let mut sftp = None;
+        let mut end_reason = "closed".to_string();
+        let start = loop {
+            let msg = tokio::select! {
+                m = client.wait() => m,
+                why = kill.wait() => {
+                    end_reason = why;
+                    None
+                }
+            };
+            let Some(msg) = msg else {
+                break None;
+            };
+            match msg {
+                ChannelMsg::RequestPty {
+                    term,
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                    terminal_modes,
+                    ..
+                } => {
+                    let _ = with_rec(&|r| {
+                        r.resize(col_width, row_height);
+                        r.terminal();
+                    });
+                    pending_pty = Some((
+                        term,
+                        col_width,
+                        row_height,
+                        pix_width,
+                        pix_height,
+                        terminal_modes,
+                    ));
+                }
+                ChannelMsg::Exec { command, .. } => {
+                    let cmd = String::from_utf8_lossy(&command).to_string();
+                    if let Some(p) = commands::blocked_by(&blocked, &cmd) {
+                        // Blocked whether or not this can be audited (a failure is
+                        // logged): the refusal never depends on the audit.
+                        let _ = audit(
+                            &state,
+                            &g.user_email,
+                            "session.command_blocked",
+                            &g.id,
+                            json!({
+                                "session_id": session_id, "command": cmd, "pattern": p,
+                            }),
+                        )
+                        .await;
+                        let why = format!(
+                            "twokey: the command is blocked for this role (matches {p:?})\r\n"
+                        );
+                        let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                        let _ = client.exit_status(126).await;
+                        end_reason = "blocked".into();
+                        break None;
+                    }
+                    let _ = with_rec(&|r| r.input(&command));
+                    break Some(Start::Exec(command));
+                }
+                ChannelMsg::RequestShell { .. } => break Some(Start::Shell),
+                ChannelMsg::RequestSubsystem { name, .. } => {
+                    let _ = with_rec(&|r| r.note(&format!("subsystem {name}")));
+                    // sftp (and scp, which speaks sftp since OpenSSH 9) is read as it
+                    // passes, so every file it touches is recorded. Any other subsystem
+                    // is a byte stream the relay cannot record: refused.
+                    if name != "sftp" {
+                        let why = format!(
+                            "twokey: the subsystem {name:?} is refused: only sftp can be recorded\r\n"
+                        );
+                        let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                        let _ = client.exit_status(1).await;
+                        end_reason = format!("subsystem {name:?} refused");
+                        break None;
+                    }
+                    sftp = Some(Arc::new(std::sync::Mutex::new(sftp::Sftp::default())));
+                    break Some(Start::Subsystem(name));
+                }
+                ChannelMsg::Close | ChannelMsg::Eof => break None,
+                _ => {}
+            }
+        };
+
+        // Nothing starts that cannot be recorded (a full disk, say).
+        let start = match start {
+            Some(_) if !with_rec(&|r| r.flush()) => {
+                let why = format!("twokey: session ended: {RECORDING_FAILED}\r\n");
+                let _ = client.extended_data_bytes(1, why.into_bytes()).await;
+                let _ = client.exit_status(255).await;
+                end_reason = RECORDING_FAILED.into();
+                None
+            }
+            start => start,
+        };
+
+        // The one request that starts it, sent once the target is reached.
+        let upstream = match start {
+            None => None,
+            Some(start) => {
+                let up = open_upstream(&state, &admitted, &session_id, pending_pty.take(), &kill);
+                let (h, ch) = match up.await {
+                    Ok(up) => up,
+                    Err(e) => return Err(tell_failure(&client, &g.resource, e).await),
+                };
+                match start {
+                    Start::Exec(command) => ch.exec(true, command).await,
+                    Start::Shell => ch.request_shell(true).await,
+                    Start::Subsystem(name) => ch.request_subsystem(true, name).await,
+                }
+                .map_err(|e| RelayError::UpstreamRequest(e.to_string()))?;
+                Some((h, ch))
+            }
+        };
+
+        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+        if let Some((_handle, up)) = upstream {
+            let tap = match &sftp {
+                Some(s) => Tap::Sftp(rec.clone(), s.clone()),
+                None => Tap::Terminal(rec.clone()),
+            };
+            let pumped = pump(client, up, Some(tap), &kill, Some(session)).await;
+            if let Some(s) = &sftp {
+                let open = s.lock().map(|mut s| s.unclosed()).unwrap_or_default();
+                let _ = with_rec(&|r| open.iter().for_each(|l| r.note(l)));
+            }
+            (bytes_in, bytes_out) = (pumped.bytes_in, pumped.bytes_out);
+            if let Some(why) = pumped.cut {
+                end_reason = why;
+            }
+        } else {
+            let _ = client.eof().await;
+            let _ = client.close().await;
+        }
+        Ok((bytes_in, bytes_out, end_reason))
+    }
+    .await;
+    let (bytes_in, bytes_out, end_reason) = match outcome {
+        Ok(o) => o,
+        // Whatever failed (the target unreachable, its host key not the pinned one),
+        // the engineer heard it (tell_failure) and the session is still closed and
+        // accounted for.
+        Err(e) => {
+            tracing::warn!(error = %e, session = %session_id, "relay session failed");
+            (0, 0, format!("failed: {e}"))
+        }
+    };
+    let done = match rec.lock().map_err(|_| RelayError::RecordingPoisoned) {
+        Ok(mut r) => r.finish().map_err(RelayError::Recording),
+        Err(e) => Err(e),
+    };
+    lifecycle::close(
+        &state,
+        lifecycle::Closing {
+            id: &session_id,
+            grant: &g,
+            reason: &end_reason,
+            bytes_in,
+            bytes_out,
+            recording: done,
+            recording_path: &recording_path,
+        },
+    )
+    .await
+    .map_err(RelayError::Store)
+}
+
+/// A forwarded port (`ssh -L`), when the role allows it: the target's sshd opens the
+/// connection, over the relay's own upstream login. Its bytes are the application's,
+/// so they are counted and audited, not recorded; it is cut like any session.
+pub(super) async fn forward(
+    state: AppState,
+    admitted: Admitted,
+    client: Channel<Msg>,
+    reply: russh::server::ChannelOpenHandle,
+    (host, port): (String, u32),
+    (from_host, from_port): (String, u32),
+) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let g = &admitted.grant;
+    let destination = format!("{host}:{port}");
+    let cut = state.live_sessions.register(&id, &g.id);
+    let _live = Registered(&state.live_sessions, &id);
+    let opened = async {
+        let handle = tokio::time::timeout(
+            Duration::from_secs(20),
+            connect_upstream(&state, &admitted, &id),
+        )
+        .await
+        .map_err(|_| RelayError::UpstreamLoginTimeout)??;
+        let up = handle
+            .channel_open_direct_tcpip(host.clone(), port, from_host, from_port)
+            .await
+            .map_err(|e| RelayError::ForwardFailed {
+                destination: destination.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok::<_, RelayError>((handle, up))
+    }
+    .await;
+    let (_handle, up) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::info!(error = %e, "relay: a forwarded port could not be opened");
+            // Refused whether or not this can be audited (a failure is logged).
+            let _ = audit(
+                &state,
+                &g.user_email,
+                "session.forward_failed",
+                &g.id,
+                json!({ "forward_id": id, "destination": destination, "error": e.to_string() }),
+            )
+            .await;
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+    };
+    // Audited before any byte passes: a forward that cannot be audited is refused.
+    if audit(
+        &state,
+        &g.user_email,
+        "session.forward_opened",
+        &g.id,
+        json!({ "forward_id": id, "destination": destination }),
+    )
+    .await
+    .is_err()
+    {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        return;
+    }
+    reply.accept().await;
+    let pumped = pump(client, up, None, &cut, None).await;
+    // The forward is over: nothing is left to refuse, and a failure is logged (its
+    // opening was audited before any byte passed).
+    let _ = audit(
+        &state,
+        &g.user_email,
+        "session.forward_closed",
+        &g.id,
+        json!({
+            "forward_id": id, "destination": destination,
+            "reason": pumped.cut.unwrap_or_else(|| "closed".into()),
+            "bytes_from_client": pumped.bytes_in, "bytes_to_client": pumped.bytes_out,
+        }),
+    )
+    .await;
+}
+
+/// Tells the engineer why their session could not start, closes the channel, and
+/// hands the error back for the audit.
+async fn tell_failure(client: &Channel<Msg>, resource: &str, e: RelayError) -> RelayError {
+    let _ = client
+        .extended_data_bytes(
+            1,
+            format!("twokey: cannot open a session on {resource}: {e}\r\n").into_bytes(),
+        )
+        .await;
+    let _ = client.exit_status(255).await;
+    let _ = client.eof().await;
+    let _ = client.close().await;
+    e
+}
+
+/// The request that starts a relayed session.
+enum Start {
+    Exec(Vec<u8>),
+    Shell,
+    Subsystem(String),
+}
