@@ -1,0 +1,723 @@
+//! The typed configuration: one TOML file, `TWOKEY_*` environment overrides, and
+//! validation that names the offending key and what to do about it.
+//!
+//! This module owns parsing and checking only. It never logs a secret: `Debug` on
+//! anything that may hold one is redacted by hand.
+
+mod audit;
+mod auth;
+mod ca;
+mod demo;
+mod duration;
+mod notify;
+mod relay;
+mod resources;
+mod server;
+mod validation;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use audit::AuditConfig;
+pub use auth::{AuthConfig, DevUser, OidcConfig};
+pub use ca::CaConfig;
+pub use demo::demo_config_toml;
+pub use duration::parse_duration;
+pub use notify::{EmailConfig, SlackConfig, SmtpTls};
+pub use relay::{DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES, RelayConfig};
+pub use resources::{PolicyConfig, ResourceConfig, ResourceKind, RoleConfig};
+pub use server::ServerConfig;
+
+/// Everything twokey runs with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+    /// Email notifications; none are sent without this section.
+    #[serde(default)]
+    pub email: Option<EmailConfig>,
+    /// Slack notifications with Approve/Deny buttons.
+    #[serde(default)]
+    pub slack: Option<SlackConfig>,
+    /// The SSH user certificate authority.
+    #[serde(default)]
+    pub ca: CaConfig,
+    /// The SSH relay: on when this section is present.
+    #[serde(default)]
+    pub relay: Option<RelayConfig>,
+    /// The audit log's signing key and how often checkpoints are signed.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+impl Config {
+    /// Reads, applies `TWOKEY_*` overrides, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML; unknown keys and values of the wrong kind (a duration that is not
+    /// one, say) are errors that name the key and its line.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key == "." || key.is_empty() {
+                // Not TOML at all: toml's own message shows the line.
+                return ConfigError::Parse {
+                    path: origin.to_string(),
+                    message: inner.to_string(),
+                };
+            }
+            let line = inner
+                .span()
+                .map(|span| {
+                    let upto = text.get(..span.start).unwrap_or(text);
+                    format!(" ({origin}, line {})", upto.matches('\n').count() + 1)
+                })
+                .unwrap_or_default();
+            invalid(key, format!("{}{line}", inner.message().trim_end()))
+        })
+    }
+
+    /// `TWOKEY_LISTEN`, `TWOKEY_PUBLIC_URL`, `TWOKEY_DATA_DIR`, `TWOKEY_DATABASE_URL`
+    /// (or `TWOKEY_DATABASE_URL_FILE`, read from a file so it stays out of `ps`).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("TWOKEY_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = var("TWOKEY_PUBLIC_URL") {
+            self.server.public_url = Some(v);
+        }
+        if let Some(v) = var("TWOKEY_DATA_DIR") {
+            self.server.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("TWOKEY_DATABASE_URL") {
+            self.server.database_url = Some(v);
+        } else if let Some(file) = var("TWOKEY_DATABASE_URL_FILE") {
+            let v = std::fs::read_to_string(&file).map_err(|e| {
+                invalid(
+                    "TWOKEY_DATABASE_URL_FILE",
+                    format!("cannot read {file}: {e}"),
+                )
+            })?;
+            self.server.database_url = Some(v.trim().to_string());
+        }
+        Ok(())
+    }
+
+    /// Checks every rule a running server relies on.
+    /// `server.listen` as an address; never a stand-in for one that does not parse.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", "must be IP:PORT, e.g. \"127.0.0.1:8080\""))
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.server.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.server.data_dir.join("twokey.db").display()
+            ),
+        }
+    }
+
+    /// `server.trusted_proxies`, parsed (checked in validate()).
+    pub fn trusted_proxies(&self) -> Vec<std::net::IpAddr> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    pub fn secure_cookies(&self) -> bool {
+        self.server
+            .public_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
+    }
+
+    pub fn outbox_interval(&self) -> Duration {
+        self.server.outbox_interval
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        self.server.reconcile_interval
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        self.server.sweep_interval
+    }
+
+    pub fn token_ttl(&self) -> Duration {
+        self.auth.token_ttl
+    }
+
+    pub fn cli_token_ttl(&self) -> Duration {
+        self.auth.cli_token_ttl
+    }
+
+    pub fn groups_max_age(&self) -> Duration {
+        self.auth.groups_max_age
+    }
+
+    pub fn session_lifetime(&self) -> Duration {
+        self.auth.session_lifetime
+    }
+
+    /// The base URL for links in messages.
+    pub fn public_url(&self) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.server.listen),
+        }
+    }
+
+    /// Where the identity provider sends the browser back to.
+    pub fn oidc_redirect_url(&self) -> String {
+        let base = self
+            .server
+            .public_url
+            .as_deref()
+            .unwrap_or("http://127.0.0.1:8080");
+        format!("{}/auth/oidc/callback", base.trim_end_matches('/'))
+    }
+
+    pub fn session_idle_timeout(&self) -> Duration {
+        self.auth.session_idle_timeout
+    }
+
+    /// The pending TTL that applies to a role: its own, else `policy.pending_ttl`.
+    pub fn pending_ttl(&self, role: &RoleConfig) -> Duration {
+        role.pending_ttl.unwrap_or(self.policy.pending_ttl)
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&ResourceConfig> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    pub fn role(&self, resource: &str, role: &str) -> Option<(&ResourceConfig, &RoleConfig)> {
+        let r = self.resource(resource)?;
+        let role = r.roles.iter().find(|x| x.name == role)?;
+        Some((r, role))
+    }
+
+    pub fn dev_user(&self, email: &str) -> Option<&DevUser> {
+        self.auth
+            .dev_users
+            .iter()
+            .find(|u| u.email.eq_ignore_ascii_case(email))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn demo() -> Config {
+        Config::parse(
+            &demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x")),
+            "demo",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn postgres_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "x").unwrap();
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with = |resource_extra: &str, role_extra: &str| {
+            let text = base
+                .replacen(
+                    "description = \"Demo PostgreSQL database\"",
+                    &format!("description = \"Demo PostgreSQL database\"\n{resource_extra}"),
+                    1,
+                )
+                .replacen(
+                    "max_duration = \"4h\"",
+                    &format!("max_duration = \"4h\"\n{role_extra}"),
+                    1,
+                );
+            Config::parse(&text, "t")
+                .and_then(|c| c.validate())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let good = format!(
+            "address = \"127.0.0.1:5432\"\ndatabase = \"app\"\nadmin_user = \"twokey\"\nadmin_password_file = {:?}",
+            pw.display().to_string()
+        );
+        with(&good, "db_roles = [\"readonly\"]").unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        with(
+            &format!("{good}\ntls_ca_file = {:?}", ca.display().to_string()),
+            "db_roles = [\"readonly\"]",
+        )
+        .unwrap();
+        for (resource, role, key) in [
+            (
+                good.replace("database = \"app\"\n", ""),
+                "db_roles = [\"r\"]",
+                "resources[0].database",
+            ),
+            (
+                good.replace("address = \"127.0.0.1:5432\"\n", ""),
+                "db_roles = [\"r\"]",
+                "resources[0].address",
+            ),
+            (
+                format!("{good}\ntls = \"sometimes\""),
+                "db_roles = [\"r\"]",
+                "resources[0].tls",
+            ),
+            (
+                format!("{good}\ntls_ca_file = \"/no/such/ca.pem\""),
+                "db_roles = [\"r\"]",
+                "resources[0].tls_ca_file",
+            ),
+            (
+                // The password file is no certificate.
+                format!("{good}\ntls_ca_file = {:?}", pw.display().to_string()),
+                "db_roles = [\"r\"]",
+                "resources[0].tls_ca_file",
+            ),
+            (
+                format!(
+                    "{good}\ntls = \"disable\"\ntls_ca_file = {:?}",
+                    ca.display().to_string()
+                ),
+                "db_roles = [\"r\"]",
+                "resources[0].tls_ca_file",
+            ),
+            (
+                good.replace("pw\"", "absent\""),
+                "db_roles = [\"r\"]",
+                "resources[0].admin_password_file",
+            ),
+            (good.clone(), "", "resources[0].roles[0].db_roles"),
+            (
+                good.clone(),
+                "db_grants = [\"GRANT SELECT ON t TO x\"]",
+                "resources[0].roles[0].db_grants",
+            ),
+            (
+                good.clone(),
+                "db_roles = [\"r\"]\nconnection_limit = 0",
+                "resources[0].roles[0].connection_limit",
+            ),
+        ] {
+            let err = with(&resource, role).unwrap_err();
+            assert!(err.starts_with(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn slack_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let secret = dir.path().join("secret");
+        std::fs::write(&token, "xoxb-1\n").unwrap();
+        std::fs::write(&secret, "").unwrap();
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with = |section: String| {
+            Config::parse(&format!("{base}\n{section}"), "t")
+                .and_then(|c| c.validate())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let slack = |channel: &str, api: &str, secret_file: &Path| {
+            format!(
+                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\nteam_id = \"T0TEAM\"\napi_base = {api:?}\n",
+                token.display().to_string(),
+                secret_file.display().to_string()
+            )
+        };
+        let err = with(slack("#a", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        let missing = dir.path().join("absent");
+        let err = with(slack("#a", "https://slack.com/api", &missing)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        assert!(!err.contains("xoxb"), "{err}");
+        std::fs::write(&secret, "s3cret").unwrap();
+        with(slack("#a", "https://slack.com/api", &secret)).unwrap();
+        let err = with(slack(" ", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.channel"), "{err}");
+        for bad in ["", "t0team", "T0 TEAM", "T0TEAM\\n"] {
+            let section = slack("#a", "https://slack.com/api", &secret)
+                .replace("team_id = \"T0TEAM\"", &format!("team_id = \"{bad}\""));
+            let err = with(section).unwrap_err();
+            assert!(err.starts_with("slack.team_id"), "{bad:?}: {err}");
+        }
+        let without =
+            slack("#a", "https://slack.com/api", &secret).replace("team_id = \"T0TEAM\"\n", "");
+        let err = with(without).unwrap_err();
+        assert!(err.contains("team_id"), "{err}");
+        for bad in [
+            "http://slack.example/api",
+            "http://127.0.0.1.evil.example/api",
+            "slack.com",
+        ] {
+            let err = with(slack("#a", bad, &secret)).unwrap_err();
+            assert!(err.starts_with("slack.api_base"), "{bad}: {err}");
+        }
+        let err = with(format!(
+            "{}verify = false\n",
+            slack("#a", "https://slack.com/api", &secret)
+        ))
+        .unwrap_err();
+        assert!(err.contains("verify"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "min_approvals = 1",
+                "min_approvals = 0",
+                "resources[0].roles[0].min_approvals",
+            ),
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"4 hours\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"10s\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+                "approver_groups = []\nmin_approvals = 1",
+                "resources[0].roles[0].approver_groups",
+            ),
+            (
+                "listen = \"127.0.0.1:8080\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            (
+                "name = \"demo-db\"",
+                "name = \"demo db\"",
+                "resources[0].name",
+            ),
+            (
+                "name = \"demo-ssh\"",
+                "name = \"demo-db\"",
+                "resources[1].name",
+            ),
+            (
+                "pending_ttl = \"24h\"",
+                "pending_ttl = \"0s\"",
+                "policy.pending_ttl",
+            ),
+            (
+                "email = \"bob@example.com\"",
+                "email = \"alice@example.com\"",
+                "auth.dev_users[1].email",
+            ),
+            (
+                "principals = [\"admin\"]",
+                "principals = []",
+                "resources[1].roles[0].principals",
+            ),
+            (
+                "principals = [\"admin\"]",
+                "principals = [\"*\"]",
+                "resources[1].roles[0].principals",
+            ),
+            (
+                "principals = [\"admin\"]",
+                "principals = [\"admin,root\"]",
+                "resources[1].roles[0].principals",
+            ),
+            (
+                "extensions = [\"permit-pty\"]",
+                "extensions = [\"permit-anything\"]",
+                "resources[1].roles[0].extensions",
+            ),
+            (
+                "extensions = [\"permit-pty\"]",
+                "extensions = [\"permit-pty\"]\nsource_address = [\"10.0.0.0/33\"]",
+                "resources[1].roles[0].source_address",
+            ),
+            (
+                "extensions = [\"permit-pty\"]",
+                "extensions = [\"permit-pty\"]\nforce_command = \" \"",
+                "resources[1].roles[0].force_command",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1\"",
+                "resources[1].address",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1:22\"\nhost_key = \"ssh-ed25519 nope\"",
+                "resources[1].host_key",
+            ),
+        ];
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (from, to, key) in cases {
+            assert!(base.contains(from), "{from}");
+            let text = base.replacen(from, to, 1);
+            let err = Config::parse(&text, "t")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_recording_cap_of_nothing_is_refused() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (bytes, ok) in [(0, false), (65_535, false), (65_536, true)] {
+            let text = format!(
+                "{base}\n[relay]\nlisten = \"127.0.0.1:0\"\nmax_recording_bytes = {bytes}\n"
+            );
+            let checked = Config::parse(&text, "t").and_then(|c| c.validate());
+            match checked {
+                Ok(_) => assert!(ok, "{bytes} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{bytes}: {e}");
+                    assert!(
+                        e.to_string().starts_with("relay.max_recording_bytes"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn durations_are_parsed_once_at_load_or_refused_naming_their_key() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with =
+            |section: &str, line: &str| base.replacen(section, &format!("{section}\n{line}"), 1);
+        // Valid: each setting holds the typed value, sub-second ones included.
+        type Read = fn(&Config) -> Duration;
+        let ok: &[(&str, &str, Read, u64)] = &[
+            (
+                "[server]",
+                "outbox_interval = \"50ms\"",
+                |c| c.outbox_interval(),
+                50,
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"250ms\"",
+                |c| c.sweep_interval(),
+                250,
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"0s\"",
+                |c| c.sweep_interval(),
+                0,
+            ),
+            (
+                "[server]",
+                "reconcile_interval = \"1m30s\"",
+                |c| c.reconcile_interval(),
+                90_000,
+            ),
+            (
+                "[auth]",
+                "token_ttl = \"7d\"",
+                |c| c.token_ttl(),
+                7 * 86_400_000,
+            ),
+            (
+                "[auth]",
+                "session_idle_timeout = \"1500ms\"",
+                |c| c.session_idle_timeout(),
+                1500,
+            ),
+            (
+                "[auth]",
+                "groups_max_age = \"90\"",
+                |c| c.groups_max_age(),
+                90_000,
+            ),
+            ("[policy]", "", |c| c.policy.pending_ttl, 24 * 3_600_000),
+        ];
+        for (section, line, get, ms) in ok {
+            let c = Config::parse(&with(section, line), "t").unwrap();
+            c.validate().unwrap();
+            assert_eq!(get(&c), Duration::from_millis(*ms), "{line}");
+        }
+        let c = Config::parse(&base, "t").unwrap();
+        assert_eq!(c.outbox_interval(), Duration::from_secs(2), "the default");
+        let role = &c.resources[0].roles[0];
+        assert_eq!(role.max_duration(), Duration::from_secs(4 * 3600));
+        assert_eq!(c.pending_ttl(role), Duration::from_secs(24 * 3600));
+
+        // Invalid: refused, the key named, never replaced by a default.
+        let bad: &[(&str, &str, &str)] = &[
+            (
+                "[server]",
+                "outbox_interval = \"2 seconds\"",
+                "server.outbox_interval: \"2 seconds\" is not a duration",
+            ),
+            (
+                "[server]",
+                "outbox_interval = \"5us\"",
+                "server.outbox_interval: \"5us\" is not a duration",
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"1.5s\"",
+                "server.sweep_interval: ",
+            ),
+            (
+                "[server]",
+                "reconcile_interval = 60",
+                "server.reconcile_interval: invalid type",
+            ),
+            (
+                "[auth]",
+                "token_ttl = \"400d\"",
+                "auth.token_ttl: \"400d\" is longer than a year",
+            ),
+            (
+                "[auth]",
+                "session_lifetime = \"0ms\"",
+                "auth.session_lifetime: must be longer than zero",
+            ),
+            (
+                "[auth]",
+                "groups_max_age = \"\"",
+                "auth.groups_max_age: a duration is required",
+            ),
+            (
+                "[auth]",
+                "session_idle_timeout = \"8hours\"",
+                "auth.session_idle_timeout: ",
+            ),
+        ];
+        for (section, line, want) in bad {
+            let err = Config::parse(&with(section, line), "t.toml")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{line}: {err}");
+        }
+        let err = Config::parse(&with("[server]", "outbox_interval = \"2x\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("(t.toml, line 5)"), "{err}");
+        let text = base.replacen(
+            "max_duration = \"1h\"",
+            "max_duration = \"1h\"\npending_ttl = \"soon\"",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(
+            err.starts_with("resources[1].roles[0].pending_ttl: \"soon\""),
+            "{err}"
+        );
+        let text = base.replacen("max_duration = \"1h\"", "max_duration = \"59s\"", 1);
+        let err = Config::parse(&text, "t")
+            .and_then(|c| c.validate())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("resources[1].roles[0].max_duration: must be at least 1m"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn all_groups_needs_enough_approvals() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let text = base.replacen(
+            "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+            "approver_groups = [\"sre-leads\", \"dbas\"]\nall_groups = true\nmin_approvals = 1",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = demo();
+        c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()))
+            .unwrap();
+        assert_eq!(c.listen_addr().unwrap().port(), 9999);
+        let err = c
+            .apply_env(|k| (k == "TWOKEY_DATABASE_URL_FILE").then(|| "/nonexistent/x".to_string()))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("TWOKEY_DATABASE_URL_FILE: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn debug_redacts_database_url() {
+        let mut c = demo();
+        c.server.database_url = Some("postgres://u:hunter2@db/twokey".into());
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
