@@ -45,7 +45,7 @@ pub const EXPORT_END_KEY: &str = "export_end";
 
 /// Where the signing key lives unless configured.
 pub fn default_key_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("audit_signing_key")
+    AuditConfig::default_key_path(data_dir)
 }
 
 /// A signed statement: event `seq` of the chain has hash `hash` (made at `ts`, ms).

@@ -54,7 +54,12 @@ impl AuditConfig {
     pub fn key_path(&self, data_dir: &Path) -> PathBuf {
         self.signing_key_file
             .clone()
-            .unwrap_or_else(|| crate::audit::checkpoint::default_key_path(data_dir))
+            .unwrap_or_else(|| Self::default_key_path(data_dir))
+    }
+
+    /// Where the signing key lives unless configured: DATA_DIR/audit_signing_key.
+    pub fn default_key_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("audit_signing_key")
     }
 
     /// The passphrase of the signing key: its own, else the CA's.

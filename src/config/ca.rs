@@ -23,7 +23,12 @@ impl CaConfig {
     pub fn key_path(&self, data_dir: &Path) -> PathBuf {
         self.key_file
             .clone()
-            .unwrap_or_else(|| crate::ca::default_key_path(data_dir))
+            .unwrap_or_else(|| Self::default_key_path(data_dir))
+    }
+
+    /// Where the CA key lives unless configured: DATA_DIR/ssh_user_ca.
+    pub fn default_key_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("ssh_user_ca")
     }
 
     pub fn passphrase(&self) -> Result<Option<String>, ConfigError> {

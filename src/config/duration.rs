@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use super::{ConfigError, invalid};
 
-pub use crate::policy::parse_duration;
-
 pub(super) fn check_nonzero(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         return Err(invalid(key, "must be longer than zero"));
@@ -40,4 +38,58 @@ pub(super) mod optional_duration_setting {
             .map(|text| super::parse_duration(&text).map_err(serde::de::Error::custom))
             .transpose()
     }
+}
+
+/// Parses `"90"` (seconds), `"50ms"`, `"45s"`, `"30m"`, `"1h30m"`, `"2h"`, `"1d"`:
+/// whole numbers, each with a unit (`ms`, `s`, `m`, `h`, `d`), largest first or not,
+/// at most a year in all.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad =
+        || format!("{s:?} is not a duration; write e.g. \"50ms\", \"30m\", \"1h30m\" or seconds");
+    if s.is_empty() {
+        return Err("a duration is required, e.g. \"30m\"".into());
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = s.parse().map_err(|_| bad())?;
+        return capped(s, secs.checked_mul(1000).ok_or_else(bad)?);
+    }
+    let mut total_ms: u64 = 0;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit_ms = match c {
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        total_ms = n
+            .checked_mul(unit_ms)
+            .and_then(|v| total_ms.checked_add(v))
+            .ok_or_else(bad)?;
+        num.clear();
+    }
+    if !num.is_empty() {
+        return Err(bad());
+    }
+    capped(s, total_ms)
+}
+
+fn capped(s: &str, ms: u64) -> Result<Duration, String> {
+    // Cap far beyond any sane grant so arithmetic on timestamps cannot overflow.
+    if ms > 366 * 86_400_000 {
+        return Err(format!("{s:?} is longer than a year"));
+    }
+    Ok(Duration::from_millis(ms))
 }

@@ -4,73 +4,9 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use super::duration::check_nonzero;
-use super::{Config, ConfigError, MIN_MAX_RECORDING_BYTES, ResourceKind, RoleConfig, invalid};
-
-fn check_ssh_role(key: &str, role: &RoleConfig) -> Result<(), ConfigError> {
-    if role.principals.is_empty() {
-        return Err(invalid(
-            format!("{key}.principals"),
-            "an ssh role must list the logins its certificates are for, e.g. [\"deploy\"]",
-        ));
-    }
-    if let Some(p) = role
-        .principals
-        .iter()
-        .find(|p| !crate::ca::valid_principal(p))
-    {
-        return Err(invalid(
-            format!("{key}.principals"),
-            format!("{p:?} is not a login name (no wildcards, commas or spaces)"),
-        ));
-    }
-    if let Some(e) = role
-        .extensions
-        .iter()
-        .find(|e| !crate::ca::KNOWN_EXTENSIONS.contains(&e.as_str()))
-    {
-        return Err(invalid(
-            format!("{key}.extensions"),
-            format!(
-                "unknown extension {e:?}; known: {}",
-                crate::ca::KNOWN_EXTENSIONS.join(", ")
-            ),
-        ));
-    }
-    if role
-        .force_command
-        .as_deref()
-        .is_some_and(|c| c.trim().is_empty() || c.contains('\n'))
-    {
-        return Err(invalid(
-            format!("{key}.force_command"),
-            "must be one non-empty line",
-        ));
-    }
-    for a in &role.source_address {
-        if !valid_cidr(a) {
-            return Err(invalid(
-                format!("{key}.source_address"),
-                format!("{a:?} is not an address or CIDR, e.g. \"10.0.0.0/8\""),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn valid_cidr(s: &str) -> bool {
-    let (addr, bits) = match s.split_once('/') {
-        Some((a, b)) => (a, Some(b)),
-        None => (s, None),
-    };
-    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
-        return false;
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    bits.is_none_or(|b| b.parse::<u8>().is_ok_and(|n| n <= max))
-}
+use super::{Config, ConfigError, MIN_MAX_RECORDING_BYTES, invalid};
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -299,97 +235,8 @@ impl Config {
                         ),
                     ));
                 }
-                if role.max_duration < Duration::from_secs(crate::policy::MIN_GRANT_SECS) {
-                    return Err(invalid(
-                        format!("{key}.max_duration"),
-                        "must be at least 1m",
-                    ));
-                }
                 if let Some(ttl) = role.pending_ttl {
                     check_nonzero(&format!("{key}.pending_ttl"), ttl)?;
-                }
-                if r.kind == ResourceKind::Ssh {
-                    check_ssh_role(&key, role)?;
-                }
-                if r.manages_db_roles() {
-                    if role.db_roles.is_empty() && role.db_grants.is_empty() {
-                        return Err(invalid(
-                            format!("{key}.db_roles"),
-                            "list the database roles a grant's login joins (or db_grants)",
-                        ));
-                    }
-                    if let Some(g) = role.db_grants.iter().find(|g| !g.contains("{role}")) {
-                        return Err(invalid(
-                            format!("{key}.db_grants"),
-                            format!("{g:?} must say {{role}} where the login goes"),
-                        ));
-                    }
-                    if role.connection_limit < 1 {
-                        return Err(invalid(
-                            format!("{key}.connection_limit"),
-                            "must be at least 1",
-                        ));
-                    }
-                }
-            }
-            if r.manages_db_roles() {
-                // twokey owns the prefix: its own admin or a role it grants must never be
-                // mistaken for a grant's login.
-                let owned = r
-                    .admin_user
-                    .iter()
-                    .chain(r.reassign_owned_to.iter())
-                    .chain(r.roles.iter().flat_map(|role| role.db_roles.iter()));
-                if let Some(n) = owned
-                    .into_iter()
-                    .find(|n| n.starts_with(crate::dbcreds::ROLE_PREFIX))
-                {
-                    return Err(invalid(
-                        format!("{key}.admin_user"),
-                        format!(
-                            "{n:?}: names starting with twokey_ are reserved for grants' logins"
-                        ),
-                    ));
-                }
-                if r.address.is_none() {
-                    return Err(invalid(
-                        format!("{key}.address"),
-                        "is required: host:port of the database",
-                    ));
-                }
-                if r.database.as_deref().is_none_or(str::is_empty) {
-                    return Err(invalid(
-                        format!("{key}.database"),
-                        "is required with admin_user",
-                    ));
-                }
-                r.admin_password(&key)?;
-                let tls = r.tls.as_deref().unwrap_or(crate::dbcreds::DEFAULT_TLS);
-                if !matches!(tls, "disable" | "prefer" | "require" | "verify-full") {
-                    return Err(invalid(
-                        format!("{key}.tls"),
-                        "must be verify-full (the default), require, prefer or disable",
-                    ));
-                }
-                if let Some(ca) = &r.tls_ca_file {
-                    if tls == "disable" {
-                        return Err(invalid(
-                            format!("{key}.tls_ca_file"),
-                            "has no effect with tls = \"disable\": remove one of them",
-                        ));
-                    }
-                    let pem = std::fs::read_to_string(ca).map_err(|e| {
-                        invalid(
-                            format!("{key}.tls_ca_file"),
-                            format!("cannot read {}: {e}", ca.display()),
-                        )
-                    })?;
-                    if !pem.contains("-----BEGIN CERTIFICATE-----") {
-                        return Err(invalid(
-                            format!("{key}.tls_ca_file"),
-                            format!("{} holds no PEM certificate", ca.display()),
-                        ));
-                    }
                 }
             }
             if let Some(addr) = &r.address

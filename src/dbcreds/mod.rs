@@ -31,6 +31,10 @@ use crate::policy::Actor;
 use crate::state::AppState;
 use crate::store;
 
+pub use check::check_config;
+
+mod check;
+
 /// Every role twokey makes starts with this; twokey owns the prefix on its targets.
 pub const ROLE_PREFIX: &str = "twokey_";
 /// SCRAM iterations, as PostgreSQL's own default.
