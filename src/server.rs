@@ -80,7 +80,7 @@ pub async fn open_state(config: Config, clock: Arc<dyn Clock>) -> Result<AppStat
             ))
         })?;
     }
-    let db = store::connect(&config.database_url()).await?;
+    let db = store::connect(config.database_url().expose()).await?;
     let state = AppState::new(config, db, clock)?;
     auth::sync_dev_users(&state).await?;
     Ok(state)

@@ -16,7 +16,7 @@ use ssh_key::public::KeyData;
 use ssh_key::rand_core::UnwrapErr;
 use ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
 
-use crate::config::CaConfig;
+use crate::config::{CaConfig, Secret};
 use crate::error::{Error, Result};
 
 pub use check::check_config;
@@ -80,6 +80,7 @@ impl Ca {
         let passphrase = config
             .passphrase()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let passphrase = passphrase.as_ref().map(Secret::expose);
         if path.exists() {
             return Self::load(&path, passphrase.as_deref());
         }

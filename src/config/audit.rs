@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::ca::CaConfig;
 use super::duration::duration_setting;
-use super::{ConfigError, invalid};
+use super::{ConfigError, Secret};
 
 /// The key that signs checkpoints of the audit chain head. It must not live in the
 /// database: whoever can write the database can recompute every hash, but cannot sign.
@@ -63,21 +63,11 @@ impl AuditConfig {
     }
 
     /// The passphrase of the signing key: its own, else the CA's.
-    pub fn passphrase(&self, ca: &CaConfig) -> Result<Option<String>, ConfigError> {
+    pub fn passphrase(&self, ca: &CaConfig) -> Result<Option<Secret>, ConfigError> {
         let Some(p) = &self.passphrase_file else {
             return ca.passphrase();
         };
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            invalid(
-                "audit.passphrase_file",
-                format!("cannot read {}: {e}", p.display()),
-            )
-        })?;
-        let pass = text.trim_end_matches(['\n', '\r']).to_string();
-        if pass.is_empty() {
-            return Err(invalid("audit.passphrase_file", "the file is empty"));
-        }
-        Ok(Some(pass))
+        Secret::from_file("audit.passphrase_file", p).map(Some)
     }
 
     /// How long between periodic checkpoints.

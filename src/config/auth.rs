@@ -2,14 +2,13 @@
 //! how long browser sessions and API tokens last. It never signs anyone in, and its
 //! `Debug` never shows the OIDC client secret.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::duration::duration_setting;
-use super::{ConfigError, invalid};
+use super::{ConfigError, Secret, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,14 +58,14 @@ fn default_groups_max_age() -> Duration {
 }
 
 /// An OpenID Connect provider (Okta, Entra ID, Google, Keycloak, Dex, ...).
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
     /// The issuer URL; discovery is read from `ISSUER/.well-known/openid-configuration`.
     pub issuer: String,
     pub client_id: String,
     #[serde(default)]
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret>,
     /// Read the client secret from this file instead (keeps it out of the config).
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
@@ -95,42 +94,16 @@ pub struct OidcConfig {
     pub group_map: std::collections::BTreeMap<String, Vec<String>>,
 }
 
-impl fmt::Debug for OidcConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OidcConfig")
-            .field("issuer", &self.issuer)
-            .field("client_id", &self.client_id)
-            .field(
-                "client_secret",
-                &self.client_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field("client_secret_file", &self.client_secret_file)
-            .field("scopes", &self.scopes)
-            .field("groups_claim", &self.groups_claim)
-            .field("email_claim", &self.email_claim)
-            .field("allowed_email_domains", &self.allowed_email_domains)
-            .field("group_map", &self.group_map)
-            .finish()
-    }
-}
-
 impl OidcConfig {
     /// The client secret, from the config or its file.
-    pub fn secret(&self) -> Result<Option<String>, ConfigError> {
+    pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
         match (&self.client_secret, &self.client_secret_file) {
             (Some(_), Some(_)) => Err(invalid(
                 "auth.oidc.client_secret_file",
                 "set client_secret or client_secret_file, not both",
             )),
             (Some(s), None) => Ok(Some(s.clone())),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|s| Some(s.trim().to_string()))
-                .map_err(|e| {
-                    invalid(
-                        "auth.oidc.client_secret_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                }),
+            (None, Some(path)) => Secret::from_file("auth.oidc.client_secret_file", path).map(Some),
             (None, None) => Ok(None),
         }
     }

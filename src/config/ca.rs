@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{ConfigError, invalid};
+use super::{ConfigError, Secret};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,20 +31,8 @@ impl CaConfig {
         data_dir.join("ssh_user_ca")
     }
 
-    pub fn passphrase(&self) -> Result<Option<String>, ConfigError> {
-        let Some(p) = &self.passphrase_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            invalid(
-                "ca.passphrase_file",
-                format!("cannot read {}: {e}", p.display()),
-            )
-        })?;
-        let pass = text.trim_end_matches(['\n', '\r']).to_string();
-        if pass.is_empty() {
-            return Err(invalid("ca.passphrase_file", "the file is empty"));
-        }
-        Ok(Some(pass))
+    /// The key's passphrase, read from `passphrase_file`.
+    pub fn passphrase(&self) -> Result<Option<Secret>, ConfigError> {
+        Secret::from_optional_file("ca.passphrase_file", self.passphrase_file.as_deref())
     }
 }

@@ -12,6 +12,7 @@ mod duration;
 mod notify;
 mod relay;
 mod resources;
+mod secret;
 mod server;
 mod validation;
 
@@ -29,10 +30,12 @@ pub use duration::parse_duration;
 pub use notify::{EmailConfig, SlackConfig, SmtpTls};
 pub use relay::{DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES, RelayConfig};
 pub use resources::{PolicyConfig, ResourceConfig, ResourceKind, RoleConfig};
+pub use secret::Secret;
 pub use server::ServerConfig;
 
-/// Everything twokey runs with.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything twokey runs with. `Default` is what an empty file means: every section's
+/// defaults come from the same functions serde uses (a test holds the two equal).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -139,15 +142,12 @@ impl Config {
             self.server.data_dir = PathBuf::from(v);
         }
         if let Some(v) = var("TWOKEY_DATABASE_URL") {
-            self.server.database_url = Some(v);
+            self.server.database_url = Some(Secret::new("TWOKEY_DATABASE_URL", &v)?);
         } else if let Some(file) = var("TWOKEY_DATABASE_URL_FILE") {
-            let v = std::fs::read_to_string(&file).map_err(|e| {
-                invalid(
-                    "TWOKEY_DATABASE_URL_FILE",
-                    format!("cannot read {file}: {e}"),
-                )
-            })?;
-            self.server.database_url = Some(v.trim().to_string());
+            self.server.database_url = Some(Secret::from_file(
+                "TWOKEY_DATABASE_URL_FILE",
+                Path::new(&file),
+            )?);
         }
         Ok(())
     }
@@ -160,13 +160,14 @@ impl Config {
             .map_err(|_| invalid("server.listen", "must be IP:PORT, e.g. \"127.0.0.1:8080\""))
     }
 
-    pub fn database_url(&self) -> String {
+    /// `server.database_url`, else `sqlite://DATA_DIR/twokey.db`.
+    pub fn database_url(&self) -> Secret {
         match &self.server.database_url {
             Some(url) => url.clone(),
-            None => format!(
+            None => Secret::generated(format!(
                 "sqlite://{}",
                 self.server.data_dir.join("twokey.db").display()
-            ),
+            )),
         }
     }
 
@@ -228,7 +229,8 @@ impl Config {
             .server
             .public_url
             .as_deref()
-            .unwrap_or("http://127.0.0.1:8080");
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("http://{}", server::default_listen()));
         format!("{}/auth/oidc/callback", base.trim_end_matches('/'))
     }
 
@@ -583,9 +585,147 @@ mod tests {
     }
 
     #[test]
+    fn every_promised_override_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, "postgres://u:pw@db/from-file\n").unwrap();
+        let url_file = url_file.display().to_string();
+        type Read = fn(&Config) -> String;
+        let url: Read = |c| c.database_url().expose().to_string();
+        // (variables set, what lands); README "Configuration" promises each one.
+        let cases: &[(&[(&str, &str)], Read, &str)] = &[
+            (
+                &[("TWOKEY_LISTEN", "127.0.0.1:9999")],
+                |c| c.listen_addr().unwrap().to_string(),
+                "127.0.0.1:9999",
+            ),
+            (
+                &[("TWOKEY_PUBLIC_URL", "https://twokey.example.com")],
+                |c| c.public_url(),
+                "https://twokey.example.com",
+            ),
+            (
+                &[("TWOKEY_DATA_DIR", "/srv/twokey")],
+                |c| c.server.data_dir.display().to_string(),
+                "/srv/twokey",
+            ),
+            (
+                &[("TWOKEY_DATA_DIR", "/srv/twokey")],
+                url,
+                "sqlite:///srv/twokey/twokey.db",
+            ),
+            (
+                &[("TWOKEY_DATABASE_URL", "postgres://u:pw@db/env")],
+                url,
+                "postgres://u:pw@db/env",
+            ),
+            (
+                &[("TWOKEY_DATABASE_URL_FILE", "")],
+                url,
+                "postgres://u:pw@db/from-file",
+            ),
+            // Given both, the value wins over the file.
+            (
+                &[
+                    ("TWOKEY_DATABASE_URL", "postgres://u:pw@db/env"),
+                    ("TWOKEY_DATABASE_URL_FILE", ""),
+                ],
+                url,
+                "postgres://u:pw@db/env",
+            ),
+        ];
+        for (vars, read, want) in cases {
+            let mut c = demo();
+            let before = read(&c);
+            assert_ne!(before, *want, "{vars:?} would change nothing");
+            c.apply_env(|k| {
+                vars.iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(name, v)| match *name {
+                        "TWOKEY_DATABASE_URL_FILE" => url_file.clone(),
+                        _ => v.to_string(),
+                    })
+            })
+            .unwrap();
+            c.validate().unwrap();
+            assert_eq!(read(&c), *want, "{vars:?}");
+        }
+        // Nothing set: nothing changes.
+        let mut c = demo();
+        c.apply_env(|_| None).unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", demo()));
+        // An empty value or file is refused, naming the variable; so is a missing file.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let empty = empty.display().to_string();
+        for (name, value, want) in [
+            (
+                "TWOKEY_DATABASE_URL",
+                "",
+                "TWOKEY_DATABASE_URL: must not be empty",
+            ),
+            (
+                "TWOKEY_DATABASE_URL_FILE",
+                empty.as_str(),
+                "TWOKEY_DATABASE_URL_FILE: the file is empty",
+            ),
+            (
+                "TWOKEY_DATABASE_URL_FILE",
+                "/nonexistent/x",
+                "TWOKEY_DATABASE_URL_FILE: cannot read /nonexistent/x: ",
+            ),
+        ] {
+            let err = demo()
+                .apply_env(|k| (k == name).then(|| value.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_what_an_empty_file_means() {
+        let empty = Config::parse("", "t").unwrap();
+        assert_eq!(format!("{:?}", Config::default()), format!("{empty:?}"));
+        let sections = Config::parse("[server]\n[auth]\n[policy]\n[ca]\n[audit]\n", "t").unwrap();
+        assert_eq!(format!("{:?}", Config::default()), format!("{sections:?}"));
+        // The relay's Default (used by tests that build one) matches the file's
+        // defaults once its required listen address is given.
+        let relay = Config::parse("[relay]\nlisten = \"127.0.0.1:2222\"\n", "t").unwrap();
+        assert_eq!(
+            format!("{:?}", relay.relay.unwrap()),
+            format!("{:?}", RelayConfig::default())
+        );
+        // And the values are the documented ones, not just equal to each other.
+        let c = Config::default();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.data_dir, PathBuf::from("./twokey-data"));
+        assert_eq!(c.sweep_interval(), Duration::from_secs(1));
+        assert_eq!(c.outbox_interval(), Duration::from_secs(2));
+        assert_eq!(c.reconcile_interval(), Duration::from_secs(60));
+        assert_eq!(c.auth.admin_groups, ["admins"]);
+        assert_eq!(c.session_idle_timeout(), Duration::from_secs(8 * 3600));
+        assert_eq!(c.session_lifetime(), Duration::from_secs(12 * 3600));
+        assert_eq!(c.token_ttl(), Duration::from_secs(7 * 86400));
+        assert_eq!(c.cli_token_ttl(), Duration::from_secs(12 * 3600));
+        assert_eq!(c.groups_max_age(), Duration::from_secs(86400));
+        assert_eq!(c.policy.pending_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.audit.checkpoint_interval(), Duration::from_secs(60));
+        assert_eq!(c.audit.checkpoint_every, 100);
+        assert_eq!(
+            c.database_url().expose(),
+            "sqlite://./twokey-data/twokey.db"
+        );
+        assert_eq!(
+            c.oidc_redirect_url(),
+            "http://127.0.0.1:8080/auth/oidc/callback"
+        );
+    }
+
+    #[test]
     fn debug_redacts_database_url() {
         let mut c = demo();
-        c.server.database_url = Some("postgres://u:hunter2@db/twokey".into());
+        c.server.database_url = Some(Secret::new("k", "postgres://u:hunter2@db/twokey").unwrap());
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -1,14 +1,13 @@
 //! The `[email]` and `[slack]` sections: where notifications go and the files their
 //! secrets are read from. It never sends anything, and its `Debug` never shows a secret.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, invalid};
+use super::{ConfigError, Secret};
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlackConfig {
     /// The bot token (`xoxb-…`), in a file.
@@ -29,34 +28,11 @@ fn default_slack_api() -> String {
     "https://slack.com/api".into()
 }
 
-impl fmt::Debug for SlackConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SlackConfig")
-            .field("bot_token_file", &self.bot_token_file)
-            .field("signing_secret_file", &self.signing_secret_file)
-            .field("channel", &self.channel)
-            .field("team_id", &self.team_id)
-            .field("api_base", &self.api_base)
-            .finish()
-    }
-}
-
 impl SlackConfig {
     /// (bot token, signing secret), read from their files.
-    pub fn secrets(&self) -> Result<(String, String), ConfigError> {
-        let read = |key: &str, p: &Path| {
-            std::fs::read_to_string(p)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| invalid(key, format!("cannot read {}: {e}", p.display())))
-        };
-        let token = read("slack.bot_token_file", &self.bot_token_file)?;
-        if token.is_empty() {
-            return Err(invalid("slack.bot_token_file", "the file is empty"));
-        }
-        let secret = read("slack.signing_secret_file", &self.signing_secret_file)?;
-        if secret.is_empty() {
-            return Err(invalid("slack.signing_secret_file", "the file is empty"));
-        }
+    pub fn secrets(&self) -> Result<(Secret, Secret), ConfigError> {
+        let token = Secret::from_file("slack.bot_token_file", &self.bot_token_file)?;
+        let secret = Secret::from_file("slack.signing_secret_file", &self.signing_secret_file)?;
         Ok((token, secret))
     }
 }
@@ -72,7 +48,7 @@ pub enum SmtpTls {
     None,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// `twokey <twokey@example.com>`.
@@ -95,32 +71,9 @@ pub struct EmailConfig {
 fn default_smtp_tls() -> SmtpTls {
     SmtpTls::Starttls
 }
-impl fmt::Debug for EmailConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EmailConfig")
-            .field("from", &self.from)
-            .field("dev_mailbox", &self.dev_mailbox)
-            .field("smtp_host", &self.smtp_host)
-            .field("smtp_port", &self.smtp_port)
-            .field("tls", &self.tls)
-            .field("username", &self.username)
-            .field("password_file", &self.password_file)
-            .finish()
-    }
-}
-
 impl EmailConfig {
-    pub fn password(&self) -> Result<Option<String>, ConfigError> {
-        match &self.password_file {
-            None => Ok(None),
-            Some(p) => std::fs::read_to_string(p)
-                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|e| {
-                    invalid(
-                        "email.password_file",
-                        format!("cannot read {}: {e}", p.display()),
-                    )
-                }),
-        }
+    /// The SMTP password, read from `password_file`.
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        Secret::from_optional_file("email.password_file", self.password_file.as_deref())
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::duration::{duration_setting, optional_duration_setting};
-use super::{ConfigError, invalid};
+use super::{ConfigError, Secret, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,17 +91,11 @@ pub struct ResourceConfig {
 
 impl ResourceConfig {
     /// The admin password, read from its file.
-    pub fn admin_password(&self, key: &str) -> Result<String, ConfigError> {
+    pub fn admin_password(&self, key: &str) -> Result<Secret, ConfigError> {
         let Some(p) = &self.admin_password_file else {
             return Err(invalid(format!("{key}.admin_password_file"), "is required"));
         };
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            invalid(
-                format!("{key}.admin_password_file"),
-                format!("cannot read {}: {e}", p.display()),
-            )
-        })?;
-        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+        Secret::from_file(&format!("{key}.admin_password_file"), p)
     }
 
     /// Whether twokey manages database logins for this resource.

@@ -2,15 +2,15 @@
 //! database, and how often its background workers run. Its `Debug` never shows the
 //! database URL (it may carry a password).
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::Secret;
 use super::duration::duration_setting;
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address the web app and API listen on.
@@ -23,9 +23,9 @@ pub struct ServerConfig {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// `sqlite://PATH`; defaults to `DATA_DIR/twokey.db`. May carry a password for
-    /// other backends, hence the redacted `Debug`.
+    /// other backends, hence a [`Secret`].
     #[serde(default)]
-    pub database_url: Option<String>,
+    pub database_url: Option<Secret>,
     /// How often expired requests and grants are swept (`"1s"`, `"5s"`); `"0s"`
     /// turns the background sweeper off (tests drive it by hand).
     #[serde(default = "default_sweep_interval", with = "duration_setting")]
@@ -50,24 +50,6 @@ fn default_reconcile_interval() -> Duration {
     Duration::from_secs(60)
 }
 
-impl fmt::Debug for ServerConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerConfig")
-            .field("listen", &self.listen)
-            .field("public_url", &self.public_url)
-            .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &self.database_url.as_ref().map(|_| "<redacted>"),
-            )
-            .field("sweep_interval", &self.sweep_interval)
-            .field("outbox_interval", &self.outbox_interval)
-            .field("reconcile_interval", &self.reconcile_interval)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .finish()
-    }
-}
-
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -83,7 +65,7 @@ impl Default for ServerConfig {
     }
 }
 
-fn default_listen() -> String {
+pub(super) fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
 fn default_data_dir() -> PathBuf {
