@@ -490,7 +490,9 @@ async fn check_db_targets(config: &Config) -> Result<(), String> {
 }
 
 fn load(path: &Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| e.to_string())
+    let config = Config::read(path).map_err(|e| e.to_string())?;
+    server::check_config(&config).map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 async fn open(path: &Path) -> Result<crate::state::AppState, String> {
@@ -516,7 +518,7 @@ async fn demo(listen: &str, data_dir: &Path) -> Result<ExitCode, String> {
     }
     let mut config = load(&path)?;
     config.server.listen = listen.to_string();
-    config.validate().map_err(|e| e.to_string())?;
+    server::check_config(&config).map_err(|e| e.to_string())?;
     if !config.auth.dev_login {
         return Err(format!(
             "{}: auth.dev_login must be true for the demo",

@@ -55,6 +55,17 @@ impl Server {
     }
 }
 
+/// Every check a running server relies on, in this order: the config's own
+/// ([`Config::validate`]), then the rules of the modules that use its values (`policy`,
+/// `ca`, `dbcreds`), which `config` does not import. `serve`, `check-config` and `demo`
+/// run it; the first refusal names its key.
+pub fn check_config(config: &Config) -> std::result::Result<(), crate::config::ConfigError> {
+    config.validate()?;
+    crate::policy::check_config(config)?;
+    crate::ca::check_config(config)?;
+    crate::dbcreds::check_config(config)
+}
+
 /// Opens the database, runs migrations, and builds the shared state.
 pub async fn open_state(config: Config, clock: Arc<dyn Clock>) -> Result<AppState> {
     if config.server.database_url.is_none() {
@@ -65,7 +76,7 @@ pub async fn open_state(config: Config, clock: Arc<dyn Clock>) -> Result<AppStat
             ))
         })?;
     }
-    let db = store::connect(&config.database_url()).await?;
+    let db = store::connect(config.database_url().expose()).await?;
     let state = AppState::new(config, db, clock)?;
     auth::sync_dev_users(&state).await?;
     Ok(state)

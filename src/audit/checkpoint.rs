@@ -26,7 +26,7 @@ use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey, SshSig};
 
 use super::{AuditEvent, ChainBreak, ChainOk, GENESIS, NewEvent, check_head, verify_from};
 use crate::clock::from_millis;
-use crate::config::{AuditConfig, CaConfig};
+use crate::config::{AuditConfig, CaConfig, Secret};
 use crate::error::{Error, Result};
 use crate::state::AppState;
 use crate::store::{self, Conn, Db};
@@ -45,7 +45,7 @@ pub const EXPORT_END_KEY: &str = "export_end";
 
 /// Where the signing key lives unless configured.
 pub fn default_key_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("audit_signing_key")
+    AuditConfig::default_key_path(data_dir)
 }
 
 /// A signed statement: event `seq` of the chain has hash `hash` (made at `ts`, ms).
@@ -223,6 +223,7 @@ impl Signer {
         let passphrase = config
             .passphrase(ca)
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let passphrase = passphrase.as_ref().map(Secret::expose);
         let key = if path.exists() {
             load(&path, passphrase.as_deref())?
         } else {

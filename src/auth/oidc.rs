@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::config::OidcConfig;
+use crate::config::{OidcConfig, Secret};
 use crate::error::{Error, Result};
 
 /// Every claim the provider sent, so the groups and email claims can be configured.
@@ -145,7 +145,7 @@ const DISCOVERY_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 /// provider is down) and refreshed every [`DISCOVERY_TTL`].
 pub struct Oidc {
     config: OidcConfig,
-    secret: Option<String>,
+    secret: Option<Secret>,
     redirect_url: String,
     http: reqwest::Client,
     client: Mutex<Option<(Arc<Client>, std::time::Instant)>>,
@@ -210,7 +210,9 @@ impl Oidc {
         let client = Client::from_provider_metadata(
             metadata,
             ClientId::new(self.config.client_id.clone()),
-            self.secret.clone().map(ClientSecret::new),
+            self.secret
+                .as_ref()
+                .map(|s| ClientSecret::new(s.expose().to_string())),
         )
         .set_redirect_uri(redirect);
         Ok(Arc::new(client))

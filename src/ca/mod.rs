@@ -5,6 +5,7 @@
 //! carries only the extensions its role allows (DESIGN.md invariant 4). The CA's
 //! private key never leaves this module: not in logs, errors, pages or the audit log.
 
+mod check;
 pub mod krl;
 
 use std::path::{Path, PathBuf};
@@ -15,8 +16,10 @@ use ssh_key::public::KeyData;
 use ssh_key::rand_core::UnwrapErr;
 use ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
 
-use crate::config::CaConfig;
+use crate::config::{CaConfig, Secret};
 use crate::error::{Error, Result};
+
+pub use check::check_config;
 
 /// Extensions a role may allow; anything else is refused in config.
 pub const KNOWN_EXTENSIONS: &[&str] = &[
@@ -77,6 +80,7 @@ impl Ca {
         let passphrase = config
             .passphrase()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let passphrase = passphrase.as_ref().map(Secret::expose);
         if path.exists() {
             return Self::load(&path, passphrase.as_deref());
         }
@@ -312,7 +316,7 @@ pub(crate) fn check_private_mode(who: &str, path: &Path) -> Result<()> {
 
 /// Where the CA key lives unless configured.
 pub fn default_key_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("ssh_user_ca")
+    CaConfig::default_key_path(data_dir)
 }
 
 #[cfg(test)]

@@ -25,11 +25,15 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Connection, Executor};
 
-use crate::config::{ResourceConfig, RoleConfig};
+use crate::config::{ResourceConfig, RoleConfig, Secret};
 use crate::error::{Error, Result};
 use crate::policy::Actor;
 use crate::state::AppState;
 use crate::store;
+
+pub use check::check_config;
+
+mod check;
 
 /// Every role twokey makes starts with this; twokey owns the prefix on its targets.
 pub const ROLE_PREFIX: &str = "twokey_";
@@ -113,7 +117,7 @@ struct Target {
     port: u16,
     database: String,
     admin_user: String,
-    admin_password: String,
+    admin_password: Secret,
     ssl: PgSslMode,
     ssl_name: &'static str,
     /// PEM file of the CA(s) that sign the target's certificate (`tls_ca_file`).
@@ -170,7 +174,7 @@ impl Target {
             .port(self.port)
             .database(&self.database)
             .username(&self.admin_user)
-            .password(&self.admin_password)
+            .password(self.admin_password.expose())
             .ssl_mode(self.ssl)
             .application_name("twokey")
             .disable_statement_logging();

@@ -66,7 +66,8 @@ impl Mailer {
             .password()
             .map_err(|e| Error::Internal(e.to_string()))?;
         if let (Some(user), Some(pass)) = (&config.username, password) {
-            builder = builder.credentials(Credentials::new(user.clone(), pass));
+            builder =
+                builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
         }
         Ok(Mailer::Smtp {
             transport: builder.build(),

@@ -87,8 +87,8 @@ impl Slack {
             .map_err(|e| Error::Internal(format!("http client: {e}")))?;
         Ok(Slack {
             api_base: config.api_base.trim_end_matches('/').to_string(),
-            token,
-            signing_secret,
+            token: token.expose().to_string(),
+            signing_secret: signing_secret.expose().to_string(),
             channel: config.channel.clone(),
             team_id: config.team_id.clone(),
             http,

@@ -7,7 +7,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::config::RoleConfig;
+pub use crate::config::parse_duration;
+use crate::config::{Config, ConfigError, RoleConfig, invalid};
 
 /// The shortest grant anyone may ask for.
 pub const MIN_GRANT_SECS: u64 = 60;
@@ -260,60 +261,6 @@ pub fn check_comment(comment: Option<&str>) -> Result<Option<String>, FieldError
     }
 }
 
-/// Parses `"90"` (seconds), `"50ms"`, `"45s"`, `"30m"`, `"1h30m"`, `"2h"`, `"1d"`:
-/// whole numbers, each with a unit (`ms`, `s`, `m`, `h`, `d`), largest first or not,
-/// at most a year in all.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let bad =
-        || format!("{s:?} is not a duration; write e.g. \"50ms\", \"30m\", \"1h30m\" or seconds");
-    if s.is_empty() {
-        return Err("a duration is required, e.g. \"30m\"".into());
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        let secs: u64 = s.parse().map_err(|_| bad())?;
-        return capped(s, secs.checked_mul(1000).ok_or_else(bad)?);
-    }
-    let mut total_ms: u64 = 0;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit_ms = match c {
-            'm' if chars.peek() == Some(&'s') => {
-                chars.next();
-                1
-            }
-            's' => 1000,
-            'm' => 60_000,
-            'h' => 3_600_000,
-            'd' => 86_400_000,
-            _ => return Err(bad()),
-        };
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        total_ms = n
-            .checked_mul(unit_ms)
-            .and_then(|v| total_ms.checked_add(v))
-            .ok_or_else(bad)?;
-        num.clear();
-    }
-    if !num.is_empty() {
-        return Err(bad());
-    }
-    capped(s, total_ms)
-}
-
-fn capped(s: &str, ms: u64) -> Result<Duration, String> {
-    // Cap far beyond any sane grant so arithmetic on timestamps cannot overflow.
-    if ms > 366 * 86_400_000 {
-        return Err(format!("{s:?} is longer than a year"));
-    }
-    Ok(Duration::from_millis(ms))
-}
-
 /// `5400s` → `"1h30m"`.
 pub fn format_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) && !d.is_zero() {
@@ -332,6 +279,23 @@ pub fn format_duration(d: Duration) -> String {
         out.push_str(&format!("{sec}s"));
     }
     out
+}
+
+/// The policy's rules for the configuration: no role may cap grants below the shortest
+/// grant anyone may ask for. Run by `server::check_config` after the config's own checks.
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    for (i, r) in config.resources.iter().enumerate() {
+        for (j, role) in r.roles.iter().enumerate() {
+            let key = format!("resources[{i}].roles[{j}]");
+            if role.max_duration < Duration::from_secs(crate::policy::MIN_GRANT_SECS) {
+                return Err(invalid(
+                    format!("{key}.max_duration"),
+                    "must be at least 1m",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -586,5 +550,29 @@ mod tests {
             "a",
             Some(&r)
         ));
+    }
+
+    #[test]
+    fn a_role_cap_below_the_shortest_grant_is_refused() {
+        use crate::config::demo_config_toml;
+        let base = demo_config_toml("127.0.0.1:8080", std::path::Path::new("/tmp/x"));
+        check_config(&Config::parse(&base, "t").unwrap()).unwrap();
+        for (from, to, key) in [
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"10s\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "max_duration = \"1h\"",
+                "max_duration = \"59s\"",
+                "resources[1].roles[0].max_duration: must be at least 1m",
+            ),
+        ] {
+            let c = Config::parse(&base.replacen(from, to, 1), "t").unwrap();
+            c.validate().unwrap();
+            let err = check_config(&c).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{to}: {err}");
+        }
     }
 }

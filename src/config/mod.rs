@@ -1,0 +1,731 @@
+//! The typed configuration: one TOML file, `TWOKEY_*` environment overrides, and
+//! validation that names the offending key and what to do about it.
+//!
+//! This module owns parsing and checking only. It never logs a secret: `Debug` on
+//! anything that may hold one is redacted by hand.
+
+mod audit;
+mod auth;
+mod ca;
+mod demo;
+mod duration;
+mod notify;
+mod relay;
+mod resources;
+mod secret;
+mod server;
+mod validation;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use audit::AuditConfig;
+pub use auth::{AuthConfig, DevUser, OidcConfig};
+pub use ca::CaConfig;
+pub use demo::demo_config_toml;
+pub use duration::parse_duration;
+pub use notify::{EmailConfig, SlackConfig, SmtpTls};
+pub use relay::{DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES, RelayConfig};
+pub use resources::{PolicyConfig, ResourceConfig, ResourceKind, RoleConfig};
+pub use secret::Secret;
+pub use server::ServerConfig;
+
+/// Everything twokey runs with. `Default` is what an empty file means: every section's
+/// defaults come from the same functions serde uses (a test holds the two equal).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+    /// Email notifications; none are sent without this section.
+    #[serde(default)]
+    pub email: Option<EmailConfig>,
+    /// Slack notifications with Approve/Deny buttons.
+    #[serde(default)]
+    pub slack: Option<SlackConfig>,
+    /// The SSH user certificate authority.
+    #[serde(default)]
+    pub ca: CaConfig,
+    /// The SSH relay: on when this section is present.
+    #[serde(default)]
+    pub relay: Option<RelayConfig>,
+    /// The audit log's signing key and how often checkpoints are signed.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// A [`ConfigError::Invalid`] naming `key`; the modules that check their own settings
+/// (`ca`, `dbcreds`, `policy`) report with it too.
+pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+impl Config {
+    /// Reads, applies `TWOKEY_*` overrides, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::read(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and applies `TWOKEY_*` overrides, without validating: for callers that run
+    /// every check themselves (`server::check_config`).
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    /// Parses TOML; unknown keys and values of the wrong kind (a duration that is not
+    /// one, say) are errors that name the key and its line.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key == "." || key.is_empty() {
+                // Not TOML at all: toml's own message shows the line.
+                return ConfigError::Parse {
+                    path: origin.to_string(),
+                    message: inner.to_string(),
+                };
+            }
+            let line = inner
+                .span()
+                .map(|span| {
+                    let upto = text.get(..span.start).unwrap_or(text);
+                    format!(" ({origin}, line {})", upto.matches('\n').count() + 1)
+                })
+                .unwrap_or_default();
+            invalid(key, format!("{}{line}", inner.message().trim_end()))
+        })
+    }
+
+    /// `TWOKEY_LISTEN`, `TWOKEY_PUBLIC_URL`, `TWOKEY_DATA_DIR`, `TWOKEY_DATABASE_URL`
+    /// (or `TWOKEY_DATABASE_URL_FILE`, read from a file so it stays out of `ps`).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("TWOKEY_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = var("TWOKEY_PUBLIC_URL") {
+            self.server.public_url = Some(v);
+        }
+        if let Some(v) = var("TWOKEY_DATA_DIR") {
+            self.server.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("TWOKEY_DATABASE_URL") {
+            self.server.database_url = Some(Secret::new("TWOKEY_DATABASE_URL", &v)?);
+        } else if let Some(file) = var("TWOKEY_DATABASE_URL_FILE") {
+            self.server.database_url = Some(Secret::from_file(
+                "TWOKEY_DATABASE_URL_FILE",
+                Path::new(&file),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// `server.listen` as an address; never a stand-in for one that does not parse.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", "must be IP:PORT, e.g. \"127.0.0.1:8080\""))
+    }
+
+    /// `server.database_url`, else `sqlite://DATA_DIR/twokey.db`.
+    pub fn database_url(&self) -> Secret {
+        match &self.server.database_url {
+            Some(url) => url.clone(),
+            None => Secret::generated(format!(
+                "sqlite://{}",
+                self.server.data_dir.join("twokey.db").display()
+            )),
+        }
+    }
+
+    /// `server.trusted_proxies`, parsed (checked in validate()).
+    pub fn trusted_proxies(&self) -> Vec<std::net::IpAddr> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    pub fn secure_cookies(&self) -> bool {
+        self.server
+            .public_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
+    }
+
+    pub fn outbox_interval(&self) -> Duration {
+        self.server.outbox_interval
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        self.server.reconcile_interval
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        self.server.sweep_interval
+    }
+
+    pub fn token_ttl(&self) -> Duration {
+        self.auth.token_ttl
+    }
+
+    pub fn cli_token_ttl(&self) -> Duration {
+        self.auth.cli_token_ttl
+    }
+
+    pub fn groups_max_age(&self) -> Duration {
+        self.auth.groups_max_age
+    }
+
+    pub fn session_lifetime(&self) -> Duration {
+        self.auth.session_lifetime
+    }
+
+    /// The base URL for links in messages.
+    pub fn public_url(&self) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.server.listen),
+        }
+    }
+
+    /// Where the identity provider sends the browser back to.
+    pub fn oidc_redirect_url(&self) -> String {
+        let base = self
+            .server
+            .public_url
+            .as_deref()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("http://{}", server::default_listen()));
+        format!("{}/auth/oidc/callback", base.trim_end_matches('/'))
+    }
+
+    pub fn session_idle_timeout(&self) -> Duration {
+        self.auth.session_idle_timeout
+    }
+
+    /// The pending TTL that applies to a role: its own, else `policy.pending_ttl`.
+    pub fn pending_ttl(&self, role: &RoleConfig) -> Duration {
+        role.pending_ttl.unwrap_or(self.policy.pending_ttl)
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&ResourceConfig> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    pub fn role(&self, resource: &str, role: &str) -> Option<(&ResourceConfig, &RoleConfig)> {
+        let r = self.resource(resource)?;
+        let role = r.roles.iter().find(|x| x.name == role)?;
+        Some((r, role))
+    }
+
+    pub fn dev_user(&self, email: &str) -> Option<&DevUser> {
+        self.auth
+            .dev_users
+            .iter()
+            .find(|u| u.email.eq_ignore_ascii_case(email))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn demo() -> Config {
+        Config::parse(
+            &demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x")),
+            "demo",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn slack_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let secret = dir.path().join("secret");
+        std::fs::write(&token, "xoxb-1\n").unwrap();
+        std::fs::write(&secret, "").unwrap();
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with = |section: String| {
+            Config::parse(&format!("{base}\n{section}"), "t")
+                .and_then(|c| c.validate())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let slack = |channel: &str, api: &str, secret_file: &Path| {
+            format!(
+                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\nteam_id = \"T0TEAM\"\napi_base = {api:?}\n",
+                token.display().to_string(),
+                secret_file.display().to_string()
+            )
+        };
+        let err = with(slack("#a", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        let missing = dir.path().join("absent");
+        let err = with(slack("#a", "https://slack.com/api", &missing)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        assert!(!err.contains("xoxb"), "{err}");
+        std::fs::write(&secret, "s3cret").unwrap();
+        with(slack("#a", "https://slack.com/api", &secret)).unwrap();
+        let err = with(slack(" ", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.channel"), "{err}");
+        for bad in ["", "t0team", "T0 TEAM", "T0TEAM\\n"] {
+            let section = slack("#a", "https://slack.com/api", &secret)
+                .replace("team_id = \"T0TEAM\"", &format!("team_id = \"{bad}\""));
+            let err = with(section).unwrap_err();
+            assert!(err.starts_with("slack.team_id"), "{bad:?}: {err}");
+        }
+        let without =
+            slack("#a", "https://slack.com/api", &secret).replace("team_id = \"T0TEAM\"\n", "");
+        let err = with(without).unwrap_err();
+        assert!(err.contains("team_id"), "{err}");
+        for bad in [
+            "http://slack.example/api",
+            "http://127.0.0.1.evil.example/api",
+            "slack.com",
+        ] {
+            let err = with(slack("#a", bad, &secret)).unwrap_err();
+            assert!(err.starts_with("slack.api_base"), "{bad}: {err}");
+        }
+        let err = with(format!(
+            "{}verify = false\n",
+            slack("#a", "https://slack.com/api", &secret)
+        ))
+        .unwrap_err();
+        assert!(err.contains("verify"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "min_approvals = 1",
+                "min_approvals = 0",
+                "resources[0].roles[0].min_approvals",
+            ),
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"4 hours\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+                "approver_groups = []\nmin_approvals = 1",
+                "resources[0].roles[0].approver_groups",
+            ),
+            (
+                "listen = \"127.0.0.1:8080\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            (
+                "name = \"demo-db\"",
+                "name = \"demo db\"",
+                "resources[0].name",
+            ),
+            (
+                "name = \"demo-ssh\"",
+                "name = \"demo-db\"",
+                "resources[1].name",
+            ),
+            (
+                "pending_ttl = \"24h\"",
+                "pending_ttl = \"0s\"",
+                "policy.pending_ttl",
+            ),
+            (
+                "email = \"bob@example.com\"",
+                "email = \"alice@example.com\"",
+                "auth.dev_users[1].email",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1\"",
+                "resources[1].address",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1:22\"\nhost_key = \"ssh-ed25519 nope\"",
+                "resources[1].host_key",
+            ),
+        ];
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (from, to, key) in cases {
+            assert!(base.contains(from), "{from}");
+            let text = base.replacen(from, to, 1);
+            let err = Config::parse(&text, "t")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_recording_cap_of_nothing_is_refused() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (bytes, ok) in [(0, false), (65_535, false), (65_536, true)] {
+            let text = format!(
+                "{base}\n[relay]\nlisten = \"127.0.0.1:0\"\nmax_recording_bytes = {bytes}\n"
+            );
+            let checked = Config::parse(&text, "t").and_then(|c| c.validate());
+            match checked {
+                Ok(_) => assert!(ok, "{bytes} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{bytes}: {e}");
+                    assert!(
+                        e.to_string().starts_with("relay.max_recording_bytes"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn durations_are_parsed_once_at_load_or_refused_naming_their_key() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with =
+            |section: &str, line: &str| base.replacen(section, &format!("{section}\n{line}"), 1);
+        // Valid: each setting holds the typed value, sub-second ones included.
+        type Read = fn(&Config) -> Duration;
+        let ok: &[(&str, &str, Read, u64)] = &[
+            (
+                "[server]",
+                "outbox_interval = \"50ms\"",
+                |c| c.outbox_interval(),
+                50,
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"250ms\"",
+                |c| c.sweep_interval(),
+                250,
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"0s\"",
+                |c| c.sweep_interval(),
+                0,
+            ),
+            (
+                "[server]",
+                "reconcile_interval = \"1m30s\"",
+                |c| c.reconcile_interval(),
+                90_000,
+            ),
+            (
+                "[auth]",
+                "token_ttl = \"7d\"",
+                |c| c.token_ttl(),
+                7 * 86_400_000,
+            ),
+            (
+                "[auth]",
+                "session_idle_timeout = \"1500ms\"",
+                |c| c.session_idle_timeout(),
+                1500,
+            ),
+            (
+                "[auth]",
+                "groups_max_age = \"90\"",
+                |c| c.groups_max_age(),
+                90_000,
+            ),
+            ("[policy]", "", |c| c.policy.pending_ttl, 24 * 3_600_000),
+        ];
+        for (section, line, get, ms) in ok {
+            let c = Config::parse(&with(section, line), "t").unwrap();
+            c.validate().unwrap();
+            assert_eq!(get(&c), Duration::from_millis(*ms), "{line}");
+        }
+        let c = Config::parse(&base, "t").unwrap();
+        assert_eq!(c.outbox_interval(), Duration::from_secs(2), "the default");
+        let role = &c.resources[0].roles[0];
+        assert_eq!(role.max_duration(), Duration::from_secs(4 * 3600));
+        assert_eq!(c.pending_ttl(role), Duration::from_secs(24 * 3600));
+
+        // Invalid: refused, the key named, never replaced by a default.
+        let bad: &[(&str, &str, &str)] = &[
+            (
+                "[server]",
+                "outbox_interval = \"2 seconds\"",
+                "server.outbox_interval: \"2 seconds\" is not a duration",
+            ),
+            (
+                "[server]",
+                "outbox_interval = \"5us\"",
+                "server.outbox_interval: \"5us\" is not a duration",
+            ),
+            (
+                "[server]",
+                "sweep_interval = \"1.5s\"",
+                "server.sweep_interval: ",
+            ),
+            (
+                "[server]",
+                "reconcile_interval = 60",
+                "server.reconcile_interval: invalid type",
+            ),
+            (
+                "[auth]",
+                "token_ttl = \"400d\"",
+                "auth.token_ttl: \"400d\" is longer than a year",
+            ),
+            (
+                "[auth]",
+                "session_lifetime = \"0ms\"",
+                "auth.session_lifetime: must be longer than zero",
+            ),
+            (
+                "[auth]",
+                "groups_max_age = \"\"",
+                "auth.groups_max_age: a duration is required",
+            ),
+            (
+                "[auth]",
+                "session_idle_timeout = \"8hours\"",
+                "auth.session_idle_timeout: ",
+            ),
+        ];
+        for (section, line, want) in bad {
+            let err = Config::parse(&with(section, line), "t.toml")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{line}: {err}");
+        }
+        let err = Config::parse(&with("[server]", "outbox_interval = \"2x\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("(t.toml, line 5)"), "{err}");
+        let text = base.replacen(
+            "max_duration = \"1h\"",
+            "max_duration = \"1h\"\npending_ttl = \"soon\"",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(
+            err.starts_with("resources[1].roles[0].pending_ttl: \"soon\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn all_groups_needs_enough_approvals() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let text = base.replacen(
+            "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+            "approver_groups = [\"sre-leads\", \"dbas\"]\nall_groups = true\nmin_approvals = 1",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = demo();
+        c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()))
+            .unwrap();
+        assert_eq!(c.listen_addr().unwrap().port(), 9999);
+        let err = c
+            .apply_env(|k| (k == "TWOKEY_DATABASE_URL_FILE").then(|| "/nonexistent/x".to_string()))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("TWOKEY_DATABASE_URL_FILE: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_promised_override_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, "postgres://u:pw@db/from-file\n").unwrap();
+        let url_file = url_file.display().to_string();
+        type Read = fn(&Config) -> String;
+        let url: Read = |c| c.database_url().expose().to_string();
+        // (variables set, what lands); README "Configuration" promises each one.
+        let cases: &[(&[(&str, &str)], Read, &str)] = &[
+            (
+                &[("TWOKEY_LISTEN", "127.0.0.1:9999")],
+                |c| c.listen_addr().unwrap().to_string(),
+                "127.0.0.1:9999",
+            ),
+            (
+                &[("TWOKEY_PUBLIC_URL", "https://twokey.example.com")],
+                |c| c.public_url(),
+                "https://twokey.example.com",
+            ),
+            (
+                &[("TWOKEY_DATA_DIR", "/srv/twokey")],
+                |c| c.server.data_dir.display().to_string(),
+                "/srv/twokey",
+            ),
+            (
+                &[("TWOKEY_DATA_DIR", "/srv/twokey")],
+                url,
+                "sqlite:///srv/twokey/twokey.db",
+            ),
+            (
+                &[("TWOKEY_DATABASE_URL", "postgres://u:pw@db/env")],
+                url,
+                "postgres://u:pw@db/env",
+            ),
+            (
+                &[("TWOKEY_DATABASE_URL_FILE", "")],
+                url,
+                "postgres://u:pw@db/from-file",
+            ),
+            // Given both, the value wins over the file.
+            (
+                &[
+                    ("TWOKEY_DATABASE_URL", "postgres://u:pw@db/env"),
+                    ("TWOKEY_DATABASE_URL_FILE", ""),
+                ],
+                url,
+                "postgres://u:pw@db/env",
+            ),
+        ];
+        for (vars, read, want) in cases {
+            let mut c = demo();
+            let before = read(&c);
+            assert_ne!(before, *want, "{vars:?} would change nothing");
+            c.apply_env(|k| {
+                vars.iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(name, v)| match *name {
+                        "TWOKEY_DATABASE_URL_FILE" => url_file.clone(),
+                        _ => v.to_string(),
+                    })
+            })
+            .unwrap();
+            c.validate().unwrap();
+            assert_eq!(read(&c), *want, "{vars:?}");
+        }
+        // Nothing set: nothing changes.
+        let mut c = demo();
+        c.apply_env(|_| None).unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", demo()));
+        // An empty value or file is refused, naming the variable; so is a missing file.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let empty = empty.display().to_string();
+        for (name, value, want) in [
+            (
+                "TWOKEY_DATABASE_URL",
+                "",
+                "TWOKEY_DATABASE_URL: must not be empty",
+            ),
+            (
+                "TWOKEY_DATABASE_URL_FILE",
+                empty.as_str(),
+                "TWOKEY_DATABASE_URL_FILE: the file is empty",
+            ),
+            (
+                "TWOKEY_DATABASE_URL_FILE",
+                "/nonexistent/x",
+                "TWOKEY_DATABASE_URL_FILE: cannot read /nonexistent/x: ",
+            ),
+        ] {
+            let err = demo()
+                .apply_env(|k| (k == name).then(|| value.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_what_an_empty_file_means() {
+        let empty = Config::parse("", "t").unwrap();
+        assert_eq!(format!("{:?}", Config::default()), format!("{empty:?}"));
+        let sections = Config::parse("[server]\n[auth]\n[policy]\n[ca]\n[audit]\n", "t").unwrap();
+        assert_eq!(format!("{:?}", Config::default()), format!("{sections:?}"));
+        // The relay's Default (used by tests that build one) matches the file's
+        // defaults once its required listen address is given.
+        let relay = Config::parse("[relay]\nlisten = \"127.0.0.1:2222\"\n", "t").unwrap();
+        assert_eq!(
+            format!("{:?}", relay.relay.unwrap()),
+            format!("{:?}", RelayConfig::default())
+        );
+        // And the values are the documented ones, not just equal to each other.
+        let c = Config::default();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.data_dir, PathBuf::from("./twokey-data"));
+        assert_eq!(c.sweep_interval(), Duration::from_secs(1));
+        assert_eq!(c.outbox_interval(), Duration::from_secs(2));
+        assert_eq!(c.reconcile_interval(), Duration::from_secs(60));
+        assert_eq!(c.auth.admin_groups, ["admins"]);
+        assert_eq!(c.session_idle_timeout(), Duration::from_secs(8 * 3600));
+        assert_eq!(c.session_lifetime(), Duration::from_secs(12 * 3600));
+        assert_eq!(c.token_ttl(), Duration::from_secs(7 * 86400));
+        assert_eq!(c.cli_token_ttl(), Duration::from_secs(12 * 3600));
+        assert_eq!(c.groups_max_age(), Duration::from_secs(86400));
+        assert_eq!(c.policy.pending_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.audit.checkpoint_interval(), Duration::from_secs(60));
+        assert_eq!(c.audit.checkpoint_every, 100);
+        assert_eq!(
+            c.database_url().expose(),
+            "sqlite://./twokey-data/twokey.db"
+        );
+        assert_eq!(
+            c.oidc_redirect_url(),
+            "http://127.0.0.1:8080/auth/oidc/callback"
+        );
+    }
+
+    #[test]
+    fn debug_redacts_database_url() {
+        let mut c = demo();
+        c.server.database_url = Some(Secret::new("k", "postgres://u:hunter2@db/twokey").unwrap());
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,182 @@
+//! The `[policy]` section and the `[[resources]]` with their `[[resources.roles]]`:
+//! what may be asked for, by whom, approved by whom, for how long. It holds the values
+//! only; the rules that apply them are in `policy`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration::{duration_setting, optional_duration_setting};
+use super::{ConfigError, Secret, invalid};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// How long a request may wait for approval before it expires.
+    #[serde(default = "default_pending_ttl", with = "duration_setting")]
+    pub pending_ttl: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            pending_ttl: default_pending_ttl(),
+        }
+    }
+}
+
+fn default_pending_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Ssh,
+    Postgres,
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResourceKind::Ssh => "ssh",
+            ResourceKind::Postgres => "postgres",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub name: String,
+    pub kind: ResourceKind,
+    #[serde(default)]
+    pub description: String,
+    /// Where engineers connect: `host:port` (`twokey ssh` uses it).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The SSH host's public key (`ssh-ed25519 AAAA…`), pinned by `twokey ssh` and the
+    /// relay. Without it the relay trusts only a key an admin confirmed (web: Host keys).
+    #[serde(default)]
+    pub host_key: Option<String>,
+    /// PostgreSQL: the database grants log in to.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// PostgreSQL: the role twokey administers the target as (it creates and drops
+    /// the per-grant roles: CREATEROLE and the grants the README lists; checked
+    /// against the live target at start-up and by `check-config`).
+    #[serde(default)]
+    pub admin_user: Option<String>,
+    /// PostgreSQL: a file holding the admin role's password.
+    #[serde(default)]
+    pub admin_password_file: Option<PathBuf>,
+    /// PostgreSQL: TLS of twokey's admin connection: `verify-full` (default: the
+    /// certificate must be signed by a trusted CA and name the host), `require`
+    /// (encrypted, server not verified), `prefer` or `disable`.
+    #[serde(default)]
+    pub tls: Option<String>,
+    /// PostgreSQL: a PEM file of the CA(s) that sign the target's certificate, trusted
+    /// beside the public web CAs (libpq's `sslrootcert`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PostgreSQL: at a grant's end, objects its role created go to this role
+    /// (`REASSIGN OWNED`); without it they are dropped with the role (`DROP OWNED`).
+    #[serde(default)]
+    pub reassign_owned_to: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<RoleConfig>,
+}
+
+impl ResourceConfig {
+    /// The admin password, read from its file.
+    pub fn admin_password(&self, key: &str) -> Result<Secret, ConfigError> {
+        let Some(p) = &self.admin_password_file else {
+            return Err(invalid(format!("{key}.admin_password_file"), "is required"));
+        };
+        Secret::from_file(&format!("{key}.admin_password_file"), p)
+    }
+
+    /// Whether twokey manages database logins for this resource.
+    pub fn manages_db_roles(&self) -> bool {
+        self.kind == ResourceKind::Postgres && self.admin_user.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Groups whose members may ask for this role.
+    pub requester_groups: Vec<String>,
+    /// Groups whose members may approve it.
+    pub approver_groups: Vec<String>,
+    /// Distinct approvers needed.
+    #[serde(default = "one")]
+    pub min_approvals: u32,
+    /// When true, every listed approver group must be represented among the approvers.
+    #[serde(default)]
+    pub all_groups: bool,
+    /// Longest grant, e.g. `"4h"`.
+    #[serde(with = "duration_setting")]
+    pub max_duration: Duration,
+    /// Overrides `policy.pending_ttl` for this role.
+    #[serde(default, with = "optional_duration_setting")]
+    pub pending_ttl: Option<Duration>,
+    #[serde(default)]
+    pub require_ticket: bool,
+    /// Fewest characters a reason may have (after trimming).
+    #[serde(default = "default_reason_min")]
+    pub reason_min_chars: usize,
+    /// SSH: the logins a certificate is valid for (never empty, never a wildcard).
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// SSH: certificate extensions allowed (default `["permit-pty"]`).
+    #[serde(default = "default_extensions")]
+    pub extensions: Vec<String>,
+    /// SSH: the only command the certificate may run.
+    #[serde(default)]
+    pub force_command: Option<String>,
+    /// SSH: addresses (CIDR) the certificate may be used from.
+    #[serde(default)]
+    pub source_address: Vec<String>,
+    /// PostgreSQL: existing roles the grant's login becomes a member of (`IN ROLE`).
+    #[serde(default)]
+    pub db_roles: Vec<String>,
+    /// PostgreSQL: statements run when the login is created, with `{role}` standing for
+    /// its quoted name, e.g. `"GRANT SELECT ON public.orders TO {role}"`. Written by the
+    /// admin who writes this file; no user input ever reaches them.
+    #[serde(default)]
+    pub db_grants: Vec<String>,
+    /// PostgreSQL: most concurrent connections of the login.
+    #[serde(default = "default_connection_limit")]
+    pub connection_limit: i32,
+    /// SSH relay: exec commands refused for this role (`*` matches anything), e.g.
+    /// `["rm -rf *", "shutdown*"]`. Interactive shells cannot be held to this.
+    #[serde(default)]
+    pub blocked_commands: Vec<String>,
+}
+
+fn default_connection_limit() -> i32 {
+    5
+}
+
+fn default_extensions() -> Vec<String> {
+    vec!["permit-pty".into()]
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_reason_min() -> usize {
+    3
+}
+
+impl RoleConfig {
+    pub fn max_duration(&self) -> Duration {
+        self.max_duration
+    }
+}

@@ -1,0 +1,328 @@
+//! The checks across the sections: every rule a running server relies on, each
+//! refusal naming the offending key and what to do about it. It reads files only to
+//! check they are there; it never logs a secret.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::duration::check_nonzero;
+use super::{Config, ConfigError, MIN_MAX_RECORDING_BYTES, invalid};
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| invalid("server.listen", "must be IP:PORT, e.g. \"127.0.0.1:8080\""))?;
+        if let Some(url) = &self.server.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "server.public_url",
+                "must start with http:// or https://",
+            ));
+        }
+        for (i, p) in self.server.trusted_proxies.iter().enumerate() {
+            if p.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("{p:?} is not an IP address (one proxy's, e.g. \"10.0.0.5\")"),
+                ));
+            }
+        }
+        check_nonzero("audit.checkpoint_interval", self.audit.checkpoint_interval)?;
+        if self.audit.checkpoint_every == 0 {
+            return Err(invalid("audit.checkpoint_every", "must be at least 1"));
+        }
+        if let Some(relay) = &self.relay {
+            if relay.listen.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "relay.listen",
+                    format!("{:?} is not an address like 0.0.0.0:2222", relay.listen),
+                ));
+            }
+            check_nonzero("relay.login_grace_time", relay.login_grace_time)?;
+            check_nonzero("relay.idle_timeout", relay.idle_timeout)?;
+            if relay.max_connections == 0 || relay.max_connections_per_ip == 0 {
+                return Err(invalid(
+                    "relay.max_connections",
+                    "max_connections and max_connections_per_ip must be at least 1",
+                ));
+            }
+            // A cap of (nearly) nothing would keep no output at all: refused, not
+            // quietly taken as "record nothing".
+            if relay.max_recording_bytes < MIN_MAX_RECORDING_BYTES {
+                return Err(invalid(
+                    "relay.max_recording_bytes",
+                    format!(
+                        "{} is too small: at least {MIN_MAX_RECORDING_BYTES} (64 KiB)",
+                        relay.max_recording_bytes
+                    ),
+                ));
+            }
+        }
+        if let Some(slack) = &self.slack {
+            slack.secrets()?;
+            if slack.channel.trim().is_empty() {
+                return Err(invalid(
+                    "slack.channel",
+                    "must name a channel, e.g. \"#access-requests\" or its id",
+                ));
+            }
+            let team = &slack.team_id;
+            if !(2..=32).contains(&team.len())
+                || !team
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+            {
+                return Err(invalid(
+                    "slack.team_id",
+                    "must be the workspace's id, e.g. \"T0123ABCD\" (in Slack: workspace settings, or the team_id of any interaction)",
+                ));
+            }
+            // Plain http only to loopback (tests): the bot token rides on every call.
+            let api_ok = reqwest::Url::parse(&slack.api_base).is_ok_and(|u| {
+                u.scheme() == "https" || (u.scheme() == "http" && u.host_str() == Some("127.0.0.1"))
+            });
+            if !api_ok {
+                return Err(invalid(
+                    "slack.api_base",
+                    "must be https (http only for 127.0.0.1 in tests)",
+                ));
+            }
+        }
+        check_nonzero("policy.pending_ttl", self.policy.pending_ttl)?;
+        check_nonzero("auth.session_idle_timeout", self.auth.session_idle_timeout)?;
+        check_nonzero("auth.session_lifetime", self.auth.session_lifetime)?;
+        check_nonzero("auth.token_ttl", self.auth.token_ttl)?;
+        check_nonzero("auth.cli_token_ttl", self.auth.cli_token_ttl)?;
+        if self.cli_token_ttl() > self.token_ttl() {
+            return Err(invalid(
+                "auth.cli_token_ttl",
+                "must not be longer than auth.token_ttl, which caps every token",
+            ));
+        }
+        check_nonzero("auth.groups_max_age", self.auth.groups_max_age)?;
+        if let Some(oidc) = &self.auth.oidc {
+            if !(oidc.issuer.starts_with("https://") || oidc.issuer.starts_with("http://")) {
+                return Err(invalid("auth.oidc.issuer", "must be an http(s) URL"));
+            }
+            if oidc.client_id.trim().is_empty() {
+                return Err(invalid("auth.oidc.client_id", "must not be empty"));
+            }
+            oidc.secret()?;
+            if !oidc.scopes.iter().any(|s| s == "openid") {
+                return Err(invalid("auth.oidc.scopes", "must include \"openid\""));
+            }
+            // Passing IdP group names through would let whoever may create or join a
+            // group at the provider (often self-service) name themselves an approver
+            // or admin here. The operator must say which groups mean what.
+            if !oidc.groups_claim.is_empty() && oidc.group_map.is_empty() {
+                return Err(invalid(
+                    "auth.oidc.group_map",
+                    format!(
+                        "is required when groups come from the identity provider (groups_claim = {:?}): map each provider group to twokey groups, e.g. [auth.oidc.group_map] \"okta-sre\" = [\"engineers\"]; unmapped groups grant nothing. Set groups_claim = \"\" to take no groups from the provider",
+                        oidc.groups_claim
+                    ),
+                ));
+            }
+            if self.server.public_url.is_none() {
+                return Err(invalid(
+                    "server.public_url",
+                    "is required with auth.oidc: the provider redirects back to PUBLIC_URL/auth/oidc/callback",
+                ));
+            }
+        }
+        if let Some(email) = &self.email {
+            if !email.from.contains('@') {
+                return Err(invalid(
+                    "email.from",
+                    "must be an address, e.g. \"twokey <twokey@example.com>\"",
+                ));
+            }
+            if !email.dev_mailbox && email.smtp_host.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "email.smtp_host",
+                    "is required unless dev_mailbox = true",
+                ));
+            }
+            if email.dev_mailbox && !self.auth.dev_login {
+                return Err(invalid(
+                    "email.dev_mailbox",
+                    "is for demos only: it needs auth.dev_login = true",
+                ));
+            }
+            email.password()?;
+            if self.server.public_url.is_none() && !email.dev_mailbox {
+                return Err(invalid(
+                    "server.public_url",
+                    "is required with email: links in messages point there",
+                ));
+            }
+        }
+        if self.auth.dev_login && self.auth.dev_users.is_empty() {
+            return Err(invalid(
+                "auth.dev_users",
+                "dev_login is on but no dev_users are listed",
+            ));
+        }
+        let mut emails = HashSet::new();
+        for (i, u) in self.auth.dev_users.iter().enumerate() {
+            let key = format!("auth.dev_users[{i}].email");
+            if !looks_like_email(&u.email) {
+                return Err(invalid(
+                    key,
+                    format!("{:?} is not an email address", u.email),
+                ));
+            }
+            if !emails.insert(u.email.to_lowercase()) {
+                return Err(invalid(key, format!("{} is listed twice", u.email)));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            let key = format!("resources[{i}]");
+            check_name(&format!("{key}.name"), &r.name)?;
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("resource {:?} is declared twice", r.name),
+                ));
+            }
+            if r.roles.is_empty() {
+                return Err(invalid(
+                    format!("{key}.roles"),
+                    format!(
+                        "resource {:?} has no roles; add [[resources.roles]]",
+                        r.name
+                    ),
+                ));
+            }
+            let mut role_names = HashSet::new();
+            for (j, role) in r.roles.iter().enumerate() {
+                let key = format!("{key}.roles[{j}]");
+                check_name(&format!("{key}.name"), &role.name)?;
+                if !role_names.insert(role.name.as_str()) {
+                    return Err(invalid(
+                        format!("{key}.name"),
+                        format!("role {:?} is declared twice on {:?}", role.name, r.name),
+                    ));
+                }
+                if role.requester_groups.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.requester_groups"),
+                        "must list at least one group",
+                    ));
+                }
+                if role.approver_groups.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.approver_groups"),
+                        "must list at least one group",
+                    ));
+                }
+                if role.min_approvals == 0 {
+                    return Err(invalid(
+                        format!("{key}.min_approvals"),
+                        "must be at least 1 (use break-glass for self-service)",
+                    ));
+                }
+                if role.all_groups && (role.min_approvals as usize) < role.approver_groups.len() {
+                    return Err(invalid(
+                        format!("{key}.min_approvals"),
+                        format!(
+                            "all_groups needs one approver per group, so min_approvals must be at least {}",
+                            role.approver_groups.len()
+                        ),
+                    ));
+                }
+                if let Some(ttl) = role.pending_ttl {
+                    check_nonzero(&format!("{key}.pending_ttl"), ttl)?;
+                }
+            }
+            if let Some(addr) = &r.address
+                && addr
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(invalid(format!("{key}.address"), "must be host:port"));
+            }
+            if let Some(hk) = &r.host_key
+                && ssh_key::PublicKey::from_openssh(hk.trim()).is_err()
+            {
+                return Err(invalid(
+                    format!("{key}.host_key"),
+                    "must be an OpenSSH public key line, e.g. from /etc/ssh/ssh_host_ed25519_key.pub",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What `serve` (and `check-config`) demand beyond [`Config::validate`]: demo
+    /// sign-in (anyone signs in as anyone, admins included, with no password) only on a
+    /// loopback address that no reverse proxy publishes. `twokey demo` does not call
+    /// this: the demo is that, with a banner on every page.
+    pub fn validate_for_serve(&self) -> Result<(), ConfigError> {
+        if !self.auth.dev_login {
+            return Ok(());
+        }
+        let listen_loopback = self
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !listen_loopback {
+            return Err(invalid(
+                "auth.dev_login",
+                format!(
+                    "demo sign-in lets anyone sign in as anyone: it is refused on server.listen = {:?}, which is not a loopback address; use `twokey demo`, listen on 127.0.0.1, or turn it off",
+                    self.server.listen
+                ),
+            ));
+        }
+        // Behind a proxy the loopback listener is public after all: the public URL says.
+        if let Some(url) = &self.server.public_url {
+            let host = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(invalid(
+                    "auth.dev_login",
+                    format!(
+                        "demo sign-in lets anyone sign in as anyone: it is refused with server.public_url = {url:?}, which is not a loopback address; use `twokey demo` or turn it off"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn looks_like_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => !local.is_empty() && domain.contains('.') && !s.contains(' '),
+        None => false,
+    }
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{name:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'"),
+        ))
+    }
+}
