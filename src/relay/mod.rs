@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::state::AppState;
+use crate::tasks::Tasks;
 
 pub use error::RelayError;
 pub use lifecycle::{INTERRUPTED, InstanceClaim, close_interrupted};
@@ -45,7 +46,7 @@ pub use ssh::{RelayKeys, host_keys};
 pub struct Relay {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
-    watcher: JoinHandle<()>,
+    watcher: Tasks,
     state: AppState,
     /// Held while this process runs the instance: another process on the same data dir
     /// must not close this one's live sessions as interrupted.
@@ -57,7 +58,7 @@ impl Relay {
     /// waits (at most 5 s) for their recordings to be finalised and audited.
     pub async fn stop(self) {
         self.task.abort();
-        self.watcher.abort();
+        self.watcher.drain().await;
         let sessions = &self.state.live_sessions;
         sessions.cut_all("twokey is shutting down");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -96,7 +97,12 @@ pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim)
         limits,
         grace,
     ));
-    let watcher = tokio::spawn(live::watch_grants(state.clone()));
+    let mut watcher = Tasks::new();
+    let st = state.clone();
+    watcher.every("relay cut watcher", live::CUT_CHECK, None, move || {
+        let state = st.clone();
+        async move { live::check_grants(&state).await }
+    });
     Ok(Relay {
         addr,
         task,
