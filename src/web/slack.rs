@@ -6,18 +6,40 @@
 //! their twokey account, signed in, by a POST with CSRF; `/account/slack/unlink`
 //! removes it. A GET never links.
 
-use axum::Form;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
 use serde::Deserialize;
 
 use super::error::PageError;
 use super::extract::{MaybeUser, WebUser};
-use super::pages::{Chrome, CsrfForm};
+use super::limit::{self, Bucket};
+use super::views::{Chrome, CsrfForm};
 use crate::notify::slack::{self, LinkRefusal};
 use crate::state::AppState;
+
+/// `POST /slack/interactions`: served without a session (Slack has no cookie), under
+/// Slack's per-address budget.
+pub(crate) fn interactions_router(state: &AppState) -> Router<AppState> {
+    Router::new().route(
+        "/slack/interactions",
+        limit::limited(state, Bucket::Slack, post(interactions)),
+    )
+}
+
+/// The pages: `/slack/link/{token}` (under the links' budget) and
+/// `/account/slack/unlink`.
+pub(crate) fn router(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/account/slack/unlink", post(unlink))
+        .route(
+            "/slack/link/{token}",
+            limit::limited(state, Bucket::Link, get(link_page).post(link_confirm)),
+        )
+}
 
 /// `POST /slack/interactions`.
 pub async fn interactions(
