@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
 use super::error::PageError;
-use super::extract::WebUser;
+use super::extract::{SessionAdmin, WebUser};
 use super::views::{Chrome, CsrfForm, when};
 use crate::error::Error;
 use crate::policy;
@@ -155,14 +155,11 @@ pub async fn cast(
 /// An admin ends a live session.
 pub async fn terminate(
     State(state): State<AppState>,
-    user: WebUser,
+    SessionAdmin(user): SessionAdmin,
     Path(id): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, PageError> {
     user.check_csrf(&form.csrf).await?;
-    if !user.actor.is_admin {
-        return Err(Error::forbidden("only an admin may end a session").into());
-    }
     let s = visible(&state, &user, &id).await?;
     if !state.live_sessions.terminate(&s.id) {
         return Err(Error::conflict("this session is not live").into());
