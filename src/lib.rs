@@ -4,7 +4,8 @@
 //! A tour, following a request through the code:
 //! - [`config`] reads the TOML policy: resources, roles, who requests and approves.
 //! - [`policy`] holds the pure rules (no I/O): may this person request, approve, see?
-//! - [`web`] serves pages and `/api/v1`; its extractors are the permission checks.
+//! - [`web`] serves pages (one file per page group, each with its `router()`),
+//!   `/api/v1` and Slack's button clicks; its extractors are the permission checks.
 //! - [`auth`] knows who is asking: demo sign-in, sessions, CSRF, API tokens.
 //! - [`access`] runs the state machine `pending → approved | denied | cancelled |
 //!   expired`, grants `active → ended | revoked`, each transition one conditional
@@ -15,7 +16,8 @@
 //!   the one cut watcher, limits, session lifecycle) under the SSH layer `relay::ssh`;
 //!   it admits live grants only and cuts at the end.
 //! - [`recording`] writes the hashed session recordings (asciicast v2) the relay makes.
-//! - [`notify`] delivers the outbox (email) and mints single-use action links.
+//! - [`notify`] delivers the outbox (email, Slack messages) and mints single-use
+//!   action links.
 //! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
 //! - [`server`] wires it together; [`cli`] is the command line, [`client`] the
 //!   engineer's commands (`login`, `request`, `status`, `ssh`) that call the API.

@@ -694,6 +694,37 @@ async fn audit_page_is_for_admins_only() {
     assert!(html.contains("auth.signed_in"));
 }
 
+/// Ending a relay session is for admins: anyone else is refused before the session is
+/// even looked up (so the refusal says nothing about which sessions exist), an admin
+/// gets past the check (an unknown session is then 404), and a signed-out visitor is
+/// sent to sign in.
+#[tokio::test]
+async fn only_an_admin_may_end_a_relay_session() {
+    let app = common::start().await;
+    let bob = app.browser(BOB).await;
+    let csrf = bob.csrf("/sessions").await;
+    let resp = bob
+        .post("/sessions/no-such-session/terminate", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let html = resp.text().await.unwrap();
+    assert!(html.contains("only an admin may end a session"), "{html}");
+
+    let dave = app.browser("dave@example.com").await;
+    let csrf = dave.csrf("/sessions").await;
+    let resp = dave
+        .post("/sessions/no-such-session/terminate", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    let anon = common::Browser::new(app.server.url());
+    let resp = anon
+        .post("/sessions/no-such-session/terminate", &[("csrf", "x")])
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()[LOCATION], "/login");
+}
+
 #[tokio::test]
 async fn signed_out_visitors_are_sent_to_sign_in() {
     let app = common::start().await;

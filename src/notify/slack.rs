@@ -1,40 +1,25 @@
-//! Slack: a message per request with Approve/Deny buttons, updated in place with the
-//! outcome, and the interactivity endpoint those buttons call.
+//! Slack, outbound: a message per request with Approve/Deny buttons, posted by the
+//! outbox and updated in place with the outcome, and the other calls twokey makes to
+//! Slack (`users.info` when a clicker is looked up, the ephemeral reply that tells a
+//! clicker why a click did not count).
 //!
-//! Every interaction is checked before anything is read from it: the
-//! `X-Slack-Signature` HMAC-SHA256 over `v0:timestamp:body` (constant-time), a
-//! timestamp under 5 minutes old, and a signature not seen before (replay). A click
-//! counts only from the pinned workspace (`slack.team_id`) and from a Slack user
-//! explicitly linked to a twokey user: the first click of an unlinked user only earns
-//! them a one-time link, which they confirm while signed in to twokey. The Slack
-//! profile's email never names the approver (anyone who can edit profiles could pick
-//! it); it is only checked once, when a link is made. The decision then goes through
-//! the same `access::decide` as every other channel, so self-approval and group rules
-//! hold here too.
+//! Slack's calls to twokey (the button clicks: signature, payload, decision; linking a
+//! Slack account) are handled in `web::slack`. What this module must never do: take a
+//! decision (it does not import `access`), or let the bot token or signing secret out
+//! of [`Slack`] — `web::slack` gets a keyed MAC, never the secret.
 
-use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::access::{self, Channel, Decision};
-use crate::audit::NewEvent;
 use crate::config::SlackConfig;
 use crate::error::{Error, Result};
-use crate::policy::Actor;
 use crate::policy::format_duration;
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
-/// Slack rejects nothing older, and neither do we.
-pub const MAX_AGE_SECS: i64 = 5 * 60;
-
-/// How long a link offered to an unlinked Slack user works.
-pub const LINK_TTL_MS: i64 = 10 * 60 * 1000;
-
-/// Prefix of Slack link tokens.
-pub const LINK_PREFIX: &str = "sl_";
-
+/// The Slack client: the bot token, the signing secret, the channel and the pinned
+/// workspace, from `[slack]`.
 pub struct Slack {
     api_base: String,
     token: String,
@@ -45,28 +30,15 @@ pub struct Slack {
 }
 
 /// What Slack says about a user, for linking.
-struct Profile {
-    name: String,
+pub(crate) struct Profile {
+    pub(crate) name: String,
     /// Only an email Slack says it confirmed.
-    confirmed_email: Option<String>,
+    pub(crate) confirmed_email: Option<String>,
 }
 
 enum Body<'a> {
     Json(Value),
     Form(&'a [(&'a str, &'a str)]),
-}
-
-/// Why an interaction was refused before it was read.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("missing Slack signature headers")]
-    MissingHeaders,
-    #[error("stale or malformed timestamp")]
-    Stale,
-    #[error("bad signature")]
-    BadSignature,
-    #[error("replayed interaction")]
-    Replay,
 }
 
 fn escape(s: &str) -> String {
@@ -102,6 +74,13 @@ impl Slack {
     /// The pinned workspace.
     pub fn team_id(&self) -> &str {
         &self.team_id
+    }
+
+    /// A MAC keyed with the signing secret, for `web::slack` to check that a request
+    /// came from Slack. Why a MAC and not the secret: the secret never leaves this type,
+    /// so no caller can log or echo it.
+    pub fn signing_mac(&self) -> std::result::Result<Hmac<Sha256>, hmac::digest::InvalidLength> {
+        Hmac::<Sha256>::new_from_slice(self.signing_secret.as_bytes())
     }
 
     /// Calls a Web API method: write methods take JSON, read methods (`users.info`)
@@ -141,52 +120,6 @@ impl Slack {
 
     async fn api_form(&self, method: &str, args: &[(&str, &str)]) -> Result<Value> {
         self.call(method, Body::Form(args)).await
-    }
-
-    /// Checks signature, age and freshness of an interaction request.
-    pub async fn verify(
-        &self,
-        state: &AppState,
-        timestamp: Option<&str>,
-        signature: Option<&str>,
-        body: &[u8],
-        now: DateTime<Utc>,
-    ) -> std::result::Result<(), Refusal> {
-        let (Some(ts), Some(sig)) = (timestamp, signature) else {
-            return Err(Refusal::MissingHeaders);
-        };
-        let ts_num: i64 = ts.parse().map_err(|_| Refusal::Stale)?;
-        if (now.timestamp() - ts_num).abs() > MAX_AGE_SECS {
-            return Err(Refusal::Stale);
-        }
-        let Some(given) = sig.strip_prefix("v0=").and_then(|h| hex::decode(h).ok()) else {
-            return Err(Refusal::BadSignature);
-        };
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.signing_secret.as_bytes())
-            .map_err(|_| Refusal::BadSignature)?;
-        mac.update(b"v0:");
-        mac.update(ts.as_bytes());
-        mac.update(b":");
-        mac.update(body);
-        // verify_slice compares in constant time.
-        mac.verify_slice(&given)
-            .map_err(|_| Refusal::BadSignature)?;
-        let now_ms = now.timestamp_millis();
-        // Keyed on the MAC bytes, not the header text: hex decoding accepts either
-        // letter case, so the same signature in upper (or mixed) case must still count
-        // as a replay.
-        let fresh = store::first_sighting(
-            &state.db,
-            &replay_key(&given),
-            now_ms,
-            now_ms - 2 * MAX_AGE_SECS * 1000,
-        )
-        .await
-        .map_err(|_| Refusal::Replay)?;
-        if !fresh {
-            return Err(Refusal::Replay);
-        }
-        Ok(())
     }
 
     /// The message for a request as it stands now.
@@ -313,7 +246,7 @@ impl Slack {
 
     /// A Slack user as `users.info` describes them, or `None` for an unknown,
     /// deactivated or bot account (nobody, whatever they are linked to).
-    async fn profile(&self, slack_user: &str) -> Result<Option<Profile>> {
+    pub(crate) async fn profile(&self, slack_user: &str) -> Result<Option<Profile>> {
         let v = match self.api_form("users.info", &[("user", slack_user)]).await {
             Ok(v) => v,
             Err(Error::Internal(msg)) if msg.ends_with("user_not_found") => return Ok(None),
@@ -347,63 +280,8 @@ impl Slack {
         }))
     }
 
-    /// The twokey user a click is from: the one the Slack user is linked to in the
-    /// pinned workspace, while the Slack account is live. `Err(text)` tells the clicker
-    /// why the click did not count (an unlinked user gets a one-time link).
-    async fn clicker(
-        &self,
-        state: &AppState,
-        slack_user: &str,
-    ) -> Result<std::result::Result<Actor, String>> {
-        let mut conn = state.db.acquire().await?;
-        let linked = store::slack_link_user(&mut conn, &self.team_id, slack_user).await?;
-        drop(conn);
-        let Some(profile) = self.profile(slack_user).await? else {
-            return Ok(Err(
-                "twokey does not take decisions from this Slack account.".into(),
-            ));
-        };
-        let Some(user_id) = linked else {
-            let url = self.offer_link(state, slack_user, &profile).await?;
-            return Ok(Err(format!(
-                "Your Slack account is not linked to twokey yet, so this click did not count. \
-                 Link it once, while signed in to twokey: <{url}|Link your Slack account> \
-                 (works once, for {} minutes). Then click again.",
-                LINK_TTL_MS / 60_000
-            )));
-        };
-        let mut conn = state.db.acquire().await?;
-        match store::load_actor(&mut conn, &user_id, &state.config.auth.admin_groups).await? {
-            Some(actor) => Ok(Ok(actor)),
-            None => Ok(Err("twokey does not know you.".into())),
-        }
-    }
-
-    /// Stores a one-time link token for this Slack user and returns its URL. Only the
-    /// hash is kept; the token reaches only the clicker, in an ephemeral message.
-    async fn offer_link(&self, state: &AppState, slack_user: &str, p: &Profile) -> Result<String> {
-        let (token, hash) = crate::auth::new_secret(LINK_PREFIX);
-        let now = state.now_ms();
-        let mut tx = store::begin_write(&state.db).await?;
-        store::insert_slack_link_token(
-            &mut tx,
-            &store::NewSlackLinkToken {
-                token_hash: &hash,
-                team_id: &self.team_id,
-                slack_user_id: slack_user,
-                slack_name: &p.name,
-                slack_email: p.confirmed_email.as_deref(),
-                now,
-                expires_at: now + LINK_TTL_MS,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(format!("{}/slack/link/{token}", state.config.public_url()))
-    }
-
     /// Tells the clicking user why nothing happened (only they see it).
-    async fn ephemeral(&self, response_url: Option<&str>, text: &str) {
+    pub(crate) async fn ephemeral(&self, response_url: Option<&str>, text: &str) {
         let Some(url) = response_url else { return };
         if !response_url_allowed(&self.api_base, url) {
             tracing::warn!("slack response_url outside Slack ignored");
@@ -414,217 +292,6 @@ impl Slack {
             tracing::warn!(error = %e.without_url(), "slack response_url failed");
         }
     }
-
-    /// Handles a verified `block_actions` payload.
-    pub async fn interact(&self, state: &AppState, payload: &Value) -> Result<()> {
-        let response_url = payload["response_url"].as_str();
-        let Some(action) = payload["actions"].get(0) else {
-            return Ok(());
-        };
-        let decision = match action["action_id"].as_str() {
-            Some("approve") => Decision::Approve,
-            Some("deny") => Decision::Deny,
-            _ => return Ok(()),
-        };
-        let Some(request_id) = action["value"].as_str() else {
-            return Ok(());
-        };
-        let Some(slack_user) = payload["user"]["id"].as_str() else {
-            return Ok(());
-        };
-        // One app (and so one signing secret) can be installed in many workspaces: a
-        // click counts only from the pinned one. Every team id the payload names must
-        // be it, and it must name one.
-        let teams: Vec<&str> = [
-            payload["team"]["id"].as_str(),
-            payload["user"]["team_id"].as_str(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if teams.is_empty() || teams.iter().any(|t| *t != self.team_id) {
-            tracing::warn!(teams = ?teams, "slack click from another workspace refused");
-            self.ephemeral(
-                response_url,
-                "twokey does not take decisions from this Slack workspace.",
-            )
-            .await;
-            return Ok(());
-        }
-        let actor = match self.clicker(state, slack_user).await? {
-            Ok(actor) => actor,
-            Err(why) => {
-                self.ephemeral(response_url, &why).await;
-                return Ok(());
-            }
-        };
-        match access::decide(state, &actor, request_id, decision, None, Channel::Slack).await {
-            Ok(_) => {
-                if let Err(e) = self.sync(state, request_id).await {
-                    tracing::warn!(error = %e, "slack message update failed; the outbox will retry");
-                }
-            }
-            Err(e @ (Error::Forbidden(_) | Error::Conflict(_) | Error::NotFound(_))) => {
-                self.ephemeral(response_url, &format!("Not done: {e}"))
-                    .await;
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(())
-    }
-}
-
-/// What the replay table stores for a verified signature: a hash of the decoded MAC,
-/// so every spelling of one signature is one key.
-fn replay_key(mac: &[u8]) -> String {
-    crate::auth::hash_token(&hex::encode(mac))
-}
-
-/// Why a link token cannot be used, in words for the page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkRefusal {
-    Unknown,
-    Used,
-    Expired,
-}
-
-impl LinkRefusal {
-    pub fn message(self) -> &'static str {
-        match self {
-            LinkRefusal::Unknown => {
-                "This link is not valid. Click a button in Slack again to get a new one."
-            }
-            LinkRefusal::Used => "This link has already been used. Each link works once.",
-            LinkRefusal::Expired => {
-                "This link has expired: links work for 10 minutes. Click a button in Slack again to get a new one."
-            }
-        }
-    }
-}
-
-/// A link token that may be used now, or why not.
-pub async fn check_link_token(
-    state: &AppState,
-    token: &str,
-) -> Result<std::result::Result<store::SlackLinkTokenRow, LinkRefusal>> {
-    if !token.starts_with(LINK_PREFIX) || token.len() > 128 {
-        return Ok(Err(LinkRefusal::Unknown));
-    }
-    let hash = crate::auth::hash_token(token);
-    let mut conn = state.db.acquire().await?;
-    let row = store::slack_link_token(&mut conn, &hash)
-        .await?
-        // Found by hash; compare in constant time anyway.
-        .filter(|r| crate::auth::secrets_equal(&r.token_hash, &hash));
-    Ok(match row {
-        None => Err(LinkRefusal::Unknown),
-        Some(r) if r.used_at.is_some() => Err(LinkRefusal::Used),
-        Some(r) if r.expires_at <= state.now_ms() => Err(LinkRefusal::Expired),
-        Some(r) => Ok(r),
-    })
-}
-
-/// Why `actor` may not take this link, if they may not: the Slack account's confirmed
-/// email must be theirs. Without this, any Slack user could send their own link to a
-/// twokey user and have it confirmed by mistake; with it, only someone who can also
-/// set Slack emails could try, and the person must still confirm while signed in.
-pub fn link_mismatch(row: &store::SlackLinkTokenRow, actor: &Actor) -> Option<String> {
-    match &row.slack_email {
-        Some(email) if email.eq_ignore_ascii_case(&actor.email) => None,
-        Some(email) => Some(format!(
-            "This Slack account's email is {email}, not {}: twokey links a Slack account only to the twokey user with the same email. Sign in as that user, or ask a Slack admin to fix the email.",
-            actor.email
-        )),
-        None => Some(
-            "Slack has not confirmed this Slack account's email, so twokey cannot link it to you."
-                .into(),
-        ),
-    }
-}
-
-/// The signed-in `actor` confirmed a link: the token is used up and the Slack user
-/// bound to them, with its audit event, in one transaction.
-pub async fn link(state: &AppState, actor: &Actor, token: &str) -> Result<store::SlackLinkRow> {
-    let row = match check_link_token(state, token).await? {
-        Ok(row) => row,
-        Err(refusal) => return Err(Error::conflict(refusal.message())),
-    };
-    if let Some(why) = link_mismatch(&row, actor) {
-        return Err(Error::forbidden(why));
-    }
-    let now = state.now_ms();
-    let mut tx = store::begin_write(&state.db).await?;
-    if !store::consume_slack_link_token(&mut tx, &row.token_hash, now).await? {
-        return Err(Error::conflict(LinkRefusal::Used.message()));
-    }
-    if !store::insert_slack_link(
-        &mut tx,
-        &row.team_id,
-        &row.slack_user_id,
-        &actor.user_id,
-        now,
-    )
-    .await?
-    {
-        return Err(Error::conflict(
-            "this Slack account, or your twokey account, is already linked in this workspace: unlink the old link on your Account page first",
-        ));
-    }
-    store::append_audit(
-        &mut tx,
-        now,
-        &NewEvent {
-            actor: &actor.email,
-            action: "slack.linked",
-            subject: &actor.user_id,
-            details: json!({
-                "by": actor.identity(),
-                "team_id": row.team_id,
-                "slack_user_id": row.slack_user_id,
-                "slack_email": row.slack_email,
-            }),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(store::SlackLinkRow {
-        team_id: row.team_id,
-        slack_user_id: row.slack_user_id,
-        user_id: actor.user_id.clone(),
-        created_at: now,
-    })
-}
-
-/// The user removes their own link; from then on that Slack account's clicks count for
-/// nobody until it is linked again.
-pub async fn unlink(
-    state: &AppState,
-    actor: &Actor,
-    team_id: &str,
-    slack_user_id: &str,
-) -> Result<()> {
-    let now = state.now_ms();
-    let mut tx = store::begin_write(&state.db).await?;
-    if !store::delete_slack_link(&mut tx, team_id, slack_user_id, &actor.user_id).await? {
-        return Err(Error::NotFound("Slack link"));
-    }
-    store::append_audit(
-        &mut tx,
-        now,
-        &NewEvent {
-            actor: &actor.email,
-            action: "slack.unlinked",
-            subject: &actor.user_id,
-            details: json!({
-                "by": actor.identity(),
-                "team_id": team_id,
-                "slack_user_id": slack_user_id,
-            }),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Only Slack's own hooks (or the configured API host, for tests) may be called back:
@@ -683,16 +350,6 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn every_spelling_of_a_signature_is_one_replay_key() {
-        let lower = hex::decode("0a1bff").unwrap();
-        let upper = hex::decode("0A1BFF").unwrap();
-        let mixed = hex::decode("0a1BfF").unwrap();
-        assert_eq!(replay_key(&lower), replay_key(&upper));
-        assert_eq!(replay_key(&lower), replay_key(&mixed));
-        assert_ne!(replay_key(&lower), replay_key(&[0x0a, 0x1b, 0xfe]));
     }
 
     #[test]

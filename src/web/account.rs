@@ -4,14 +4,21 @@
 
 use askama::Template;
 use askama_web::WebTemplate;
+use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
+use axum::routing::get;
 
 use super::error::PageError;
 use super::extract::WebUser;
-use super::pages::{Chrome, when};
+use super::views::{Chrome, when};
 use crate::state::AppState;
 use crate::store;
+
+/// `/account`.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new().route("/account", get(show))
+}
 
 pub struct SlackLinkVm {
     pub team_id: String,

@@ -10,10 +10,12 @@
 //! beyond its scopes, whatever its owner may do in the browser.
 
 use axum::Json;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -25,6 +27,21 @@ use crate::clock::from_millis;
 use crate::error::Error;
 use crate::policy::{FieldError, RequestInput};
 use crate::state::AppState;
+
+/// Everything under `/api/v1` but the CLI's token exchange (in [`super::cli_login`]);
+/// `web::router` nests it and adds the JSON 404.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/requests", get(list).post(create))
+        .route("/requests/{id}", get(show))
+        .route("/requests/{id}/ssh-certificate", post(ssh_certificate))
+        .route("/requests/{id}/db-credentials", post(db_credentials))
+        .route("/requests/{id}/{action}", post(act))
+        .route("/ca/ssh", get(ca_public_key))
+        .route("/ca/krl", get(ca_krl))
+        .route("/relay/host-key", get(relay_host_key))
+        .route("/whoami", get(whoami))
+}
 
 fn iso(ms: i64) -> String {
     from_millis(ms).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)

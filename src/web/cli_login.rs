@@ -13,19 +13,36 @@ use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
 use axum::Json;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, PageError};
 use super::extract::WebUser;
-use super::pages::Chrome;
+use super::limit::{self, Bucket};
+use super::views::Chrome;
 use crate::auth;
 use crate::auth::scopes::{Scope, Scopes};
 use crate::error::Error;
 use crate::state::AppState;
+
+/// The browser half: `/cli/login`, a page (with the session).
+pub(crate) fn router() -> Router<AppState> {
+    Router::new().route("/cli/login", get(show).post(confirm))
+}
+
+/// The CLI half, under `/api/v1` (no session, JSON errors): `POST /cli/token`, which
+/// anyone can reach, so it has a per-address budget.
+pub(crate) fn api_router(state: &AppState) -> Router<AppState> {
+    Router::new().route(
+        "/cli/token",
+        limit::limited(state, Bucket::Token, post(token)),
+    )
+}
 
 #[derive(Deserialize)]
 pub struct LoginQuery {

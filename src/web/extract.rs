@@ -1,6 +1,8 @@
 //! Extractors that *are* the permission checks: a handler that takes [`WebUser`],
-//! [`AdminUser`] or [`ApiUser`] cannot run for anyone else, and [`ApiToken::require`]
-//! refuses a token without the scope an action needs.
+//! [`AdminUser`] (or [`SessionAdmin`]) or [`ApiUser`] cannot run for anyone else, and
+//! [`ApiToken::require`] refuses a token without the scope an action needs. Checks that
+//! need the object loaded first (may this user see this request, this session, this
+//! link?) stay with the object: in `access`, `policy` and the handler's lookup.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -150,6 +152,20 @@ impl FromRequestParts<AppState> for MaybeUser {
 /// A signed-in member of an admin group.
 pub struct AdminUser(pub WebUser);
 
+/// The signed-in user if they are an admin; anyone else is refused (403, `why`) before
+/// the handler runs, so it learns nothing about the object it names.
+async fn admin(
+    parts: &mut Parts,
+    state: &AppState,
+    why: &'static str,
+) -> Result<WebUser, Response> {
+    let user = WebUser::from_request_parts(parts, state).await?;
+    if !user.actor.is_admin {
+        return Err(PageError(Error::forbidden(why)).into_response());
+    }
+    Ok(user)
+}
+
 impl FromRequestParts<AppState> for AdminUser {
     type Rejection = Response;
 
@@ -157,11 +173,27 @@ impl FromRequestParts<AppState> for AdminUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let user = WebUser::from_request_parts(parts, state).await?;
-        if !user.actor.is_admin {
-            return Err(PageError(Error::forbidden("this page is for admins")).into_response());
-        }
-        Ok(AdminUser(user))
+        admin(parts, state, "this page is for admins")
+            .await
+            .map(AdminUser)
+    }
+}
+
+/// An admin ending a live relay session: the check of [`AdminUser`], refused in the
+/// words of that button ("only an admin may end a session"). The session's holder and
+/// approvers may watch it, but not end it.
+pub struct SessionAdmin(pub WebUser);
+
+impl FromRequestParts<AppState> for SessionAdmin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        admin(parts, state, "only an admin may end a session")
+            .await
+            .map(SessionAdmin)
     }
 }
 

@@ -5,17 +5,26 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
 use russh::keys::ssh_key::{HashAlg, PublicKey};
 
 use super::error::PageError;
 use super::extract::AdminUser;
-use super::pages::{Chrome, CsrfForm, when};
+use super::views::{Chrome, CsrfForm, when};
 use crate::error::Error;
 use crate::relay::host_keys::{self, Decision};
 use crate::state::AppState;
 use crate::store;
+
+/// `/admin/host-keys` and its confirm / reject / withdraw buttons.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/host-keys", get(list))
+        .route("/admin/host-keys/{id}/{action}", post(decide))
+}
 
 pub struct KeyVm {
     pub id: String,

@@ -21,6 +21,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 
 use crate::state::AppState;
 
@@ -137,6 +138,19 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAdd
         .rev()
         .find(|ip| !trusted.contains(ip))
         .unwrap_or(peer)
+}
+
+/// `route` (every method of it) behind the per-address budget of `bucket`: how each
+/// page group's `router()` puts an endpoint anyone can reach under a limit.
+pub(crate) fn limited(
+    state: &AppState,
+    bucket: Bucket,
+    route: MethodRouter<AppState>,
+) -> MethodRouter<AppState> {
+    route.layer(axum::middleware::from_fn_with_state(
+        (state.clone(), bucket),
+        limit,
+    ))
 }
 
 /// Middleware: refuses with 429 once the client's budget for `bucket` is spent.

@@ -8,20 +8,31 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
 use serde::Deserialize;
 
 use super::error::PageError;
 use super::extract::MaybeUser;
-use super::pages::Chrome;
+use super::limit::{self, Bucket};
+use super::views::Chrome;
 use crate::access::{self, Decision};
 use crate::auth;
 use crate::error::Error;
 use crate::policy::format_duration;
 use crate::state::AppState;
 use crate::store::{self, ActionTokenRow};
+
+/// `/a/{token}`, GET and POST, under the links' per-address budget.
+pub(crate) fn router(state: &AppState) -> Router<AppState> {
+    Router::new().route(
+        "/a/{token}",
+        limit::limited(state, Bucket::Link, get(show).post(confirm)),
+    )
+}
 
 #[derive(Template, WebTemplate)]
 #[template(path = "link.html")]

@@ -9,17 +9,28 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
 
 use super::error::PageError;
-use super::extract::WebUser;
-use super::pages::{Chrome, CsrfForm, when};
+use super::extract::{SessionAdmin, WebUser};
+use super::views::{Chrome, CsrfForm, when};
 use crate::error::Error;
 use crate::policy;
 use crate::state::AppState;
 use crate::store::{self, SessionRow};
+
+/// `/sessions`, a session's replay page, its recording, and ending it.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/sessions", get(list))
+        .route("/sessions/{id}", get(show))
+        .route("/sessions/{id}/cast", get(cast))
+        .route("/sessions/{id}/terminate", post(terminate))
+}
 
 pub struct SessionVm {
     pub id: String,
@@ -144,14 +155,11 @@ pub async fn cast(
 /// An admin ends a live session.
 pub async fn terminate(
     State(state): State<AppState>,
-    user: WebUser,
+    SessionAdmin(user): SessionAdmin,
     Path(id): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, PageError> {
     user.check_csrf(&form.csrf).await?;
-    if !user.actor.is_admin {
-        return Err(Error::forbidden("only an admin may end a session").into());
-    }
     let s = visible(&state, &user, &id).await?;
     if !state.live_sessions.terminate(&s.id) {
         return Err(Error::conflict("this session is not live").into());
@@ -168,50 +176,4 @@ pub async fn terminate(
     .await?;
     tx.commit().await?;
     Ok(Redirect::to(&format!("/sessions/{id}")))
-}
-
-/// Where the npm package's files are: `TWOKEY_PLAYER_DIR`, the project's node_modules,
-/// or where the container image puts them.
-fn player_file(name: &str) -> Option<std::path::PathBuf> {
-    let dirs = [
-        std::env::var_os("TWOKEY_PLAYER_DIR").map(std::path::PathBuf::from),
-        Some("node_modules/asciinema-player/dist/bundle".into()),
-        Some("/usr/share/twokey/asciinema-player".into()),
-    ];
-    dirs.into_iter()
-        .flatten()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-async fn asset(name: &str, content_type: &'static str) -> Response {
-    match player_file(name) {
-        Some(p) => match tokio::fs::read(p).await {
-            Ok(body) => (
-                [
-                    (header::CONTENT_TYPE, content_type),
-                    (header::CACHE_CONTROL, "public, max-age=3600"),
-                ],
-                body,
-            )
-                .into_response(),
-            Err(_) => axum::http::StatusCode::NOT_FOUND.into_response(),
-        },
-        None => axum::http::StatusCode::NOT_FOUND.into_response(),
-    }
-}
-
-pub async fn player_js() -> Response {
-    asset("asciinema-player.min.js", "text/javascript").await
-}
-
-pub async fn player_css() -> Response {
-    asset("asciinema-player.css", "text/css").await
-}
-
-pub async fn replay_js() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript")],
-        include_str!("../../static/replay.js"),
-    )
 }

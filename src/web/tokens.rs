@@ -6,14 +6,23 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::Form;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
 
 use super::error::PageError;
 use super::extract::WebUser;
-use super::pages::{Chrome, CsrfForm, when};
+use super::views::{Chrome, CsrfForm, when};
 use crate::state::AppState;
 use crate::store::{self, TokenListRow};
+
+/// `/tokens` and `/tokens/{id}/revoke`.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/tokens", get(list))
+        .route("/tokens/{id}/revoke", post(revoke))
+}
 
 pub struct TokenVm {
     pub id: String,

@@ -1,23 +1,53 @@
+//! Slack's calls to twokey, and linking a Slack account.
+//!
 //! `POST /slack/interactions`: Slack's interactivity callback for the Approve/Deny
-//! buttons. Unverified requests get 401 and are not read further; verified ones get
-//! 200 at once (Slack retries anything else), with refusals told to the clicking user.
+//! buttons. Unverified requests get 401 and are not read further ([`verify`]); verified
+//! ones get 200 at once (Slack retries anything else), with refusals told to the
+//! clicking user ([`interact`]).
 //!
 //! `/slack/link/{token}`: where an unlinked Slack user links their Slack account to
 //! their twokey account, signed in, by a POST with CSRF; `/account/slack/unlink`
-//! removes it. A GET never links.
+//! removes it. A GET never links ([`link`]). Posting and updating the request messages
+//! is `notify::slack`'s, through the outbox.
 
-use axum::Form;
+pub mod interact;
+pub mod link;
+pub mod verify;
+
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
 use serde::Deserialize;
 
+use self::link::LinkRefusal;
 use super::error::PageError;
 use super::extract::{MaybeUser, WebUser};
-use super::pages::{Chrome, CsrfForm};
-use crate::notify::slack::{self, LinkRefusal};
+use super::limit::{self, Bucket};
+use super::views::{Chrome, CsrfForm};
 use crate::state::AppState;
+
+/// `POST /slack/interactions`: served without a session (Slack has no cookie), under
+/// Slack's per-address budget.
+pub(crate) fn interactions_router(state: &AppState) -> Router<AppState> {
+    Router::new().route(
+        "/slack/interactions",
+        limit::limited(state, Bucket::Slack, post(interactions)),
+    )
+}
+
+/// The pages: `/slack/link/{token}` (under the links' budget) and
+/// `/account/slack/unlink`.
+pub(crate) fn router(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/account/slack/unlink", post(unlink))
+        .route(
+            "/slack/link/{token}",
+            limit::limited(state, Bucket::Link, get(link_page).post(link_confirm)),
+        )
+}
 
 /// `POST /slack/interactions`.
 pub async fn interactions(
@@ -29,15 +59,15 @@ pub async fn interactions(
         return StatusCode::NOT_FOUND;
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Err(refusal) = slack
-        .verify(
-            &state,
-            header("x-slack-request-timestamp"),
-            header("x-slack-signature"),
-            &body,
-            state.clock.now(),
-        )
-        .await
+    if let Err(refusal) = verify::verify(
+        &slack,
+        &state,
+        header("x-slack-request-timestamp"),
+        header("x-slack-signature"),
+        &body,
+        state.clock.now(),
+    )
+    .await
     {
         tracing::warn!(reason = %refusal, "slack interaction refused");
         crate::state::Metrics::inc(&state.metrics.refusals);
@@ -52,7 +82,7 @@ pub async fn interactions(
     if payload["type"] != "block_actions" {
         return StatusCode::OK;
     }
-    if let Err(e) = slack.interact(&state, &payload).await {
+    if let Err(e) = interact::interact(&slack, &state, &payload).await {
         tracing::error!(error = %e, "slack interaction failed");
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
@@ -97,7 +127,7 @@ pub async fn link_page(
     Path(token): Path<String>,
 ) -> Result<Response, PageError> {
     let chrome = Chrome::new(&state, &user.session, user.actor.as_ref()).await?;
-    let row = match slack::check_link_token(&state, &token).await? {
+    let row = match link::check_link_token(&state, &token).await? {
         Ok(row) => row,
         Err(refusal) => {
             let status = match refusal {
@@ -115,7 +145,7 @@ pub async fn link_page(
             Some(format!("/login?next=/slack/link/{token}")),
         ));
     };
-    if let Some(why) = slack::link_mismatch(&row, &actor) {
+    if let Some(why) = link::link_mismatch(&row, &actor) {
         return Ok(notice(chrome, StatusCode::FORBIDDEN, why, None));
     }
     Ok(LinkPage {
@@ -142,7 +172,7 @@ pub async fn link_confirm(
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, PageError> {
     user.check_csrf(&form.csrf).await?;
-    slack::link(&state, &user.actor, &token).await?;
+    link::link(&state, &user.actor, &token).await?;
     Ok(Redirect::to("/account"))
 }
 
@@ -160,6 +190,6 @@ pub async fn unlink(
     Form(form): Form<UnlinkForm>,
 ) -> Result<Redirect, PageError> {
     user.check_csrf(&form.csrf).await?;
-    slack::unlink(&state, &user.actor, &form.team_id, &form.slack_user_id).await?;
+    link::unlink(&state, &user.actor, &form.team_id, &form.slack_user_id).await?;
     Ok(Redirect::to("/account"))
 }

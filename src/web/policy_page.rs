@@ -1,0 +1,72 @@
+//! `/policy`: every resource and role as configured, who may request and approve it,
+//! and whether the viewer may request it. Read-only; what this module must never do
+//! is decide anything (the page shows `policy`'s answers).
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use super::error::PageError;
+use super::extract::WebUser;
+use super::views::Chrome;
+use crate::policy::{self, format_duration};
+use crate::state::AppState;
+
+/// `/policy`.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new().route("/policy", get(policy))
+}
+
+pub struct PolicyRowVm {
+    pub resource: String,
+    pub kind: String,
+    pub role: String,
+    pub requesters: String,
+    pub approvers: String,
+    pub approvals: String,
+    pub max: String,
+    pub ticket: bool,
+    pub pending_ttl: String,
+    pub you_may_request: bool,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "policy.html")]
+struct PolicyPage {
+    chrome: Chrome,
+    rows: Vec<PolicyRowVm>,
+}
+
+pub async fn policy(
+    State(state): State<AppState>,
+    user: WebUser,
+) -> Result<impl IntoResponse, PageError> {
+    let mut rows = Vec::new();
+    for r in &state.config.resources {
+        for role in &r.roles {
+            rows.push(PolicyRowVm {
+                resource: r.name.clone(),
+                kind: r.kind.to_string(),
+                role: role.name.clone(),
+                requesters: role.requester_groups.join(", "),
+                approvers: role.approver_groups.join(", "),
+                approvals: if role.all_groups {
+                    format!("{} (every group)", role.min_approvals)
+                } else {
+                    role.min_approvals.to_string()
+                },
+                max: format_duration(role.max_duration()),
+                ticket: role.require_ticket,
+                pending_ttl: format_duration(state.config.pending_ttl(role)),
+                you_may_request: policy::may_request(&user.actor, role),
+            });
+        }
+    }
+    Ok(PolicyPage {
+        chrome: Chrome::of(&state, &user).await?,
+        rows,
+    })
+}
