@@ -1,8 +1,11 @@
 //! The typed configuration: one TOML file, `TWOKEY_*` environment overrides, and
 //! validation that names the offending key and what to do about it.
 //!
-//! This module owns parsing and checking only. It never logs a secret: `Debug` on
-//! anything that may hold one is redacted by hand.
+//! This module owns parsing and checking its own values only: one file per section,
+//! defaults written once (serde and `Default` share them), durations parsed at load
+//! ([`parse_duration`]), every secret a [`Secret`] whose `Debug` is redacted. It imports
+//! no module above it: the rules `ca`, `dbcreds` and `policy` apply to their settings
+//! are theirs (`check_config`, run by `server::check_config`).
 
 mod audit;
 mod auth;

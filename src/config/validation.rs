@@ -1,6 +1,8 @@
-//! The checks across the sections: every rule a running server relies on, each
-//! refusal naming the offending key and what to do about it. It reads files only to
-//! check they are there; it never logs a secret.
+//! The config's own checks, walked section by section in one fixed order (so the first
+//! refusal is always the same), with the ones across sections (OIDC and email need
+//! `server.public_url`; demo sign-in only on loopback). Each refusal names the key and
+//! what to do. It reads secret files only to check them; it never logs a secret. The
+//! rules of `ca`, `dbcreds` and `policy` live in those modules.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
