@@ -2,7 +2,9 @@
 //! connection flows.
 //!
 //! A tour, following a request through the code:
-//! - [`config`] reads the TOML policy: resources, roles, who requests and approves.
+//! - [`config`] reads the TOML policy into values, one file per section: durations
+//!   parsed at load, secrets in [`config::Secret`]; [`server::check_config`] adds the
+//!   checks `ca`, `dbcreds` and `policy` own.
 //! - [`policy`] holds the pure rules (no I/O): may this person request, approve, see?
 //! - [`web`] serves pages (one file per page group, each with its `router()`),
 //!   `/api/v1` and Slack's button clicks; its extractors are the permission checks.

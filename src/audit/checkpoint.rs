@@ -225,12 +225,12 @@ impl Signer {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let passphrase = passphrase.as_ref().map(Secret::expose);
         let key = if path.exists() {
-            load(&path, passphrase.as_deref())?
+            load(&path, passphrase)?
         } else {
             let mut key = PrivateKey::random(&mut UnwrapErr(SysRng), Algorithm::Ed25519)
                 .map_err(|e| internal("generating the key", e))?;
             key.set_comment("twokey audit signing key");
-            let at_rest = match passphrase.as_deref() {
+            let at_rest = match passphrase {
                 Some(p) => key
                     .encrypt(&mut UnwrapErr(SysRng), p)
                     .map_err(|e| internal("encrypting the key", e))?,

@@ -82,13 +82,13 @@ impl Ca {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let passphrase = passphrase.as_ref().map(Secret::expose);
         if path.exists() {
-            return Self::load(&path, passphrase.as_deref());
+            return Self::load(&path, passphrase);
         }
         let key = PrivateKey::random(&mut UnwrapErr(SysRng), Algorithm::Ed25519)
             .map_err(|e| internal("generating the key", e))?;
         let mut key = key;
         key.set_comment("twokey user CA");
-        let at_rest = match passphrase.as_deref() {
+        let at_rest = match passphrase {
             Some(p) => key
                 .encrypt(&mut UnwrapErr(SysRng), p)
                 .map_err(|e| internal("encrypting the key", e))?,

@@ -85,8 +85,8 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
+    use super::super::Config;
     use super::demo_config_toml;
-    use crate::config::Config;
 
     fn demo() -> Config {
         Config::parse(

@@ -1,8 +1,11 @@
 //! The typed configuration: one TOML file, `TWOKEY_*` environment overrides, and
 //! validation that names the offending key and what to do about it.
 //!
-//! This module owns parsing and checking only. It never logs a secret: `Debug` on
-//! anything that may hold one is redacted by hand.
+//! This module owns parsing and checking its own values only: one file per section,
+//! defaults written once (serde and `Default` share them), durations parsed at load
+//! ([`parse_duration`]), every secret a [`Secret`] whose `Debug` is redacted. It imports
+//! no module above it: the rules `ca`, `dbcreds` and `policy` apply to their settings
+//! are theirs (`check_config`, run by `server::check_config`).
 
 mod audit;
 mod auth;
@@ -86,7 +89,9 @@ pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigErro
     }
 }
 impl Config {
-    /// Reads, applies `TWOKEY_*` overrides, and validates.
+    /// Reads, applies `TWOKEY_*` overrides, and runs the config's own checks
+    /// ([`Config::validate`]); `server::check_config` runs those and the checks of the
+    /// modules that use the values.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let config = Config::read(path)?;
         config.validate()?;
@@ -284,291 +289,6 @@ mod tests {
     }
 
     #[test]
-    fn slack_settings_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("token");
-        let secret = dir.path().join("secret");
-        std::fs::write(&token, "xoxb-1\n").unwrap();
-        std::fs::write(&secret, "").unwrap();
-        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
-        let with = |section: String| {
-            Config::parse(&format!("{base}\n{section}"), "t")
-                .and_then(|c| c.validate())
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        };
-        let slack = |channel: &str, api: &str, secret_file: &Path| {
-            format!(
-                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\nteam_id = \"T0TEAM\"\napi_base = {api:?}\n",
-                token.display().to_string(),
-                secret_file.display().to_string()
-            )
-        };
-        let err = with(slack("#a", "https://slack.com/api", &secret)).unwrap_err();
-        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
-        let missing = dir.path().join("absent");
-        let err = with(slack("#a", "https://slack.com/api", &missing)).unwrap_err();
-        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
-        assert!(!err.contains("xoxb"), "{err}");
-        std::fs::write(&secret, "s3cret").unwrap();
-        with(slack("#a", "https://slack.com/api", &secret)).unwrap();
-        let err = with(slack(" ", "https://slack.com/api", &secret)).unwrap_err();
-        assert!(err.starts_with("slack.channel"), "{err}");
-        for bad in ["", "t0team", "T0 TEAM", "T0TEAM\\n"] {
-            let section = slack("#a", "https://slack.com/api", &secret)
-                .replace("team_id = \"T0TEAM\"", &format!("team_id = \"{bad}\""));
-            let err = with(section).unwrap_err();
-            assert!(err.starts_with("slack.team_id"), "{bad:?}: {err}");
-        }
-        let without =
-            slack("#a", "https://slack.com/api", &secret).replace("team_id = \"T0TEAM\"\n", "");
-        let err = with(without).unwrap_err();
-        assert!(err.contains("team_id"), "{err}");
-        for bad in [
-            "http://slack.example/api",
-            "http://127.0.0.1.evil.example/api",
-            "slack.com",
-        ] {
-            let err = with(slack("#a", bad, &secret)).unwrap_err();
-            assert!(err.starts_with("slack.api_base"), "{bad}: {err}");
-        }
-        let err = with(format!(
-            "{}verify = false\n",
-            slack("#a", "https://slack.com/api", &secret)
-        ))
-        .unwrap_err();
-        assert!(err.contains("verify"), "{err}");
-    }
-
-    #[test]
-    fn invalid_values_name_their_key() {
-        let cases: &[(&str, &str, &str)] = &[
-            (
-                "min_approvals = 1",
-                "min_approvals = 0",
-                "resources[0].roles[0].min_approvals",
-            ),
-            (
-                "max_duration = \"4h\"",
-                "max_duration = \"4 hours\"",
-                "resources[0].roles[0].max_duration",
-            ),
-            (
-                "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
-                "approver_groups = []\nmin_approvals = 1",
-                "resources[0].roles[0].approver_groups",
-            ),
-            (
-                "listen = \"127.0.0.1:8080\"",
-                "listen = \"localhost\"",
-                "server.listen",
-            ),
-            (
-                "name = \"demo-db\"",
-                "name = \"demo db\"",
-                "resources[0].name",
-            ),
-            (
-                "name = \"demo-ssh\"",
-                "name = \"demo-db\"",
-                "resources[1].name",
-            ),
-            (
-                "pending_ttl = \"24h\"",
-                "pending_ttl = \"0s\"",
-                "policy.pending_ttl",
-            ),
-            (
-                "email = \"bob@example.com\"",
-                "email = \"alice@example.com\"",
-                "auth.dev_users[1].email",
-            ),
-            (
-                "address = \"127.0.0.1:22\"",
-                "address = \"127.0.0.1\"",
-                "resources[1].address",
-            ),
-            (
-                "address = \"127.0.0.1:22\"",
-                "address = \"127.0.0.1:22\"\nhost_key = \"ssh-ed25519 nope\"",
-                "resources[1].host_key",
-            ),
-        ];
-        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
-        for (from, to, key) in cases {
-            assert!(base.contains(from), "{from}");
-            let text = base.replacen(from, to, 1);
-            let err = Config::parse(&text, "t")
-                .and_then(|c| c.validate())
-                .unwrap_err()
-                .to_string();
-            assert!(err.starts_with(key), "{to}: {err}");
-        }
-    }
-
-    #[test]
-    fn a_recording_cap_of_nothing_is_refused() {
-        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
-        for (bytes, ok) in [(0, false), (65_535, false), (65_536, true)] {
-            let text = format!(
-                "{base}\n[relay]\nlisten = \"127.0.0.1:0\"\nmax_recording_bytes = {bytes}\n"
-            );
-            let checked = Config::parse(&text, "t").and_then(|c| c.validate());
-            match checked {
-                Ok(_) => assert!(ok, "{bytes} accepted"),
-                Err(e) => {
-                    assert!(!ok, "{bytes}: {e}");
-                    assert!(
-                        e.to_string().starts_with("relay.max_recording_bytes"),
-                        "{e}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn durations_are_parsed_once_at_load_or_refused_naming_their_key() {
-        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
-        let with =
-            |section: &str, line: &str| base.replacen(section, &format!("{section}\n{line}"), 1);
-        // Valid: each setting holds the typed value, sub-second ones included.
-        type Read = fn(&Config) -> Duration;
-        let ok: &[(&str, &str, Read, u64)] = &[
-            (
-                "[server]",
-                "outbox_interval = \"50ms\"",
-                |c| c.outbox_interval(),
-                50,
-            ),
-            (
-                "[server]",
-                "sweep_interval = \"250ms\"",
-                |c| c.sweep_interval(),
-                250,
-            ),
-            (
-                "[server]",
-                "sweep_interval = \"0s\"",
-                |c| c.sweep_interval(),
-                0,
-            ),
-            (
-                "[server]",
-                "reconcile_interval = \"1m30s\"",
-                |c| c.reconcile_interval(),
-                90_000,
-            ),
-            (
-                "[auth]",
-                "token_ttl = \"7d\"",
-                |c| c.token_ttl(),
-                7 * 86_400_000,
-            ),
-            (
-                "[auth]",
-                "session_idle_timeout = \"1500ms\"",
-                |c| c.session_idle_timeout(),
-                1500,
-            ),
-            (
-                "[auth]",
-                "groups_max_age = \"90\"",
-                |c| c.groups_max_age(),
-                90_000,
-            ),
-            ("[policy]", "", |c| c.policy.pending_ttl, 24 * 3_600_000),
-        ];
-        for (section, line, get, ms) in ok {
-            let c = Config::parse(&with(section, line), "t").unwrap();
-            c.validate().unwrap();
-            assert_eq!(get(&c), Duration::from_millis(*ms), "{line}");
-        }
-        let c = Config::parse(&base, "t").unwrap();
-        assert_eq!(c.outbox_interval(), Duration::from_secs(2), "the default");
-        let role = &c.resources[0].roles[0];
-        assert_eq!(role.max_duration(), Duration::from_secs(4 * 3600));
-        assert_eq!(c.pending_ttl(role), Duration::from_secs(24 * 3600));
-
-        // Invalid: refused, the key named, never replaced by a default.
-        let bad: &[(&str, &str, &str)] = &[
-            (
-                "[server]",
-                "outbox_interval = \"2 seconds\"",
-                "server.outbox_interval: \"2 seconds\" is not a duration",
-            ),
-            (
-                "[server]",
-                "outbox_interval = \"5us\"",
-                "server.outbox_interval: \"5us\" is not a duration",
-            ),
-            (
-                "[server]",
-                "sweep_interval = \"1.5s\"",
-                "server.sweep_interval: ",
-            ),
-            (
-                "[server]",
-                "reconcile_interval = 60",
-                "server.reconcile_interval: invalid type",
-            ),
-            (
-                "[auth]",
-                "token_ttl = \"400d\"",
-                "auth.token_ttl: \"400d\" is longer than a year",
-            ),
-            (
-                "[auth]",
-                "session_lifetime = \"0ms\"",
-                "auth.session_lifetime: must be longer than zero",
-            ),
-            (
-                "[auth]",
-                "groups_max_age = \"\"",
-                "auth.groups_max_age: a duration is required",
-            ),
-            (
-                "[auth]",
-                "session_idle_timeout = \"8hours\"",
-                "auth.session_idle_timeout: ",
-            ),
-        ];
-        for (section, line, want) in bad {
-            let err = Config::parse(&with(section, line), "t.toml")
-                .and_then(|c| c.validate())
-                .unwrap_err()
-                .to_string();
-            assert!(err.starts_with(want), "{line}: {err}");
-        }
-        let err = Config::parse(&with("[server]", "outbox_interval = \"2x\""), "t.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(err.ends_with("(t.toml, line 5)"), "{err}");
-        let text = base.replacen(
-            "max_duration = \"1h\"",
-            "max_duration = \"1h\"\npending_ttl = \"soon\"",
-            1,
-        );
-        let err = Config::parse(&text, "t").unwrap_err().to_string();
-        assert!(
-            err.starts_with("resources[1].roles[0].pending_ttl: \"soon\""),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn all_groups_needs_enough_approvals() {
-        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
-        let text = base.replacen(
-            "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
-            "approver_groups = [\"sre-leads\", \"dbas\"]\nall_groups = true\nmin_approvals = 1",
-            1,
-        );
-        let err = Config::parse(&text, "t").unwrap().validate().unwrap_err();
-        assert!(err.to_string().contains("at least 2"), "{err}");
-    }
-
-    #[test]
     fn env_overrides_apply() {
         let mut c = demo();
         c.apply_env(|k| (k == "TWOKEY_LISTEN").then(|| "127.0.0.1:9999".to_string()))
@@ -591,9 +311,10 @@ mod tests {
         std::fs::write(&url_file, "postgres://u:pw@db/from-file\n").unwrap();
         let url_file = url_file.display().to_string();
         type Read = fn(&Config) -> String;
+        type Vars = &'static [(&'static str, &'static str)];
         let url: Read = |c| c.database_url().expose().to_string();
         // (variables set, what lands); README "Configuration" promises each one.
-        let cases: &[(&[(&str, &str)], Read, &str)] = &[
+        let cases: &[(Vars, Read, &str)] = &[
             (
                 &[("TWOKEY_LISTEN", "127.0.0.1:9999")],
                 |c| c.listen_addr().unwrap().to_string(),

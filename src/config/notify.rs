@@ -77,3 +77,67 @@ impl EmailConfig {
         Secret::from_optional_file("email.password_file", self.password_file.as_deref())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{Config, demo_config_toml};
+
+    #[test]
+    fn slack_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let secret = dir.path().join("secret");
+        std::fs::write(&token, "xoxb-1\n").unwrap();
+        std::fs::write(&secret, "").unwrap();
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let with = |section: String| {
+            Config::parse(&format!("{base}\n{section}"), "t")
+                .and_then(|c| c.validate())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let slack = |channel: &str, api: &str, secret_file: &Path| {
+            format!(
+                "[slack]\nbot_token_file = {:?}\nsigning_secret_file = {:?}\nchannel = {channel:?}\nteam_id = \"T0TEAM\"\napi_base = {api:?}\n",
+                token.display().to_string(),
+                secret_file.display().to_string()
+            )
+        };
+        let err = with(slack("#a", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        let missing = dir.path().join("absent");
+        let err = with(slack("#a", "https://slack.com/api", &missing)).unwrap_err();
+        assert!(err.starts_with("slack.signing_secret_file"), "{err}");
+        assert!(!err.contains("xoxb"), "{err}");
+        std::fs::write(&secret, "s3cret").unwrap();
+        with(slack("#a", "https://slack.com/api", &secret)).unwrap();
+        let err = with(slack(" ", "https://slack.com/api", &secret)).unwrap_err();
+        assert!(err.starts_with("slack.channel"), "{err}");
+        for bad in ["", "t0team", "T0 TEAM", "T0TEAM\\n"] {
+            let section = slack("#a", "https://slack.com/api", &secret)
+                .replace("team_id = \"T0TEAM\"", &format!("team_id = \"{bad}\""));
+            let err = with(section).unwrap_err();
+            assert!(err.starts_with("slack.team_id"), "{bad:?}: {err}");
+        }
+        let without =
+            slack("#a", "https://slack.com/api", &secret).replace("team_id = \"T0TEAM\"\n", "");
+        let err = with(without).unwrap_err();
+        assert!(err.contains("team_id"), "{err}");
+        for bad in [
+            "http://slack.example/api",
+            "http://127.0.0.1.evil.example/api",
+            "slack.com",
+        ] {
+            let err = with(slack("#a", bad, &secret)).unwrap_err();
+            assert!(err.starts_with("slack.api_base"), "{bad}: {err}");
+        }
+        let err = with(format!(
+            "{}verify = false\n",
+            slack("#a", "https://slack.com/api", &secret)
+        ))
+        .unwrap_err();
+        assert!(err.contains("verify"), "{err}");
+    }
+}

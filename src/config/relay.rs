@@ -79,3 +79,31 @@ impl Default for RelayConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{Config, demo_config_toml};
+
+    #[test]
+    fn a_recording_cap_of_nothing_is_refused() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (bytes, ok) in [(0, false), (65_535, false), (65_536, true)] {
+            let text = format!(
+                "{base}\n[relay]\nlisten = \"127.0.0.1:0\"\nmax_recording_bytes = {bytes}\n"
+            );
+            let checked = Config::parse(&text, "t").and_then(|c| c.validate());
+            match checked {
+                Ok(_) => assert!(ok, "{bytes} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{bytes}: {e}");
+                    assert!(
+                        e.to_string().starts_with("relay.max_recording_bytes"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+}

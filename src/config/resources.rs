@@ -180,3 +180,22 @@ impl RoleConfig {
         self.max_duration
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{Config, demo_config_toml};
+
+    #[test]
+    fn all_groups_needs_enough_approvals() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let text = base.replacen(
+            "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+            "approver_groups = [\"sre-leads\", \"dbas\"]\nall_groups = true\nmin_approvals = 1",
+            1,
+        );
+        let err = Config::parse(&text, "t").unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+    }
+}

@@ -1,6 +1,8 @@
-//! The checks across the sections: every rule a running server relies on, each
-//! refusal naming the offending key and what to do about it. It reads files only to
-//! check they are there; it never logs a secret.
+//! The config's own checks, walked section by section in one fixed order (so the first
+//! refusal is always the same), with the ones across sections (OIDC and email need
+//! `server.public_url`; demo sign-in only on loopback). Each refusal names the key and
+//! what to do. It reads secret files only to check them; it never logs a secret. The
+//! rules of `ca`, `dbcreds` and `policy` live in those modules.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -9,6 +11,9 @@ use super::duration::check_nonzero;
 use super::{Config, ConfigError, MIN_MAX_RECORDING_BYTES, invalid};
 
 impl Config {
+    /// Checks every rule on the config's own values, section by section, across
+    /// sections where one needs another (OIDC and email need `server.public_url`).
+    /// The rules of `ca`, `dbcreds` and `policy` are theirs: `server::check_config`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server
             .listen
@@ -324,5 +329,78 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
             key,
             format!("{name:?} must be 1-64 characters of a-z, 0-9, '-', '_' or '.'"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{Config, demo_config_toml};
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "min_approvals = 1",
+                "min_approvals = 0",
+                "resources[0].roles[0].min_approvals",
+            ),
+            (
+                "max_duration = \"4h\"",
+                "max_duration = \"4 hours\"",
+                "resources[0].roles[0].max_duration",
+            ),
+            (
+                "approver_groups = [\"sre-leads\"]\nmin_approvals = 1",
+                "approver_groups = []\nmin_approvals = 1",
+                "resources[0].roles[0].approver_groups",
+            ),
+            (
+                "listen = \"127.0.0.1:8080\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            (
+                "name = \"demo-db\"",
+                "name = \"demo db\"",
+                "resources[0].name",
+            ),
+            (
+                "name = \"demo-ssh\"",
+                "name = \"demo-db\"",
+                "resources[1].name",
+            ),
+            (
+                "pending_ttl = \"24h\"",
+                "pending_ttl = \"0s\"",
+                "policy.pending_ttl",
+            ),
+            (
+                "email = \"bob@example.com\"",
+                "email = \"alice@example.com\"",
+                "auth.dev_users[1].email",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1\"",
+                "resources[1].address",
+            ),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"127.0.0.1:22\"\nhost_key = \"ssh-ed25519 nope\"",
+                "resources[1].host_key",
+            ),
+        ];
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        for (from, to, key) in cases {
+            assert!(base.contains(from), "{from}");
+            let text = base.replacen(from, to, 1);
+            let err = Config::parse(&text, "t")
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{to}: {err}");
+        }
     }
 }
