@@ -4,6 +4,7 @@
 //! A tour, following a request through the code:
 //! - [`config`] reads the TOML policy: resources, roles, who requests and approves.
 //! - [`policy`] holds the pure rules (no I/O): may this person request, approve, see?
+//!   Its [`policy::status`] names every state (request, grant, decision…) as an enum.
 //! - [`web`] serves pages and `/api/v1`; its extractors are the permission checks.
 //! - [`auth`] knows who is asking: demo sign-in, sessions, CSRF, API tokens.
 //! - [`access`] runs the state machine `pending → approved | denied | cancelled |
@@ -13,7 +14,10 @@
 //! - [`dbcreds`] makes and drops the PostgreSQL logins of grants.
 //! - [`relay`] is the SSH relay: admits live grants only, records, cuts at the end.
 //! - [`notify`] delivers the outbox (email) and mints single-use action links.
-//! - [`store`] holds every SQL statement; [`audit`] the hash chain and its verifier.
+//! - [`store`] holds the SQL, one file per aggregate (users, tokens, requests, grants,
+//!   outbox, credentials, sessions, host keys…); [`audit`] is the evidence plane: the
+//!   pure chain, [`audit::append`] (the one way to add an event), paged verification,
+//!   signed checkpoints and the export. [`keyfile`] writes and checks private key files.
 //! - [`server`] wires it together; [`cli`] is the command line, [`client`] the
 //!   engineer's commands (`login`, `request`, `status`, `ssh`) that call the API.
 
@@ -29,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod dbcreds;
 pub mod error;
+pub mod keyfile;
 pub mod notify;
 pub mod policy;
 pub mod relay;

@@ -21,8 +21,8 @@ use crate::access::{self, Channel, Decision};
 use crate::audit::NewEvent;
 use crate::config::SlackConfig;
 use crate::error::{Error, Result};
-use crate::policy::Actor;
 use crate::policy::format_duration;
+use crate::policy::{Actor, GrantStatus, OutboxStatus, RequestStatus};
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
@@ -216,7 +216,7 @@ impl Slack {
                 .format("%H:%M UTC")
                 .to_string()
         };
-        let who = |decision: &str| {
+        let who = |decision: Decision| {
             approvals
                 .iter()
                 .filter(|a| a.decision == decision)
@@ -225,25 +225,27 @@ impl Slack {
                 .join(", ")
         };
         let now = state.now_ms();
-        let status = if req.status == "pending" && req.expires_at <= now {
-            "expired"
+        let status = if req.status == RequestStatus::Pending && req.expires_at <= now {
+            RequestStatus::Expired
         } else {
-            req.status.as_str()
+            req.status
         };
         let outcome = match status {
-            "approved" => match &grant {
-                Some(g) if g.status == "revoked" => format!(
+            RequestStatus::Approved => match &grant {
+                Some(g) if g.status == GrantStatus::Revoked => format!(
                     ":no_entry: Approved by {}; revoked by {}",
-                    who("approve"),
+                    who(Decision::Approve),
                     g.ended_by_email.clone().unwrap_or_default()
                 ),
-                _ => format!(":white_check_mark: Approved by {}", who("approve")),
+                _ => format!(":white_check_mark: Approved by {}", who(Decision::Approve)),
             },
-            "denied" => format!(":x: Denied by {}", who("deny")),
-            "cancelled" => "Cancelled by the requester".to_string(),
-            "expired" => "Expired without a decision".to_string(),
-            _ if !approvals.is_empty() => format!("Approved so far by {}", who("approve")),
-            _ => String::new(),
+            RequestStatus::Denied => format!(":x: Denied by {}", who(Decision::Deny)),
+            RequestStatus::Cancelled => "Cancelled by the requester".to_string(),
+            RequestStatus::Expired => "Expired without a decision".to_string(),
+            RequestStatus::Pending if !approvals.is_empty() => {
+                format!("Approved so far by {}", who(Decision::Approve))
+            }
+            RequestStatus::Pending => String::new(),
         };
         let link = format!(
             "<{}/requests/{}|Open in twokey>",
@@ -252,7 +254,7 @@ impl Slack {
         );
         let mut blocks =
             vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": summary}})];
-        if status == "pending" {
+        if status == RequestStatus::Pending {
             blocks.push(json!({
                 "type": "actions",
                 "block_id": "twokey_decision",
@@ -290,7 +292,7 @@ impl Slack {
                 .await?;
             }
             None => {
-                if req.status != "pending" {
+                if req.status != RequestStatus::Pending {
                     return Ok(false);
                 }
                 let v = self
@@ -570,7 +572,7 @@ pub async fn link(state: &AppState, actor: &Actor, token: &str) -> Result<store:
             "this Slack account, or your twokey account, is already linked in this workspace: unlink the old link on your Account page first",
         ));
     }
-    store::append_audit(
+    crate::audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -608,7 +610,7 @@ pub async fn unlink(
     if !store::delete_slack_link(&mut tx, team_id, slack_user_id, &actor.user_id).await? {
         return Err(Error::NotFound("Slack link"));
     }
-    store::append_audit(
+    crate::audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -648,7 +650,11 @@ pub async fn deliver(state: &AppState, slack: &Slack, row: &OutboxRow) -> Result
     store::finish_outbox(
         &mut conn,
         &row.id,
-        if done { "sent" } else { "skipped" },
+        if done {
+            OutboxStatus::Sent
+        } else {
+            OutboxStatus::Skipped
+        },
         state.now_ms(),
     )
     .await?;

@@ -290,7 +290,7 @@ pub async fn admit(
             ));
         }
     };
-    if grant.status == "revoked" {
+    if grant.status == crate::policy::GrantStatus::Revoked {
         return Err(Refusal::Grant(format!(
             "your grant on {} was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
             grant.resource, grant.resource, grant.role
@@ -302,7 +302,7 @@ pub async fn admit(
             grant.resource
         )));
     }
-    if grant.status != "active" || grant.ends_at <= state.now_ms() {
+    if !grant.is_live(state.now_ms()) {
         return Err(Refusal::Grant(format!(
             "your grant on {resource} has ended; run: twokey request {resource} --role {} --for 30m --reason \"…\"",
             grant.role
@@ -452,17 +452,19 @@ pub async fn close_interrupted(state: &AppState, instance: &str) -> Result<usize
         {
             continue;
         }
-        crate::access::audit_event(
+        crate::audit::append(
             &mut tx,
             now,
-            &s.user_email,
-            "session.ended",
-            &s.grant_id,
-            json!({
-                "session_id": s.id, "reason": INTERRUPTED, "interrupted": true,
-                "recording": s.recording, "bytes": bytes, "sha256": sha256,
-                "recording_missing": missing, "started_at": s.started_at,
-            }),
+            &crate::audit::NewEvent {
+                actor: &s.user_email,
+                action: "session.ended",
+                subject: &s.grant_id,
+                details: json!({
+                    "session_id": s.id, "reason": INTERRUPTED, "interrupted": true,
+                    "recording": s.recording, "bytes": bytes, "sha256": sha256,
+                    "recording_missing": missing, "started_at": s.started_at,
+                }),
+            },
         )
         .await?;
         tx.commit().await?;
@@ -1447,16 +1449,18 @@ async fn bridge(
             },
         )
         .await?;
-        crate::access::audit_event(
+        crate::audit::append(
             &mut tx,
             now,
-            &g.user_email,
-            "session.started",
-            &g.id,
-            json!({
-                "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
-                "key_id": admitted.key_id, "peer": peer_ip,
-            }),
+            &crate::audit::NewEvent {
+                actor: &g.user_email,
+                action: "session.started",
+                subject: &g.id,
+                details: json!({
+                    "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
+                    "key_id": admitted.key_id, "peer": peer_ip,
+                }),
+            },
         )
         .await?;
         tx.commit().await?;
@@ -1667,19 +1671,21 @@ async fn bridge(
     )
     .await
     .map_err(|e| e.to_string())?;
-    crate::access::audit_event(
+    crate::audit::append(
         &mut tx,
         now,
-        &g.user_email,
-        "session.ended",
-        &g.id,
-        json!({
-            "session_id": session_id, "reason": end_reason, "recording": done.path,
-            "bytes": done.bytes, "sha256": done.sha256,
-            "recording_truncated": done.truncated, "recording_failed": done.failed,
-            "masked_inputs": done.masked_inputs,
-            "bytes_from_client": bytes_in, "bytes_to_client": bytes_out,
-        }),
+        &crate::audit::NewEvent {
+            actor: &g.user_email,
+            action: "session.ended",
+            subject: &g.id,
+            details: json!({
+                "session_id": session_id, "reason": end_reason, "recording": done.path,
+                "bytes": done.bytes, "sha256": done.sha256,
+                "recording_truncated": done.truncated, "recording_failed": done.failed,
+                "masked_inputs": done.masked_inputs,
+                "bytes_from_client": bytes_in, "bytes_to_client": bytes_out,
+            }),
+        },
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -2100,8 +2106,17 @@ async fn audit(
 ) -> bool {
     let written = async {
         let mut tx = store::begin_write(&state.db).await?;
-        crate::access::audit_event(&mut tx, state.now_ms(), actor, action, subject, details)
-            .await?;
+        crate::audit::append(
+            &mut tx,
+            state.now_ms(),
+            &crate::audit::NewEvent {
+                actor,
+                action,
+                subject,
+                details,
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok::<_, Error>(())
     }

@@ -4,8 +4,10 @@
 //! Never holds a private key or a password: only serials, key ids, fingerprints and role
 //! names.
 
+use super::grants::LIVE_GRANT;
 use super::{Conn, Db};
 use crate::error::Result;
+use crate::policy::DbCredentialState;
 
 pub struct NewCertificate<'a> {
     pub serial: u64,
@@ -58,7 +60,7 @@ pub struct DbCredentialRow {
     pub grant_id: String,
     pub resource: String,
     pub role_name: String,
-    pub status: String,
+    pub status: DbCredentialState,
     pub issued: i64,
     pub last_error: Option<String>,
     pub created_at: i64,
@@ -141,10 +143,10 @@ pub async fn db_credential_dropped(conn: &mut Conn, role_name: &str, now: i64) -
 /// may be retried at any moment): only the grant's end lets the reconciler drop it, so
 /// it never races a creation or a re-key.
 pub async fn live_db_roles(db: &Db, now: i64) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar(&format!(
         "SELECT c.role_name FROM db_credentials c JOIN grants g ON g.id = c.grant_id
-         WHERE g.status = 'active' AND g.ends_at > ?",
-    )
+         WHERE {LIVE_GRANT}"
+    ))
     .bind(now)
     .fetch_all(db)
     .await?)

@@ -10,6 +10,7 @@ use sqlx::Row;
 
 use super::{Conn, Db, RequestRow, new_id};
 use crate::error::Result;
+use crate::policy::GrantStatus;
 
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct GrantRow {
@@ -21,11 +22,29 @@ pub struct GrantRow {
     pub role: String,
     pub starts_at: i64,
     pub ends_at: i64,
-    pub status: String,
+    pub status: GrantStatus,
     pub ended_at: Option<i64>,
     pub ended_by_email: Option<String>,
     pub end_comment: Option<String>,
 }
+
+impl GrantRow {
+    /// Whether the grant is live at `now`: active and not past its end. The one test
+    /// the relay, the credential issuers and the pages apply; [`LIVE_GRANT`] is the
+    /// same test in SQL.
+    pub fn is_live(&self, now: i64) -> bool {
+        self.status == GrantStatus::Active && self.ends_at > now
+    }
+}
+
+/// [`GrantRow::is_live`] in SQL, for a grant aliased `g`, with `now` bound once at
+/// its `?`.
+pub const LIVE_GRANT: &str = "g.status = 'active' AND g.ends_at > ?";
+
+/// A live grant whose window has also begun at `now` (`starts_at <= now`): the listing
+/// of live grants. `now` is bound twice, at its two `?`. Grants start when they are
+/// made, so the two agree unless the clock went back.
+pub const LIVE_GRANT_STARTED: &str = "g.status = 'active' AND g.starts_at <= ? AND g.ends_at > ?";
 
 const GRANT_COLUMNS: &str =
     "g.id, g.request_id, g.user_id, u.email AS user_email, g.resource, g.role,
@@ -70,12 +89,12 @@ pub async fn grant_for_request(conn: &mut Conn, request_id: &str) -> Result<Opti
 pub async fn end_grant(
     conn: &mut Conn,
     grant_id: &str,
-    to: &str,
+    to: GrantStatus,
     now: i64,
     by: Option<&str>,
     comment: Option<&str>,
 ) -> Result<bool> {
-    let natural = to == "ended";
+    let natural = to == GrantStatus::Ended;
     let done = sqlx::query(
         "UPDATE grants SET status = ?, ended_at = CASE WHEN ? THEN ends_at ELSE ? END,
                            ended_by = ?, end_comment = ?
@@ -109,9 +128,10 @@ pub async fn overdue_grants(conn: &mut Conn, now: i64) -> Result<Vec<GrantRow>> 
 /// Grants live right now: active and inside their window.
 pub async fn live_grants(db: &Db, now: i64) -> Result<Vec<GrantRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {GRANT_COLUMNS} WHERE g.status = 'active' AND g.starts_at <= ?1 AND g.ends_at > ?1
+        "SELECT {GRANT_COLUMNS} WHERE {LIVE_GRANT_STARTED}
          ORDER BY g.ends_at"
     ))
+    .bind(now)
     .bind(now)
     .fetch_all(db)
     .await?)
@@ -119,10 +139,11 @@ pub async fn live_grants(db: &Db, now: i64) -> Result<Vec<GrantRow>> {
 
 /// Counts for the metrics page: pending requests and live grants.
 pub async fn gauges(db: &Db, now: i64) -> Result<(i64, i64)> {
-    let row = sqlx::query(
-        "SELECT (SELECT COUNT(*) FROM access_requests WHERE status = 'pending' AND expires_at > ?1),
-                (SELECT COUNT(*) FROM grants WHERE status = 'active' AND ends_at > ?1)",
-    )
+    let row = sqlx::query(&format!(
+        "SELECT (SELECT COUNT(*) FROM access_requests WHERE status = 'pending' AND expires_at > ?),
+                    (SELECT COUNT(*) FROM grants g WHERE {LIVE_GRANT})"
+    ))
+    .bind(now)
     .bind(now)
     .fetch_one(db)
     .await?;
@@ -147,10 +168,10 @@ pub async fn live_grants_among(
 ) -> Result<std::collections::HashSet<String>> {
     let json =
         serde_json::to_string(ids).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM grants WHERE status = 'active' AND ends_at > ? \
-         AND id IN (SELECT value FROM json_each(?))",
-    )
+    let rows: Vec<(String,)> = sqlx::query_as(&format!(
+        "SELECT g.id FROM grants g WHERE {LIVE_GRANT} \
+             AND g.id IN (SELECT value FROM json_each(?))"
+    ))
     .bind(now)
     .bind(json)
     .fetch_all(db)
@@ -174,13 +195,13 @@ pub struct GrantHolding {
 pub async fn grant_holdings_among(db: &Db, ids: &[String], now: i64) -> Result<Vec<GrantHolding>> {
     let json =
         serde_json::to_string(ids).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(&format!(
         "SELECT g.id, g.resource, g.role,
                 (SELECT json_group_array(ug.group_name) FROM user_groups ug WHERE ug.user_id = g.user_id)
          FROM grants g JOIN users u ON u.id = g.user_id
-         WHERE g.status = 'active' AND g.ends_at > ? AND g.starts_at > u.sessions_valid_after
-           AND g.id IN (SELECT value FROM json_each(?))",
-    )
+         WHERE {LIVE_GRANT} AND g.starts_at > u.sessions_valid_after
+           AND g.id IN (SELECT value FROM json_each(?))"
+    ))
     .bind(now)
     .bind(json)
     .fetch_all(db)
@@ -202,7 +223,7 @@ pub async fn grant_holdings_among(db: &Db, ids: &[String], now: i64) -> Result<V
 /// A user's grants that are active and not past their end at `now`.
 pub async fn live_grants_of(conn: &mut Conn, user_id: &str, now: i64) -> Result<Vec<GrantRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {GRANT_COLUMNS} WHERE g.user_id = ? AND g.status = 'active' AND g.ends_at > ?
+        "SELECT {GRANT_COLUMNS} WHERE g.user_id = ? AND {LIVE_GRANT}
          ORDER BY g.ends_at"
     ))
     .bind(user_id)

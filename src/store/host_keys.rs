@@ -5,6 +5,7 @@
 
 use super::{Conn, Db, new_id};
 use crate::error::Result;
+use crate::policy::HostKeyStatus;
 
 /// A host key the relay saw on a target whose config pins none.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -15,7 +16,7 @@ pub struct HostKeyRow {
     pub public_key: String,
     pub fingerprint: String,
     /// pending, confirmed, rejected, or replaced (by a later confirmed key).
-    pub status: String,
+    pub status: HostKeyStatus,
     pub first_seen_at: i64,
     pub decided_by: Option<String>,
     pub decided_at: Option<i64>,
@@ -128,7 +129,7 @@ pub async fn retire_confirmed_host_key(conn: &mut Conn, resource: &str) -> Resul
 pub async fn decide_host_key(
     conn: &mut Conn,
     id: &str,
-    (from, to): (&str, &str),
+    (from, to): (HostKeyStatus, HostKeyStatus),
     by: &str,
     now: i64,
 ) -> Result<bool> {

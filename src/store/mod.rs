@@ -28,7 +28,6 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::error::Result;
 
-pub mod audit;
 pub mod credentials;
 pub mod grants;
 pub mod host_keys;
@@ -39,7 +38,6 @@ pub mod slack;
 pub mod tokens;
 pub mod users;
 
-pub use audit::*;
 pub use credentials::*;
 pub use grants::*;
 pub use host_keys::*;

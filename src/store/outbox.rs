@@ -5,6 +5,7 @@
 
 use super::{Conn, Db, new_id};
 use crate::error::Result;
+use crate::policy::OutboxStatus;
 
 /// Queues a message; a duplicate (same request, kind, channel and recipient) is a no-op.
 pub async fn enqueue(
@@ -42,7 +43,7 @@ pub struct OutboxRow {
     pub channel: String,
     pub recipient_id: Option<String>,
     pub recipient: String,
-    pub status: String,
+    pub status: OutboxStatus,
     pub attempts: i64,
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
@@ -77,7 +78,12 @@ pub async fn claim_outbox(db: &Db, id: &str, now: i64, lease_ms: i64) -> Result<
 }
 
 /// Marks a message delivered (`sent`) or no longer needed (`skipped`).
-pub async fn finish_outbox(conn: &mut Conn, id: &str, status: &str, now: i64) -> Result<()> {
+pub async fn finish_outbox(
+    conn: &mut Conn,
+    id: &str,
+    status: OutboxStatus,
+    now: i64,
+) -> Result<()> {
     sqlx::query(
         "UPDATE outbox SET status = ?, sent_at = ?, attempts = attempts + 1, last_error = NULL
          WHERE id = ? AND status = 'pending'",

@@ -7,6 +7,7 @@ use sqlx::Sqlite;
 
 use super::{Conn, Db, new_id};
 use crate::error::Result;
+use crate::policy::{Decision, RequestStatus};
 
 /// An access request row, with its requester's email joined in.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
@@ -19,7 +20,7 @@ pub struct RequestRow {
     pub duration_secs: i64,
     pub reason: String,
     pub ticket: Option<String>,
-    pub status: String,
+    pub status: RequestStatus,
     pub created_at: i64,
     pub expires_at: i64,
     pub decided_at: Option<i64>,
@@ -75,7 +76,7 @@ pub async fn get_request(conn: &mut Conn, id: &str) -> Result<Option<RequestRow>
 pub struct ListFilter<'a> {
     /// By status as it holds now: a pending request past its TTL counts as expired
     /// even before the sweeper marks it.
-    pub status: Option<&'a str>,
+    pub status: Option<RequestStatus>,
     /// Only requests filed by this user.
     pub requester: Option<&'a str>,
     /// `None` lists every request (admins). `Some((user, keys))` lists the user's own
@@ -89,17 +90,17 @@ pub struct ListFilter<'a> {
 pub async fn list_requests(db: &Db, f: &ListFilter<'_>) -> Result<Vec<RequestRow>> {
     let mut q = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {REQUEST_COLUMNS} WHERE 1 = 1"));
     match f.status {
-        Some("pending") => {
+        Some(RequestStatus::Pending) => {
             q.push(" AND r.status = 'pending' AND r.expires_at > ")
                 .push_bind(f.now);
         }
-        Some("expired") => {
+        Some(RequestStatus::Expired) => {
             q.push(" AND (r.status = 'expired' OR (r.status = 'pending' AND r.expires_at <= ")
                 .push_bind(f.now)
                 .push("))");
         }
         Some(other) => {
-            q.push(" AND r.status = ").push_bind(other.to_string());
+            q.push(" AND r.status = ").push_bind(other);
         }
         None => {}
     }
@@ -126,8 +127,13 @@ pub async fn list_requests(db: &Db, f: &ListFilter<'_>) -> Result<Vec<RequestRow
 
 /// `pending → to`, only while pending (and, unless expiring, not past its TTL).
 /// Returns whether this call made the transition.
-pub async fn decide_request(conn: &mut Conn, id: &str, to: &str, now: i64) -> Result<bool> {
-    let live_only = to != "expired";
+pub async fn decide_request(
+    conn: &mut Conn,
+    id: &str,
+    to: RequestStatus,
+    now: i64,
+) -> Result<bool> {
+    let live_only = to != RequestStatus::Expired;
     let done = sqlx::query(
         "UPDATE access_requests SET status = ?, decided_at = ?
          WHERE id = ? AND status = 'pending' AND (NOT ? OR expires_at > ?)",
@@ -157,7 +163,7 @@ pub struct ApprovalRow {
     pub id: String,
     pub approver_id: String,
     pub approver_email: String,
-    pub decision: String,
+    pub decision: Decision,
     pub comment: Option<String>,
     pub channel: String,
     pub approver_groups: String,
@@ -173,7 +179,7 @@ impl ApprovalRow {
 pub struct NewApproval<'a> {
     pub request_id: &'a str,
     pub approver_id: &'a str,
-    pub decision: &'a str,
+    pub decision: Decision,
     pub comment: Option<&'a str>,
     pub channel: &'a str,
     pub approver_groups: &'a [String],

@@ -136,10 +136,10 @@ pub struct GrantVm {
 }
 
 fn grant_status(g: &GrantRow, now: i64) -> &str {
-    if g.status == "active" && g.ends_at <= now {
+    if g.status == policy::GrantStatus::Active && g.ends_at <= now {
         "ended"
     } else {
-        &g.status
+        g.status.as_str()
     }
 }
 
@@ -199,16 +199,16 @@ fn request_vm(v: &RequestView, now: i64) -> RequestVm {
         duration: format_duration(std::time::Duration::from_secs(r.duration_secs as u64)),
         reason: r.reason.clone(),
         ticket: r.ticket.clone().unwrap_or_default(),
-        status: r.status.clone(),
+        status: r.status.to_string(),
         badge: match &v.grant {
-            Some(g) if r.status == "approved" => match grant_status(g, now) {
-                "active" => r.status.clone(),
+            Some(g) if r.status == policy::RequestStatus::Approved => match grant_status(g, now) {
+                "active" => r.status.to_string(),
                 over => over.to_string(),
             },
-            _ => r.status.clone(),
+            _ => r.status.to_string(),
         },
         badge_note: match &v.grant {
-            Some(g) if r.status == "approved" => grant_end_detail(g, now),
+            Some(g) if r.status == policy::RequestStatus::Approved => grant_end_detail(g, now),
             _ => String::new(),
         },
         created: when(r.created_at),
@@ -242,7 +242,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
             a.created_at,
             TimelineItem {
                 when: when(a.created_at),
-                what: if a.decision == "approve" {
+                what: if a.decision == Decision::Approve {
                     "approved".into()
                 } else {
                     "denied".into()
@@ -274,7 +274,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
                 ended,
                 TimelineItem {
                     when: when(ended),
-                    what: if g.status == "revoked" {
+                    what: if g.status == policy::GrantStatus::Revoked {
                         "revoked".into()
                     } else {
                         "ended".into()
@@ -287,7 +287,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
     }
     if matches!(r.status.as_str(), "cancelled" | "expired") {
         let at = r.decided_at.unwrap_or(r.expires_at);
-        let who = if r.status == "cancelled" {
+        let who = if r.status == policy::RequestStatus::Cancelled {
             r.requester_email.clone()
         } else {
             String::new()
@@ -296,7 +296,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
             at,
             TimelineItem {
                 when: when(at),
-                what: r.status.clone(),
+                what: r.status.to_string(),
                 who,
                 note: String::new(),
             },
@@ -843,15 +843,12 @@ pub async fn request_detail(
         .config
         .role(&r.resource, &r.role)
         .map(|(_, role)| role);
-    let pending = r.status == "pending";
+    let pending = r.status == policy::RequestStatus::Pending;
     let own_request = r.requester_id == actor.user_id;
     let can_decide = pending
         && !view.decided_by(&actor.user_id)
         && role.is_some_and(|role| policy::may_decide(actor, &r.requester_id, role).is_ok());
-    let grant_live = view
-        .grant
-        .as_ref()
-        .is_some_and(|g| g.status == "active" && g.ends_at > now);
+    let grant_live = view.grant.as_ref().is_some_and(|g| g.is_live(now));
     let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
     let resource = state.config.resource(&r.resource);
     let is_ssh = resource.is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);
@@ -1089,7 +1086,7 @@ pub async fn audit_log(
             ),
             Err(f) => (format!("chain BROKEN: {f}"), false),
         };
-    let events = store::recent_audit(&state.db, None, 200)
+    let events = crate::audit::recent(&state.db, None, 200)
         .await?
         .into_iter()
         .map(|e| AuditVm {
