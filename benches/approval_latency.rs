@@ -88,7 +88,7 @@ async fn main() {
         p50 / bp50,
         p99 / bp99
     );
-    let verified = twokey::store::verify_audit(&state.db).await.unwrap();
+    let verified = twokey::audit::verify_chain(&state.db).await.unwrap();
     println!(
         "audit chain after the run: {:?}",
         verified.map(|ok| ok.events)

@@ -147,7 +147,7 @@ async fn main() {
         krl.len(),
         krl_t.elapsed().as_secs_f64() * 1000.0
     );
-    let verified = twokey::store::verify_audit(&state.db).await.unwrap();
+    let verified = twokey::audit::verify_chain(&state.db).await.unwrap();
     println!(
         "audit chain after the run: {:?}",
         verified.map(|ok| ok.events)

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::clock::SystemClock;
 use crate::config::{Config, demo_config_toml};
-use crate::{audit, auth, server, store};
+use crate::{audit, auth, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -626,53 +626,26 @@ fn verify_file(
 }
 
 async fn export(state: &crate::state::AppState, output: Option<&Path>) -> Result<ExitCode, String> {
-    // Always a checkpoint at export: the file ends with a statement signed over its
-    // last event, so a copy cut short, or ending at an earlier checkpoint, fails.
-    let closing = audit::checkpoint::checkpoint(state, "export")
-        .await
-        .map_err(|e| describe(&e))?;
-    let (end_seq, end_hash, end_ts) = match &closing {
-        Some(c) => (c.seq, c.hash.clone(), c.ts),
-        None => (0, audit::GENESIS.to_string(), state.now_ms()),
+    // The file is made only once the closing checkpoint is signed.
+    let open = || -> Result<Box<dyn Write>, String> {
+        Ok(match output {
+            Some(p) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            )),
+            None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        })
     };
-    let end = state
-        .audit_key
-        .sign_export_end(end_seq, &end_hash, end_ts)
-        .map_err(|e| describe(&e))?;
-    let checkpoints = audit::checkpoint::list(&state.db, end_seq)
+    let done = audit::export::write(state, open)
         .await
-        .map_err(|e| describe(&e))?;
-    let mut checkpoints = checkpoints.into_iter().peekable();
-    let mut out: Box<dyn Write> = match output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-    };
-    let mut after = 0;
-    let mut count = 0u64;
-    'pages: while after < end_seq {
-        let page = store::audit_page(&state.db, after, 5000)
-            .await
-            .map_err(|e| describe(&e))?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for ev in &page {
-            // Events added while exporting belong to the next export.
-            if ev.seq > end_seq {
-                break 'pages;
-            }
-            writeln!(out, "{}", ev.to_export_line()).map_err(|e| e.to_string())?;
-            count += 1;
-            while let Some(cp) = checkpoints.next_if(|c| c.seq <= ev.seq) {
-                writeln!(out, "{}", cp.to_export_line()).map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    writeln!(out, "{}", end.to_export_end_line()).map_err(|e| e.to_string())?;
-    out.flush().map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            audit::export::ExportError::Store(e) => describe(&e),
+            audit::export::ExportError::Open(e) => e,
+            audit::export::ExportError::Io(e) => e.to_string(),
+        })?;
     eprintln!(
-        "exported {count} events, closing checkpoint at seq {end_seq}, signed by {}",
+        "exported {} events, closing checkpoint at seq {}, signed by {}",
+        done.events,
+        done.end_seq,
         state.audit_key.fingerprint()
     );
     Ok(ExitCode::SUCCESS)

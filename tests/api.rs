@@ -486,9 +486,7 @@ async fn tokens_are_stored_hashed_and_never_audited() {
     assert_eq!(stored.len(), 2);
     assert!(stored.iter().all(|h| !h.contains(secret)));
     assert!(stored.contains(&twokey::auth::hash_token(&alice.token)));
-    let events = twokey::store::audit_page(&app.state().db, 0, 1000)
-        .await
-        .unwrap();
+    let events = twokey::audit::page(&app.state().db, 0, 1000).await.unwrap();
     for e in events {
         assert!(
             !e.to_export_line().contains(secret),
@@ -864,9 +862,7 @@ async fn tokens_page_lists_and_revokes_for_their_owner_and_admins_only() {
         StatusCode::NOT_FOUND
     );
 
-    let events = twokey::store::audit_page(&app.state().db, 0, 1000)
-        .await
-        .unwrap();
+    let events = twokey::audit::page(&app.state().db, 0, 1000).await.unwrap();
     let revoked: Vec<(String, String)> = events
         .iter()
         .filter(|e| e.action == "token.revoked")

@@ -195,7 +195,7 @@ async fn a_database_rewrite_that_recomputes_every_hash_is_caught_by_the_signed_c
     .await
     .unwrap();
     assert!(
-        twokey::store::verify_audit(&state.db)
+        twokey::audit::verify_chain(&state.db)
             .await
             .unwrap()
             .is_ok()

@@ -223,9 +223,7 @@ async fn a_grant_login_reads_what_the_role_allows_and_vanishes_at_revocation(v: 
     assert_eq!(s, StatusCode::CONFLICT);
 
     // Each step is in the audit log; no password is.
-    let events = twokey::store::audit_page(&app.state().db, 0, 1000)
-        .await
-        .unwrap();
+    let events = twokey::audit::page(&app.state().db, 0, 1000).await.unwrap();
     let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
     for a in [
         "db_role.created",

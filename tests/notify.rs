@@ -40,6 +40,7 @@ async fn status_of(app: &common::TestApp, id: &str) -> String {
         .unwrap()
         .unwrap()
         .status
+        .to_string()
 }
 
 #[tokio::test]

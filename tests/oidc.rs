@@ -700,7 +700,7 @@ async fn an_emailed_link_leads_through_idp_sign_in_back_to_its_confirm_page() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(req.status, "approved");
+    assert_eq!(req.status.as_str(), "approved");
     let approvals = twokey::store::approvals_for(&mut conn, &id).await.unwrap();
     assert_eq!(
         (
@@ -973,7 +973,7 @@ async fn a_sign_in_without_the_group_revokes_the_grant_it_allowed() {
             .unwrap()
             .expect("a grant")
     };
-    assert_eq!(grant().await.status, "active");
+    assert_eq!(grant().await.status.as_str(), "active");
 
     // Signing in again with the same groups changes nothing.
     app.clock.advance(chrono::Duration::seconds(1));
@@ -982,7 +982,7 @@ async fn a_sign_in_without_the_group_revokes_the_grant_it_allowed() {
         alice.get(&cb).send().await.unwrap().status(),
         StatusCode::SEE_OTHER
     );
-    assert_eq!(grant().await.status, "active");
+    assert_eq!(grant().await.status.as_str(), "active");
 
     // The IdP drops her from idp-eng (→ engineers); her next sign-in ends the grant.
     app.provider.set_groups("alice", &["idp-unmapped"]).await;
@@ -993,7 +993,7 @@ async fn a_sign_in_without_the_group_revokes_the_grant_it_allowed() {
         StatusCode::SEE_OTHER
     );
     let g = grant().await;
-    assert_eq!(g.status, "revoked");
+    assert_eq!(g.status.as_str(), "revoked");
     assert_eq!(
         g.end_comment.as_deref(),
         Some("the user's groups no longer allow this role")

@@ -217,7 +217,7 @@ impl Setup {
     }
 
     async fn events(&self, action: &str) -> Vec<Value> {
-        twokey::store::audit_page(&self.app.state().db, 0, 10_000)
+        twokey::audit::page(&self.app.state().db, 0, 10_000)
             .await
             .unwrap()
             .into_iter()
@@ -1885,7 +1885,7 @@ async fn at_most_twenty_host_keys_wait_for_an_admin_per_resource() {
     );
     let keys = twokey::store::host_keys(&app.state().db).await.unwrap();
     assert_eq!(keys.len(), 20);
-    assert!(keys.iter().all(|k| k.status == "pending"));
+    assert!(keys.iter().all(|k| k.status.as_str() == "pending"));
     let seen = app.audit_actions().await;
     assert_eq!(seen.iter().filter(|a| *a == "host_key.seen").count(), 20);
 }
@@ -1953,10 +1953,18 @@ async fn admins_deciding_at_once_leave_exactly_one_trusted_key() {
     }
     assert!(racing.join_all().await.iter().all(|r| r.is_ok()));
     let keys = twokey::store::host_keys(&state.db).await.unwrap();
-    let trusted: Vec<_> = keys.iter().filter(|k| k.status == "confirmed").collect();
+    let trusted: Vec<_> = keys
+        .iter()
+        .filter(|k| k.status.as_str() == "confirmed")
+        .collect();
     assert_eq!(trusted.len(), 1, "{keys:?}");
-    assert_eq!(keys.iter().filter(|k| k.status == "replaced").count(), 2);
-    let events = twokey::store::audit_page(&state.db, 0, 1000).await.unwrap();
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.status.as_str() == "replaced")
+            .count(),
+        2
+    );
+    let events = twokey::audit::page(&state.db, 0, 1000).await.unwrap();
     let confirmed: Vec<Value> = events
         .iter()
         .filter(|e| e.action == "host_key.confirmed")
@@ -2986,6 +2994,7 @@ async fn the_relay_cuts_a_holder_who_lost_the_right_even_if_the_grant_row_says_a
             .unwrap()
             .unwrap()
             .status
+            .as_str()
     };
 
     // Out of every group that may request demo-ssh/admin.

@@ -153,7 +153,8 @@ impl Setup {
             .await
             .unwrap()
             .unwrap()
-            .status;
+            .status
+            .to_string();
         let approvals = twokey::store::approvals_for(&mut conn, id)
             .await
             .unwrap()

@@ -223,9 +223,7 @@ async fn a_live_grant_gets_a_certificate_sshd_accepts_and_nothing_more() {
     );
 
     // The audit log names the serial and the key's fingerprint, and no key material.
-    let events = twokey::store::audit_page(&app.state().db, 0, 1000)
-        .await
-        .unwrap();
+    let events = twokey::audit::page(&app.state().db, 0, 1000).await.unwrap();
     let ev = events
         .iter()
         .find(|e| e.action == "ssh_certificate.minted")

@@ -12,11 +12,11 @@ use chrono::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::audit::NewEvent;
+use crate::audit::{self, NewEvent};
 use crate::config::{ResourceConfig, RoleConfig};
 use crate::error::{Error, Result};
 use crate::notify;
-use crate::policy::{self, Actor, CountedApproval, RequestInput};
+use crate::policy::{self, Actor, CountedApproval, GrantStatus, RequestInput, RequestStatus};
 use crate::state::{AppState, Metrics};
 use crate::store::{self, ApprovalRow, Conn, GrantRow, RequestRow};
 
@@ -57,7 +57,7 @@ impl RequestView {
     pub fn approval_count(&self) -> usize {
         self.approvals
             .iter()
-            .filter(|a| a.decision == "approve")
+            .filter(|a| a.decision == Decision::Approve)
             .map(|a| a.approver_id.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .len()
@@ -107,14 +107,14 @@ async fn load_view(state: &AppState, conn: &mut Conn, req: RequestRow) -> Result
     };
     // Show what holds now even if the sweeper has not caught up yet.
     let now = state.now_ms();
-    if view.request.status == "pending" && view.request.expires_at <= now {
-        view.request.status = "expired".into();
+    if view.request.status == RequestStatus::Pending && view.request.expires_at <= now {
+        view.request.status = RequestStatus::Expired;
     }
     if let Some(g) = view.grant.as_mut()
-        && g.status == "active"
+        && g.status == GrantStatus::Active
         && g.ends_at <= now
     {
-        g.status = "ended".into();
+        g.status = GrantStatus::Ended;
         g.ended_at = Some(g.ends_at);
     }
     Ok(view)
@@ -175,7 +175,7 @@ pub async fn create_request(
         },
     )
     .await?;
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -248,14 +248,15 @@ pub async fn list(
     scope: Scope,
     status: Option<&str>,
 ) -> Result<Vec<RequestView>> {
-    if let Some(s) = status
-        && !["pending", "approved", "denied", "cancelled", "expired"].contains(&s)
-    {
-        return Err(Error::invalid(
-            "status",
-            "must be one of pending, approved, denied, cancelled, expired",
-        ));
-    }
+    let status = status
+        .map(str::parse::<RequestStatus>)
+        .transpose()
+        .map_err(|_| {
+            Error::invalid(
+                "status",
+                "must be one of pending, approved, denied, cancelled, expired",
+            )
+        })?;
     let keys = if actor.is_admin {
         Vec::new()
     } else {
@@ -282,22 +283,23 @@ pub async fn list(
 
 /// Pending requests this actor may decide on and has not yet.
 pub async fn queue(state: &AppState, actor: &Actor) -> Result<Vec<RequestView>> {
-    Ok(list(state, actor, Scope::Visible, Some("pending"))
-        .await?
-        .into_iter()
-        .filter(|v| !v.decided_by(&actor.user_id))
-        .filter(|v| {
-            role_of(state, &v.request)
-                .is_some_and(|r| policy::may_decide(actor, &v.request.requester_id, r).is_ok())
-        })
-        .collect())
+    Ok(list(
+        state,
+        actor,
+        Scope::Visible,
+        Some(RequestStatus::Pending.as_str()),
+    )
+    .await?
+    .into_iter()
+    .filter(|v| !v.decided_by(&actor.user_id))
+    .filter(|v| {
+        role_of(state, &v.request)
+            .is_some_and(|r| policy::may_decide(actor, &v.request.requester_id, r).is_ok())
+    })
+    .collect())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    Approve,
-    Deny,
-}
+pub use crate::policy::Decision;
 
 /// Records an approval or a denial; on the approval that meets the role's rule, the
 /// request becomes a grant in the same transaction.
@@ -363,7 +365,7 @@ async fn decide_inner(
     if let Err(why) = policy::may_decide(&actor, &req.requester_id, role) {
         return refuse(state, Error::forbidden(why.message()));
     }
-    if req.status != "pending" {
+    if req.status != RequestStatus::Pending {
         return refuse(
             state,
             Error::conflict(format!("this request is already {}", req.status)),
@@ -373,10 +375,7 @@ async fn decide_inner(
         return refuse(state, Error::conflict("this request has expired"));
     }
     let groups = policy::counted_groups(&actor, role);
-    let verb = match decision {
-        Decision::Approve => "approve",
-        Decision::Deny => "deny",
-    };
+    let verb = decision.as_str();
     if let Some(hash) = link
         && !store::consume_action_token(&mut tx, hash, id, &actor.user_id, verb, now).await?
     {
@@ -390,7 +389,7 @@ async fn decide_inner(
         &store::NewApproval {
             request_id: id,
             approver_id: &actor.user_id,
-            decision: verb,
+            decision,
             comment: comment.as_deref(),
             channel: channel.as_str(),
             approver_groups: &groups,
@@ -413,22 +412,42 @@ async fn decide_inner(
     });
     match decision {
         Decision::Deny => {
-            if !store::decide_request(&mut tx, id, "denied", now).await? {
+            if !store::decide_request(&mut tx, id, RequestStatus::Denied, now).await? {
                 return refuse(state, Error::conflict("this request is no longer pending"));
             }
-            audit(&mut tx, now, &actor.email, "request.denied", id, details).await?;
+            audit::append(
+                &mut tx,
+                now,
+                &NewEvent {
+                    actor: &actor.email,
+                    action: "request.denied",
+                    subject: id,
+                    details,
+                },
+            )
+            .await?;
             notify::enqueue_for(state, &mut tx, &req, "denied", now).await?;
             Metrics::inc(&state.metrics.denials);
         }
         Decision::Approve => {
-            audit(&mut tx, now, &actor.email, "request.approval", id, details).await?;
+            audit::append(
+                &mut tx,
+                now,
+                &NewEvent {
+                    actor: &actor.email,
+                    action: "request.approval",
+                    subject: id,
+                    details,
+                },
+            )
+            .await?;
             Metrics::inc(&state.metrics.approvals);
             let approvals = store::approvals_for(&mut tx, id).await?;
             let group_lists: Vec<Vec<String>> = approvals.iter().map(ApprovalRow::groups).collect();
             let counted: Vec<CountedApproval<'_>> = approvals
                 .iter()
                 .zip(&group_lists)
-                .filter(|(a, _)| a.decision == "approve")
+                .filter(|(a, _)| a.decision == Decision::Approve)
                 .map(|(a, g)| CountedApproval {
                     approver_id: &a.approver_id,
                     groups: g,
@@ -459,39 +478,43 @@ async fn decide_inner(
                         ),
                     );
                 }
-                if !store::decide_request(&mut tx, id, "approved", now).await? {
+                if !store::decide_request(&mut tx, id, RequestStatus::Approved, now).await? {
                     return refuse(state, Error::conflict("this request is no longer pending"));
                 }
                 let ends = now + req.duration_secs * 1000;
                 let grant_id = store::insert_grant(&mut tx, &req, now, ends).await?;
                 let approvers: Vec<&str> = approvals
                     .iter()
-                    .filter(|a| a.decision == "approve")
+                    .filter(|a| a.decision == Decision::Approve)
                     .map(|a| a.approver_email.as_str())
                     .collect();
-                audit(
+                audit::append(
                     &mut tx,
                     now,
-                    &actor.email,
-                    "request.approved",
-                    id,
-                    json!({ "approvers": approvers, "grant_id": grant_id }),
+                    &NewEvent {
+                        actor: &actor.email,
+                        action: "request.approved",
+                        subject: id,
+                        details: json!({ "approvers": approvers, "grant_id": grant_id }),
+                    },
                 )
                 .await?;
-                audit(
+                audit::append(
                     &mut tx,
                     now,
-                    "system",
-                    "grant.started",
-                    &grant_id,
-                    json!({
-                        "request_id": id,
-                        "user": req.requester_email,
-                        "resource": req.resource,
-                        "role": req.role,
-                        "starts_at": now,
-                        "ends_at": ends,
-                    }),
+                    &NewEvent {
+                        actor: "system",
+                        action: "grant.started",
+                        subject: &grant_id,
+                        details: json!({
+                            "request_id": id,
+                            "user": req.requester_email,
+                            "resource": req.resource,
+                            "role": req.role,
+                            "starts_at": now,
+                            "ends_at": ends,
+                        }),
+                    },
                 )
                 .await?;
                 notify::enqueue_for(state, &mut tx, &req, "approved", now).await?;
@@ -527,24 +550,26 @@ pub async fn cancel(
             Error::forbidden("only the requester may cancel a request"),
         );
     }
-    if !store::decide_request(&mut tx, id, "cancelled", now).await? {
-        let status = if req.status == "pending" {
-            "expired"
+    if !store::decide_request(&mut tx, id, RequestStatus::Cancelled, now).await? {
+        let status = if req.status == RequestStatus::Pending {
+            RequestStatus::Expired
         } else {
-            req.status.as_str()
+            req.status
         };
         return refuse(
             state,
             Error::conflict(format!("this request is {status}, not pending")),
         );
     }
-    audit(
+    audit::append(
         &mut tx,
         now,
-        &actor.email,
-        "request.cancelled",
-        id,
-        json!({ "comment": comment, "by": actor.identity() }),
+        &NewEvent {
+            actor: &actor.email,
+            action: "request.cancelled",
+            subject: id,
+            details: json!({ "comment": comment, "by": actor.identity() }),
+        },
     )
     .await?;
     notify::enqueue_for(state, &mut tx, &req, "cancelled", now).await?;
@@ -630,7 +655,16 @@ async fn end_early(
     now: i64,
 ) -> Result<bool> {
     let comment = by.comment.or(by.reason);
-    if !store::end_grant(conn, grant_id, "revoked", now, by.user_id, comment).await? {
+    if !store::end_grant(
+        conn,
+        grant_id,
+        GrantStatus::Revoked,
+        now,
+        by.user_id,
+        comment,
+    )
+    .await?
+    {
         return Ok(false);
     }
     let mut details = json!({
@@ -642,7 +676,17 @@ async fn end_early(
     if let Some(reason) = by.reason {
         details["reason"] = json!(reason);
     }
-    audit(conn, now, by.email, "grant.revoked", grant_id, details).await?;
+    audit::append(
+        conn,
+        now,
+        &NewEvent {
+            actor: by.email,
+            action: "grant.revoked",
+            subject: grant_id,
+            details,
+        },
+    )
+    .await?;
     notify::enqueue_for(state, conn, req, "revoked", now).await?;
     Ok(true)
 }
@@ -776,14 +820,16 @@ pub async fn sweep(state: &AppState) -> Result<Swept> {
     }
     let mut tx = store::begin_write(&state.db).await?;
     for req in store::overdue_requests(&mut tx, now).await? {
-        if store::decide_request(&mut tx, &req.id, "expired", now).await? {
-            audit(
+        if store::decide_request(&mut tx, &req.id, RequestStatus::Expired, now).await? {
+            audit::append(
                 &mut tx,
                 now,
-                "system",
-                "request.expired",
-                &req.id,
-                json!({ "expires_at": req.expires_at }),
+                &NewEvent {
+                    actor: "system",
+                    action: "request.expired",
+                    subject: &req.id,
+                    details: json!({ "expires_at": req.expires_at }),
+                },
             )
             .await?;
             notify::enqueue_for(state, &mut tx, &req, "expired", now).await?;
@@ -791,14 +837,16 @@ pub async fn sweep(state: &AppState) -> Result<Swept> {
         }
     }
     for grant in store::overdue_grants(&mut tx, now).await? {
-        if store::end_grant(&mut tx, &grant.id, "ended", now, None, None).await? {
-            audit(
+        if store::end_grant(&mut tx, &grant.id, GrantStatus::Ended, now, None, None).await? {
+            audit::append(
                 &mut tx,
                 now,
-                "system",
-                "grant.ended",
-                &grant.id,
-                json!({ "request_id": grant.request_id, "ends_at": grant.ends_at }),
+                &NewEvent {
+                    actor: "system",
+                    action: "grant.ended",
+                    subject: &grant.id,
+                    details: json!({ "request_id": grant.request_id, "ends_at": grant.ends_at }),
+                },
             )
             .await?;
             swept.ended_grants += 1;
@@ -815,28 +863,6 @@ pub async fn sweep(state: &AppState) -> Result<Swept> {
         Metrics::inc(&state.metrics.grants_ended);
     }
     Ok(swept)
-}
-
-async fn audit(
-    conn: &mut Conn,
-    ts: i64,
-    actor: &str,
-    action: &str,
-    subject: &str,
-    details: serde_json::Value,
-) -> Result<()> {
-    store::append_audit(
-        conn,
-        ts,
-        &NewEvent {
-            actor,
-            action,
-            subject,
-            details,
-        },
-    )
-    .await?;
-    Ok(())
 }
 
 /// The checks every credential shares: the request exists and the actor may see it,
@@ -877,25 +903,27 @@ pub async fn holders_live_grant<'a>(
         );
     }
     let Some(grant) = store::grant_for_request(conn, request_id).await? else {
-        let status = if req.status == "pending" && req.expires_at <= now {
-            "expired"
+        let status = if req.status == RequestStatus::Pending && req.expires_at <= now {
+            RequestStatus::Expired
         } else {
-            req.status.as_str()
+            req.status
         };
         return refuse(
             state,
             Error::conflict(match status {
-                "pending" => "this request is still pending: it needs approval first".into(),
+                RequestStatus::Pending => {
+                    "this request is still pending: it needs approval first".into()
+                }
                 s => format!("this request is {s} and has no grant"),
             }),
         );
     };
-    if grant.status != "active" || grant.ends_at <= now {
+    if !grant.is_live(now) {
         return refuse(
             state,
             Error::conflict(format!(
                 "this grant has {}",
-                if grant.status == "revoked" {
+                if grant.status == GrantStatus::Revoked {
                     "been revoked"
                 } else {
                     "ended"
@@ -921,19 +949,6 @@ pub struct HeldGrant<'a> {
     pub grant: GrantRow,
     pub resource: &'a ResourceConfig,
     pub role: &'a RoleConfig,
-}
-
-/// Appends an audit event in the caller's transaction (for modules beside `access`
-/// that change state: credentials).
-pub async fn audit_event(
-    conn: &mut Conn,
-    ts: i64,
-    actor: &str,
-    action: &str,
-    subject: &str,
-    details: serde_json::Value,
-) -> Result<()> {
-    audit(conn, ts, actor, action, subject, details).await
 }
 
 /// Live grants the actor may see (their own; all for approvers of the role and admins).

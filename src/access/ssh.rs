@@ -8,7 +8,8 @@
 use serde_json::json;
 use ssh_key::HashAlg;
 
-use super::{audit, refuse};
+use super::refuse;
+use crate::audit::{self, NewEvent};
 use crate::ca::{self, BACKDATE_SECS, CertSpec, krl};
 use crate::config::ResourceKind;
 use crate::error::{Error, Result};
@@ -111,25 +112,27 @@ pub async fn mint_certificate(
     let certificate = cert
         .to_openssh()
         .map_err(|e| Error::Internal(format!("encoding the certificate: {e}")))?;
-    audit(
+    audit::append(
         &mut tx,
         now_ms,
-        &actor.email,
-        "ssh_certificate.minted",
-        &grant.id,
-        json!({
-            "request_id": request_id,
-            "serial": serial.to_string(),
-            "key_id": key_id,
-            "key_fingerprint": fingerprint,
-            "principals": principals,
-            "valid_after": valid_after,
-            "valid_before": valid_before,
-            "extensions": role.extensions,
-            "force_command": role.force_command,
-            "source_address": role.source_address,
-            "by": actor.identity(),
-        }),
+        &NewEvent {
+            actor: &actor.email,
+            action: "ssh_certificate.minted",
+            subject: &grant.id,
+            details: json!({
+                "request_id": request_id,
+                "serial": serial.to_string(),
+                "key_id": key_id,
+                "key_fingerprint": fingerprint,
+                "principals": principals,
+                "valid_after": valid_after,
+                "valid_before": valid_before,
+                "extensions": role.extensions,
+                "force_command": role.force_command,
+                "source_address": role.source_address,
+                "by": actor.identity(),
+            }),
+        },
     )
     .await?;
     tx.commit().await?;
@@ -150,7 +153,7 @@ pub async fn mint_certificate(
 pub async fn current_krl(state: &AppState) -> Result<Vec<u8>> {
     let now = state.now_ms() / 1000;
     let rows = store::revoked_certificates(&state.db, now - KRL_GRACE_SECS).await?;
-    let version = store::audit_head_seq(&state.db).await?;
+    let version = audit::head_seq(&state.db).await?;
     let revoked = krl::Revoked {
         serials: rows.iter().map(|(s, _)| *s as u64).collect(),
     };

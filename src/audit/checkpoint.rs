@@ -24,7 +24,8 @@ use ssh_key::getrandom::SysRng;
 use ssh_key::rand_core::UnwrapErr;
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey, SshSig};
 
-use super::{AuditEvent, ChainBreak, ChainOk, GENESIS, NewEvent, check_head, verify_from};
+pub use super::verify::{Failure, HeadPin, Verified, check_signed, verify_db, verify_export};
+use super::{AuditEvent, GENESIS, NewEvent, verify_from};
 use crate::clock::from_millis;
 use crate::config::{AuditConfig, CaConfig, Secret};
 use crate::error::{Error, Result};
@@ -239,7 +240,7 @@ impl Signer {
             let pem = at_rest
                 .to_openssh(LineEnding::LF)
                 .map_err(|e| internal("encoding the key", e))?;
-            crate::ca::write_private(WHO, &path, pem.as_bytes())?;
+            crate::keyfile::write_private(WHO, &path, pem.as_bytes())?;
             tracing::info!(path = %path.display(), fingerprint = %fingerprint(key.public_key()), "generated the audit signing key");
             key
         };
@@ -304,7 +305,7 @@ impl Signer {
 }
 
 fn load(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey> {
-    crate::ca::check_private_mode(WHO, path)?;
+    crate::keyfile::check_private_mode(WHO, path)?;
     let at = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| internal(&format!("reading {at}"), e))?;
     let key = PrivateKey::from_openssh(text.trim())
@@ -386,7 +387,7 @@ async fn make(state: &AppState, reason: &str, force: bool) -> Result<Option<Sign
         "reason": reason,
         "previous": last.as_ref().map(|l| l.seq),
     });
-    let ev = store::append_audit(
+    let ev = super::append(
         &mut tx,
         now,
         &NewEvent {
@@ -510,271 +511,6 @@ pub async fn list(db: &Db, up_to: i64) -> Result<Vec<SignedHead>> {
     .bind(up_to)
     .fetch_all(db)
     .await?)
-}
-
-// ---------------------------------------------------------------- verifying
-
-/// A head an operator recorded earlier (`SEQ:HASH`): the chain must still hold it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeadPin {
-    pub seq: i64,
-    pub hash: String,
-}
-
-impl std::str::FromStr for HeadPin {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("{s:?} is not SEQ:HASH (as `twokey audit verify` prints the head)");
-        let (seq, hash) = s.trim().split_once(':').ok_or_else(bad)?;
-        let seq: i64 = seq.parse().map_err(|_| bad())?;
-        let hash = hash.to_ascii_lowercase();
-        if seq < 1 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        Ok(HeadPin { seq, hash })
-    }
-}
-
-/// What a successful verification established.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    pub chain: ChainOk,
-    /// The newest signed checkpoint's seq, if any.
-    pub checkpoint: Option<i64>,
-    /// The fingerprint of the key the newest checkpoint was signed with.
-    pub key: Option<String>,
-}
-
-/// Why verification failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// The hash chain itself is broken.
-    Chain(ChainBreak),
-    /// A signed checkpoint is missing, forged, or no longer matches the chain.
-    Checkpoint { seq: i64, reason: String },
-    /// The operator's pinned head is not in the chain.
-    Pin(String),
-    /// An export file is incomplete (cut off) or malformed.
-    Export(String),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Chain(b) => write!(f, "first bad event is seq {}: {}", b.seq, b.reason),
-            Failure::Checkpoint { seq, reason } => write!(f, "checkpoint at seq {seq}: {reason}"),
-            Failure::Pin(r) => write!(f, "pinned head: {r}"),
-            Failure::Export(r) => write!(f, "{r}"),
-        }
-    }
-}
-
-/// Checks signed checkpoints against a verified chain. `hashes[i]` is event `i+1`'s
-/// hash; `recorded` the seqs of `audit.checkpoint` events; each checkpoint must be
-/// signed by one of `accepted`.
-pub fn check_signed(
-    hashes: &[String],
-    checkpoints: &[SignedHead],
-    recorded: &[i64],
-    accepted: &[PublicKey],
-    pin: Option<&HeadPin>,
-) -> std::result::Result<(Option<i64>, Option<String>), Failure> {
-    let end = hashes.len() as i64;
-    let mut newest: Option<(i64, String)> = None;
-    for cp in checkpoints {
-        let fail = |reason: String| Failure::Checkpoint {
-            seq: cp.seq,
-            reason,
-        };
-        let key = cp.verify(CHECKPOINT_NAMESPACE, accepted).map_err(fail)?;
-        if cp.seq < 1 || cp.seq > end {
-            return Err(fail(format!(
-                "it covers seq {} but the chain ends at seq {end}: the newest events were deleted or cut off",
-                cp.seq
-            )));
-        }
-        // A rewrite that recomputed every hash still cannot match the signed one.
-        if hashes[(cp.seq - 1) as usize] != cp.hash {
-            return Err(fail(format!(
-                "event {} does not match the signed head: the chain was rewritten at or before seq {}",
-                cp.seq, cp.seq
-            )));
-        }
-        if newest.as_ref().is_none_or(|(s, _)| *s < cp.seq) {
-            newest = Some((cp.seq, fingerprint(&key)));
-        }
-    }
-    for &seq in recorded {
-        if !checkpoints.iter().any(|c| c.seq == seq) {
-            return Err(Failure::Checkpoint {
-                seq,
-                reason: "event records a checkpoint whose signed head is missing (deleted)".into(),
-            });
-        }
-    }
-    if let Some(pin) = pin {
-        if pin.seq > end {
-            return Err(Failure::Pin(format!(
-                "seq {} is beyond the end of the chain (seq {end}): events were deleted or cut off",
-                pin.seq
-            )));
-        }
-        if hashes[(pin.seq - 1) as usize] != pin.hash {
-            return Err(Failure::Pin(format!(
-                "event {} does not have the pinned hash: the chain was rewritten at or before seq {}",
-                pin.seq, pin.seq
-            )));
-        }
-    }
-    Ok(match newest {
-        Some((s, k)) => (Some(s), Some(k)),
-        None => (None, None),
-    })
-}
-
-/// Verifies the live database: the chain, the recorded head, every signed checkpoint
-/// (with one of `accepted`), and the pinned head.
-pub async fn verify_db(
-    db: &Db,
-    accepted: &[PublicKey],
-    pin: Option<&HeadPin>,
-) -> Result<std::result::Result<Verified, Failure>> {
-    let mut hashes = Vec::new();
-    let mut recorded = Vec::new();
-    let (mut seq, mut hash) = (0i64, GENESIS.to_string());
-    loop {
-        let page = store::audit_page(db, seq, 5000).await?;
-        if page.is_empty() {
-            break;
-        }
-        for e in &page {
-            hashes.push(e.hash.clone());
-            if e.action == ACTION {
-                recorded.push(e.seq);
-            }
-        }
-        match verify_from(seq, &hash, page.into_iter().map(Ok::<_, Error>))? {
-            Ok(ok) => {
-                seq += ok.events as i64;
-                hash = ok.head;
-            }
-            Err(b) => return Ok(Err(Failure::Chain(b))),
-        }
-    }
-    let head: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(db)
-            .await?;
-    let chain = match check_head(
-        ChainOk {
-            events: seq as u64,
-            head: hash,
-        },
-        head,
-    ) {
-        Ok(c) => c,
-        Err(b) => return Ok(Err(Failure::Chain(b))),
-    };
-    let checkpoints = list(db, i64::MAX).await?;
-    Ok(
-        check_signed(&hashes, &checkpoints, &recorded, accepted, pin).map(|(checkpoint, key)| {
-            Verified {
-                chain,
-                checkpoint,
-                key,
-            }
-        }),
-    )
-}
-
-/// Verifies an export offline: the chain, its checkpoints, and its closing statement,
-/// which must be the last line and cover the last event. With no `accepted` key the
-/// closing statement's own key is used for every line (and should be compared with
-/// the server's); with some, every signature must be by one of them.
-pub fn verify_export<I, E>(
-    lines: I,
-    accepted: &[PublicKey],
-    pin: Option<&HeadPin>,
-) -> std::result::Result<std::result::Result<Verified, Failure>, E>
-where
-    I: IntoIterator<Item = std::result::Result<super::ExportLine, E>>,
-{
-    use super::ExportLine;
-    let mut hashes = Vec::new();
-    let mut recorded = Vec::new();
-    let mut checkpoints = Vec::new();
-    let mut end: Option<SignedHead> = None;
-    let (mut seq, mut hash) = (0i64, GENESIS.to_string());
-    for line in lines {
-        let line = line?;
-        if end.is_some() {
-            return Ok(Err(Failure::Export(
-                "lines follow the export's closing checkpoint: not a file twokey wrote".into(),
-            )));
-        }
-        match line {
-            ExportLine::Event(ev) => {
-                let (ev_seq, ev_hash, is_cp) = (ev.seq, ev.hash.clone(), ev.action == ACTION);
-                match verify_from(seq, &hash, std::iter::once(Ok::<_, E>(ev)))? {
-                    Ok(_) => {
-                        seq = ev_seq;
-                        hash = ev_hash.clone();
-                        hashes.push(ev_hash);
-                        if is_cp {
-                            recorded.push(ev_seq);
-                        }
-                    }
-                    Err(b) => return Ok(Err(Failure::Chain(b))),
-                }
-            }
-            ExportLine::Checkpoint(cp) => checkpoints.push(cp),
-            ExportLine::End(e) => end = Some(e),
-        }
-    }
-    let Some(end) = end else {
-        return Ok(Err(Failure::Export(format!(
-            "the export's closing checkpoint is missing (after seq {seq}): the file was cut off, or is not a complete export"
-        ))));
-    };
-    let own;
-    let accepted = if accepted.is_empty() {
-        match end.signer() {
-            Ok(k) => {
-                own = [k];
-                &own[..]
-            }
-            Err(e) => {
-                return Ok(Err(Failure::Export(format!(
-                    "the export's closing checkpoint: {e}"
-                ))));
-            }
-        }
-    } else {
-        accepted
-    };
-    if let Err(e) = end.verify(EXPORT_NAMESPACE, accepted) {
-        return Ok(Err(Failure::Export(format!(
-            "the export's closing checkpoint: {e}"
-        ))));
-    }
-    if end.seq != seq || end.hash != hash {
-        return Ok(Err(Failure::Export(format!(
-            "the export's closing checkpoint covers seq {} but the file's events end at seq {seq}: events were cut off or altered",
-            end.seq
-        ))));
-    }
-    Ok(
-        check_signed(&hashes, &checkpoints, &recorded, accepted, pin).map(|(checkpoint, _)| {
-            Verified {
-                chain: ChainOk {
-                    events: seq as u64,
-                    head: hash,
-                },
-                checkpoint,
-                key: Some(fingerprint(&accepted[0])).filter(|_| accepted.len() == 1),
-            }
-        }),
-    )
 }
 
 #[cfg(test)]

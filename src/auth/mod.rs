@@ -14,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::audit::NewEvent;
+use crate::audit::{self, NewEvent};
 use crate::error::{Error, Result};
 use crate::policy::Actor;
 use crate::state::AppState;
@@ -131,7 +131,7 @@ pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
     let mut tx = store::begin_write(&state.db).await?;
     let user_id = sync_user(&mut tx, dev, now).await?;
     let revoked = crate::access::revoke_ineligible(state, &mut tx, &user_id, now).await?;
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -162,7 +162,7 @@ pub async fn oidc_sign_in(state: &AppState, id: &oidc::Identity) -> Result<Actor
     // Groups are replaced at every sign-in: a grant whose role they no longer allow ends
     // here, in the same transaction, not at its planned end.
     let revoked = crate::access::revoke_ineligible(state, &mut tx, &user_id, now).await?;
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -196,7 +196,7 @@ pub async fn revoke_api_tokens(state: &AppState, email: &str) -> Result<u64> {
         return Err(Error::invalid("user", format!("no user {email}")));
     };
     let n = store::revoke_tokens(&mut tx, &user_id, now).await?;
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -222,7 +222,7 @@ pub async fn force_reauth(state: &AppState, admin: &Actor, user_id: &str) -> Res
     if !store::force_reauth(&mut tx, user_id, now).await? {
         return Err(Error::NotFound("user"));
     }
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -360,7 +360,7 @@ async fn issue_token(tx: &mut store::Conn, t: &NewToken<'_>) -> Result<String> {
     details["label"] = json!(t.label);
     details["scopes"] = json!(scopes);
     details["expires_at"] = json!(expires_at);
-    store::append_audit(
+    audit::append(
         tx,
         t.now,
         &NewEvent {
@@ -391,7 +391,7 @@ pub async fn revoke_token(state: &AppState, actor: &Actor, token_id: &str) -> Re
     if !store::revoke_token(&mut tx, token_id, &actor.user_id, now).await? {
         return Err(Error::conflict("this token is already revoked"));
     }
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -441,7 +441,7 @@ pub async fn begin_cli_login(
         now + CLI_CODE_TTL_MS,
     )
     .await?;
-    store::append_audit(
+    audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -478,7 +478,7 @@ pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Re
     };
     if !secrets_equal(&pkce_challenge(verifier), &challenge) {
         // The code is spent either way: a wrong verifier burns it.
-        store::append_audit(
+        audit::append(
             &mut tx,
             now,
             &NewEvent {

@@ -321,13 +321,15 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
             // Shown on the request page to the holder and the approvers.
             store::db_credential_error(&mut tx, &grant.id, &resource.name, &name, &msg, now)
                 .await?;
-            crate::access::audit_event(
+            crate::audit::append(
                 &mut tx,
                 now,
-                &actor.email,
-                "db_credentials.failed",
-                &grant.id,
-                json!({ "request_id": request_id, "role": name, "error": msg }),
+                &crate::audit::NewEvent {
+                    actor: &actor.email,
+                    action: "db_credentials.failed",
+                    subject: &grant.id,
+                    details: json!({ "request_id": request_id, "role": name, "error": msg }),
+                },
             )
             .await?;
             tx.commit().await?;
@@ -338,7 +340,7 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     // not be handed out, and goes at once.
     let still_live = store::grant_for_request(&mut tx, request_id)
         .await?
-        .is_some_and(|g| g.status == "active" && g.ends_at > state.now_ms());
+        .is_some_and(|g| g.is_live(state.now_ms()));
     if !still_live {
         drop(tx);
         state.reconcile_now.notify_one();
@@ -350,25 +352,27 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
         ));
     }
     store::db_credential_issued(&mut tx, &grant.id, &resource.name, &name, now).await?;
-    crate::access::audit_event(
+    crate::audit::append(
         &mut tx,
         now,
-        &actor.email,
-        if created {
-            "db_role.created"
-        } else {
-            "db_credentials.issued"
+        &crate::audit::NewEvent {
+            actor: &actor.email,
+            action: if created {
+                "db_role.created"
+            } else {
+                "db_credentials.issued"
+            },
+            subject: &grant.id,
+            details: json!({
+                "request_id": request_id,
+                "role": name,
+                "resource": resource.name,
+                "db_roles": role.db_roles,
+                "valid_until": ends.to_rfc3339(),
+                "connection_limit": role.connection_limit,
+                "by": actor.identity(),
+            }),
         },
-        &grant.id,
-        json!({
-            "request_id": request_id,
-            "role": name,
-            "resource": resource.name,
-            "db_roles": role.db_roles,
-            "valid_until": ends.to_rfc3339(),
-            "connection_limit": role.connection_limit,
-            "by": actor.identity(),
-        }),
     )
     .await?;
     tx.commit().await?;
@@ -568,20 +572,22 @@ async fn reconcile_resource(
                 store::db_credential_dropped(&mut tx, &name, now)
                     .await
                     .map_err(|e| e.to_string())?;
-                crate::access::audit_event(
+                crate::audit::append(
                     &mut tx,
                     now,
-                    "system",
-                    "db_role.dropped",
-                    record
-                        .as_ref()
-                        .map_or(name.as_str(), |r| r.grant_id.as_str()),
-                    json!({
-                        "role": name,
-                        "resource": resource.name,
-                        "known_grant": record.is_some(),
-                        "steps": steps,
-                    }),
+                    &crate::audit::NewEvent {
+                        actor: "system",
+                        action: "db_role.dropped",
+                        subject: record
+                            .as_ref()
+                            .map_or(name.as_str(), |r| r.grant_id.as_str()),
+                        details: json!({
+                            "role": name,
+                            "resource": resource.name,
+                            "known_grant": record.is_some(),
+                            "steps": steps,
+                        }),
+                    },
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -594,15 +600,17 @@ async fn reconcile_resource(
                 let mut tx = store::begin_write(&state.db)
                     .await
                     .map_err(|e| e.to_string())?;
-                crate::access::audit_event(
+                crate::audit::append(
                     &mut tx,
                     state.now_ms(),
-                    "system",
-                    "db_role.drop_failed",
-                    record
-                        .as_ref()
-                        .map_or(name.as_str(), |r| r.grant_id.as_str()),
-                    json!({ "role": name, "resource": resource.name, "error": msg }),
+                    &crate::audit::NewEvent {
+                        actor: "system",
+                        action: "db_role.drop_failed",
+                        subject: record
+                            .as_ref()
+                            .map_or(name.as_str(), |r| r.grant_id.as_str()),
+                        details: json!({ "role": name, "resource": resource.name, "error": msg }),
+                    },
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -924,9 +932,10 @@ fn join_statement(version: u32, name: &str) -> String {
 
 /// The holder's view of a grant's database login, for the request page.
 pub fn state_words(row: &store::DbCredentialRow) -> String {
-    match (row.status.as_str(), &row.last_error) {
-        ("active", None) => format!("login {} exists until the grant ends", row.role_name),
-        ("dropped", _) => format!("login {} dropped", row.role_name),
+    use crate::policy::DbCredentialState as S;
+    match (row.status, &row.last_error) {
+        (S::Active, None) => format!("login {} exists until the grant ends", row.role_name),
+        (S::Dropped, _) => format!("login {} dropped", row.role_name),
         (_, Some(e)) => format!("error: {e}"),
         (s, None) => s.to_string(),
     }

@@ -18,7 +18,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use crate::clock::from_millis;
 use crate::config::{EmailConfig, SmtpTls};
 use crate::error::{Error, Result};
-use crate::policy::format_duration;
+use crate::policy::{Decision, OutboxStatus, RequestStatus, format_duration};
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
@@ -155,25 +155,25 @@ async fn compose(state: &AppState, row: &OutboxRow) -> Result<Option<Email>> {
     let mut m = vm(state, &req);
     match row.kind.as_str() {
         "approval_needed" => {
-            if req.status != "pending" || req.expires_at <= now {
+            if req.status != RequestStatus::Pending || req.expires_at <= now {
                 return Ok(None);
             }
             // Fresh single-use links for this approver; only hashes are stored.
             let mut tx = store::begin_write(&state.db).await?;
-            for action in ["approve", "deny"] {
+            for &action in Decision::ALL {
                 let (token, hash) = crate::auth::new_secret("ak_");
                 store::insert_action_token(
                     &mut tx,
                     &hash,
                     &req.id,
                     row.recipient_id.as_deref().unwrap_or_default(),
-                    action,
+                    action.as_str(),
                     now,
                     now + LINK_TTL_MS,
                 )
                 .await?;
                 let url = format!("{}/a/{}", state.config.public_url(), token);
-                if action == "approve" {
+                if action == Decision::Approve {
                     m.approve_url = url;
                 } else {
                     m.deny_url = url;
@@ -223,7 +223,7 @@ async fn outcome_words(state: &AppState, req: &RequestRow, kind: &str) -> Result
             },
         ),
         "denied" => {
-            let d = approvals.iter().find(|a| a.decision == "deny");
+            let d = approvals.iter().find(|a| a.decision == Decision::Deny);
             (
                 "denied".into(),
                 match d {
@@ -316,7 +316,7 @@ async fn deliver(state: &AppState, mailer: &Arc<Mailer>, row: &OutboxRow) -> Res
     let now = state.now_ms();
     let Some(email) = compose(state, row).await? else {
         let mut conn = state.db.acquire().await?;
-        store::finish_outbox(&mut conn, &row.id, "skipped", now).await?;
+        store::finish_outbox(&mut conn, &row.id, OutboxStatus::Skipped, now).await?;
         return Ok(false);
     };
     match mailer.as_ref() {
@@ -332,7 +332,7 @@ async fn deliver(state: &AppState, mailer: &Arc<Mailer>, row: &OutboxRow) -> Res
                 now,
             )
             .await?;
-            store::finish_outbox(&mut tx, &row.id, "sent", now).await?;
+            store::finish_outbox(&mut tx, &row.id, OutboxStatus::Sent, now).await?;
             tx.commit().await?;
         }
         Mailer::Smtp { transport, from } => {
@@ -354,7 +354,7 @@ async fn deliver(state: &AppState, mailer: &Arc<Mailer>, row: &OutboxRow) -> Res
                 .await
                 .map_err(|e| Error::Internal(format!("smtp: {e}")))?;
             let mut conn = state.db.acquire().await?;
-            store::finish_outbox(&mut conn, &row.id, "sent", now).await?;
+            store::finish_outbox(&mut conn, &row.id, OutboxStatus::Sent, now).await?;
         }
     }
     tracing::info!(outbox = %row.id, kind = %row.kind, to = %row.recipient, "notification delivered");

@@ -15,6 +15,7 @@ use sha2::Sha256;
 use crate::config::SlackConfig;
 use crate::error::{Error, Result};
 use crate::policy::format_duration;
+use crate::policy::{Decision, GrantStatus, OutboxStatus, RequestStatus};
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
@@ -149,7 +150,7 @@ impl Slack {
                 .format("%H:%M UTC")
                 .to_string()
         };
-        let who = |decision: &str| {
+        let who = |decision: Decision| {
             approvals
                 .iter()
                 .filter(|a| a.decision == decision)
@@ -158,25 +159,27 @@ impl Slack {
                 .join(", ")
         };
         let now = state.now_ms();
-        let status = if req.status == "pending" && req.expires_at <= now {
-            "expired"
+        let status = if req.status == RequestStatus::Pending && req.expires_at <= now {
+            RequestStatus::Expired
         } else {
-            req.status.as_str()
+            req.status
         };
         let outcome = match status {
-            "approved" => match &grant {
-                Some(g) if g.status == "revoked" => format!(
+            RequestStatus::Approved => match &grant {
+                Some(g) if g.status == GrantStatus::Revoked => format!(
                     ":no_entry: Approved by {}; revoked by {}",
-                    who("approve"),
+                    who(Decision::Approve),
                     g.ended_by_email.clone().unwrap_or_default()
                 ),
-                _ => format!(":white_check_mark: Approved by {}", who("approve")),
+                _ => format!(":white_check_mark: Approved by {}", who(Decision::Approve)),
             },
-            "denied" => format!(":x: Denied by {}", who("deny")),
-            "cancelled" => "Cancelled by the requester".to_string(),
-            "expired" => "Expired without a decision".to_string(),
-            _ if !approvals.is_empty() => format!("Approved so far by {}", who("approve")),
-            _ => String::new(),
+            RequestStatus::Denied => format!(":x: Denied by {}", who(Decision::Deny)),
+            RequestStatus::Cancelled => "Cancelled by the requester".to_string(),
+            RequestStatus::Expired => "Expired without a decision".to_string(),
+            RequestStatus::Pending if !approvals.is_empty() => {
+                format!("Approved so far by {}", who(Decision::Approve))
+            }
+            RequestStatus::Pending => String::new(),
         };
         let link = format!(
             "<{}/requests/{}|Open in twokey>",
@@ -185,7 +188,7 @@ impl Slack {
         );
         let mut blocks =
             vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": summary}})];
-        if status == "pending" {
+        if status == RequestStatus::Pending {
             blocks.push(json!({
                 "type": "actions",
                 "block_id": "twokey_decision",
@@ -223,7 +226,7 @@ impl Slack {
                 .await?;
             }
             None => {
-                if req.status != "pending" {
+                if req.status != RequestStatus::Pending {
                     return Ok(false);
                 }
                 let v = self
@@ -315,7 +318,11 @@ pub async fn deliver(state: &AppState, slack: &Slack, row: &OutboxRow) -> Result
     store::finish_outbox(
         &mut conn,
         &row.id,
-        if done { "sent" } else { "skipped" },
+        if done {
+            OutboxStatus::Sent
+        } else {
+            OutboxStatus::Skipped
+        },
         state.now_ms(),
     )
     .await?;

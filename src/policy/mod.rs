@@ -10,6 +10,13 @@ use std::time::Duration;
 pub use crate::config::parse_duration;
 use crate::config::{Config, ConfigError, RoleConfig, invalid};
 
+pub mod status;
+
+pub use status::{
+    DbCredentialState, Decision, GrantStatus, HostKeyStatus, OutboxStatus, RequestStatus,
+    UnknownStatus,
+};
+
 /// The shortest grant anyone may ask for.
 pub const MIN_GRANT_SECS: u64 = 60;
 pub const MAX_REASON_CHARS: usize = 2000;

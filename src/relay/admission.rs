@@ -78,7 +78,7 @@ pub async fn admit(
             ));
         }
     };
-    if grant.status == "revoked" {
+    if grant.status == crate::policy::GrantStatus::Revoked {
         return Err(Refusal::Grant(format!(
             "your grant on {} was revoked; run: twokey request {} --role {} --for 30m --reason \"…\"",
             grant.resource, grant.resource, grant.role
@@ -90,7 +90,7 @@ pub async fn admit(
             grant.resource
         )));
     }
-    if grant.status != "active" || grant.ends_at <= state.now_ms() {
+    if !grant.is_live(state.now_ms()) {
         return Err(Refusal::Grant(format!(
             "your grant on {resource} has ended; run: twokey request {resource} --role {} --for 30m --reason \"…\"",
             grant.role

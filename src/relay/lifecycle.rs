@@ -86,17 +86,19 @@ pub async fn close_interrupted(state: &AppState, instance: &str) -> Result<usize
         {
             continue;
         }
-        crate::access::audit_event(
+        crate::audit::append(
             &mut tx,
             now,
-            &s.user_email,
-            "session.ended",
-            &s.grant_id,
-            json!({
-                "session_id": s.id, "reason": INTERRUPTED, "interrupted": true,
-                "recording": s.recording, "bytes": bytes, "sha256": sha256,
-                "recording_missing": missing, "started_at": s.started_at,
-            }),
+            &crate::audit::NewEvent {
+                actor: &s.user_email,
+                action: "session.ended",
+                subject: &s.grant_id,
+                details: json!({
+                    "session_id": s.id, "reason": INTERRUPTED, "interrupted": true,
+                    "recording": s.recording, "bytes": bytes, "sha256": sha256,
+                    "recording_missing": missing, "started_at": s.started_at,
+                }),
+            },
         )
         .await?;
         tx.commit().await?;
@@ -176,17 +178,10 @@ pub async fn open(state: &AppState, s: &Opening<'_>) -> Result<()> {
         },
     )
     .await?;
-    crate::access::audit_event(
-        &mut tx,
-        now,
-        &g.user_email,
-        "session.started",
-        &g.id,
-        json!({
+    crate::audit::append(&mut tx, now, &crate::audit::NewEvent { actor: &g.user_email, action: "session.started", subject: &g.id, details: json!({
             "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
             "key_id": admitted.key_id, "peer": peer_ip,
-        }),
-    )
+        }) })
     .await?;
     tx.commit().await?;
     Ok(())
@@ -242,19 +237,21 @@ pub async fn close(state: &AppState, c: Closing<'_>) -> Result<()> {
         },
     )
     .await?;
-    crate::access::audit_event(
+    crate::audit::append(
         &mut tx,
         now,
-        &g.user_email,
-        "session.ended",
-        &g.id,
-        json!({
-            "session_id": session_id, "reason": c.reason, "recording": done.path,
-            "bytes": done.bytes, "sha256": done.sha256,
-            "recording_truncated": done.truncated, "recording_failed": done.failed,
-            "masked_inputs": done.masked_inputs,
-            "bytes_from_client": c.bytes_in, "bytes_to_client": c.bytes_out,
-        }),
+        &crate::audit::NewEvent {
+            actor: &g.user_email,
+            action: "session.ended",
+            subject: &g.id,
+            details: json!({
+                "session_id": session_id, "reason": c.reason, "recording": done.path,
+                "bytes": done.bytes, "sha256": done.sha256,
+                "recording_truncated": done.truncated, "recording_failed": done.failed,
+                "masked_inputs": done.masked_inputs,
+                "bytes_from_client": c.bytes_in, "bytes_to_client": c.bytes_out,
+            }),
+        },
     )
     .await?;
     tx.commit().await?;
@@ -295,8 +292,17 @@ pub(crate) async fn audit(
 ) -> std::result::Result<(), RelayError> {
     let written = async {
         let mut tx = store::begin_write(&state.db).await?;
-        crate::access::audit_event(&mut tx, state.now_ms(), actor, action, subject, details)
-            .await?;
+        crate::audit::append(
+            &mut tx,
+            state.now_ms(),
+            &crate::audit::NewEvent {
+                actor,
+                action,
+                subject,
+                details,
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok::<_, Error>(())
     }

@@ -13,7 +13,6 @@ use super::error::PageError;
 use super::extract::AdminUser;
 use super::views::{Chrome, when};
 use crate::state::AppState;
-use crate::store;
 
 /// `/audit`.
 pub(crate) fn router() -> Router<AppState> {
@@ -59,7 +58,7 @@ pub async fn audit_log(
             ),
             Err(f) => (format!("chain BROKEN: {f}"), false),
         };
-    let events = store::recent_audit(&state.db, None, 200)
+    let events = crate::audit::recent(&state.db, None, 200)
         .await?
         .into_iter()
         .map(|e| AuditVm {

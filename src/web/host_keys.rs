@@ -61,7 +61,7 @@ pub async fn list(
     let rows = store::host_keys(&state.db).await?;
     let confirmed_of = |resource: &str| {
         rows.iter()
-            .find(|k| k.resource == resource && k.status == "confirmed")
+            .find(|k| k.resource == resource && k.status == crate::policy::HostKeyStatus::Confirmed)
             .map(|k| k.fingerprint.clone())
             .unwrap_or_default()
     };
@@ -69,12 +69,12 @@ pub async fn list(
         .iter()
         .cloned()
         .map(|k| KeyVm {
-            replaces: if k.status == "pending" {
+            replaces: if k.status == crate::policy::HostKeyStatus::Pending {
                 confirmed_of(&k.resource)
             } else {
                 String::new()
             },
-            confirmed: k.status == "confirmed",
+            confirmed: k.status == crate::policy::HostKeyStatus::Confirmed,
             algorithm: PublicKey::from_openssh(&k.public_key)
                 .map(|p| p.algorithm().to_string())
                 .unwrap_or_default(),
@@ -83,13 +83,13 @@ pub async fn list(
                 (None, Some(at)) => when(at),
                 _ => String::new(),
             },
-            pending: k.status == "pending",
+            pending: k.status == crate::policy::HostKeyStatus::Pending,
             seen: when(k.first_seen_at),
             id: k.id,
             resource: k.resource,
             address: k.address,
             fingerprint: k.fingerprint,
-            status: k.status,
+            status: k.status.to_string(),
         })
         .collect();
     let pinned = state

@@ -112,12 +112,12 @@ async fn check(
     let req = store::get_request(&mut conn, &row.request_id).await?;
     let now = state.now_ms();
     if let Some(req) = &req
-        && (req.status != "pending" || req.expires_at <= now)
+        && (req.status != crate::policy::RequestStatus::Pending || req.expires_at <= now)
     {
-        let status = if req.status == "pending" {
+        let status = if req.status == crate::policy::RequestStatus::Pending {
             "expired".to_string()
         } else {
-            req.status.clone()
+            req.status.to_string()
         };
         return Ok(Err((Refusal::Decided(status), url)));
     }

@@ -57,7 +57,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
             a.created_at,
             TimelineItem {
                 when: when(a.created_at),
-                what: if a.decision == "approve" {
+                what: if a.decision == Decision::Approve {
                     "approved".into()
                 } else {
                     "denied".into()
@@ -89,7 +89,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
                 ended,
                 TimelineItem {
                     when: when(ended),
-                    what: if g.status == "revoked" {
+                    what: if g.status == policy::GrantStatus::Revoked {
                         "revoked".into()
                     } else {
                         "ended".into()
@@ -102,7 +102,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
     }
     if matches!(r.status.as_str(), "cancelled" | "expired") {
         let at = r.decided_at.unwrap_or(r.expires_at);
-        let who = if r.status == "cancelled" {
+        let who = if r.status == policy::RequestStatus::Cancelled {
             r.requester_email.clone()
         } else {
             String::new()
@@ -111,7 +111,7 @@ fn timeline(v: &RequestView) -> Vec<TimelineItem> {
             at,
             TimelineItem {
                 when: when(at),
-                what: r.status.clone(),
+                what: r.status.to_string(),
                 who,
                 note: String::new(),
             },
@@ -441,15 +441,12 @@ pub async fn request_detail(
         .config
         .role(&r.resource, &r.role)
         .map(|(_, role)| role);
-    let pending = r.status == "pending";
+    let pending = r.status == policy::RequestStatus::Pending;
     let own_request = r.requester_id == actor.user_id;
     let can_decide = pending
         && !view.decided_by(&actor.user_id)
         && role.is_some_and(|role| policy::may_decide(actor, &r.requester_id, role).is_ok());
-    let grant_live = view
-        .grant
-        .as_ref()
-        .is_some_and(|g| g.status == "active" && g.ends_at > now);
+    let grant_live = view.grant.as_ref().is_some_and(|g| g.is_live(now));
     let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
     let resource = state.config.resource(&r.resource);
     let is_ssh = resource.is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);

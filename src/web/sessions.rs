@@ -165,13 +165,15 @@ pub async fn terminate(
         return Err(Error::conflict("this session is not live").into());
     }
     let mut tx = store::begin_write(&state.db).await?;
-    crate::access::audit_event(
+    crate::audit::append(
         &mut tx,
         state.now_ms(),
-        &user.actor.email,
-        "session.terminated",
-        &s.grant_id,
-        serde_json::json!({ "session_id": s.id, "by": user.actor.identity() }),
+        &crate::audit::NewEvent {
+            actor: &user.actor.email,
+            action: "session.terminated",
+            subject: &s.grant_id,
+            details: serde_json::json!({ "session_id": s.id, "by": user.actor.identity() }),
+        },
     )
     .await?;
     tx.commit().await?;

@@ -16,7 +16,7 @@ use crate::access::RequestView;
 use crate::auth::{self, SESSION_CSRF};
 use crate::clock::from_millis;
 use crate::error::Error;
-use crate::policy::{Actor, format_duration};
+use crate::policy::{self, Actor, format_duration};
 use crate::state::AppState;
 use crate::store::GrantRow;
 
@@ -131,10 +131,10 @@ pub struct GrantVm {
 }
 
 fn grant_status(g: &GrantRow, now: i64) -> &str {
-    if g.status == "active" && g.ends_at <= now {
+    if g.status == policy::GrantStatus::Active && g.ends_at <= now {
         "ended"
     } else {
-        &g.status
+        g.status.as_str()
     }
 }
 
@@ -194,16 +194,16 @@ pub(crate) fn request_vm(v: &RequestView, now: i64) -> RequestVm {
         duration: format_duration(std::time::Duration::from_secs(r.duration_secs as u64)),
         reason: r.reason.clone(),
         ticket: r.ticket.clone().unwrap_or_default(),
-        status: r.status.clone(),
+        status: r.status.to_string(),
         badge: match &v.grant {
-            Some(g) if r.status == "approved" => match grant_status(g, now) {
-                "active" => r.status.clone(),
+            Some(g) if r.status == policy::RequestStatus::Approved => match grant_status(g, now) {
+                "active" => r.status.to_string(),
                 over => over.to_string(),
             },
-            _ => r.status.clone(),
+            _ => r.status.to_string(),
         },
         badge_note: match &v.grant {
-            Some(g) if r.status == "approved" => grant_end_detail(g, now),
+            Some(g) if r.status == policy::RequestStatus::Approved => grant_end_detail(g, now),
             _ => String::new(),
         },
         created: when(r.created_at),

@@ -112,7 +112,7 @@ impl TestApp {
     }
 
     pub async fn audit_actions(&self) -> Vec<String> {
-        twokey::store::audit_page(&self.state().db, 0, 100_000)
+        twokey::audit::page(&self.state().db, 0, 100_000)
             .await
             .unwrap()
             .into_iter()
@@ -121,7 +121,7 @@ impl TestApp {
     }
 
     pub async fn assert_chain_ok(&self) {
-        let res = twokey::store::verify_audit(&self.state().db).await.unwrap();
+        let res = twokey::audit::verify_chain(&self.state().db).await.unwrap();
         assert!(res.is_ok(), "audit chain broken: {res:?}");
     }
 }

@@ -296,7 +296,7 @@ impl OidcApp {
     }
 
     pub async fn audit(&self) -> Vec<twokey::audit::AuditEvent> {
-        twokey::store::audit_page(&self.server.state.db, 0, 100_000)
+        twokey::audit::page(&self.server.state.db, 0, 100_000)
             .await
             .unwrap()
     }

@@ -12,7 +12,7 @@ use russh::keys::ssh_key::{HashAlg, PublicKey};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::policy::Actor;
+use crate::policy::{Actor, HostKeyStatus};
 use crate::state::AppState;
 use crate::store;
 
@@ -59,16 +59,18 @@ pub async fn refuse(
             return Ok::<_, Error>(None);
         };
         if added {
-            crate::access::audit_event(
+            crate::audit::append(
                 &mut tx,
                 now,
-                "system",
-                "host_key.seen",
-                resource,
-                json!({
-                    "resource": resource, "address": address, "fingerprint": fingerprint,
-                    "replaces_confirmed": had_confirmed,
-                }),
+                &crate::audit::NewEvent {
+                    actor: "system",
+                    action: "host_key.seen",
+                    subject: resource,
+                    details: json!({
+                        "resource": resource, "address": address, "fingerprint": fingerprint,
+                        "replaces_confirmed": had_confirmed,
+                    }),
+                },
             )
             .await?;
         }
@@ -76,11 +78,11 @@ pub async fn refuse(
         Ok(Some(row.status))
     }
     .await;
-    match recorded.as_ref().map(|s| s.as_deref()) {
-        Ok(Some("rejected")) => format!(
+    match recorded.as_ref().copied() {
+        Ok(Some(HostKeyStatus::Rejected)) => format!(
             "{address} presented host key {fingerprint}, which an admin rejected for {resource}; nothing was sent to it"
         ),
-        Ok(Some("replaced")) => format!(
+        Ok(Some(HostKeyStatus::Replaced)) => format!(
             "{address} presented host key {fingerprint}, which an admin has since replaced for {resource}; nothing was sent to it"
         ),
         Ok(None) => format!(
@@ -124,9 +126,21 @@ pub async fn decide(state: &AppState, admin: &Actor, id: &str, decision: Decisio
         .await?
         .ok_or(Error::NotFound("host key"))?;
     let (from, to, action) = match decision {
-        Decision::Confirm => ("pending", "confirmed", "host_key.confirmed"),
-        Decision::Reject => ("pending", "rejected", "host_key.rejected"),
-        Decision::Withdraw => ("confirmed", "rejected", "host_key.withdrawn"),
+        Decision::Confirm => (
+            HostKeyStatus::Pending,
+            HostKeyStatus::Confirmed,
+            "host_key.confirmed",
+        ),
+        Decision::Reject => (
+            HostKeyStatus::Pending,
+            HostKeyStatus::Rejected,
+            "host_key.rejected",
+        ),
+        Decision::Withdraw => (
+            HostKeyStatus::Confirmed,
+            HostKeyStatus::Rejected,
+            "host_key.withdrawn",
+        ),
     };
     let mut replaces = None;
     if decision == Decision::Confirm {
@@ -142,16 +156,18 @@ pub async fn decide(state: &AppState, admin: &Actor, id: &str, decision: Decisio
             key.status
         )));
     }
-    crate::access::audit_event(
+    crate::audit::append(
         &mut tx,
         now,
-        &admin.email,
-        action,
-        &key.resource,
-        json!({
-            "resource": key.resource, "address": key.address, "fingerprint": key.fingerprint,
-            "replaces": replaces, "by": admin.identity(),
-        }),
+        &crate::audit::NewEvent {
+            actor: &admin.email,
+            action,
+            subject: &key.resource,
+            details: json!({
+                "resource": key.resource, "address": key.address, "fingerprint": key.fingerprint,
+                "replaces": replaces, "by": admin.identity(),
+            }),
+        },
     )
     .await?;
     tx.commit().await?;

@@ -138,7 +138,7 @@ pub async fn link(state: &AppState, actor: &Actor, token: &str) -> Result<store:
             "this Slack account, or your twokey account, is already linked in this workspace: unlink the old link on your Account page first",
         ));
     }
-    store::append_audit(
+    crate::audit::append(
         &mut tx,
         now,
         &NewEvent {
@@ -176,7 +176,7 @@ pub async fn unlink(
     if !store::delete_slack_link(&mut tx, team_id, slack_user_id, &actor.user_id).await? {
         return Err(Error::NotFound("Slack link"));
     }
-    store::append_audit(
+    crate::audit::append(
         &mut tx,
         now,
         &NewEvent {
