@@ -408,7 +408,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             command: AuditCommand::Checkpoint,
         } => {
             let state = open(&cli.config).await?;
-            match audit::checkpoint::checkpoint(&state, "command")
+            match audit::signing::checkpoint(&state, "command")
                 .await
                 .map_err(|e| describe(&e))?
             {

@@ -183,7 +183,7 @@ async fn sweep(state: &AppState, sessions: &SessionStore) {
         Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
     }
     // Periodic checkpoints ride on the sweeper (audit.checkpoint_interval).
-    if let Err(e) = crate::audit::checkpoint::checkpoint_if_due(state).await {
+    if let Err(e) = crate::audit::signing::checkpoint_if_due(state).await {
         tracing::error!(error = %e, "audit checkpoint failed; will retry");
     }
     if let Err(e) = sessions.delete_expired().await {

@@ -16,9 +16,9 @@ pub struct AppState {
     /// The OpenID Connect provider, when configured.
     pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
     /// Where notifications go, when email is configured.
-    pub mailer: Option<Arc<crate::notify::Mailer>>,
+    pub mailer: Option<Arc<crate::notify::email::Mailer>>,
     /// Slack, when configured.
-    pub slack: Option<Arc<crate::notify::slack::Slack>>,
+    pub slack: Option<Arc<crate::notify::slack::client::Slack>>,
     /// The SSH user CA.
     pub ca: Arc<crate::ca::Ca>,
     /// Signs checkpoints of the audit chain head (a key outside the database).
@@ -26,13 +26,13 @@ pub struct AppState {
     /// Wakes the database-login reconciler (a grant ended or was revoked).
     pub reconcile_now: Arc<tokio::sync::Notify>,
     /// The SSH relay's host key and upstream CA, when the relay is on.
-    pub relay: Option<Arc<crate::relay::RelayKeys>>,
+    pub relay: Option<Arc<crate::relay::ssh::RelayKeys>>,
     /// Relay sessions open right now.
-    pub live_sessions: Arc<crate::relay::LiveSessions>,
+    pub live_sessions: Arc<crate::relay::live::LiveSessions>,
     /// Seals the cookies of visitors who are not signed in.
     pub sealer: Arc<crate::auth::sealed::Sealer>,
     /// Per-address rate limits.
-    pub limiter: Arc<crate::web::limit::Limiter>,
+    pub limiter: Arc<crate::web::limit::bucket::Limiter>,
 }
 
 impl AppState {
@@ -45,11 +45,11 @@ impl AppState {
             None => None,
         };
         let mailer = match &config.email {
-            Some(e) => Some(Arc::new(crate::notify::Mailer::new(e)?)),
+            Some(e) => Some(Arc::new(crate::notify::email::Mailer::new(e)?)),
             None => None,
         };
         let slack = match &config.slack {
-            Some(s) => Some(Arc::new(crate::notify::slack::Slack::new(s)?)),
+            Some(s) => Some(Arc::new(crate::notify::slack::client::Slack::new(s)?)),
             None => None,
         };
         let ca = Arc::new(crate::ca::Ca::load_or_create(
@@ -62,7 +62,7 @@ impl AppState {
             &config.server.data_dir,
         )?);
         let relay = match &config.relay {
-            Some(r) => Some(Arc::new(crate::relay::RelayKeys::load(
+            Some(r) => Some(Arc::new(crate::relay::ssh::RelayKeys::load(
                 r,
                 &config.ca,
                 &config.server.data_dir,

@@ -651,13 +651,13 @@ async fn the_worker_signs_checkpoints_by_time_and_by_count() {
     let state = app.state().clone();
     let alice = app.api("alice@example.com").await;
     // First one at once: there is none yet.
-    let first = twokey::audit::checkpoint::checkpoint_if_due(&state)
+    let first = twokey::audit::signing::checkpoint_if_due(&state)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(first.seq, 2);
     assert!(
-        twokey::audit::checkpoint::checkpoint_if_due(&state)
+        twokey::audit::signing::checkpoint_if_due(&state)
             .await
             .unwrap()
             .is_none()
@@ -666,14 +666,14 @@ async fn the_worker_signs_checkpoints_by_time_and_by_count() {
     alice.file("demo-db", "read", "1h", None).await;
     app.api("bob@example.com").await;
     assert!(
-        twokey::audit::checkpoint::checkpoint_if_due(&state)
+        twokey::audit::signing::checkpoint_if_due(&state)
             .await
             .unwrap()
             .is_none()
     );
     // A minute later it is due.
     app.clock.advance(chrono::Duration::seconds(60));
-    let second = twokey::audit::checkpoint::checkpoint_if_due(&state)
+    let second = twokey::audit::signing::checkpoint_if_due(&state)
         .await
         .unwrap()
         .unwrap();
@@ -683,13 +683,13 @@ async fn the_worker_signs_checkpoints_by_time_and_by_count() {
         alice.file("demo-db", "read", "1h", None).await;
     }
     assert!(
-        twokey::audit::checkpoint::checkpoint_if_due(&state)
+        twokey::audit::signing::checkpoint_if_due(&state)
             .await
             .unwrap()
             .is_none()
     );
     alice.file("demo-db", "read", "1h", None).await;
-    let third = twokey::audit::checkpoint::checkpoint_if_due(&state)
+    let third = twokey::audit::signing::checkpoint_if_due(&state)
         .await
         .unwrap()
         .unwrap();

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use super::{AuditEvent, GENESIS, PAGE, checkpoint};
+use super::{AuditEvent, GENESIS, PAGE, checkpoint, signing};
 use crate::clock::from_millis;
 use crate::error::Error;
 use crate::state::AppState;
@@ -89,7 +89,7 @@ pub async fn write<W: Write>(
 ) -> Result<Exported, ExportError> {
     // Always a checkpoint at export: the file ends with a statement signed over its
     // last event, so a copy cut short, or ending at an earlier checkpoint, fails.
-    let closing = checkpoint::checkpoint(state, "export")
+    let closing = signing::checkpoint(state, "export")
         .await
         .map_err(ExportError::Store)?;
     let (end_seq, end_hash, end_ts) = match &closing {

@@ -3,7 +3,8 @@
 //! - [`chain`]: the pure hash chain and its verifier (no I/O);
 //! - [`log`]: the one way to append an event ([`append`]), reading it back, and
 //!   verifying the stored chain a page at a time, with their SQL;
-//! - [`checkpoint`]: the signing key and signed checkpoints of the chain head;
+//! - [`checkpoint`]: the signing key and the signed statement of the chain head (no
+//!   I/O but the key file); [`signing`]: signing checkpoints of the stored chain;
 //! - [`verify`]: verifying the database or an export, checkpoints and pins included;
 //! - [`export`]: the JSONL export line format.
 //!
@@ -19,6 +20,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod export;
 pub mod log;
+pub mod signing;
 pub mod verify;
 
 pub use chain::*;

@@ -6,13 +6,12 @@
 pub mod oidc;
 pub mod scopes;
 pub mod sealed;
+pub mod secret;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use rand::RngCore;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::audit::{self, NewEvent};
 use crate::error::{Error, Result};
@@ -20,6 +19,7 @@ use crate::policy::Actor;
 use crate::state::AppState;
 use crate::store;
 use scopes::Scopes;
+pub use secret::{hash_token, new_csrf, new_secret, secrets_equal};
 
 /// Prefix that makes a leaked twokey token easy to recognise (and to scan for).
 pub const TOKEN_PREFIX: &str = "tk_";
@@ -32,36 +32,9 @@ pub const SESSION_SIGNED_IN_AT: &str = "signed_in_at";
 /// When the session was last used (ms), for the idle timeout on the injected clock.
 pub const SESSION_LAST_SEEN: &str = "last_seen";
 
-fn random_b64(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rngs::OsRng.fill_bytes(&mut buf);
-    URL_SAFE_NO_PAD.encode(buf)
-}
-
-/// A fresh CSRF token for a session.
-pub fn new_csrf() -> String {
-    random_b64(32)
-}
-
-/// Constant-time comparison of two secrets.
-pub fn secrets_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
-}
-
-pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
 /// A personal API token and the hash to store.
 pub fn new_api_token() -> (String, String) {
     new_secret(TOKEN_PREFIX)
-}
-
-/// A random 256-bit secret with a recognisable prefix, and the hash to store.
-pub fn new_secret(prefix: &str) -> (String, String) {
-    let token = format!("{prefix}{}", random_b64(32));
-    let hash = hash_token(&token);
-    (token, hash)
 }
 
 /// Who is calling with a bearer token, and what the token may do.

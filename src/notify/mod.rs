@@ -12,17 +12,18 @@ use std::sync::Arc;
 
 use askama::Template;
 use lettre::message::{Mailbox, MultiPart, header};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncTransport, Message};
 
 use crate::clock::from_millis;
-use crate::config::{EmailConfig, SmtpTls};
 use crate::error::{Error, Result};
 use crate::policy::{Decision, OutboxStatus, RequestStatus, format_duration};
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
+pub mod email;
 pub mod slack;
+
+pub use email::Mailer;
 
 /// How long an emailed action link works.
 pub const LINK_TTL_MS: i64 = 10 * 60 * 1000;
@@ -30,51 +31,6 @@ pub const LINK_TTL_MS: i64 = 10 * 60 * 1000;
 const LEASE_MS: i64 = 60 * 1000;
 /// Longest wait between two attempts.
 const MAX_BACKOFF_MS: i64 = 5 * 60 * 1000;
-
-/// Where messages go.
-pub enum Mailer {
-    Smtp {
-        transport: AsyncSmtpTransport<Tokio1Executor>,
-        from: Mailbox,
-    },
-    /// The demo's mailbox page.
-    DevMailbox,
-}
-
-impl Mailer {
-    pub fn new(config: &EmailConfig) -> Result<Self> {
-        if config.dev_mailbox {
-            return Ok(Mailer::DevMailbox);
-        }
-        let from: Mailbox = config
-            .from
-            .parse()
-            .map_err(|e| Error::Internal(format!("email.from: {e}")))?;
-        let host = config.smtp_host.clone().unwrap_or_default();
-        let builder = match config.tls {
-            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
-                .map_err(|e| Error::Internal(format!("email.smtp_host: {e}")))?,
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
-                .map_err(|e| Error::Internal(format!("email.smtp_host: {e}")))?,
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host),
-        };
-        let mut builder = builder.timeout(Some(std::time::Duration::from_secs(10)));
-        if let Some(port) = config.smtp_port {
-            builder = builder.port(port);
-        }
-        let password = config
-            .password()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        if let (Some(user), Some(pass)) = (&config.username, password) {
-            builder =
-                builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
-        }
-        Ok(Mailer::Smtp {
-            transport: builder.build(),
-            from,
-        })
-    }
-}
 
 /// One rendered email.
 pub struct Email {
@@ -161,7 +117,7 @@ async fn compose(state: &AppState, row: &OutboxRow) -> Result<Option<Email>> {
             // Fresh single-use links for this approver; only hashes are stored.
             let mut tx = store::begin_write(&state.db).await?;
             for &action in Decision::ALL {
-                let (token, hash) = crate::auth::new_secret("ak_");
+                let (token, hash) = crate::auth::secret::new_secret("ak_");
                 store::insert_action_token(
                     &mut tx,
                     &hash,

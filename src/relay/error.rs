@@ -9,7 +9,7 @@
 //! Protocol-neutral: a protocol layer turns its own library's errors into the `reason`
 //! text of a variant, so this file imports no protocol.
 
-use super::lifecycle::RECORDING_FAILED;
+use super::live::RECORDING_FAILED;
 
 /// Why a relayed session (or forwarded port) could not start or go on.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,7 @@
 //! The session lifecycle every protocol shares: [`open`] (the session row and its
 //! `session.started` event) before anything reaches the target, and [`close`] (the
 //! recording's hash and size, the row, `session.ended`) once it ends, each one
-//! transaction. Also the relay instance ([`Instance`], [`claim_instance`]) and the
-//! sessions a crash left open ([`close_interrupted`], [`INTERRUPTED`]), and the
+//! transaction. Also the sessions a crash left open ([`close_interrupted`], [`INTERRUPTED`]), and the
 //! relay's one way to audit an event outside a session's own transaction ([`audit`]).
 //!
 //! This must never let a session start that was not audited as started, nor end one
@@ -12,41 +11,11 @@ use serde_json::json;
 
 use super::admission::Admitted;
 use super::error::RelayError;
+use super::instance::{Instance, InstanceClaim};
 use crate::error::{Error, Result};
 use crate::recording::{self, hash_file};
 use crate::state::AppState;
 use crate::store::{self, GrantRow};
-
-/// Why a session ends when its recording can no longer be written (a full disk, say).
-pub(crate) const RECORDING_FAILED: &str = "its recording could not be written";
-
-/// This relay instance's id, kept in the data dir, which each session row carries;
-/// the file is also the lock a running process holds ([`claim_instance`]).
-pub struct Instance {
-    pub id: String,
-    file: std::path::PathBuf,
-}
-
-impl Instance {
-    /// Reads the instance id in `data_dir`, or makes one.
-    pub fn load(data_dir: &std::path::Path) -> Result<Instance> {
-        let instance_file = data_dir.join("relay_instance");
-        let instance = match std::fs::read_to_string(&instance_file) {
-            Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
-            _ => {
-                let id = uuid::Uuid::new_v4().to_string();
-                std::fs::write(&instance_file, format!("{id}\n")).map_err(|e| {
-                    Error::Internal(format!("relay: writing {}: {e}", instance_file.display()))
-                })?;
-                id
-            }
-        };
-        Ok(Instance {
-            id: instance,
-            file: instance_file,
-        })
-    }
-}
 
 /// Why a session left open by a stopped twokey was closed at the next start.
 pub const INTERRUPTED: &str = "interrupted: twokey stopped before the session ended";
@@ -106,17 +75,6 @@ pub async fn close_interrupted(state: &AppState, instance: &str) -> Result<usize
         closed += 1;
     }
     Ok(closed)
-}
-
-/// This process's claim on the relay instance of its data dir: a lock held while it
-/// runs. None when the relay is off, or another process holds it.
-pub struct InstanceClaim(pub(crate) Option<std::fs::File>);
-
-impl InstanceClaim {
-    /// No claim: the relay is off.
-    pub fn none() -> Self {
-        InstanceClaim(None)
-    }
 }
 
 /// Claims this data dir's relay instance and closes the sessions it left open when it

@@ -1,23 +1,19 @@
-//! The live-session registry and the one cut watcher.
+//! The live-session registry: every open session, the grant it runs on, and its cut.
 //!
 //! Every relayed session (and forwarded port), whatever its protocol, is registered
 //! here with the grant it runs on and a [`Cut`] that ends it: an admin ending one, a
 //! stopping server ending all, an untrusted host key ending those on a resource, and
-//! [`check_grants`] ending those whose grant is no longer rightfully live. One watcher
+//! [`super::watcher`] ending those whose grant is no longer rightfully live. The one watcher
 //! asks the store about all live sessions at once, so a second protocol adds no second
 //! watcher. This must never keep a session alive on a grant the store did not just
 //! confirm: a store that cannot answer cuts (fail closed).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::state::AppState;
-
-/// How often a session checks that its grant is still live (the cut happens within
-/// this, well under the 1 s promised).
-pub(crate) const CUT_CHECK: Duration = Duration::from_millis(200);
 /// Why a session on a grant that ended or was revoked was cut.
 pub(crate) const GRANT_ENDED: &str = "grant ended";
+/// Why a session ends when its recording can no longer be written (a full disk, say).
+pub(crate) const RECORDING_FAILED: &str = "its recording could not be written";
 
 /// Why a live session is being ended from outside it, and the signal to end it.
 #[derive(Default)]
@@ -134,33 +130,5 @@ pub(crate) struct Registered<'a>(pub(crate) &'a LiveSessions, pub(crate) &'a str
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.0.remove(self.1);
-    }
-}
-
-/// The cut watcher's pass, run every [`CUT_CHECK`] by [`crate::tasks`]: one query asks
-/// which grants with live sessions are still live; sessions on any other are cut. A
-/// store that cannot answer cuts them all (fail closed). One query per pass, however
-/// many sessions are open.
-pub(crate) async fn check_grants(state: &AppState) {
-    let ids = state.live_sessions.grant_ids();
-    if ids.is_empty() {
-        return;
-    }
-    // Rightful, not merely active: the holder may have been forced out or lost the
-    // group since (crate::access::rightful_grants_among).
-    match crate::access::rightful_grants_among(state, &ids).await {
-        // A session registered during the query is on a grant it did not ask about:
-        // left for the next tick.
-        Ok(live) => state.live_sessions.cut_where(
-            |g| live.contains(g) || ids.binary_search_by(|i| i.as_str().cmp(g)).is_err(),
-            GRANT_ENDED,
-        ),
-        Err(e) => {
-            tracing::error!(error = %e, "relay: cannot check grants; ending sessions");
-            state.live_sessions.cut_where(
-                |g| ids.binary_search_by(|i| i.as_str().cmp(g)).is_err(),
-                "twokey cannot check the grant",
-            );
-        }
     }
 }

@@ -8,10 +8,12 @@
 //! two cannot drift:
 //! - [`admission`]: `Presented` → [`admit`](admission::admit) → `Admitted` or `Refusal`,
 //!   fail closed; [`authorize`](admission::authorize) shared by every protocol.
-//! - [`live`]: the live-session registry and the one cut watcher.
+//! - [`live`]: the live-session registry; [`watcher`]: the one cut watcher.
 //! - [`limits`]: connections per address, login grace, the refusal log.
 //! - [`lifecycle`]: a session's open (row + `session.started`) and close (recording hash
-//!   + row + `session.ended`), the relay instance, sessions a crash left open.
+//!   + row + `session.ended`), sessions a crash left open; [`instance`]: the relay
+//!   instance and the claim a running process holds on it.
+//! - [`error`]: [`RelayError`], one variant per way a session fails.
 //!
 //! The protocols: [`ssh`] (russh server, upstream client, bridge, host keys). This file
 //! holds the running [`Relay`]: start and stop. Recordings are written by
@@ -22,10 +24,12 @@
 
 pub mod admission;
 pub mod error;
+pub mod instance;
 pub mod lifecycle;
 pub mod limits;
 pub mod live;
 pub mod ssh;
+pub mod watcher;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,7 +42,8 @@ use crate::state::AppState;
 use crate::tasks::Tasks;
 
 pub use error::RelayError;
-pub use lifecycle::{INTERRUPTED, InstanceClaim, close_interrupted};
+pub use instance::{Instance, InstanceClaim};
+pub use lifecycle::{INTERRUPTED, close_interrupted};
 pub use live::LiveSessions;
 pub use ssh::{RelayKeys, host_keys};
 
@@ -99,9 +104,9 @@ pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim)
     ));
     let mut watcher = Tasks::new();
     let st = state.clone();
-    watcher.every("relay cut watcher", live::CUT_CHECK, None, move || {
+    watcher.every("relay cut watcher", watcher::CUT_CHECK, None, move || {
         let state = st.clone();
-        async move { live::check_grants(&state).await }
+        async move { watcher::pass(&state).await }
     });
     Ok(Relay {
         addr,

@@ -79,7 +79,7 @@ impl IntoResponse for ApiError {
 #[derive(Template, WebTemplate)]
 #[template(path = "error.html")]
 pub struct ErrorPage {
-    chrome: super::views::Chrome,
+    chrome: super::chrome::Chrome,
     status: u16,
     title: &'static str,
     message: String,
@@ -145,7 +145,7 @@ pub async fn render_error_pages(
     };
     let status = resp.status();
     let page = ErrorPage {
-        chrome: super::views::Chrome::anonymous(state.config.auth.dev_login),
+        chrome: super::chrome::Chrome::anonymous(state.config.auth.dev_login),
         status: status.as_u16(),
         title: info.title,
         message: info.message,

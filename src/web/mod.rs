@@ -25,6 +25,7 @@ pub mod anon;
 pub mod api;
 pub mod assets;
 pub mod audit_log;
+mod chrome;
 pub mod cli_login;
 pub mod error;
 pub mod extract;

@@ -10,6 +10,7 @@
 use serde::Deserialize;
 use tower_sessions::Session;
 
+pub use super::chrome::Chrome;
 use super::error::PageError;
 use super::extract::WebUser;
 use crate::access::RequestView;
@@ -20,25 +21,7 @@ use crate::policy::{self, Actor, format_duration};
 use crate::state::AppState;
 use crate::store::GrantRow;
 
-/// What every page shows around its content: who is signed in, the sign-out form's
-/// CSRF token, and the demo warning.
-pub struct Chrome {
-    pub user: Option<String>,
-    pub is_admin: bool,
-    pub csrf: String,
-    pub dev_banner: bool,
-}
-
 impl Chrome {
-    pub fn anonymous(dev_banner: bool) -> Self {
-        Chrome {
-            user: None,
-            is_admin: false,
-            csrf: String::new(),
-            dev_banner,
-        }
-    }
-
     pub(crate) async fn new(
         state: &AppState,
         session: &Session,

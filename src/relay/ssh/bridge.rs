@@ -15,13 +15,13 @@ use russh::{Channel, ChannelMsg};
 use serde_json::json;
 
 use super::pump::{Tap, pump};
-use super::server::explain;
 use super::upstream::{connect_upstream, open_upstream};
 use super::{commands, sftp};
 use crate::recording;
 use crate::relay::admission::Admitted;
 use crate::relay::error::RelayError;
-use crate::relay::lifecycle::{self, RECORDING_FAILED, audit};
+use crate::relay::lifecycle::{self, audit};
+use crate::relay::live::RECORDING_FAILED;
 use crate::relay::live::Registered;
 use crate::state::AppState;
 
@@ -357,4 +357,23 @@ enum Start {
     Exec(Vec<u8>),
     Shell,
     Subsystem(String),
+}
+
+/// Tells a refused engineer why, on stderr, and closes.
+pub(super) async fn explain(mut channel: Channel<Msg>, why: String) {
+    // Wait for the shell or exec request so the client shows what follows.
+    while let Some(msg) = channel.wait().await {
+        if matches!(
+            msg,
+            ChannelMsg::Exec { .. } | ChannelMsg::RequestShell { .. }
+        ) {
+            break;
+        }
+    }
+    let _ = channel
+        .extended_data_bytes(1, format!("twokey: {why}\r\n").into_bytes())
+        .await;
+    let _ = channel.exit_status(1).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
 }

@@ -30,7 +30,7 @@ use russh::{MethodKind, MethodSet};
 
 use crate::ca::Ca;
 use crate::error::Result;
-use crate::relay::lifecycle::Instance;
+use crate::relay::instance::Instance;
 
 /// The relay's keys: its own host key, and the upstream CA targets trust; and the id
 /// of this relay instance (kept in the data dir), which each session row carries.

@@ -88,7 +88,7 @@ pub(super) struct Pumped {
 }
 
 /// Moves one channel's traffic both ways until either side closes or `kill` fires
-/// (an admin, shutdown, or [`crate::relay::live::check_grants`] when the grant ends).
+/// (an admin, shutdown, or [`crate::relay::watcher`] when the grant ends).
 /// Each direction runs in its own task: a direction blocked on flow control must never
 /// stop the other from draining (that deadlocks bulk transfers).
 ///

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use russh::keys::ssh_key::{Certificate, HashAlg};
 use russh::server::{Auth, Msg, Session};
-use russh::{Channel, ChannelId, ChannelMsg};
+use russh::{Channel, ChannelId};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::bridge::{bridge, forward};
+use super::bridge::{bridge, explain, forward};
 use super::certificate::authorize;
 use crate::relay::admission::{Admitted, Refusal, grant_is_live};
 use crate::relay::lifecycle::audit;
@@ -444,23 +444,4 @@ impl russh::server::Handler for Conn {
         session.channel_success(channel)?;
         Ok(())
     }
-}
-
-/// Tells a refused engineer why, on stderr, and closes.
-pub(super) async fn explain(mut channel: Channel<Msg>, why: String) {
-    // Wait for the shell or exec request so the client shows what follows.
-    while let Some(msg) = channel.wait().await {
-        if matches!(
-            msg,
-            ChannelMsg::Exec { .. } | ChannelMsg::RequestShell { .. }
-        ) {
-            break;
-        }
-    }
-    let _ = channel
-        .extended_data_bytes(1, format!("twokey: {why}\r\n").into_bytes())
-        .await;
-    let _ = channel.exit_status(1).await;
-    let _ = channel.eof().await;
-    let _ = channel.close().await;
 }

@@ -28,7 +28,7 @@ pub(super) async fn offer_link(
     slack_user: &str,
     p: &Profile,
 ) -> Result<String> {
-    let (token, hash) = crate::auth::new_secret(LINK_PREFIX);
+    let (token, hash) = crate::auth::secret::new_secret(LINK_PREFIX);
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
     store::insert_slack_link_token(
