@@ -10,9 +10,9 @@
 //!   fail closed; [`authorize`](admission::authorize) shared by every protocol.
 //! - [`live`]: the live-session registry; [`watcher`]: the one cut watcher.
 //! - [`limits`]: connections per address, login grace, the refusal log.
-//! - [`lifecycle`]: a session's open (row + `session.started`) and close (recording hash
-//!   + row + `session.ended`), sessions a crash left open; [`instance`]: the relay
-//!   instance and the claim a running process holds on it.
+//! - [`lifecycle`]: a session's open (its row and `session.started`) and close (the
+//!   recording's hash, the row, `session.ended`), sessions a crash left open.
+//! - [`instance`]: the relay instance and the claim a running process holds on it.
 //! - [`error`]: [`RelayError`], one variant per way a session fails.
 //!
 //! The protocols: [`ssh`] (russh server, upstream client, bridge, host keys). This file
