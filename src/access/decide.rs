@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::{Channel, RequestView, current_actor, load_view, refuse, role_of};
+use super::{Channel, RequestView, load_view, refuse, role_of, visible_request};
 use crate::audit::{self, NewEvent};
 use crate::error::{Error, Result};
 use crate::notify;
@@ -60,14 +60,8 @@ async fn decide_inner(
     let comment = policy::check_comment(comment).map_err(|e| Error::Invalid(vec![e]))?;
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
-    let req = store::get_request(&mut tx, id)
-        .await?
-        .ok_or(Error::NotFound("request"))?;
-    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
+    let (req, actor) = visible_request(state, &mut tx, actor, id).await?;
     let role = role_of(state, &req);
-    if !policy::may_view(&actor, &req.requester_id, role) {
-        return refuse(state, Error::forbidden("you may not see this request"));
-    }
     let Some(role) = role else {
         return refuse(
             state,

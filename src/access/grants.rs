@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use super::{RequestView, current_actor, load_view, refuse, role_of};
+use super::{RequestView, load_view, refuse, role_of, visible_request};
 use crate::audit::{self, NewEvent};
 use crate::config::{ResourceConfig, RoleConfig};
 use crate::error::{Error, Result};
@@ -23,14 +23,8 @@ pub async fn revoke(
     let comment = policy::check_comment(comment).map_err(|e| Error::Invalid(vec![e]))?;
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
-    let req = store::get_request(&mut tx, id)
-        .await?
-        .ok_or(Error::NotFound("request"))?;
-    let actor = current_actor(state, &mut tx, &actor.user_id).await?;
+    let (req, actor) = visible_request(state, &mut tx, actor, id).await?;
     let role = role_of(state, &req);
-    if !policy::may_view(&actor, &req.requester_id, role) {
-        return refuse(state, Error::forbidden("you may not see this request"));
-    }
     if !policy::may_revoke(&actor, &req.requester_id, role) {
         return refuse(
             state,
@@ -307,14 +301,8 @@ pub async fn holders_live_grant<'a>(
     request_id: &str,
     now: i64,
 ) -> Result<HeldGrant<'a>> {
-    let req = store::get_request(conn, request_id)
-        .await?
-        .ok_or(Error::NotFound("request"))?;
-    let actor = current_actor(state, conn, &actor.user_id).await?;
+    let (req, actor) = visible_request(state, conn, actor, request_id).await?;
     let found = state.config.role(&req.resource, &req.role);
-    if !policy::may_view(&actor, &req.requester_id, found.map(|(_, r)| r)) {
-        return refuse(state, Error::forbidden("you may not see this request"));
-    }
     if req.requester_id != actor.user_id {
         return refuse(
             state,

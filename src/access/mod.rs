@@ -98,6 +98,25 @@ async fn current_actor(state: &AppState, conn: &mut Conn, user_id: &str) -> Resu
     Ok(actor)
 }
 
+/// The first step of every transition on a request: reads it in `conn` and the actor
+/// with their current groups ([`current_actor`]), and refuses (counted) a request the
+/// actor may not see, before anything else is said about it.
+async fn visible_request(
+    state: &AppState,
+    conn: &mut Conn,
+    actor: &Actor,
+    id: &str,
+) -> Result<(RequestRow, Actor)> {
+    let req = store::get_request(conn, id)
+        .await?
+        .ok_or(Error::NotFound("request"))?;
+    let actor = current_actor(state, conn, &actor.user_id).await?;
+    if !policy::may_view(&actor, &req.requester_id, role_of(state, &req)) {
+        return refuse(state, Error::forbidden("you may not see this request"));
+    }
+    Ok((req, actor))
+}
+
 fn role_of<'a>(state: &'a AppState, req: &RequestRow) -> Option<&'a RoleConfig> {
     state.config.role(&req.resource, &req.role).map(|(_, r)| r)
 }
