@@ -899,3 +899,32 @@ async fn the_tokens_page_revoke_button_revokes_in_a_browser() {
     assert_eq!(api.get("/whoami").await.0, StatusCode::UNAUTHORIZED);
     b.quit().await;
 }
+
+#[tokio::test]
+async fn someone_outside_the_role_cannot_see_or_decide_a_request() {
+    let app = common::start().await;
+    // Another engineer: may file requests, but neither asked for this one nor approves it.
+    app.user("frank@example.com", &["engineers"]).await;
+    let frank = app.api("frank@example.com").await;
+    let alice = app.api(ALICE).await;
+    let id = alice.file("demo-db", "read", "30m", None).await;
+    let (s, r) = frank.get(&format!("/requests/{id}")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{r}");
+    for action in ["approve", "deny"] {
+        let (s, r) = frank.act(&id, action).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{action}: {r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains("you may not see this request"),
+            "{action}: {r}"
+        );
+    }
+    // Nothing changed.
+    let (_, r) = alice.get(&format!("/requests/{id}")).await;
+    assert_eq!(
+        (r["status"].as_str(), r["approval_count"].as_u64()),
+        (Some("pending"), Some(0))
+    );
+}
