@@ -31,8 +31,11 @@ pub use ca::CaConfig;
 pub use demo::demo_config_toml;
 pub use duration::parse_duration;
 pub use notify::{EmailConfig, SlackConfig, SmtpTls};
-pub use relay::{DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES, RelayConfig};
-pub use resources::{PolicyConfig, ResourceConfig, ResourceKind, RoleConfig};
+pub use relay::{
+    DEFAULT_MAX_PG_MESSAGE_BYTES, DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES,
+    RelayConfig, RelayPostgresConfig,
+};
+pub use resources::{DbAccess, PolicyConfig, ResourceConfig, ResourceKind, RoleConfig};
 pub use secret::Secret;
 pub use server::ServerConfig;
 
@@ -256,6 +259,44 @@ impl Config {
         let r = self.resource(resource)?;
         let role = r.roles.iter().find(|x| x.name == role)?;
         Some((r, role))
+    }
+
+    /// The PostgreSQL relay's settings, when it is on.
+    pub fn relay_postgres(&self) -> Option<&RelayPostgresConfig> {
+        self.relay.as_ref().and_then(|r| r.postgres.as_ref())
+    }
+
+    /// How engineers reach a PostgreSQL resource: as it says, else through the relay
+    /// when the PostgreSQL relay is on (the stricter path), else directly.
+    pub fn db_access(&self, resource: &ResourceConfig) -> DbAccess {
+        resource
+            .access
+            .unwrap_or(if self.relay_postgres().is_some() {
+                DbAccess::Relay
+            } else {
+                DbAccess::Direct
+            })
+    }
+
+    /// Where clients reach the PostgreSQL relay, as `host:port`: `public_address`, else
+    /// the host of `server.public_url` (else of `listen`) with the port of `listen`.
+    pub fn relay_postgres_address(&self) -> Option<String> {
+        let pg = self.relay_postgres()?;
+        if let Some(a) = &pg.public_address {
+            return Some(a.clone());
+        }
+        let port = pg.listen.rsplit_once(':').map_or("6432", |(_, p)| p);
+        let host = self
+            .server
+            .public_url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| match pg.listen.rsplit_once(':').map_or("", |(h, _)| h) {
+                "" | "0.0.0.0" | "[::]" => "127.0.0.1".to_string(),
+                h => h.to_string(),
+            });
+        Some(format!("{host}:{port}"))
     }
 
     pub fn dev_user(&self, email: &str) -> Option<&DevUser> {

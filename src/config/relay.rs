@@ -1,5 +1,5 @@
-//! The `[relay]` section: where the SSH relay listens, its keys and its limits. It
-//! never opens a socket.
+//! The `[relay]` section: where the SSH relay listens, its keys and its limits, and
+//! `[relay.postgres]`, the PostgreSQL relay's listener and TLS. It never opens a socket.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,6 +38,50 @@ pub struct RelayConfig {
     /// engineer types and sends (sftp requests too) is recorded past it.
     #[serde(default = "default_max_recording")]
     pub max_recording_bytes: u64,
+    /// The PostgreSQL relay; off without this table.
+    #[serde(default)]
+    pub postgres: Option<RelayPostgresConfig>,
+}
+
+/// `[relay.postgres]`: where psql and drivers connect (`host=RELAY port=6432
+/// dbname=RESOURCE user=EMAIL`), the certificate it answers SSLRequest with, and its
+/// message bounds. Connection counts, the startup timeout (`login_grace_time`) and the
+/// idle timeout are the `[relay]` ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayPostgresConfig {
+    /// The listening address, e.g. `0.0.0.0:6432`.
+    pub listen: String,
+    /// What clients are told to connect to (`twokey psql`, the request page), as
+    /// `host:port`; default: the host of `server.public_url` and the port of `listen`.
+    #[serde(default)]
+    pub public_address: Option<String>,
+    /// The relay's TLS certificate chain (PEM) and key; without them one is made at
+    /// first start under DATA_DIR (`relay_pg_cert.pem`, `relay_pg_key.pem`) naming
+    /// `tls_names`, and clients pin it (`sslrootcert`, served at `/api/relay/pg-cert`).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// The DNS names and IP addresses the made certificate names; default: the host of
+    /// `public_address` (or `server.public_url`), `localhost` and `127.0.0.1`.
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+    /// Admit clients that do not ask for TLS. Off by default: the relay password would
+    /// cross the network readable by anyone on the path.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// The largest protocol message accepted from a client or a target; a larger one
+    /// ends the session with an error (PostgreSQL's own bound is 1 GiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: u32,
+}
+
+/// 64 MiB: far beyond any statement or row a person works with, well below 1 GiB.
+pub const DEFAULT_MAX_PG_MESSAGE_BYTES: u32 = 64 << 20;
+
+fn default_max_message() -> u32 {
+    DEFAULT_MAX_PG_MESSAGE_BYTES
 }
 
 /// 100 MiB of asciicast: hours of terminal work, a bounded slice of a bulk transfer.
@@ -76,6 +120,7 @@ impl Default for RelayConfig {
             login_grace_time: default_login_grace(),
             idle_timeout: default_relay_idle(),
             max_recording_bytes: default_max_recording(),
+            postgres: None,
         }
     }
 }

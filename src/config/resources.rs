@@ -47,6 +47,27 @@ impl fmt::Display for ResourceKind {
     }
 }
 
+/// How engineers reach a PostgreSQL resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbAccess {
+    /// Only through the PostgreSQL relay: the engineer gets a relay password bound to
+    /// the grant; the relay logs in to the target as the grant's role, with a password
+    /// no person ever sees. No target password is ever handed out.
+    Relay,
+    /// Straight to the target with the grant's own login and password, shown once.
+    Direct,
+}
+
+impl fmt::Display for DbAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DbAccess::Relay => "relay",
+            DbAccess::Direct => "direct",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceConfig {
@@ -85,6 +106,10 @@ pub struct ResourceConfig {
     /// (`REASSIGN OWNED`); without it they are dropped with the role (`DROP OWNED`).
     #[serde(default)]
     pub reassign_owned_to: Option<String>,
+    /// PostgreSQL: `"relay"` or `"direct"`; default `"relay"` when `[relay.postgres]`
+    /// is configured, else `"direct"` (see [`crate::config::Config::db_access`]).
+    #[serde(default)]
+    pub access: Option<DbAccess>,
     #[serde(default)]
     pub roles: Vec<RoleConfig>,
 }
@@ -158,6 +183,14 @@ pub struct RoleConfig {
     /// `["rm -rf *", "shutdown*"]`. Interactive shells cannot be held to this.
     #[serde(default)]
     pub blocked_commands: Vec<String>,
+    /// PostgreSQL relay: how many rows of each result the session's transcript keeps
+    /// (the count of all rows is always kept).
+    #[serde(default = "default_transcript_rows")]
+    pub transcript_rows: usize,
+}
+
+fn default_transcript_rows() -> usize {
+    20
 }
 
 fn default_connection_limit() -> i32 {

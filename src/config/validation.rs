@@ -65,6 +65,52 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(pg) = &relay.postgres {
+                if pg.listen.parse::<SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "relay.postgres.listen",
+                        format!("{:?} is not an address like 0.0.0.0:6432", pg.listen),
+                    ));
+                }
+                if pg.tls_cert_file.is_some() != pg.tls_key_file.is_some() {
+                    return Err(invalid(
+                        "relay.postgres.tls_cert_file",
+                        "tls_cert_file and tls_key_file go together",
+                    ));
+                }
+                if pg.max_message_bytes < 64 << 10 {
+                    return Err(invalid(
+                        "relay.postgres.max_message_bytes",
+                        "must be at least 65536 (64 KiB)",
+                    ));
+                }
+            }
+        }
+        for r in &self.resources {
+            if r.kind != super::ResourceKind::Postgres {
+                if r.access.is_some() {
+                    return Err(invalid(
+                        format!("resource {}.access", r.name),
+                        "applies to postgres resources only",
+                    ));
+                }
+                continue;
+            }
+            if self.db_access(r) == super::DbAccess::Relay {
+                if self.relay_postgres().is_none() {
+                    return Err(invalid(
+                        format!("resource {}.access", r.name),
+                        "is \"relay\", but there is no [relay.postgres] section",
+                    ));
+                }
+                // The relay logs in as the grant's own role, which twokey makes.
+                if r.admin_user.is_none() {
+                    return Err(invalid(
+                        format!("resource {}.admin_user", r.name),
+                        "is required for access through the relay (twokey makes each grant's login)",
+                    ));
+                }
+            }
         }
         if let Some(slack) = &self.slack {
             slack.secrets()?;

@@ -329,6 +329,7 @@ mod tests {
             db_grants: vec![],
             connection_limit: 5,
             blocked_commands: vec![],
+            transcript_rows: 20,
         }
     }
 

@@ -7,9 +7,9 @@
 //!   reached the file), and [`hash_file`] for a recording left behind by a crash.
 //! - [`asciicast`]: the terminal format, asciicast v2, with its output cap and the
 //!   bounded masking at password prompts ([`mask`]).
-//! - To come: the PostgreSQL relay's JSONL transcript (one line per statement and its
-//!   outcome), a second format on the same hashed writer and the same rule that what the
-//!   engineer sends is always recorded.
+//! - [`transcript`]: the PostgreSQL relay's JSONL transcript (one line per statement
+//!   and its outcome), a second format on the same hashed writer and the same rule that
+//!   what the engineer sends is always recorded.
 //!
 //! This room knows files and formats only: it must never import the relay (the relay
 //! imports it), the store or the application state; whoever opens a recording hands it
@@ -19,6 +19,7 @@
 pub mod asciicast;
 pub mod hashed;
 pub mod mask;
+pub mod transcript;
 
 pub use asciicast::{Finished, Recorder, with};
 pub use hashed::hash_file;

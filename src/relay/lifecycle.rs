@@ -111,6 +111,8 @@ pub struct Opening<'a> {
     pub recording: &'a str,
     /// This relay instance's id ([`Instance`]).
     pub instance: &'a str,
+    /// `ssh` or `postgres`.
+    pub protocol: &'a str,
 }
 
 /// Opens a session: its row and its `session.started` audit event, in one transaction.
@@ -133,11 +135,12 @@ pub async fn open(state: &AppState, s: &Opening<'_>) -> Result<()> {
             started_at: now,
             recording: s.recording,
             relay_instance: s.instance,
+            protocol: s.protocol,
         },
     )
     .await?;
     crate::audit::append(&mut tx, now, &crate::audit::NewEvent { actor: &g.user_email, action: "session.started", subject: &g.id, details: json!({
-            "session_id": session_id, "resource": g.resource, "serial": admitted.serial.to_string(),
+            "session_id": session_id, "protocol": s.protocol, "resource": g.resource, "serial": admitted.serial.to_string(),
             "key_id": admitted.key_id, "peer": peer_ip,
         }) })
     .await?;

@@ -8,7 +8,8 @@
 //! - [`outbox`]: the outbox, action tokens, the dev mailbox, Slack message refs;
 //! - [`slack`]: Slack account links, link tokens, the interaction replay guard;
 //! - [`credentials`]: SSH certificates and database logins;
-//! - [`sessions`]: relay sessions; [`host_keys`]: target host keys.
+//! - [`sessions`]: relay sessions; [`host_keys`]: target host keys;
+//! - [`relay_logins`]: the PostgreSQL relay's passwords, as SCRAM verifiers.
 //!
 //! This file keeps only the connection (`connect`, `ping`, `begin_write`, the session
 //! store), the `Db`/`Conn`/`Tx` types and `new_id`, and re-exports every aggregate
@@ -32,6 +33,7 @@ pub mod credentials;
 pub mod grants;
 pub mod host_keys;
 pub mod outbox;
+pub mod relay_logins;
 pub mod requests;
 pub mod sessions;
 pub mod slack;
@@ -42,6 +44,7 @@ pub use credentials::*;
 pub use grants::*;
 pub use host_keys::*;
 pub use outbox::*;
+pub use relay_logins::*;
 pub use requests::*;
 pub use sessions::*;
 pub use slack::*;

@@ -27,6 +27,8 @@ pub struct SessionRow {
     pub masked_inputs: i64,
     /// Closed at a restart: twokey stopped without ending it.
     pub interrupted: bool,
+    /// `ssh` (an asciicast recording) or `postgres` (a JSONL transcript).
+    pub protocol: String,
     /// From the grant: its holder and role, for permission checks.
     pub holder_id: String,
     pub role: String,
@@ -34,7 +36,7 @@ pub struct SessionRow {
 
 const SESSION_COLUMNS: &str = "s.id, s.grant_id, s.user_email, s.resource, s.peer, s.started_at,
      s.ended_at, s.end_reason, s.bytes_in, s.bytes_out, s.recording, s.recording_bytes,
-     s.recording_sha256, s.recording_truncated, s.recording_failed, s.masked_inputs, s.interrupted, g.user_id AS holder_id, g.role AS role
+     s.recording_sha256, s.recording_truncated, s.recording_failed, s.masked_inputs, s.interrupted, s.protocol, g.user_id AS holder_id, g.role AS role
      FROM relay_sessions s JOIN grants g ON g.id = s.grant_id";
 
 pub struct NewSession<'a> {
@@ -47,12 +49,14 @@ pub struct NewSession<'a> {
     pub recording: &'a str,
     /// The relay instance running it (see [`open_sessions_of`]).
     pub relay_instance: &'a str,
+    /// `ssh` or `postgres`.
+    pub protocol: &'a str,
 }
 
 pub async fn insert_session(conn: &mut Conn, s: &NewSession<'_>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO relay_sessions (id, grant_id, user_email, resource, peer, started_at, recording, relay_instance)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO relay_sessions (id, grant_id, user_email, resource, peer, started_at, recording, relay_instance, protocol)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(s.id)
     .bind(s.grant_id)
@@ -62,6 +66,7 @@ pub async fn insert_session(conn: &mut Conn, s: &NewSession<'_>) -> Result<()> {
     .bind(s.started_at)
     .bind(s.recording)
     .bind(s.relay_instance)
+    .bind(s.protocol)
     .execute(&mut *conn)
     .await?;
     Ok(())

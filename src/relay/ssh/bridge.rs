@@ -65,6 +65,7 @@ pub(super) async fn bridge(
             admitted: &admitted,
             recording: &recording_path,
             instance: &instance,
+            protocol: "ssh",
         },
     )
     .await;

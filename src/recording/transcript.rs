@@ -1,0 +1,382 @@
+//! PostgreSQL session transcripts: JSON Lines, a [`Header`] line and then one
+//! [`Entry`] per statement run (its text, parameters, protocol, start, duration, rows,
+//! command tag or error, and the first rows of its result), per notification, and per
+//! note the relay makes (a cut, the cap reached). When the session closes, the file's
+//! SHA-256 and size go into the audit chain, as for terminal recordings.
+//!
+//! The cap works as for terminal recordings: past it, results (columns and rows) are no
+//! longer written, but every statement the engineer sends still is, with its outcome
+//! and row count. Nothing the session does can switch its record off (DESIGN.md
+//! invariant 8). This file writes and reads the format only; what goes into an entry is
+//! the relay's.
+
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::Finished;
+use super::hashed::Hashed;
+
+/// What the format's first line says.
+pub const FORMAT: &str = "twokey-pg-transcript";
+
+/// The first line of a transcript.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Header {
+    pub format: String,
+    pub version: u32,
+    /// Unix seconds at the session's start.
+    pub timestamp: i64,
+    pub session: String,
+    pub resource: String,
+    pub user: String,
+    /// The database the relay logged in to upstream.
+    pub database: String,
+    /// Rows of each result kept (the role's `transcript_rows`).
+    pub rows_cap: usize,
+}
+
+/// One event of a session, after the header.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Entry {
+    /// A statement that ran (or failed, or was not run).
+    Statement(Box<Statement>),
+    /// A NOTIFY delivered to the session.
+    Notification {
+        /// Seconds since the session's start.
+        t: f64,
+        channel: String,
+        payload: String,
+    },
+    /// Something the relay says about the session (a cut, the cap reached).
+    Note { t: f64, text: String },
+}
+
+/// How a statement reached the server.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// A Query message (psql's default); one entry per statement of the string.
+    Simple,
+    /// Parse/Bind/Execute (drivers, prepared statements, pipelines).
+    Extended,
+    /// A FunctionCall message.
+    FunctionCall,
+}
+
+/// A statement and its outcome.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Statement {
+    /// Seconds since the session's start, when it was sent.
+    pub t: f64,
+    pub protocol: Option<Protocol>,
+    /// The statement's text (for a Query of several statements, the whole string, with
+    /// `index` telling which).
+    pub sql: String,
+    /// Which statement of a multi-statement Query (0-based).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub index: usize,
+    /// The prepared statement's name (extended protocol), if named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+    /// Bound parameters as text; binary ones as `\x` and hex; `None` for NULL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<Option<String>>,
+    /// How long until its outcome, in milliseconds.
+    pub ms: f64,
+    /// The result's column names, when it had one (and the cap is not reached).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// Its first rows, as text (binary values as `\x` and hex), up to the header's
+    /// `rows_cap`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rows: Vec<Vec<Option<String>>>,
+    /// All rows the result had, kept or not.
+    pub row_count: u64,
+    /// The command tag (`SELECT 3`, `INSERT 0 1`, `COPY 10`), when it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Its error, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StatementError>,
+    /// Not run: an earlier error in the same pipeline made the server skip it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// The portal was suspended after a row limit (Execute with max rows).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+    /// COPY bytes the client sent (FROM STDIN) and received (TO STDOUT).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub copy_bytes_in: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub copy_bytes_out: u64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+/// An error the server answered a statement with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatementError {
+    pub severity: String,
+    /// The SQLSTATE, e.g. `42P01`.
+    pub code: String,
+    pub message: String,
+}
+
+/// One session's transcript, hashed as it is written.
+pub struct Transcript {
+    file: std::io::BufWriter<Hashed>,
+    path: std::path::PathBuf,
+    started: Instant,
+    limit: u64,
+    truncated: bool,
+    failed: bool,
+    finished: bool,
+}
+
+impl Transcript {
+    /// A new transcript `SESSION_ID.jsonl` in `dir` (made if missing), never
+    /// overwriting one; results past `limit` bytes are counted, not written.
+    pub fn create(
+        dir: &std::path::Path,
+        header: &Header,
+        limit: u64,
+    ) -> std::io::Result<Transcript> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{}.jsonl", header.session));
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let mut t = Transcript {
+            file: std::io::BufWriter::with_capacity(
+                64 * 1024,
+                Hashed {
+                    file,
+                    hasher: Sha256::new(),
+                    bytes: 0,
+                    broken: false,
+                },
+            ),
+            path,
+            started: Instant::now(),
+            limit,
+            truncated: false,
+            failed: false,
+            finished: false,
+        };
+        t.line(header);
+        Ok(t)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Seconds since the transcript began, for an entry's `t`.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Whether every write so far reached the file.
+    pub fn is_whole(&self) -> bool {
+        !self.failed
+    }
+
+    /// Writes an entry. Past the cap a statement keeps its text, parameters and outcome
+    /// but loses its columns and rows.
+    pub fn write(&mut self, entry: Entry) {
+        if self.finished {
+            return;
+        }
+        let mut entry = entry;
+        if !self.truncated
+            && self.file.get_ref().bytes + self.file.buffer().len() as u64 >= self.limit
+        {
+            self.truncated = true;
+            let t = self.elapsed();
+            self.line(&Entry::Note {
+                t,
+                text: "the transcript reached its size cap: results from here on are counted, not kept".into(),
+            });
+        }
+        if self.truncated
+            && let Entry::Statement(s) = &mut entry
+        {
+            s.columns.clear();
+            s.rows.clear();
+        }
+        self.line(&entry);
+    }
+
+    /// Writes out what is buffered (at each ReadyForQuery, so a crash loses little).
+    pub fn flush(&mut self) {
+        self.failed |= self.file.flush().is_err();
+    }
+
+    fn line<T: Serialize>(&mut self, v: &T) {
+        let mut buf = match serde_json::to_vec(v) {
+            Ok(b) => b,
+            Err(_) => {
+                self.failed = true;
+                return;
+            }
+        };
+        buf.push(b'\n');
+        self.failed |= self.file.write_all(&buf).is_err();
+    }
+
+    /// Closes the transcript and returns its size and hash, taken as it was written.
+    pub fn finish(&mut self) -> std::io::Result<Finished> {
+        if self.finished {
+            return Err(std::io::Error::other("transcript already finished"));
+        }
+        self.finished = true;
+        self.failed |= self.file.flush().is_err();
+        let inner = self.file.get_mut();
+        self.failed |= inner.file.sync_all().is_err();
+        let sha256 = hex::encode(std::mem::take(&mut inner.hasher).finalize());
+        Ok(Finished {
+            path: self.path.display().to_string(),
+            bytes: inner.bytes,
+            sha256,
+            truncated: self.truncated,
+            failed: self.failed,
+            masked_inputs: 0,
+        })
+    }
+}
+
+/// A transcript read back: its header and entries; a line that does not parse is an
+/// error naming its number (a damaged or edited file is shown as such, not skipped).
+pub fn read(path: &std::path::Path) -> std::io::Result<(Header, Vec<Entry>)> {
+    let f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut lines = f.lines();
+    let bad = |n: usize, e: serde_json::Error| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("transcript line {n}: {e}"),
+        )
+    };
+    let first = lines.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "empty transcript")
+    })??;
+    let header: Header = serde_json::from_str(&first).map_err(|e| bad(1, e))?;
+    let mut entries = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        entries.push(serde_json::from_str(&line).map_err(|e| bad(i + 2, e))?);
+    }
+    Ok((header, entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(session: &str) -> Header {
+        Header {
+            format: FORMAT.into(),
+            version: 1,
+            timestamp: 1_700_000_000,
+            session: session.into(),
+            resource: "prod-db".into(),
+            user: "alice@example.com".into(),
+            database: "app".into(),
+            rows_cap: 2,
+        }
+    }
+
+    #[test]
+    fn what_is_written_reads_back_and_hashes_as_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Transcript::create(dir.path(), &header("s1"), 1 << 20).unwrap();
+        let st = Statement {
+            protocol: Some(Protocol::Extended),
+            sql: "select $1::int".into(),
+            params: vec![Some("7".into()), None],
+            columns: vec!["int4".into()],
+            rows: vec![vec![Some("7".into())]],
+            row_count: 1,
+            tag: Some("SELECT 1".into()),
+            ..Default::default()
+        };
+        t.write(Entry::Statement(Box::new(st.clone())));
+        t.write(Entry::Note {
+            t: 1.0,
+            text: "cut".into(),
+        });
+        let done = t.finish().unwrap();
+        let (h, entries) = read(std::path::Path::new(&done.path)).unwrap();
+        assert_eq!(h, header("s1"));
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0], Entry::Statement(Box::new(st)));
+        let (bytes, sha) = super::super::hash_file(std::path::Path::new(&done.path)).unwrap();
+        assert_eq!((bytes, sha), (done.bytes, done.sha256));
+        assert!(!done.truncated && !done.failed);
+    }
+
+    #[test]
+    fn past_the_cap_statements_are_kept_and_results_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Transcript::create(dir.path(), &header("s2"), 600).unwrap();
+        for i in 0..20 {
+            t.write(Entry::Statement(Box::new(Statement {
+                sql: format!("select {i}"),
+                columns: vec!["x".into()],
+                rows: vec![vec![Some(i.to_string())]],
+                row_count: 1,
+                ..Default::default()
+            })));
+        }
+        let done = t.finish().unwrap();
+        assert!(done.truncated);
+        let (_, entries) = read(std::path::Path::new(&done.path)).unwrap();
+        let sqls: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Statement(s) => Some(s.sql.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sqls.len(), 20, "every statement is kept");
+        let Some(Entry::Statement(last)) = entries.last() else {
+            panic!("{entries:?}")
+        };
+        assert!(last.rows.is_empty() && last.row_count == 1, "{last:?}");
+        assert!(
+            entries.iter().any(|e| matches!(e, Entry::Note { .. })),
+            "the cap is marked"
+        );
+    }
+
+    #[test]
+    fn a_damaged_line_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Transcript::create(dir.path(), &header("s3"), 1 << 20).unwrap();
+        t.write(Entry::Note {
+            t: 0.0,
+            text: "x".into(),
+        });
+        let done = t.finish().unwrap();
+        let mut text = std::fs::read_to_string(&done.path).unwrap();
+        text.push_str("{not json\n");
+        std::fs::write(&done.path, text).unwrap();
+        let err = read(std::path::Path::new(&done.path)).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+    }
+}
