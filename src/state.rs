@@ -29,6 +29,8 @@ pub struct AppState {
     pub relay: Option<Arc<crate::relay::ssh::RelayKeys>>,
     /// Relay sessions open right now.
     pub live_sessions: Arc<crate::relay::live::LiveSessions>,
+    /// The PostgreSQL relay's TLS certificate, when `[relay.postgres]` is on.
+    pub relay_pg: Option<Arc<crate::relay::postgres::tls::ServerTls>>,
     /// Seals the cookies of visitors who are not signed in.
     pub sealer: Arc<crate::auth::sealed::Sealer>,
     /// Per-address rate limits.
@@ -69,6 +71,22 @@ impl AppState {
             )?)),
             None => None,
         };
+        let relay_pg = match config.relay_postgres() {
+            Some(pg) => {
+                let names = crate::relay::postgres::tls::default_names(
+                    config.relay_postgres_address().as_deref(),
+                    &pg.tls_names,
+                );
+                Some(Arc::new(
+                    crate::relay::postgres::tls::ServerTls::load_or_create(
+                        pg,
+                        &config.server.data_dir,
+                        &names,
+                    )?,
+                ))
+            }
+            None => None,
+        };
         let sealer = Arc::new(crate::auth::sealed::Sealer::load_or_create(
             &config.server.data_dir,
         )?);
@@ -77,6 +95,7 @@ impl AppState {
             limiter: Arc::default(),
             live_sessions: Arc::default(),
             relay,
+            relay_pg,
             reconcile_now: Arc::new(tokio::sync::Notify::new()),
             ca,
             audit_key,

@@ -28,6 +28,7 @@ pub mod instance;
 pub mod lifecycle;
 pub mod limits;
 pub mod live;
+pub mod postgres;
 pub mod ssh;
 pub mod watcher;
 
