@@ -9,6 +9,8 @@
 //!   client side of TLS to the target, and the stream that is either.
 //! - [`scram`]: SCRAM-SHA-256, as the server to clients (against the stored verifier)
 //!   and as the client to the target.
+//! - [`wire`]: the protocol's packets and messages, framed with a size bound.
+//! - [`tracker`]: follows both directions and writes the transcript.
 //!
 //! It must never let a message reach the target before the grant is admitted, never
 //! hand the engineer the target's credential, and never pass a message it cannot
@@ -16,3 +18,5 @@
 
 pub mod scram;
 pub mod tls;
+pub mod tracker;
+pub mod wire;

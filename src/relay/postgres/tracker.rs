@@ -1,0 +1,607 @@
+//! Follows a session's messages in both directions and writes its transcript: one
+//! entry per statement, with its parameters, duration, outcome and first rows.
+//!
+//! The server answers in the order it was asked, so the client's statements wait in a
+//! queue ([`Pending`]) until their outcome arrives: a Query's statements complete one
+//! by one until ReadyForQuery; an Execute completes with its CommandComplete,
+//! ErrorResponse or PortalSuspended; after an error in the extended protocol the
+//! server skips everything up to the next Sync, and so does the queue. Prepared
+//! statements and portals are remembered by name so an Execute is recorded with the
+//! statement text and the parameters it ran with.
+//!
+//! This never changes what passes: it only reads. Its memory is bounded: at most
+//! [`MAX_NAMED`] statements and portals remembered, values cut at [`MAX_VALUE`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use super::wire::{Fields, error_fields};
+use crate::recording::transcript::{Entry, Protocol, Statement, StatementError, Transcript};
+
+/// Prepared statements (and portals) remembered by name; past this the oldest go.
+pub const MAX_NAMED: usize = 10_000;
+/// Characters of one parameter or value kept in the transcript.
+pub const MAX_VALUE: usize = 1024;
+/// Characters of a statement's text kept in the transcript.
+pub const MAX_SQL: usize = 64 * 1024;
+
+/// A statement sent, waiting for its outcome.
+enum Pending {
+    Simple {
+        st: Statement,
+        at: Instant,
+    },
+    Execute {
+        st: Statement,
+        at: Instant,
+        binary: Vec<bool>,
+    },
+    Function {
+        st: Statement,
+        at: Instant,
+    },
+    Sync,
+}
+
+struct Portal {
+    sql: String,
+    statement: Option<String>,
+    params: Vec<Option<String>>,
+    /// Whether each result column comes back binary (Bind's result formats).
+    binary: Vec<bool>,
+}
+
+/// The session's transcript and what it needs to follow the conversation.
+pub struct Tracker {
+    pub transcript: Transcript,
+    rows_cap: usize,
+    pending: VecDeque<Pending>,
+    statements: HashMap<String, String>,
+    statement_order: VecDeque<String>,
+    portals: HashMap<String, Portal>,
+    /// The result being received: its columns and whether each is binary.
+    columns: Vec<String>,
+    column_binary: Vec<bool>,
+    rows: Vec<Vec<Option<String>>>,
+    row_count: u64,
+    copy_in: u64,
+    copy_out: u64,
+    /// The statements of a Query completed so far (for `index`).
+    simple_index: usize,
+    /// After an extended-protocol error, until Sync: what arrives is skipped.
+    skipping: bool,
+}
+
+impl Tracker {
+    pub fn new(transcript: Transcript, rows_cap: usize) -> Tracker {
+        Tracker {
+            transcript,
+            rows_cap,
+            pending: VecDeque::new(),
+            statements: HashMap::new(),
+            statement_order: VecDeque::new(),
+            portals: HashMap::new(),
+            columns: Vec::new(),
+            column_binary: Vec::new(),
+            rows: Vec::new(),
+            row_count: 0,
+            copy_in: 0,
+            copy_out: 0,
+            simple_index: 0,
+            skipping: false,
+        }
+    }
+
+    /// Whether a statement is waiting for its outcome (the session is not idle).
+    pub fn busy(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A note in the transcript.
+    pub fn note(&mut self, text: &str) {
+        let t = self.transcript.elapsed();
+        self.transcript.write(Entry::Note {
+            t,
+            text: text.to_string(),
+        });
+    }
+
+    fn statement(&self, protocol: Protocol, sql: &str) -> Statement {
+        Statement {
+            t: self.transcript.elapsed(),
+            protocol: Some(protocol),
+            sql: cut(sql, MAX_SQL),
+            ..Default::default()
+        }
+    }
+
+    /// A message from the client, before it goes on to the server.
+    pub fn from_client(&mut self, t: u8, body: &[u8]) {
+        // A message the relay cannot read is still passed on for the server to refuse;
+        // the transcript then records what the server said.
+        let _ = self.client_message(t, body);
+    }
+
+    fn client_message(&mut self, t: u8, body: &[u8]) -> Result<(), super::wire::WireError> {
+        let mut f = Fields::new(body);
+        match t {
+            b'Q' => {
+                let sql = f.cstr()?;
+                let st = self.statement(Protocol::Simple, sql);
+                self.pending.push_back(Pending::Simple {
+                    st,
+                    at: Instant::now(),
+                });
+            }
+            b'P' => {
+                let name = f.cstr()?.to_string();
+                let sql = f.cstr()?.to_string();
+                self.remember_statement(name, sql);
+            }
+            b'B' => {
+                let portal = f.cstr()?.to_string();
+                let name = f.cstr()?.to_string();
+                let formats: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
+                let n = f.i16()?;
+                let mut params = Vec::with_capacity(n.max(0) as usize);
+                for i in 0..n {
+                    let binary = match formats.len() {
+                        0 => false,
+                        1 => formats[0] == 1,
+                        _ => formats.get(i as usize) == Some(&1),
+                    };
+                    params.push(f.value()?.map(|v| render(v, binary)));
+                }
+                let results: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
+                let binary = results.iter().map(|&r| r == 1).collect();
+                let sql = self.statements.get(&name).cloned().unwrap_or_else(|| {
+                    format!("(prepared statement {name:?}, not seen by the relay)")
+                });
+                self.remember_portal(
+                    portal,
+                    Portal {
+                        sql,
+                        statement: (!name.is_empty()).then_some(name),
+                        params,
+                        binary,
+                    },
+                );
+            }
+            b'E' => {
+                let portal = f.cstr()?;
+                let (mut st, binary) = match self.portals.get(portal) {
+                    Some(p) => {
+                        let mut st = self.statement(Protocol::Extended, &p.sql);
+                        st.statement = p.statement.clone();
+                        st.params = p.params.clone();
+                        (st, p.binary.clone())
+                    }
+                    None => (
+                        self.statement(
+                            Protocol::Extended,
+                            &format!("(portal {portal:?}, not seen by the relay)"),
+                        ),
+                        Vec::new(),
+                    ),
+                };
+                st.protocol = Some(Protocol::Extended);
+                self.pending.push_back(Pending::Execute {
+                    st,
+                    at: Instant::now(),
+                    binary,
+                });
+            }
+            b'S' => self.pending.push_back(Pending::Sync),
+            b'C' => {
+                let kind = f.u8()?;
+                let name = f.cstr()?;
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+            }
+            b'F' => {
+                let oid = f.u32()?;
+                let st = self.statement(
+                    Protocol::FunctionCall,
+                    &format!("(function call, oid {oid})"),
+                );
+                self.pending.push_back(Pending::Function {
+                    st,
+                    at: Instant::now(),
+                });
+            }
+            b'd' => self.copy_in += body.len() as u64,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn remember_statement(&mut self, name: String, sql: String) {
+        if !name.is_empty() && !self.statements.contains_key(&name) {
+            self.statement_order.push_back(name.clone());
+            if self.statement_order.len() > MAX_NAMED
+                && let Some(old) = self.statement_order.pop_front()
+            {
+                self.statements.remove(&old);
+            }
+        }
+        self.statements.insert(name, sql);
+    }
+
+    fn remember_portal(&mut self, name: String, p: Portal) {
+        if self.portals.len() >= MAX_NAMED && !self.portals.contains_key(&name) {
+            // Named portals live until their transaction ends; a client holding this
+            // many is not a person at a prompt. Forget them all but this one.
+            self.portals.clear();
+        }
+        self.portals.insert(name, p);
+    }
+
+    /// A message from the server, before it goes on to the client.
+    pub fn from_server(&mut self, t: u8, body: &[u8]) {
+        let _ = self.server_message(t, body);
+    }
+
+    fn server_message(&mut self, t: u8, body: &[u8]) -> Result<(), super::wire::WireError> {
+        match t {
+            b'T' => {
+                let mut f = Fields::new(body);
+                let n = f.i16()?;
+                self.columns.clear();
+                self.column_binary.clear();
+                let binary = match self.pending.front() {
+                    Some(Pending::Execute { binary, .. }) => binary.clone(),
+                    _ => Vec::new(),
+                };
+                for i in 0..n {
+                    self.columns.push(f.cstr()?.to_string());
+                    f.take(18)?;
+                    let format = f.i16()?;
+                    let b = match binary.len() {
+                        0 => format == 1,
+                        1 => binary[0],
+                        _ => binary.get(i as usize).copied().unwrap_or(false),
+                    };
+                    self.column_binary.push(b);
+                }
+            }
+            b'D' => {
+                self.row_count += 1;
+                if self.rows.len() < self.rows_cap {
+                    let mut f = Fields::new(body);
+                    let n = f.i16()?;
+                    let mut row = Vec::with_capacity(n.max(0) as usize);
+                    for i in 0..n {
+                        let binary = self.column_binary.get(i as usize).copied().unwrap_or(false);
+                        row.push(f.value()?.map(|v| render(v, binary)));
+                    }
+                    self.rows.push(row);
+                }
+            }
+            b'd' => self.copy_out += body.len() as u64,
+            b'C' => {
+                let tag = Fields::new(body).cstr()?.to_string();
+                self.complete(Some(tag), None, false);
+            }
+            b'I' => self.complete(None, None, false),
+            b's' => self.complete(None, None, true),
+            b'E' => {
+                let (severity, code, message) = error_fields(body);
+                let error = StatementError {
+                    severity,
+                    code,
+                    message: cut(&message, MAX_VALUE * 4),
+                };
+                let extended = matches!(self.pending.front(), Some(Pending::Execute { .. }));
+                self.complete(None, Some(error), false);
+                if extended {
+                    self.skipping = true;
+                }
+            }
+            b'Z' => self.ready(),
+            b'A' => {
+                let mut f = Fields::new(body);
+                let _pid = f.i32()?;
+                let channel = f.cstr()?.to_string();
+                let payload = cut(f.cstr()?, MAX_VALUE);
+                let t = self.transcript.elapsed();
+                self.transcript.write(Entry::Notification {
+                    t,
+                    channel,
+                    payload,
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The front statement's outcome (for a Query, one of its statements').
+    fn complete(&mut self, tag: Option<String>, error: Option<StatementError>, suspended: bool) {
+        if self.skipping {
+            // An error before Sync: the server skips the rest, so the queue does.
+            self.skip_to_sync();
+        }
+        let (mut st, at, pop) = match self.pending.front() {
+            Some(Pending::Simple { st, at }) => {
+                let mut st = st.clone();
+                st.index = self.simple_index;
+                self.simple_index += 1;
+                (st, *at, false)
+            }
+            Some(Pending::Execute { st, at, .. }) | Some(Pending::Function { st, at }) => {
+                (st.clone(), *at, true)
+            }
+            // A Sync's own error (say, a failed COMMIT at Sync) or nothing asked.
+            Some(Pending::Sync) | None => {
+                if let Some(error) = error {
+                    let mut st = self.statement(Protocol::Extended, "(at Sync)");
+                    st.error = Some(error);
+                    self.transcript.write(Entry::Statement(Box::new(st)));
+                }
+                self.reset_result();
+                return;
+            }
+        };
+        if pop {
+            self.pending.pop_front();
+        }
+        st.ms = at.elapsed().as_secs_f64() * 1000.0;
+        st.columns = std::mem::take(&mut self.columns);
+        st.rows = std::mem::take(&mut self.rows);
+        st.row_count = self.row_count;
+        st.tag = tag;
+        st.error = error;
+        st.suspended = suspended;
+        st.copy_bytes_in = self.copy_in;
+        st.copy_bytes_out = self.copy_out;
+        self.transcript.write(Entry::Statement(Box::new(st)));
+        self.reset_result();
+    }
+
+    fn reset_result(&mut self) {
+        self.columns.clear();
+        self.column_binary.clear();
+        self.rows.clear();
+        self.row_count = 0;
+        self.copy_in = 0;
+        self.copy_out = 0;
+    }
+
+    /// Everything before the next Sync was skipped by the server: recorded as such.
+    fn skip_to_sync(&mut self) {
+        while let Some(Pending::Execute { .. } | Pending::Function { .. }) = self.pending.front() {
+            if let Some(Pending::Execute { mut st, .. } | Pending::Function { mut st, .. }) =
+                self.pending.pop_front()
+            {
+                st.skipped = true;
+                self.transcript.write(Entry::Statement(Box::new(st)));
+            }
+        }
+    }
+
+    /// ReadyForQuery: the Query (or everything up to the Sync) is done.
+    fn ready(&mut self) {
+        if self.skipping {
+            self.skip_to_sync();
+            self.skipping = false;
+        }
+        match self.pending.pop_front() {
+            Some(Pending::Simple { .. }) | Some(Pending::Sync) | None => {}
+            Some(Pending::Execute { st, .. }) | Some(Pending::Function { st, .. }) => {
+                // Outcome lost (should not happen): recorded without one.
+                self.transcript.write(Entry::Statement(Box::new(st)));
+                if let Some(Pending::Sync) = self.pending.front() {
+                    self.pending.pop_front();
+                }
+            }
+        }
+        self.simple_index = 0;
+        self.reset_result();
+        self.transcript.flush();
+    }
+}
+
+/// A value as text: UTF-8 text as is, anything else (or binary format) as `\x` and hex;
+/// cut at [`MAX_VALUE`].
+fn render(v: &[u8], binary: bool) -> String {
+    if !binary && let Ok(s) = std::str::from_utf8(v) {
+        return cut(s, MAX_VALUE);
+    }
+    let shown = &v[..v.len().min(MAX_VALUE / 2)];
+    let mut s = format!("\\x{}", hex::encode(shown));
+    if shown.len() < v.len() {
+        s.push('…');
+    }
+    s
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wire::message;
+    use super::*;
+    use crate::recording::transcript::{self, Header};
+
+    fn tracker(dir: &std::path::Path) -> Tracker {
+        let h = Header {
+            format: transcript::FORMAT.into(),
+            version: 1,
+            timestamp: 0,
+            session: "s".into(),
+            resource: "db".into(),
+            user: "u".into(),
+            database: "d".into(),
+            rows_cap: 2,
+        };
+        Tracker::new(Transcript::create(dir, &h, 1 << 20).unwrap(), 2)
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    fn row_description(cols: &[&str]) -> Vec<u8> {
+        let mut b = (cols.len() as i16).to_be_bytes().to_vec();
+        for c in cols {
+            b.extend(cstr(c));
+            b.extend([0u8; 18]);
+            b.extend(0i16.to_be_bytes());
+        }
+        b
+    }
+
+    fn data_row(vals: &[Option<&str>]) -> Vec<u8> {
+        let mut b = (vals.len() as i16).to_be_bytes().to_vec();
+        for v in vals {
+            match v {
+                Some(s) => {
+                    b.extend((s.len() as i32).to_be_bytes());
+                    b.extend(s.as_bytes());
+                }
+                None => b.extend((-1i32).to_be_bytes()),
+            }
+        }
+        b
+    }
+
+    fn bind(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = cstr(portal);
+        b.extend(cstr(stmt));
+        b.extend(0i16.to_be_bytes());
+        b.extend((params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend((p.len() as i32).to_be_bytes());
+            b.extend(p.as_bytes());
+        }
+        b.extend(0i16.to_be_bytes());
+        b
+    }
+
+    fn statements(t: &mut Tracker) -> Vec<Statement> {
+        let done = t.transcript.finish().unwrap();
+        let (_, entries) = transcript::read(std::path::Path::new(&done.path)).unwrap();
+        entries
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Statement(s) => Some(*s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_query_of_two_statements_is_two_entries_with_rows_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        t.from_client(b'Q', &cstr("select x from t; delete from t"));
+        t.from_server(b'T', &row_description(&["x"]));
+        for v in ["1", "2", "3"] {
+            t.from_server(b'D', &data_row(&[Some(v)]));
+        }
+        t.from_server(b'C', &cstr("SELECT 3"));
+        t.from_server(b'C', &cstr("DELETE 3"));
+        assert!(t.busy());
+        t.from_server(b'Z', b"I");
+        assert!(!t.busy());
+        let s = statements(&mut t);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].index, s[1].index), (0, 1));
+        assert_eq!(s[0].columns, ["x"]);
+        assert_eq!(
+            s[0].rows,
+            [[Some("1".to_string())], [Some("2".to_string())]]
+        );
+        assert_eq!(s[0].row_count, 3);
+        assert_eq!(s[0].tag.as_deref(), Some("SELECT 3"));
+        assert_eq!(s[1].tag.as_deref(), Some("DELETE 3"));
+        assert!(s[1].rows.is_empty());
+    }
+
+    #[test]
+    fn a_pipeline_records_each_execute_and_what_an_error_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        let mut parse = cstr("s1");
+        parse.extend(cstr("select $1::int"));
+        parse.extend(0i16.to_be_bytes());
+        t.from_client(b'P', &parse);
+        t.from_client(b'B', &bind("", "s1", &["7"]));
+        t.from_client(b'E', &[0, 0, 0, 0, 0]);
+        t.from_client(b'B', &bind("", "s1", &["oops"]));
+        t.from_client(b'E', &[0, 0, 0, 0, 0]);
+        t.from_client(b'B', &bind("", "s1", &["9"]));
+        t.from_client(b'E', &[0, 0, 0, 0, 0]);
+        t.from_client(b'S', b"");
+        t.from_client(b'B', &bind("", "s1", &["10"]));
+        t.from_client(b'E', &[0, 0, 0, 0, 0]);
+        t.from_client(b'S', b"");
+        // Server: 1 ParseComplete, BindComplete, row, complete; then an error, skip, Z.
+        t.from_server(b'1', b"");
+        t.from_server(b'2', b"");
+        t.from_server(b'D', &data_row(&[Some("7")]));
+        t.from_server(b'C', &cstr("SELECT 1"));
+        t.from_server(b'2', b"");
+        t.from_server(
+            b'E',
+            &message(b'E', b"SERROR\0C22P02\0Minvalid input syntax\0\0")[5..],
+        );
+        t.from_server(b'Z', b"I");
+        t.from_server(b'2', b"");
+        t.from_server(b'D', &data_row(&[Some("10")]));
+        t.from_server(b'C', &cstr("SELECT 1"));
+        t.from_server(b'Z', b"I");
+        assert!(!t.busy());
+        let s = statements(&mut t);
+        assert_eq!(s.len(), 4, "{s:?}");
+        assert_eq!(s[0].params, [Some("7".to_string())]);
+        assert_eq!(s[0].sql, "select $1::int");
+        assert_eq!(s[0].statement.as_deref(), Some("s1"));
+        assert_eq!(s[1].error.as_ref().map(|e| e.code.as_str()), Some("22P02"));
+        assert_eq!(s[1].params, [Some("oops".to_string())]);
+        assert!(s[2].skipped && s[2].params == [Some("9".to_string())]);
+        assert_eq!(s[3].rows, [[Some("10".to_string())]]);
+    }
+
+    #[test]
+    fn garbage_is_passed_over_without_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        for typ in [b'Q', b'P', b'B', b'E', b'C', b'F', b'T', b'D', b'A'] {
+            for body in [
+                &b""[..],
+                b"\xff\xff\xff",
+                b"\x00\x05abc",
+                b"\x7f\xff\x00\x00\x00\x01",
+            ] {
+                t.from_client(typ, body);
+                t.from_server(typ, body);
+            }
+        }
+        t.from_server(b'Z', b"I");
+        let _ = statements(&mut t);
+    }
+
+    #[test]
+    fn binary_and_long_values_are_shown_safely() {
+        assert_eq!(render(b"\x00\x01", true), "\\x0001");
+        assert_eq!(render(b"\xff", false), "\\xff");
+        assert_eq!(render(b"abc", false), "abc");
+        assert!(render(&vec![b'a'; 5000], false).ends_with('…'));
+        assert_eq!(cut("héllo", 2), "h…");
+    }
+}
