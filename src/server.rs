@@ -94,6 +94,23 @@ pub async fn start(
         // Links in messages need the address actually bound (port 0 in tests).
         config.server.public_url = Some(format!("http://{addr}"));
     }
+    // The PostgreSQL relay's listener is bound first, so that what clients are told
+    // (`relay_postgres_address`) names the port actually bound (port 0 in tests).
+    let pg_listener = match config.relay.as_mut().and_then(|r| r.postgres.as_mut()) {
+        Some(pg) => {
+            let l = TcpListener::bind(&pg.listen).await.map_err(|e| {
+                Error::Internal(format!(
+                    "relay.postgres: cannot listen on {}: {e}",
+                    pg.listen
+                ))
+            })?;
+            if let Ok(a) = l.local_addr() {
+                pg.listen = a.to_string();
+            }
+            Some(l)
+        }
+        None => None,
+    };
     let state = open_state(config, clock).await?;
     // Relay sessions a crash left open are closed before anything is served.
     let relay_claim = crate::relay::claim_instance(&state).await?;
@@ -152,8 +169,12 @@ pub async fn start(
             let listener = TcpListener::bind(&listen)
                 .await
                 .map_err(|e| Error::Internal(format!("relay: cannot listen on {listen}: {e}")))?;
-            let relay = crate::relay::start(state.clone(), listener, relay_claim).await?;
+            let relay =
+                crate::relay::start(state.clone(), listener, pg_listener, relay_claim).await?;
             tracing::info!(addr = %relay.addr, "SSH relay listening");
+            if let Some(pg) = relay.pg_addr {
+                tracing::info!(addr = %pg, "PostgreSQL relay listening");
+            }
             Some(relay)
         }
         None => None,

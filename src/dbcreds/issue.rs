@@ -165,7 +165,7 @@ fn url_host(h: &str) -> String {
 
 /// Makes the role (true) or gives it a new password (false), in one transaction on the
 /// target.
-async fn provision(
+pub(super) async fn provision(
     target: &Target,
     name: &str,
     password: &str,

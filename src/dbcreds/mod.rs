@@ -39,10 +39,12 @@ mod check;
 mod issue;
 mod reconcile;
 mod target;
+mod upstream;
 
 pub use issue::*;
 pub use reconcile::*;
 pub use target::*;
+pub use upstream::*;
 
 /// Every role twokey makes starts with this; twokey owns the prefix on its targets.
 pub const ROLE_PREFIX: &str = "twokey_";

@@ -15,7 +15,8 @@
 //! - [`instance`]: the relay instance and the claim a running process holds on it.
 //! - [`error`]: [`RelayError`], one variant per way a session fails.
 //!
-//! The protocols: [`ssh`] (russh server, upstream client, bridge, host keys). This file
+//! The protocols: [`ssh`] (russh server, upstream client, bridge, host keys) and
+//! [`postgres`] (TLS, SCRAM, the message relay and its transcript). This file
 //! holds the running [`Relay`]: start and stop. Recordings are written by
 //! [`crate::recording`].
 //!
@@ -51,7 +52,10 @@ pub use ssh::{RelayKeys, host_keys};
 /// A running relay.
 pub struct Relay {
     pub addr: SocketAddr,
+    /// The PostgreSQL relay's address, when it is on.
+    pub pg_addr: Option<SocketAddr>,
     task: JoinHandle<()>,
+    pg_task: Option<JoinHandle<()>>,
     watcher: Tasks,
     state: AppState,
     /// Held while this process runs the instance: another process on the same data dir
@@ -64,6 +68,9 @@ impl Relay {
     /// waits (at most 5 s) for their recordings to be finalised and audited.
     pub async fn stop(self) {
         self.task.abort();
+        if let Some(t) = &self.pg_task {
+            t.abort();
+        }
         self.watcher.drain().await;
         let sessions = &self.state.live_sessions;
         sessions.cut_all("twokey is shutting down");
@@ -84,8 +91,14 @@ pub async fn claim_instance(state: &AppState) -> Result<InstanceClaim> {
     lifecycle::claim_instance(state, &keys.instance).await
 }
 
-/// Starts the relay on `listener`, holding `claim` while it runs.
-pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim) -> Result<Relay> {
+/// Starts the relay on `listener` (SSH) and `pg_listener` (PostgreSQL, when on),
+/// holding `claim` while it runs.
+pub async fn start(
+    state: AppState,
+    listener: TcpListener,
+    pg_listener: Option<TcpListener>,
+    claim: InstanceClaim,
+) -> Result<Relay> {
     let keys = state
         .relay
         .clone()
@@ -103,6 +116,8 @@ pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim)
         limits,
         grace,
     ));
+    let pg_addr = pg_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let pg_task = pg_listener.map(|l| tokio::spawn(postgres::accept(state.clone(), l)));
     let mut watcher = Tasks::new();
     let st = state.clone();
     watcher.every("relay cut watcher", watcher::CUT_CHECK, None, move || {
@@ -111,7 +126,9 @@ pub async fn start(state: AppState, listener: TcpListener, claim: InstanceClaim)
     });
     Ok(Relay {
         addr,
+        pg_addr,
         task,
+        pg_task,
         watcher,
         state,
         _instance_lock: claim.0,

@@ -48,3 +48,28 @@ pub async fn relay_db_login_for(
         .fetch_optional(db)
         .await?)
 }
+
+/// The relay password to check a login against: the newest one the user got for a
+/// live grant on `resource`, else their newest on it at all (so that a right password
+/// for an ended or revoked grant is told why, rather than that it is wrong). (grant
+/// id, SCRAM verifier).
+pub async fn relay_db_login_latest(
+    db: &Db,
+    user_email: &str,
+    resource: &str,
+    now: i64,
+) -> Result<Option<(String, String)>> {
+    if let Some(live) = relay_db_login_for(db, user_email, resource, now).await? {
+        return Ok(Some(live));
+    }
+    Ok(sqlx::query_as(
+        "SELECT g.id, l.verifier FROM relay_db_logins l JOIN grants g ON g.id = l.grant_id
+         JOIN users u ON u.id = g.user_id
+         WHERE lower(u.email) = lower(?) AND g.resource = ?
+         ORDER BY l.issued_at DESC LIMIT 1",
+    )
+    .bind(user_email)
+    .bind(resource)
+    .fetch_optional(db)
+    .await?)
+}

@@ -11,12 +11,91 @@
 //!   and as the client to the target.
 //! - [`wire`]: the protocol's packets and messages, framed with a size bound.
 //! - [`tracker`]: follows both directions and writes the transcript.
+//! - [`startup`]: TLS, the StartupMessage and the relay password (SCRAM), before
+//!   admission; [`upstream`]: the login to the target as the grant's role;
+//!   `session`: one connection from admission to close, relayed both ways;
+//!   [`cancel`]: the relay's own cancel keys.
+//!
+//! This file holds the accept loop and what the connections share ([`PgRelay`]).
 //!
 //! It must never let a message reach the target before the grant is admitted, never
 //! hand the engineer the target's credential, and never pass a message it cannot
 //! frame: it fails closed.
 
+pub mod cancel;
 pub mod scram;
+mod session;
+pub mod startup;
 pub mod tls;
 pub mod tracker;
+pub mod upstream;
 pub mod wire;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{RelayConfig, RelayPostgresConfig};
+use crate::relay::limits::PerAddress;
+use crate::state::AppState;
+
+/// The running PostgreSQL relay's shared parts.
+pub struct PgRelay {
+    pub(crate) state: AppState,
+    pub(crate) pg: RelayPostgresConfig,
+    pub(crate) limits: RelayConfig,
+    pub(crate) keys: Arc<cancel::CancelKeys>,
+    pub(crate) logins: upstream::Logins,
+}
+
+/// Accepts connections within the limits (total, per address) before any TLS, and
+/// serves each in its own task.
+pub(crate) async fn accept(state: AppState, listener: TcpListener) {
+    let Some(pg) = state.config.relay_postgres().cloned() else {
+        return;
+    };
+    let limits = state.config.relay.clone().unwrap_or_default();
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_address = Arc::new(PerAddress::default());
+    let max_per_ip = limits.max_connections_per_ip;
+    let relay = Arc::new(PgRelay {
+        state,
+        pg,
+        limits,
+        keys: Arc::default(),
+        logins: upstream::Logins::default(),
+    });
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "postgres relay: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer.ip(), "postgres relay: connection limit reached; closed");
+            tokio::spawn(startup::turn_away(
+                socket,
+                "the relay has too many connections",
+            ));
+            continue;
+        };
+        let Some(slot) = PerAddress::enter(&per_address, peer.ip(), max_per_ip) else {
+            tracing::warn!(peer = %peer.ip(), "postgres relay: too many connections from this address; closed");
+            tokio::spawn(startup::turn_away(
+                socket,
+                "too many connections from your address",
+            ));
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            session::serve(relay, socket, peer).await;
+        });
+    }
+}

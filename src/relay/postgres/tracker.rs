@@ -35,6 +35,8 @@ enum Pending {
         st: Statement,
         at: Instant,
         binary: Vec<bool>,
+        /// The statement's result columns, as its Describe said: (names, types).
+        described: Option<Described>,
     },
     Function {
         st: Statement,
@@ -43,12 +45,23 @@ enum Pending {
     Sync,
 }
 
+/// A prepared statement's result columns: names and type OIDs.
+type Described = (Vec<String>, Vec<u32>);
+
+/// A prepared statement: its text, parameter types, and result columns once described.
+struct Prepared {
+    sql: String,
+    types: Vec<u32>,
+    described: Option<Described>,
+}
+
 struct Portal {
     sql: String,
     statement: Option<String>,
     params: Vec<Option<String>>,
     /// Whether each result column comes back binary (Bind's result formats).
     binary: Vec<bool>,
+    described: Option<Described>,
 }
 
 /// The session's transcript and what it needs to follow the conversation.
@@ -56,12 +69,16 @@ pub struct Tracker {
     pub transcript: Transcript,
     rows_cap: usize,
     pending: VecDeque<Pending>,
-    statements: HashMap<String, String>,
+    statements: HashMap<String, Prepared>,
+    /// Statements whose Describe is on its way back, and the one being answered.
+    describing: VecDeque<String>,
+    described_now: Option<String>,
     statement_order: VecDeque<String>,
     portals: HashMap<String, Portal>,
     /// The result being received: its columns and whether each is binary.
     columns: Vec<String>,
     column_binary: Vec<bool>,
+    column_types: Vec<u32>,
     rows: Vec<Vec<Option<String>>>,
     row_count: u64,
     copy_in: u64,
@@ -79,10 +96,13 @@ impl Tracker {
             rows_cap,
             pending: VecDeque::new(),
             statements: HashMap::new(),
+            describing: VecDeque::new(),
+            described_now: None,
             statement_order: VecDeque::new(),
             portals: HashMap::new(),
             columns: Vec::new(),
             column_binary: Vec::new(),
+            column_types: Vec::new(),
             rows: Vec::new(),
             row_count: 0,
             copy_in: 0,
@@ -136,13 +156,20 @@ impl Tracker {
             b'P' => {
                 let name = f.cstr()?.to_string();
                 let sql = f.cstr()?.to_string();
-                self.remember_statement(name, sql);
+                let n = f.i16()?;
+                let types = (0..n).map(|_| f.u32()).collect::<Result<_, _>>()?;
+                self.remember_statement(name, sql, types);
             }
             b'B' => {
                 let portal = f.cstr()?.to_string();
                 let name = f.cstr()?.to_string();
                 let formats: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
                 let n = f.i16()?;
+                let (types, described) = self
+                    .statements
+                    .get(&name)
+                    .map(|p| (p.types.clone(), p.described.clone()))
+                    .unwrap_or_default();
                 let mut params = Vec::with_capacity(n.max(0) as usize);
                 for i in 0..n {
                     let binary = match formats.len() {
@@ -150,13 +177,18 @@ impl Tracker {
                         1 => formats[0] == 1,
                         _ => formats.get(i as usize) == Some(&1),
                     };
-                    params.push(f.value()?.map(|v| render(v, binary)));
+                    let oid = types.get(i as usize).copied().unwrap_or(0);
+                    params.push(f.value()?.map(|v| render(v, binary, oid)));
                 }
                 let results: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
                 let binary = results.iter().map(|&r| r == 1).collect();
-                let sql = self.statements.get(&name).cloned().unwrap_or_else(|| {
-                    format!("(prepared statement {name:?}, not seen by the relay)")
-                });
+                let sql = self
+                    .statements
+                    .get(&name)
+                    .map(|p| p.sql.clone())
+                    .unwrap_or_else(|| {
+                        format!("(prepared statement {name:?}, not seen by the relay)")
+                    });
                 self.remember_portal(
                     portal,
                     Portal {
@@ -164,17 +196,18 @@ impl Tracker {
                         statement: (!name.is_empty()).then_some(name),
                         params,
                         binary,
+                        described,
                     },
                 );
             }
             b'E' => {
                 let portal = f.cstr()?;
-                let (mut st, binary) = match self.portals.get(portal) {
+                let (mut st, binary, described) = match self.portals.get(portal) {
                     Some(p) => {
                         let mut st = self.statement(Protocol::Extended, &p.sql);
                         st.statement = p.statement.clone();
                         st.params = p.params.clone();
-                        (st, p.binary.clone())
+                        (st, p.binary.clone(), p.described.clone())
                     }
                     None => (
                         self.statement(
@@ -182,6 +215,7 @@ impl Tracker {
                             &format!("(portal {portal:?}, not seen by the relay)"),
                         ),
                         Vec::new(),
+                        None,
                     ),
                 };
                 st.protocol = Some(Protocol::Extended);
@@ -189,9 +223,15 @@ impl Tracker {
                     st,
                     at: Instant::now(),
                     binary,
+                    described,
                 });
             }
             b'S' => self.pending.push_back(Pending::Sync),
+            b'D' => {
+                if f.u8()? == b'S' {
+                    self.describing.push_back(f.cstr()?.to_string());
+                }
+            }
             b'C' => {
                 let kind = f.u8()?;
                 let name = f.cstr()?;
@@ -218,7 +258,7 @@ impl Tracker {
         Ok(())
     }
 
-    fn remember_statement(&mut self, name: String, sql: String) {
+    fn remember_statement(&mut self, name: String, sql: String, types: Vec<u32>) {
         if !name.is_empty() && !self.statements.contains_key(&name) {
             self.statement_order.push_back(name.clone());
             if self.statement_order.len() > MAX_NAMED
@@ -227,7 +267,14 @@ impl Tracker {
                 self.statements.remove(&old);
             }
         }
-        self.statements.insert(name, sql);
+        self.statements.insert(
+            name,
+            Prepared {
+                sql,
+                types,
+                described: None,
+            },
+        );
     }
 
     fn remember_portal(&mut self, name: String, p: Portal) {
@@ -246,18 +293,39 @@ impl Tracker {
 
     fn server_message(&mut self, t: u8, body: &[u8]) -> Result<(), super::wire::WireError> {
         match t {
+            // A statement's Describe is answered ParameterDescription, then its columns.
+            b't' => self.described_now = self.describing.pop_front(),
+            b'n' => self.described_now = None,
+            b'T' if self.described_now.is_some() => {
+                let mut f = Fields::new(body);
+                let (mut names, mut types) = (Vec::new(), Vec::new());
+                for _ in 0..f.i16()? {
+                    names.push(f.cstr()?.to_string());
+                    f.take(6)?;
+                    types.push(f.u32()?);
+                    f.take(8)?;
+                }
+                if let Some(name) = self.described_now.take()
+                    && let Some(p) = self.statements.get_mut(&name)
+                {
+                    p.described = Some((names, types));
+                }
+            }
             b'T' => {
                 let mut f = Fields::new(body);
                 let n = f.i16()?;
                 self.columns.clear();
                 self.column_binary.clear();
+                self.column_types.clear();
                 let binary = match self.pending.front() {
                     Some(Pending::Execute { binary, .. }) => binary.clone(),
                     _ => Vec::new(),
                 };
                 for i in 0..n {
                     self.columns.push(f.cstr()?.to_string());
-                    f.take(18)?;
+                    f.take(6)?;
+                    self.column_types.push(f.u32()?);
+                    f.take(8)?;
                     let format = f.i16()?;
                     let b = match binary.len() {
                         0 => format == 1,
@@ -269,13 +337,44 @@ impl Tracker {
             }
             b'D' => {
                 self.row_count += 1;
+                if self.row_count == 1 && self.columns.is_empty() {
+                    // No RowDescription for this Execute: the statement's Describe said.
+                    // (Looked up now: a pipelined Bind can arrive before the Describe's answer.)
+                    let described = match self.pending.front() {
+                        Some(Pending::Execute {
+                            st,
+                            binary,
+                            described,
+                            ..
+                        }) => described
+                            .clone()
+                            .or_else(|| {
+                                let name = st.statement.clone().unwrap_or_default();
+                                self.statements.get(&name).and_then(|p| p.described.clone())
+                            })
+                            .map(|d| (d, binary.clone())),
+                        _ => None,
+                    };
+                    if let Some(((names, types), binary)) = described {
+                        self.columns = names.clone();
+                        self.column_types = types.clone();
+                        self.column_binary = (0..names.len())
+                            .map(|i| match binary.len() {
+                                0 => false,
+                                1 => binary[0],
+                                _ => binary.get(i).copied().unwrap_or(false),
+                            })
+                            .collect();
+                    }
+                }
                 if self.rows.len() < self.rows_cap {
                     let mut f = Fields::new(body);
                     let n = f.i16()?;
                     let mut row = Vec::with_capacity(n.max(0) as usize);
                     for i in 0..n {
                         let binary = self.column_binary.get(i as usize).copied().unwrap_or(false);
-                        row.push(f.value()?.map(|v| render(v, binary)));
+                        let oid = self.column_types.get(i as usize).copied().unwrap_or(0);
+                        row.push(f.value()?.map(|v| render(v, binary, oid)));
                     }
                     self.rows.push(row);
                 }
@@ -364,6 +463,7 @@ impl Tracker {
     fn reset_result(&mut self) {
         self.columns.clear();
         self.column_binary.clear();
+        self.column_types.clear();
         self.rows.clear();
         self.row_count = 0;
         self.copy_in = 0;
@@ -399,16 +499,22 @@ impl Tracker {
             }
         }
         self.simple_index = 0;
+        self.describing.clear();
+        self.described_now = None;
         self.reset_result();
         self.transcript.flush();
     }
 }
 
-/// A value as text: UTF-8 text as is, anything else (or binary format) as `\x` and hex;
-/// cut at [`MAX_VALUE`].
-fn render(v: &[u8], binary: bool) -> String {
+/// A value as text: text format as is; binary format as its type's text where the
+/// type is a common one (`oid`: bool, integers, floats, text, uuid); anything else as
+/// `\x` and hex. Cut at [`MAX_VALUE`].
+fn render(v: &[u8], binary: bool, oid: u32) -> String {
     if !binary && let Ok(s) = std::str::from_utf8(v) {
         return cut(s, MAX_VALUE);
+    }
+    if binary && let Some(s) = binary_as_text(v, oid) {
+        return cut(&s, MAX_VALUE);
     }
     let shown = &v[..v.len().min(MAX_VALUE / 2)];
     let mut s = format!("\\x{}", hex::encode(shown));
@@ -416,6 +522,32 @@ fn render(v: &[u8], binary: bool) -> String {
         s.push('…');
     }
     s
+}
+
+/// The text of a binary value of a common type, as PostgreSQL would print it.
+fn binary_as_text(v: &[u8], oid: u32) -> Option<String> {
+    Some(match (oid, v.len()) {
+        (16, 1) => if v[0] == 0 { "f" } else { "t" }.to_string(),
+        (21, 2) => i16::from_be_bytes(v.try_into().ok()?).to_string(),
+        (23, 4) | (26, 4) => i32::from_be_bytes(v.try_into().ok()?).to_string(),
+        (20, 8) => i64::from_be_bytes(v.try_into().ok()?).to_string(),
+        (700, 4) => f32::from_be_bytes(v.try_into().ok()?).to_string(),
+        (701, 8) => f64::from_be_bytes(v.try_into().ok()?).to_string(),
+        // text, varchar, bpchar, name, json: their binary form is their text.
+        (25 | 1043 | 1042 | 19 | 114, _) => std::str::from_utf8(v).ok()?.to_string(),
+        (2950, 16) => {
+            let h = hex::encode(v);
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            )
+        }
+        _ => return None,
+    })
 }
 
 fn cut(s: &str, max: usize) -> String {
@@ -538,7 +670,8 @@ mod tests {
         let mut t = tracker(dir.path());
         let mut parse = cstr("s1");
         parse.extend(cstr("select $1::int"));
-        parse.extend(0i16.to_be_bytes());
+        parse.extend(1i16.to_be_bytes());
+        parse.extend(23u32.to_be_bytes());
         t.from_client(b'P', &parse);
         t.from_client(b'B', &bind("", "s1", &["7"]));
         t.from_client(b'E', &[0, 0, 0, 0, 0]);
@@ -578,6 +711,55 @@ mod tests {
     }
 
     #[test]
+    fn binary_results_are_read_with_the_types_a_describe_gave() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        let mut parse = cstr("s1");
+        parse.extend(cstr("select $1::int"));
+        parse.extend(1i16.to_be_bytes());
+        parse.extend(23u32.to_be_bytes());
+        t.from_client(b'P', &parse);
+        let mut describe = vec![b'S'];
+        describe.extend(cstr("s1"));
+        t.from_client(b'D', &describe);
+        t.from_client(b'S', b"");
+        // Pipelined: the Bind and Execute go before the Describe is answered.
+        let mut b = cstr("");
+        b.extend(cstr("s1"));
+        b.extend(1i16.to_be_bytes());
+        b.extend(1i16.to_be_bytes());
+        b.extend(1i16.to_be_bytes());
+        b.extend(4i32.to_be_bytes());
+        b.extend(7i32.to_be_bytes());
+        b.extend(1i16.to_be_bytes());
+        b.extend(1i16.to_be_bytes());
+        t.from_client(b'B', &b);
+        t.from_client(b'E', &[0, 0, 0, 0, 0]);
+        t.from_client(b'S', b"");
+        t.from_server(b'1', b"");
+        t.from_server(b't', &[0, 1, 0, 0, 0, 23]);
+        let mut rd = 1i16.to_be_bytes().to_vec();
+        rd.extend(cstr("int4"));
+        rd.extend([0u8; 6]);
+        rd.extend(23u32.to_be_bytes());
+        rd.extend([0u8; 8]);
+        t.from_server(b'T', &rd);
+        t.from_server(b'Z', b"I");
+        t.from_server(b'2', b"");
+        let mut row = 1i16.to_be_bytes().to_vec();
+        row.extend(4i32.to_be_bytes());
+        row.extend(8i32.to_be_bytes());
+        t.from_server(b'D', &row);
+        t.from_server(b'C', &cstr("SELECT 1"));
+        t.from_server(b'Z', b"I");
+        let s = statements(&mut t);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].params, [Some("7".to_string())]);
+        assert_eq!(s[0].columns, ["int4"]);
+        assert_eq!(s[0].rows, [[Some("8".to_string())]]);
+    }
+
+    #[test]
     fn garbage_is_passed_over_without_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let mut t = tracker(dir.path());
@@ -598,10 +780,18 @@ mod tests {
 
     #[test]
     fn binary_and_long_values_are_shown_safely() {
-        assert_eq!(render(b"\x00\x01", true), "\\x0001");
-        assert_eq!(render(b"\xff", false), "\\xff");
-        assert_eq!(render(b"abc", false), "abc");
-        assert!(render(&vec![b'a'; 5000], false).ends_with('…'));
+        assert_eq!(render(b"\x00\x01", true, 0), "\\x0001");
+        assert_eq!(render(b"\xff", false, 25), "\\xff");
+        assert_eq!(render(b"abc", false, 25), "abc");
+        assert_eq!(render(&999i32.to_be_bytes(), true, 23), "999");
+        assert_eq!(render(&(-5i64).to_be_bytes(), true, 20), "-5");
+        assert_eq!(render(&[1], true, 16), "t");
+        assert_eq!(
+            render(&[1, 2], true, 23),
+            "\\x0102",
+            "a wrong length is shown raw"
+        );
+        assert!(render(&vec![b'a'; 5000], false, 25).ends_with('…'));
         assert_eq!(cut("héllo", 2), "h…");
     }
 }

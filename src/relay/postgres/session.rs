@@ -1,0 +1,624 @@
+//! One PostgreSQL connection through the relay, from its first byte to its last: begun
+//! and authenticated ([`super::startup`]), admitted like any relay session, opened
+//! (row and `session.started`), logged in upstream ([`super::upstream`]), relayed both
+//! ways message by message while the [`Tracker`] writes the transcript, and closed
+//! (transcript hash, row, `session.ended`) however it ends: the client leaving, the
+//! target going away, the grant ending, an administrator, an idle timeout.
+//!
+//! Messages are framed and passed on whole, in batches, never re-encoded; a message
+//! that cannot be framed or is over the bound ends the session with an error. A cut
+//! reaches the client as a FATAL ErrorResponse between two messages, and the backend
+//! is cancelled and disconnected.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use super::PgRelay;
+use super::cancel::{CancelKeys, Upstream};
+use super::scram::Verifier;
+use super::startup::{self, Begun, fatal};
+use super::tls::PgStream;
+use super::tracker::Tracker;
+use super::upstream;
+use super::wire::{self, WireError};
+use crate::config::DbAccess;
+use crate::recording::transcript::{self, Header, Transcript};
+use crate::relay::admission::{self, Presented};
+use crate::relay::lifecycle::{self, audit};
+use crate::relay::live::{Cut, Registered};
+use crate::state::AppState;
+use crate::store;
+
+/// What the engineer is told when a password does not verify, whatever the reason (no
+/// such user, no relay password, a wrong one): nothing here tells a stranger who has a
+/// grant.
+const BAD_PASSWORD_HINT: &str = "get a relay password for your live grant: twokey db-login RESOURCE (or on the request page), or connect with: twokey psql RESOURCE";
+
+/// Serves one connection.
+pub async fn serve(relay: Arc<PgRelay>, socket: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+    let state = relay.state.clone();
+    let grace = relay.limits.login_grace_time;
+    let allow_plaintext = relay.pg.allow_plaintext;
+    let begun = tokio::time::timeout(grace, async {
+        let begun = startup::begin(&state, socket, allow_plaintext).await?;
+        match begun {
+            Begun::Startup(s) => admit(&relay, *s, peer).await.map(Some),
+            Begun::Cancel(pid, secret) => {
+                cancel(&relay, pid, &secret, peer).await;
+                Ok(None)
+            }
+            Begun::Refused(why) => {
+                refused(&state, "", "", &why, peer).await;
+                Ok(None)
+            }
+        }
+    })
+    .await;
+    let admitted = match begun {
+        Ok(Ok(Some(Some(a)))) => a,
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer.ip(), error = %e, "postgres relay: a connection failed before its session");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer.ip(), "postgres relay: a connection took too long to log in; closed");
+            return;
+        }
+    };
+    run(&relay, admitted, peer).await;
+}
+
+/// A client that proved its relay password and whose grant is live.
+struct Admitted {
+    stream: PgStream,
+    buf: BytesMut,
+    admitted: admission::Admitted,
+    startup: Vec<(String, String)>,
+}
+
+/// Checks the relay password and admits the grant; a refusal is told and audited.
+async fn admit(
+    relay: &PgRelay,
+    s: startup::Startup,
+    peer: std::net::SocketAddr,
+) -> Result<Option<Admitted>, WireError> {
+    let state = &relay.state;
+    let startup::Startup {
+        mut stream,
+        user,
+        resource,
+        passed,
+    } = s;
+    let found = store::relay_db_login_latest(&state.db, &user, &resource, state.now_ms()).await;
+    let (grant_id, verifier) = match found {
+        Ok(Some((g, v))) => (Some(g), Verifier::parse(&v).ok()),
+        Ok(None) => (None, None),
+        Err(e) => {
+            tracing::error!(error = %e, "postgres relay: the store cannot be read; refusing");
+            fatal(
+                &mut stream,
+                "08000",
+                "twokey cannot check grants right now",
+                None,
+            )
+            .await;
+            return Ok(None);
+        }
+    };
+    let mut buf = BytesMut::with_capacity(1024);
+    let proved = startup::authenticate(&mut stream, &mut buf, verifier.as_ref()).await?;
+    let (true, Some(grant_id)) = (proved, grant_id) else {
+        let text = format!("password authentication failed for user {user:?} on {resource:?}");
+        fatal(
+            &mut stream,
+            "28P01",
+            &text,
+            Some(&BAD_PASSWORD_HINT.replace("RESOURCE", &resource)),
+        )
+        .await;
+        refused(
+            state,
+            &user,
+            &resource,
+            "password authentication failed",
+            peer,
+        )
+        .await;
+        return Ok(None);
+    };
+    let is_relay_resource = state
+        .config
+        .resource(&resource)
+        .is_some_and(|r| state.config.db_access(r) == DbAccess::Relay);
+    if !is_relay_resource {
+        let text = format!("{resource} is not reached through twokey's relay");
+        fatal(&mut stream, "3D000", &text, None).await;
+        refused(state, &user, &resource, &text, peer).await;
+        return Ok(None);
+    }
+    let presented = Presented {
+        grant_id: grant_id.clone(),
+        serial: 0,
+        key_id: format!("relay-password:{user}"),
+        peer: Some(peer),
+    };
+    let admitted = match admission::authorize(state, &resource, presented).await {
+        Ok((a, _)) => a,
+        Err(r) => {
+            fatal(&mut stream, "28000", r.text(), None).await;
+            refused(state, &user, &resource, r.text(), peer).await;
+            return Ok(None);
+        }
+    };
+    // Rightfully held too: the holder was not forced out and may still ask for it.
+    if !admission::grant_is_live(state, &grant_id).await {
+        let text = format!("your grant on {resource} is no longer live");
+        fatal(&mut stream, "28000", &text, None).await;
+        refused(state, &user, &resource, &text, peer).await;
+        return Ok(None);
+    }
+    Ok(Some(Admitted {
+        stream,
+        buf,
+        admitted,
+        startup: passed,
+    }))
+}
+
+async fn refused(
+    state: &AppState,
+    user: &str,
+    resource: &str,
+    reason: &str,
+    peer: std::net::SocketAddr,
+) {
+    tracing::info!(user, resource, reason, peer = %peer.ip(), "postgres relay refused a connection");
+    // Refused whether or not this can be audited (a failure is logged there).
+    let _ = audit(
+        state,
+        "relay",
+        "relay.refused",
+        resource,
+        json!({ "protocol": "postgres", "user": user, "reason": reason, "peer": peer.ip().to_string() }),
+    )
+    .await;
+}
+
+/// A CancelRequest: forwarded to the backend of the session whose key it is, else
+/// dropped (logged, never answered: a server does not answer cancels either).
+async fn cancel(relay: &PgRelay, pid: i32, secret: &[u8], peer: std::net::SocketAddr) {
+    match relay.keys.lookup(pid, secret) {
+        Some(u) => {
+            tracing::info!(session = %u.session, "postgres relay: forwarding a cancel");
+            upstream::cancel(&u.host, u.port, u.pid, &u.secret).await;
+        }
+        None => {
+            tracing::warn!(peer = %peer.ip(), "postgres relay: a cancel with a key it did not give out; ignored");
+        }
+    }
+}
+
+/// The session, from its opening to its close.
+async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
+    let state = &relay.state;
+    let Admitted {
+        mut stream,
+        buf: client_buf,
+        admitted,
+        startup,
+    } = a;
+    let grant = admitted.grant.clone();
+    let Some((resource, role)) = state.config.role(&grant.resource, &grant.role) else {
+        fatal(
+            &mut stream,
+            "28000",
+            "the role of your grant is no longer in the policy",
+            None,
+        )
+        .await;
+        return;
+    };
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let instance = state
+        .relay
+        .as_ref()
+        .map(|k| k.instance.id.clone())
+        .unwrap_or_default();
+    let limit = state
+        .config
+        .relay
+        .as_ref()
+        .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
+            r.max_recording_bytes
+        });
+    let header = Header {
+        format: transcript::FORMAT.into(),
+        version: 1,
+        timestamp: state.clock.now().timestamp(),
+        session: session_id.clone(),
+        resource: grant.resource.clone(),
+        user: grant.user_email.clone(),
+        database: resource.database.clone().unwrap_or_default(),
+        rows_cap: role.transcript_rows,
+    };
+    let dir = state.config.server.data_dir.join("recordings");
+    let transcript = match Transcript::create(&dir, &header, limit) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "postgres relay: the transcript cannot be written; the session does not start");
+            fatal(
+                &mut stream,
+                "58030",
+                "twokey cannot record this session right now",
+                None,
+            )
+            .await;
+            return;
+        }
+    };
+    let path = transcript.path().display().to_string();
+    let opened = lifecycle::open(
+        state,
+        &lifecycle::Opening {
+            id: &session_id,
+            admitted: &admitted,
+            recording: &path,
+            instance: &instance,
+            protocol: "postgres",
+        },
+    )
+    .await;
+    if let Err(e) = opened {
+        tracing::error!(error = %e, session = %session_id, "postgres relay: the session's start could not be audited; it does not start");
+        let _ = std::fs::remove_file(&path);
+        fatal(
+            &mut stream,
+            "58030",
+            "twokey cannot audit this session right now",
+            None,
+        )
+        .await;
+        return;
+    }
+    let cut = state.live_sessions.register(&session_id, &grant.id);
+    let _registered = Registered(&state.live_sessions, &session_id);
+    let tracker = Arc::new(std::sync::Mutex::new(Tracker::new(
+        transcript,
+        role.transcript_rows,
+    )));
+    let counters = Arc::new(Counters::default());
+    let max = relay.pg.max_message_bytes as usize;
+    let reason = match upstream::connect(
+        state,
+        &relay.logins,
+        &grant,
+        resource,
+        role,
+        &startup,
+        max,
+    )
+    .await
+    {
+        Err(f) => {
+            fatal(&mut stream, &f.code, &f.text, None).await;
+            format!("failed: {}", f.text)
+        }
+        Ok(up) => {
+            relay_session(
+                relay,
+                &session_id,
+                stream,
+                client_buf,
+                up,
+                &tracker,
+                &counters,
+                &cut,
+            )
+            .await
+        }
+    };
+    let finished = match tracker.lock() {
+        Ok(mut t) => {
+            if reason != "closed" {
+                t.note(&format!("session ended: {reason}"));
+            }
+            t.transcript
+                .finish()
+                .map_err(crate::relay::RelayError::Recording)
+        }
+        Err(_) => Err(crate::relay::RelayError::Recording(std::io::Error::other(
+            "the transcript's lock was poisoned",
+        ))),
+    };
+    let closed = lifecycle::close(
+        state,
+        lifecycle::Closing {
+            id: &session_id,
+            grant: &grant,
+            reason: &reason,
+            bytes_in: counters.from_client.load(Ordering::Relaxed),
+            bytes_out: counters.to_client.load(Ordering::Relaxed),
+            recording: finished,
+            recording_path: &path,
+        },
+    )
+    .await;
+    if let Err(e) = closed {
+        tracing::error!(error = %e, session = %session_id, "postgres relay: the session's end could not be recorded");
+    }
+    tracing::info!(session = %session_id, peer = %peer.ip(), reason, "postgres relay session ended");
+}
+
+#[derive(Default)]
+struct Counters {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+    /// Milliseconds since the session's start at the last message either way.
+    last: AtomicU64,
+}
+
+/// How one direction of the relay stopped.
+enum Stop {
+    /// The client said Terminate or closed.
+    Closed,
+    /// Cut from outside, with the reason.
+    Cut(String),
+    /// The other side went away or broke the protocol.
+    Failed(String),
+}
+
+/// Relays an admitted, logged-in session until it ends; returns why it ended.
+#[allow(clippy::too_many_arguments)]
+async fn relay_session(
+    relay: &Arc<PgRelay>,
+    session_id: &str,
+    mut client: PgStream,
+    client_buf: BytesMut,
+    up: upstream::Connected,
+    tracker: &Arc<std::sync::Mutex<Tracker>>,
+    counters: &Arc<Counters>,
+    cut: &Arc<Cut>,
+) -> String {
+    let (pid, secret, _key) = CancelKeys::register(
+        &relay.keys,
+        Upstream {
+            host: up.host.clone(),
+            port: up.port,
+            pid: up.pid,
+            secret: up.secret.clone(),
+            session: session_id.to_string(),
+        },
+    );
+    let (backend_host, backend_port, backend_pid, backend_secret) =
+        (up.host.clone(), up.port, up.pid, up.secret.clone());
+    // AuthenticationOk, the server's parameters, the relay's own key, ReadyForQuery.
+    let mut hello = wire::authentication(0, b"");
+    hello.extend_from_slice(&up.greeting);
+    hello.extend_from_slice(&wire::backend_key_data(pid, &secret));
+    hello.extend_from_slice(&wire::message(b'Z', b"I"));
+    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+        return "closed".into();
+    }
+    let max = relay.pg.max_message_bytes as usize;
+    let (client_r, client_w) = tokio::io::split(client);
+    let (up_r, up_w) = tokio::io::split(up.stream);
+    let started = Instant::now();
+    let c2u = tokio::spawn(client_to_target(
+        client_r,
+        client_buf,
+        up_w,
+        tracker.clone(),
+        counters.clone(),
+        started,
+        max,
+    ));
+    let u2c = tokio::spawn(target_to_client(
+        up_r,
+        up.buf,
+        client_w,
+        tracker.clone(),
+        counters.clone(),
+        started,
+        max,
+        cut.clone(),
+    ));
+    let idle = relay.limits.idle_timeout;
+    let watch_idle = {
+        let (counters, tracker, cut) = (counters.clone(), tracker.clone(), cut.clone());
+        async move {
+            let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            loop {
+                tokio::time::sleep(every).await;
+                let last = Duration::from_millis(counters.last.load(Ordering::Relaxed));
+                let busy = tracker.lock().map(|t| t.busy()).unwrap_or(false);
+                if !busy && started.elapsed().saturating_sub(last) >= idle {
+                    cut.cut(&format!("idle for {}s", idle.as_secs()));
+                    return;
+                }
+            }
+        }
+    };
+    let idle_task = tokio::spawn(watch_idle);
+    let mut c2u = c2u;
+    let mut u2c = u2c;
+    let stop = tokio::select! {
+        r = &mut c2u => {
+            // The client is done: the target gets its Terminate (passed on) and the
+            // connection closes; what the target still sends goes nowhere.
+            u2c.abort();
+            r.unwrap_or(Stop::Failed("the relay's task failed".into()))
+        }
+        r = &mut u2c => {
+            c2u.abort();
+            r.unwrap_or(Stop::Failed("the relay's task failed".into()))
+        }
+    };
+    idle_task.abort();
+    // Whatever the backend still runs stops now (it ends as its client is gone).
+    let busy = tracker.lock().map(|t| t.busy()).unwrap_or(true);
+    if busy || matches!(stop, Stop::Cut(_)) {
+        upstream::cancel(&backend_host, backend_port, backend_pid, &backend_secret).await;
+    }
+    match stop {
+        Stop::Closed => "closed".into(),
+        Stop::Cut(reason) => reason,
+        Stop::Failed(why) => format!("failed: {why}"),
+    }
+}
+
+/// Client → target: each message framed, shown to the tracker, passed on in batches.
+async fn client_to_target(
+    mut from: ReadHalf<PgStream>,
+    mut buf: BytesMut,
+    mut to: WriteHalf<PgStream>,
+    tracker: Arc<std::sync::Mutex<Tracker>>,
+    counters: Arc<Counters>,
+    started: Instant,
+    max: usize,
+) -> Stop {
+    loop {
+        let (ready, terminate) = match scan(&buf, max, |t, body| {
+            if let Ok(mut tr) = tracker.lock() {
+                tr.from_client(t, body);
+            }
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = to.shutdown().await;
+                return Stop::Failed(format!("the client sent {e}"));
+            }
+        };
+        if ready > 0 {
+            if to.write_all(&buf[..ready]).await.is_err() {
+                return Stop::Failed("the target closed the connection".into());
+            }
+            counters
+                .from_client
+                .fetch_add(ready as u64, Ordering::Relaxed);
+            counters
+                .last
+                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            buf.advance(ready);
+        }
+        if terminate {
+            let _ = to.flush().await;
+            let _ = to.shutdown().await;
+            return Stop::Closed;
+        }
+        if to.flush().await.is_err() {
+            return Stop::Failed("the target closed the connection".into());
+        }
+        reserve(&mut buf, max);
+        match from.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.write_all(&wire::message(b'X', b"")).await;
+                let _ = to.shutdown().await;
+                return Stop::Closed;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Target → client, the same way; a cut is told to the client between two messages.
+#[allow(clippy::too_many_arguments)]
+async fn target_to_client(
+    mut from: ReadHalf<PgStream>,
+    mut buf: BytesMut,
+    mut to: WriteHalf<PgStream>,
+    tracker: Arc<std::sync::Mutex<Tracker>>,
+    counters: Arc<Counters>,
+    started: Instant,
+    max: usize,
+    cut: Arc<Cut>,
+) -> Stop {
+    let cut_wait = cut.wait();
+    tokio::pin!(cut_wait);
+    loop {
+        let (ready, _) = match scan(&buf, max, |t, body| {
+            if let Ok(mut tr) = tracker.lock() {
+                tr.from_server(t, body);
+            }
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                fatal(&mut to, "08P01", &format!("the target sent {e}"), None).await;
+                return Stop::Failed(format!("the target sent {e}"));
+            }
+        };
+        if ready > 0 {
+            if to.write_all(&buf[..ready]).await.is_err() || to.flush().await.is_err() {
+                return Stop::Closed;
+            }
+            counters
+                .to_client
+                .fetch_add(ready as u64, Ordering::Relaxed);
+            counters
+                .last
+                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            buf.advance(ready);
+        }
+        reserve(&mut buf, max);
+        tokio::select! {
+            biased;
+            reason = &mut cut_wait => {
+                let text = format!("terminating connection: {reason}");
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    fatal(&mut to, "57P01", &text, None),
+                )
+                .await;
+                let _ = to.shutdown().await;
+                return Stop::Cut(reason);
+            }
+            n = from.read_buf(&mut buf) => match n {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown().await;
+                    return Stop::Failed("the target closed the connection".into());
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// The complete messages at the front of `buf`, each shown to `see`: how many bytes
+/// they take, and whether one was a Terminate (nothing after it is passed on).
+fn scan(
+    buf: &[u8],
+    max: usize,
+    mut see: impl FnMut(u8, &[u8]),
+) -> Result<(usize, bool), WireError> {
+    let mut at = 0;
+    while let Some((t, total)) = wire::frame(&buf[at..], max)? {
+        see(t, &buf[at + 5..at + total]);
+        at += total;
+        if t == b'X' {
+            return Ok((at, true));
+        }
+    }
+    Ok((at, false))
+}
+
+/// Room for the next read: at least 8 KiB, the whole of a large message once its
+/// length is known; a buffer a large message grew is let go once it is passed on.
+fn reserve(buf: &mut BytesMut, max: usize) {
+    if buf.is_empty() && buf.capacity() > 1 << 20 {
+        *buf = BytesMut::with_capacity(16 * 1024);
+        return;
+    }
+    let need = match wire::frame(buf, max) {
+        Ok(None) if buf.len() >= 5 => {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            (1 + len).saturating_sub(buf.len())
+        }
+        _ => 0,
+    };
+    buf.reserve(need.max(8192));
+}

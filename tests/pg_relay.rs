@@ -1,0 +1,641 @@
+//! The PostgreSQL relay against a real PostgreSQL cluster and real clients (psql,
+//! pgbench, sqlx): TLS on both sides (the relay's own certificate pinned by the client,
+//! the target verified with verify-full), the relay password checked with SCRAM, the
+//! upstream login as the grant's own role made by twokey's README-made non-superuser
+//! admin, the whole protocol relayed, every refusal told in one line, the transcript
+//! hashed into the audit chain, and the cut at revocation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::postgres::{self, Cluster, Version};
+use reqwest::StatusCode;
+use serde_json::json;
+
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+
+struct Setup {
+    app: common::TestApp,
+    cluster: Cluster,
+    /// The relay's PostgreSQL address.
+    pg: SocketAddr,
+    /// The relay's certificate, as a client pins it.
+    cert: PathBuf,
+    _files: tempfile::TempDir,
+}
+
+/// A TLS cluster behind the relay: demo-db reached only through the relay, the target
+/// verified (verify-full, the cluster's CA), its role `read` in `readonly`.
+async fn setup_with(tweak: impl FnOnce(&mut twokey::config::Config) + Send + 'static) -> Setup {
+    let cluster = Cluster::start_with(Version::Pg15, true);
+    let files = tempfile::tempdir().unwrap();
+    let pw = files.path().join("pg-admin-password");
+    std::fs::write(&pw, format!("{}\n", postgres::TWOKEY_ADMIN_PASSWORD)).unwrap();
+    let (port, ca) = (cluster.port, cluster.ca_file());
+    let app = common::start_with(move |c| {
+        c.relay = Some(twokey::config::RelayConfig {
+            listen: "127.0.0.1:0".into(),
+            postgres: Some(twokey::config::RelayPostgresConfig {
+                listen: "127.0.0.1:0".into(),
+                public_address: None,
+                tls_cert_file: None,
+                tls_key_file: None,
+                tls_names: vec![],
+                allow_plaintext: false,
+                max_message_bytes: twokey::config::DEFAULT_MAX_PG_MESSAGE_BYTES,
+            }),
+            ..Default::default()
+        });
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.address = Some(format!("127.0.0.1:{port}"));
+        db.database = Some("app".into());
+        db.admin_user = Some(postgres::TWOKEY_ADMIN.into());
+        db.admin_password_file = Some(pw);
+        db.tls = None;
+        db.tls_ca_file = Some(ca);
+        db.reassign_owned_to = None;
+        db.access = None;
+        db.roles[0].db_roles = vec!["readonly".into()];
+        tweak(c);
+        c.validate().unwrap();
+    })
+    .await;
+    // VALID UNTIL is checked by PostgreSQL against the wall clock.
+    app.clock.set(chrono::Utc::now());
+    let pg = app.server.relay.as_ref().unwrap().pg_addr.unwrap();
+    let cert = files.path().join("relay.pem");
+    std::fs::write(&cert, &app.state().relay_pg.as_ref().unwrap().cert_pem).unwrap();
+    Setup {
+        app,
+        cluster,
+        pg,
+        cert,
+        _files: files,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+/// Alice asks for demo-db, Bob approves: the request id.
+async fn granted(app: &common::TestApp) -> String {
+    let id = app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    let (s, r) = app.api(BOB).await.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    id
+}
+
+/// A relay password for the request's grant, as the holder gets it.
+async fn relay_password(app: &common::TestApp, request_id: &str) -> String {
+    if std::env::var("PG_RELAY_TEMP").is_ok() {
+        let st = app.state();
+        let mut conn = st.db.acquire().await.unwrap();
+        let g = twokey::store::grant_for_request(&mut conn, request_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let pw = twokey::dbcreds::new_password();
+        let v = twokey::dbcreds::scram_verifier(&pw, b"0123456789abcdef", 4096);
+        twokey::store::set_relay_db_login(&mut conn, &g.id, &v, st.now_ms())
+            .await
+            .unwrap();
+        return pw;
+    }
+    let (s, r) = app
+        .api(ALICE)
+        .await
+        .post(&format!("/requests/{request_id}/relay-login"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    r["password"].as_str().unwrap().to_string()
+}
+
+impl Setup {
+    /// libpq's connection string for the relay.
+    fn conninfo(&self, user: &str, db: &str, sslmode: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={db} user={user} sslmode={sslmode} sslrootcert={} connect_timeout=10",
+            self.pg.port(),
+            self.cert.display()
+        )
+    }
+
+    fn psql_cmd(&self, conninfo: &str, password: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("psql");
+        c.args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", conninfo])
+            .args(args)
+            .env("PGPASSWORD", password)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// psql through the relay as alice, running `sql`.
+    async fn psql(&self, password: &str, sql: &str) -> Output {
+        self.psql_as(ALICE, "demo-db", "verify-full", password, sql)
+            .await
+    }
+
+    async fn psql_as(
+        &self,
+        user: &str,
+        db: &str,
+        sslmode: &str,
+        password: &str,
+        sql: &str,
+    ) -> Output {
+        let mut c = self.psql_cmd(&self.conninfo(user, db, sslmode), password, &["-c", sql]);
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// The sessions' rows.
+    async fn sessions(&self) -> Vec<twokey::store::SessionRow> {
+        twokey::store::sessions(&self.app.state().db, 1000)
+            .await
+            .unwrap()
+    }
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn refused(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Waits (bounded) until `f` holds.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_runs_as_the_grants_role_and_its_transcript_is_hashed_into_the_audit() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let out = s
+        .psql(
+            &pw,
+            "select current_user, count(*) from items; select name from items order by id",
+        )
+        .await;
+    let text = ok(&out);
+    let mut lines = text.lines();
+    let first = lines.next().unwrap();
+    assert!(
+        first.starts_with("twokey_") && first.ends_with("|3"),
+        "{text}"
+    );
+    assert_eq!(lines.collect::<Vec<_>>(), ["a", "b", "c"]);
+    // The engineer never held the target's login: the role's password is not theirs.
+    let role = first.split('|').next().unwrap().to_string();
+    let direct = s.cluster.psql(&role, &pw, "app", "select 1");
+    assert!(!direct.status.success());
+
+    eventually("the session to close", async || {
+        s.sessions().await.iter().any(|x| x.ended_at.is_some())
+    })
+    .await;
+    let sessions = s.sessions().await;
+    assert_eq!(sessions.len(), 1);
+    let row = &sessions[0];
+    assert_eq!(row.protocol, "postgres");
+    assert_eq!(row.end_reason.as_deref(), Some("closed"));
+    let (header, entries) =
+        twokey::recording::transcript::read(std::path::Path::new(&row.recording)).unwrap();
+    assert_eq!(header.user, ALICE);
+    assert_eq!(header.database, "app");
+    let statements: Vec<_> = entries
+        .iter()
+        .filter_map(|e| match e {
+            twokey::recording::transcript::Entry::Statement(st) => Some(st),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(statements.len(), 2, "{entries:?}");
+    assert_eq!(statements[0].tag.as_deref(), Some("SELECT 1"));
+    assert_eq!(statements[1].rows.len(), 3);
+    assert_eq!(statements[1].rows[2], [Some("c".to_string())]);
+    let (bytes, sha) = twokey::recording::hash_file(std::path::Path::new(&row.recording)).unwrap();
+    assert_eq!(row.recording_sha256.as_deref(), Some(sha.as_str()));
+    let events = twokey::audit::recent(&s.app.state().db, None, 100)
+        .await
+        .unwrap();
+    let details = |e: &twokey::audit::AuditEvent| -> serde_json::Value {
+        serde_json::from_str(&e.details).unwrap()
+    };
+    let ended = events.iter().find(|e| e.action == "session.ended").unwrap();
+    let ended = details(ended);
+    assert_eq!(ended["sha256"], sha);
+    assert_eq!(ended["bytes"], bytes);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "session.started" && details(e)["protocol"] == "postgres")
+    );
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_told_in_one_line_and_nothing_reaches_the_target() {
+    let s = setup().await;
+    // No grant, no relay password.
+    let out = s.psql("not-a-password", "select 1").await;
+    let err = refused(&out);
+    assert!(
+        err.contains("password authentication failed") && err.contains("twokey db-login demo-db"),
+        "{err}"
+    );
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    // A wrong password; the target's real admin password; another user's name.
+    for (user, password) in [
+        (ALICE, "wrong-password"),
+        (ALICE, postgres::TWOKEY_ADMIN_PASSWORD),
+        (postgres::TWOKEY_ADMIN, postgres::TWOKEY_ADMIN_PASSWORD),
+        (BOB, pw.as_str()),
+    ] {
+        let out = s
+            .psql_as(user, "demo-db", "verify-full", password, "select 1")
+            .await;
+        assert!(
+            refused(&out).contains("password authentication failed"),
+            "{user}"
+        );
+    }
+    // Another resource: not a database behind the relay.
+    let out = s
+        .psql_as(ALICE, "demo-ssh", "verify-full", &pw, "select 1")
+        .await;
+    assert!(refused(&out).contains("password authentication failed"));
+    // Plaintext, when TLS is required.
+    let out = s
+        .psql_as(ALICE, "demo-db", "disable", &pw, "select 1")
+        .await;
+    let err = refused(&out);
+    assert!(
+        err.contains("requires TLS") && err.contains("sslmode=verify-full"),
+        "{err}"
+    );
+    // A client that does not trust the relay's certificate for this name stops itself.
+    let mut c = s.psql_cmd(
+        &s.conninfo(ALICE, "demo-db", "verify-full")
+            .replace("host=127.0.0.1", "host=relay.invalid hostaddr=127.0.0.1"),
+        &pw,
+        &["-c", "select 1"],
+    );
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(refused(&out).contains("certificate"), "the name is checked");
+    // Nothing was relayed, no session opened, and only the grant's first login made.
+    assert!(s.sessions().await.is_empty());
+    assert!(
+        s.cluster.twokey_roles().is_empty(),
+        "no login made for refusals"
+    );
+    // Revoked: the right password is told why, and nothing is relayed.
+    ok(&s.psql(&pw, "select 1").await);
+    let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
+    assert_eq!(st, StatusCode::OK);
+    let err = refused(&s.psql(&pw, "select 1").await);
+    assert!(err.contains("was revoked"), "{err}");
+    // Expired: a new grant, the clock moved past its end.
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    s.app.clock.advance(chrono::Duration::hours(2));
+    let err = refused(&s.psql(&pw, "select 1").await);
+    assert!(
+        err.contains("password authentication failed") || err.contains("has ended"),
+        "{err}"
+    );
+    let actions = s.app.audit_actions().await;
+    assert!(
+        actions.iter().filter(|a| *a == "relay.refused").count() >= 8,
+        "{actions:?}"
+    );
+    s.app.assert_chain_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cuts_a_running_query_within_a_second_and_leaves_no_backend() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let mut c = s.psql_cmd(
+        &s.conninfo(ALICE, "demo-db", "verify-full"),
+        &pw,
+        &["-c", "select pg_sleep(30)"],
+    );
+    let child = c.spawn().unwrap();
+    eventually("the query to run", async || {
+        s.cluster
+            .admin("postgres", "select count(*) from pg_stat_activity where usename like 'twokey\\_%' and query like '%pg_sleep%'")
+            == "1"
+    })
+    .await;
+    let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
+    assert_eq!(st, StatusCode::OK);
+    let cut_at = Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let took = cut_at.elapsed();
+    let err = refused(&out);
+    assert!(err.contains("terminating connection: grant ended"), "{err}");
+    assert!(took < Duration::from_secs(5), "cut after {took:?}");
+    eventually("no backend left for the role", async || {
+        s.cluster.admin(
+            "postgres",
+            "select count(*) from pg_stat_activity where usename like 'twokey\\_%'",
+        ) == "0"
+    })
+    .await;
+    eventually("the session to close", async || {
+        s.sessions()
+            .await
+            .iter()
+            .any(|x| x.end_reason.as_deref() == Some("grant ended"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_only_its_own_backend() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let mut c = s.psql_cmd(
+        &s.conninfo(ALICE, "demo-db", "verify-full"),
+        &pw,
+        &["-c", "select pg_sleep(30)"],
+    );
+    let child = c.spawn().unwrap();
+    let running = "select count(*) from pg_stat_activity where usename like 'twokey\\_%' and state = 'active' and query like '%pg_sleep%'";
+    eventually("the query to run", async || {
+        s.cluster.admin("postgres", running) == "1"
+    })
+    .await;
+    // Forged cancels (guessed keys; the target's own key) cancel nothing.
+    let backend: Vec<i32> = s
+        .cluster
+        .admin(
+            "postgres",
+            "select pid from pg_stat_activity where usename like 'twokey\\_%'",
+        )
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    for pid in [1, 12345, backend[0]] {
+        let mut t = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+        let mut m = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+        m.extend_from_slice(&pid.to_be_bytes());
+        m.extend_from_slice(&[1, 2, 3, 4]);
+        tokio::io::AsyncWriteExt::write_all(&mut t, &m)
+            .await
+            .unwrap();
+        let mut b = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut t, &mut b).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.cluster.admin("postgres", running), "1", "still running");
+    // psql's own cancel (Ctrl-C) goes through the relay's key.
+    let pid = child.id() as i32;
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_and_pipelines_run_through_with_a_driver_and_pgbench() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    // sqlx: one prepared statement, reused 1,000 times.
+    let opts = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(s.pg.port())
+        .database("demo-db")
+        .username(ALICE)
+        .password(&pw)
+        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+        .ssl_root_cert(&s.cert);
+    let mut conn = sqlx::ConnectOptions::connect(&opts).await.unwrap();
+    let mut sum = 0i64;
+    for i in 0..1000i32 {
+        let v: i32 = sqlx::query_scalar("select $1::int + (select count(*)::int from items)")
+            .bind(i)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        sum += i64::from(v);
+    }
+    assert_eq!(sum, (0..1000).map(|i| i + 3).sum::<i64>());
+    sqlx::Connection::close(conn).await.unwrap();
+    // pgbench: a pipeline of prepared statements.
+    let script = s._files.path().join("pipeline.sql");
+    std::fs::write(
+        &script,
+        "\\startpipeline\nselect count(*) from items;\nselect 1;\nselect name from items where id = 2;\n\\endpipeline\n",
+    )
+    .unwrap();
+    let mut c = Command::new("pgbench");
+    c.args(["-n", "-M", "prepared", "-t", "200", "-c", "2", "-f"])
+        .arg(&script)
+        .arg(s.conninfo(ALICE, "demo-db", "verify-full"))
+        .env("PGPASSWORD", &pw);
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let text = ok(&out);
+    assert!(
+        text.contains("number of transactions actually processed: 400/400"),
+        "{text}"
+    );
+    eventually("the sessions to close", async || {
+        let all = s.sessions().await;
+        // sqlx's, pgbench's two clients and its first look at the server.
+        all.len() >= 3 && all.iter().all(|x| x.ended_at.is_some())
+    })
+    .await;
+    // The driver's session: 1,000 executions of one statement, each with its parameter;
+    // pgbench's: every statement of every pipeline.
+    let mut runs = Vec::new();
+    let mut piped = 0;
+    for x in s.sessions().await {
+        let (_, entries) =
+            twokey::recording::transcript::read(std::path::Path::new(&x.recording)).unwrap();
+        for e in entries {
+            if let twokey::recording::transcript::Entry::Statement(st) = e {
+                if st.sql.contains("$1::int") {
+                    runs.push(st);
+                } else if st.sql.contains("where id = 2") {
+                    assert_eq!(st.rows, [[Some("b".to_string())]]);
+                    piped += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(piped, 400);
+    assert_eq!(runs.len(), 1000);
+    assert_eq!(runs[999].params, [Some("999".to_string())]);
+    assert_eq!(
+        runs[999].rows,
+        [[Some("1002".to_string())]],
+        "{:?}",
+        runs[999]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_of_a_hundred_megabytes_goes_in_and_out_intact() {
+    let s = setup_with(|c| {
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.roles[0].db_grants = vec!["GRANT CREATE ON SCHEMA public TO {role}".into()];
+    })
+    .await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let data = s._files.path().join("in.tsv");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&data).unwrap());
+        let filler = "x".repeat(90);
+        let mut n = 0u64;
+        let mut i = 0u64;
+        while n < 100 << 20 {
+            let line = format!("{i}\t{filler}{i}\n");
+            n += line.len() as u64;
+            f.write_all(line.as_bytes()).unwrap();
+            i += 1;
+        }
+    }
+    let out_file = s._files.path().join("out.tsv");
+    let sql = format!(
+        "create table bulk (id bigint, v text); \\copy bulk from '{}'\n\\copy (select * from bulk order by id) to '{}'",
+        data.display(),
+        out_file.display()
+    );
+    let mut c = s.psql_cmd(&s.conninfo(ALICE, "demo-db", "verify-full"), &pw, &[]);
+    c.stdin(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    ok(&out);
+    let a = twokey::recording::hash_file(&data).unwrap();
+    let b = twokey::recording::hash_file(&out_file).unwrap();
+    assert_eq!(a, b, "what came out is what went in");
+    assert!(a.0 >= 100 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_million_rows_stream_through_in_bounded_memory() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    let before = rss();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // COPY out would stream anyway; this is a plain result of 10M rows, which psql
+    // itself reads with a cursor (FETCH_COUNT) so that only the relay is measured.
+    let mut c = s.psql_cmd(
+        &s.conninfo(ALICE, "demo-db", "verify-full"),
+        &pw,
+        &[
+            "-v",
+            "FETCH_COUNT=100000",
+            "-c",
+            "select g, 'row ' || g from generate_series(1, 10000000) g",
+            "-o",
+            "/dev/null",
+        ],
+    );
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    ok(&out);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    // About 180 MB crossed the relay; it held at most a few buffers of it.
+    assert!(grew < 48 << 20, "the relay grew by {} MiB", grew >> 20);
+    eventually("the session to close", async || {
+        s.sessions().await.iter().any(|x| x.ended_at.is_some())
+    })
+    .await;
+    let row = &s.sessions().await[0];
+    assert!(row.bytes_out > 150 << 20, "{}", row.bytes_out);
+}
