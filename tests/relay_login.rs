@@ -1,11 +1,14 @@
 //! Relay passwords for PostgreSQL resources reached through twokey's relay: the API
 //! hands the grant's holder one (kept only as a SCRAM verifier that a real PostgreSQL
 //! accepts), a second replaces the first, every other caller and state is refused, the
-//! direct route refuses relay resources, and the request page's button shows it once in
-//! headless Chromium.
+//! direct route refuses relay resources, `twokey db-login` and `twokey psql` use it
+//! (psql really connects to the relay's address, the password only in its environment),
+//! and the request page's button shows it once in headless Chromium.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+
+use std::process::{Command, Stdio};
 
 use base64::Engine;
 use reqwest::StatusCode;
@@ -437,6 +440,197 @@ async fn the_direct_route_refuses_a_relay_resource_and_says_what_to_do() {
             .unwrap()
             .contains("reached only through twokey")
     );
+}
+
+/// Runs the twokey binary with its own config dir under `home`.
+fn twokey(home: &std::path::Path, args: &[&str], stdin: Option<String>) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey"));
+    cmd.args(args)
+        .env("TWOKEY_HOME", home.join("twokey"))
+        .env("HOME", home)
+        .env("TWOKEY_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(s) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    child
+}
+
+async fn run(home: &std::path::Path, args: &[&str], stdin: Option<String>) -> std::process::Output {
+    let child = twokey(home, args, stdin);
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn cli_login(app: &common::TestApp, home: &std::path::Path) {
+    let token = twokey::auth::create_api_token(app.state(), ALICE, "t")
+        .await
+        .unwrap();
+    let out = run(
+        home,
+        &["login", "--server", &app.server.url(), "--token-stdin"],
+        Some(format!("{token}\n")),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twokey_db_login_prints_the_password_once_and_saves_the_relay_certificate() {
+    let app = start("localhost:16432").await;
+    let home = tempfile::tempdir().unwrap();
+    cli_login(&app, home.path()).await;
+    let out = run(home.path(), &["db-login", "demo-db"], None).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no live grant for demo-db"), "{err}");
+
+    granted(&app, "demo-db").await;
+    let out = run(
+        home.path(),
+        &["db-login", "demo-db", "--role", "read"],
+        None,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pw = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password"))
+        .map(|p| p.trim().to_string())
+        .unwrap();
+    let (_, verifier) = stored(&app).await.unwrap();
+    assert!(
+        verifies(&verifier, &pw),
+        "the printed password is the stored one"
+    );
+    assert_eq!(
+        stdout.matches(pw.as_str()).count(),
+        1,
+        "shown once: {stdout}"
+    );
+    // The certificate, public (0644), beside twokey's other files.
+    let cert = home.path().join("twokey/twokey-relay-localhost.pem");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cert).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cert).unwrap(),
+        app.state().relay_pg.as_ref().unwrap().cert_pem
+    );
+    let line = format!(
+        "psql \"host=localhost port=16432 dbname=demo-db user=alice@example.com \
+         sslmode=verify-full sslrootcert={}\"",
+        cert.display()
+    );
+    assert!(stdout.contains(&line), "{stdout}");
+    assert!(
+        stdout.contains(&format!("saved at {}", cert.display())),
+        "{stdout}"
+    );
+
+    // A resource reached directly says what to run instead.
+    granted(&app, "direct-db").await;
+    let out = run(home.path(), &["db-login", "direct-db"], None).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "direct-db is reached directly, not through twokey's relay: run twokey psql direct-db"
+        ),
+        "{err}"
+    );
+}
+
+/// `twokey psql` on a relay resource runs the real psql against the relay's address
+/// with verify-full: a listener standing in for the relay sees psql's SSLRequest, reads
+/// the process's command line and environment, and declines TLS, which psql (as
+/// verify-full demands) refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twokey_psql_on_a_relay_resource_connects_to_the_relay_with_the_password_in_its_env() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = relay.local_addr().unwrap().port();
+    let app = start(&format!("127.0.0.1:{port}")).await;
+    let home = tempfile::tempdir().unwrap();
+    cli_login(&app, home.path()).await;
+    granted(&app, "demo-db").await;
+
+    let child = twokey(
+        home.path(),
+        &["psql", "demo-db", "--", "-c", "select 1"],
+        None,
+    );
+    let pid = child.id();
+    let (mut sock, _) = tokio::time::timeout(std::time::Duration::from_secs(30), relay.accept())
+        .await
+        .expect("psql never connected to the relay's address")
+        .unwrap();
+    let mut ssl_request = [0u8; 8];
+    sock.read_exact(&mut ssl_request).await.unwrap();
+    assert_eq!(
+        ssl_request,
+        [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+        "an SSLRequest"
+    );
+    // twokey exec'd psql: the same process, psql's arguments, the password in its env.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).to_string())
+        .collect();
+    let cert = home.path().join("twokey/twokey-relay-127.0.0.1.pem");
+    // (Debian's psql is a wrapper that execs the real one in the same process.)
+    assert!(args[0].ends_with("psql"), "{args:?}");
+    assert_eq!(
+        args[1],
+        format!(
+            "host=127.0.0.1 port={port} dbname=demo-db user=alice@example.com \
+             sslmode=verify-full sslrootcert={}",
+            cert.display()
+        )
+    );
+    assert_eq!(&args[2..4], ["-c", "select 1"]);
+    let pw = environ
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"PGPASSWORD="))
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .expect("PGPASSWORD in psql's environment");
+    let (_, verifier) = stored(&app).await.unwrap();
+    assert!(verifies(&verifier, &pw));
+    assert!(
+        !args.iter().any(|a| a.contains(&pw)),
+        "the password is on the command line"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cert).unwrap(),
+        app.state().relay_pg.as_ref().unwrap().cert_pem
+    );
+    // No TLS here: psql must refuse to go on.
+    sock.write_all(b"N").await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("through twokey's relay"), "{err}");
+    assert!(err.contains("server does not support SSL"), "{err}");
 }
 
 async fn sign_in(b: &common::webdriver::Browser, base: &str, email: &str) {
