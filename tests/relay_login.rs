@@ -216,6 +216,11 @@ async fn a_relay_password_is_kept_only_as_a_verifier_and_a_second_replaces_the_f
     assert_eq!(details["request_id"], id.as_str());
     assert_eq!(details["resource"], "demo-db");
     assert_eq!(details["by"]["email"], ALICE);
+    assert!(
+        !issued[0].details.contains(&pw) && !issued[0].details.contains(&verifier[..30]),
+        "{}",
+        issued[0].details
+    );
 
     // A second replaces the first: one row, the old password no longer verifies.
     let (s, l2) = relay_login(&app, ALICE, &id).await;
