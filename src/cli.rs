@@ -1,6 +1,7 @@
 //! The command line: server commands (`demo`, `serve`, `check-config`), admin
 //! commands (`token`, `audit`, `ca`), and the engineer's commands (`login`, `request`,
-//! `status`, `ssh`, `psql`, in [`crate::client`]). Errors print as one line and a non-zero exit.
+//! `status`, `ssh`, `psql`, `db-login`, in [`crate::client`]). Errors print as one line
+//! and a non-zero exit.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -114,6 +115,17 @@ pub enum Command {
         /// Arguments for psql (after `--`), e.g. `-- -c 'select 1'`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// A relay password for your live grant on a database reached through twokey's
+    /// PostgreSQL relay, printed once, and the relay's certificate saved.
+    DbLogin {
+        resource: String,
+        /// Which role's grant, when you have several on the resource.
+        #[arg(long)]
+        role: Option<String>,
+        /// Wait for a pending request to be decided.
+        #[arg(long)]
+        wait: bool,
     },
     /// SSH to a resource with a certificate for your live grant.
     Ssh {
@@ -319,6 +331,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                 role,
                 wait,
                 args,
+            })
+            .await
+        }
+        Command::DbLogin {
+            resource,
+            role,
+            wait,
+        } => {
+            crate::client::db_login(crate::client::DbLoginArgs {
+                resource,
+                role,
+                wait,
             })
             .await
         }

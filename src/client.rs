@@ -1,4 +1,5 @@
-//! The engineer's side of the CLI: `login`, `request`, `status`, `ssh`. It talks to a
+//! The engineer's side of the CLI: `login`, `request`, `status`, `ssh`, `psql` (and
+//! `db-login`, in [`db_login`], for the PostgreSQL relay). It talks to a
 //! twokey server over `/api/v1` with a token kept in the user's config dir (0600), and
 //! never sees anyone else's secrets: `twokey ssh` gets a certificate for the user's own
 //! key and hands it to the stock `ssh`.
@@ -11,6 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod db_login;
+pub use db_login::{DbLoginArgs, db_login};
 
 /// How long `twokey login` waits for the browser.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -687,9 +691,14 @@ pub struct PsqlArgs {
 
 /// `twokey psql`: a login for the live grant, then `exec psql`. The password goes in
 /// the environment (`PGPASSWORD`), not on the command line where `ps` would show it.
+/// A resource reached through the relay (the request's `db_access`) gets a relay
+/// password and psql connects to the relay; otherwise the grant's own login, directly.
 pub async fn psql(a: PsqlArgs) -> Result<ExitCode, String> {
     let api = Api::new(load_credentials()?)?;
     let req = live_request(&api, &a.resource, a.role.as_deref(), a.wait).await?;
+    if let Some(login) = db_login::relay_login_if_relay(&api, &req).await? {
+        return db_login::exec_relay_psql(&a.resource, &login, &a.args);
+    }
     let id = req["id"].as_str().unwrap_or_default().to_string();
     let c = api
         .post(&format!("/requests/{id}/db-credentials"), json!({}))

@@ -51,6 +51,17 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
         let mut conn = state.db.acquire().await?;
         crate::access::holders_live_grant(state, &mut conn, actor, request_id, now).await?
     };
+    // A relay resource is reached only through the relay: handing out the target's own
+    // login would let the engineer around the recording and the data-path policy.
+    if state.config.db_access(resource) == crate::config::DbAccess::Relay
+        && resource.kind == crate::config::ResourceKind::Postgres
+    {
+        return Err(Error::conflict(format!(
+            "{0} is reached only through twokey's relay: run `twokey psql {0}`, or get a \
+             relay password on the request page",
+            resource.name
+        )));
+    }
     if !resource.manages_db_roles() {
         return Err(Error::conflict(format!(
             "twokey does not manage logins for {} (it has no admin_user)",

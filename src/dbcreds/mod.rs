@@ -15,8 +15,9 @@
 //! (reasons, tickets, names) ever reaches its SQL.
 //!
 //! This file holds the shared pieces (names, quoting, SCRAM, the admin connection);
-//! `issue.rs` makes logins, `reconcile.rs` ends them, `target.rs` checks the admin's
-//! privileges on a live target, `check.rs` the settings.
+//! `issue.rs` makes logins, `relay_login.rs` relay passwords, `reconcile.rs` ends
+//! logins, `target.rs` checks the admin's privileges on a live target, `check.rs` the
+//! settings.
 
 use std::time::Duration;
 
@@ -38,11 +39,13 @@ pub use check::check_config;
 mod check;
 mod issue;
 mod reconcile;
+mod relay_login;
 mod target;
 mod upstream;
 
 pub use issue::*;
 pub use reconcile::*;
+pub use relay_login::*;
 pub use target::*;
 pub use upstream::*;
 

@@ -36,10 +36,12 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/requests/{id}", get(show))
         .route("/requests/{id}/ssh-certificate", post(ssh_certificate))
         .route("/requests/{id}/db-credentials", post(db_credentials))
+        .route("/requests/{id}/relay-login", post(relay_login))
         .route("/requests/{id}/{action}", post(act))
         .route("/ca/ssh", get(ca_public_key))
         .route("/ca/krl", get(ca_krl))
         .route("/relay/host-key", get(relay_host_key))
+        .route("/relay/pg-cert", get(relay_pg_cert))
         .route("/whoami", get(whoami))
 }
 
@@ -47,13 +49,20 @@ fn iso(ms: i64) -> String {
     from_millis(ms).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// The API's view of a request.
-pub fn request_json(v: &RequestView) -> Value {
+/// The API's view of a request. `db_access` (`"relay"` or `"direct"`, null for SSH)
+/// tells `twokey psql` which way the resource is reached.
+pub fn request_json(state: &AppState, v: &RequestView) -> Value {
     let r = &v.request;
+    let db_access = state
+        .config
+        .resource(&r.resource)
+        .filter(|res| res.kind == crate::config::ResourceKind::Postgres)
+        .map(|res| state.config.db_access(res).to_string());
     json!({
         "id": r.id,
         "status": r.status,
         "resource": r.resource,
+        "db_access": db_access,
         "role": r.role,
         "requester": r.requester_email,
         "duration_secs": r.duration_secs,
@@ -170,7 +179,7 @@ pub async fn create(
         ticket,
     };
     let view = access::create_request(&state, &actor, &input, Channel::Api).await?;
-    Ok((StatusCode::CREATED, Json(request_json(&view))))
+    Ok((StatusCode::CREATED, Json(request_json(&state, &view))))
 }
 
 /// The scope needed to touch a request: `requests` for one's own, `approve` for
@@ -191,7 +200,7 @@ pub async fn show(
     let actor = &token.0.actor;
     let view = access::view(&state, actor, &id).await?;
     token.require(scope_for(&actor.user_id, &view))?;
-    Ok(Json(request_json(&view)))
+    Ok(Json(request_json(&state, &view)))
 }
 
 #[derive(Deserialize)]
@@ -213,7 +222,7 @@ pub async fn list(
     };
     let views = access::list(&state, &token.0.actor, which, q.status.as_deref()).await?;
     Ok(Json(json!({
-        "requests": views.iter().map(request_json).collect::<Vec<_>>()
+        "requests": views.iter().map(|v| request_json(&state, v)).collect::<Vec<_>>()
     })))
 }
 
@@ -257,7 +266,7 @@ pub async fn act(
         "revoke" => access::revoke(&state, actor, &id, comment).await?,
         _ => return Err(Error::NotFound("action").into()),
     };
-    Ok(Json(request_json(&view)))
+    Ok(Json(request_json(&state, &view)))
 }
 
 /// `POST /requests/{id}/ssh-certificate {public_key}`: a certificate for the grant's
@@ -303,6 +312,18 @@ pub async fn db_credentials(
     Ok((StatusCode::CREATED, Json(json!(issued))))
 }
 
+/// `POST /requests/{id}/relay-login`: a relay password for the holder's live grant on
+/// a PostgreSQL resource reached through the relay, with where to connect and the
+/// relay's certificate. The password is in this answer only; asking again replaces it.
+pub async fn relay_login(
+    State(state): State<AppState>,
+    ApiUser(actor): ApiUser,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let login = crate::dbcreds::issue_relay_login(&state, &actor, &id).await?;
+    Ok((StatusCode::CREATED, Json(json!(login))))
+}
+
 /// `GET /ca/ssh`: the line for sshd's `TrustedUserCAKeys`. Public, like any CA cert.
 pub async fn ca_public_key(State(state): State<AppState>) -> impl IntoResponse {
     (
@@ -324,6 +345,25 @@ pub async fn relay_host_key(State(state): State<AppState>) -> Result<impl IntoRe
             "text/plain; charset=utf-8",
         )],
         format!("{}\n", relay.host.public_key_line()),
+    ))
+}
+
+/// `GET /relay/pg-cert`: the PostgreSQL relay's certificate (PEM), for clients'
+/// `sslrootcert`. Public, like any certificate; 404 when the PostgreSQL relay is off.
+pub async fn relay_pg_cert(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let tls = state
+        .relay_pg
+        .as_ref()
+        .ok_or(Error::NotFound("PostgreSQL relay"))?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-pem-file"),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                "attachment; filename=\"twokey-relay.pem\"",
+            ),
+        ],
+        tls.cert_pem.clone(),
     ))
 }
 

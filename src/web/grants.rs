@@ -1,6 +1,7 @@
 //! Live access and its credentials: the grants page, the SSH certificate a holder gets
 //! for their live grant by pasting a public key, and the database login of a grant on
-//! a PostgreSQL resource (its password shown on that page only).
+//! a PostgreSQL resource reached directly, or the relay password of one reached
+//! through the relay (each password shown on that page only).
 //!
 //! Every POST carries the session's CSRF token; whether the caller holds a live grant is
 //! for `access::ssh` and `dbcreds` to refuse. What this module must never do: log or
@@ -22,12 +23,14 @@ use crate::error::Error;
 use crate::state::AppState;
 use crate::store;
 
-/// `/grants`, `/requests/{id}/ssh-certificate`, `/requests/{id}/db-credentials`.
+/// `/grants`, `/requests/{id}/ssh-certificate`, `/requests/{id}/db-credentials`,
+/// `/requests/{id}/relay-login`.
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/grants", get(grants))
         .route("/requests/{id}/ssh-certificate", post(ssh_certificate))
         .route("/requests/{id}/db-credentials", post(db_credentials))
+        .route("/requests/{id}/relay-login", post(relay_login))
 }
 
 #[derive(Template, WebTemplate)]
@@ -149,5 +152,35 @@ pub async fn db_credentials(
         request_id: id,
         resource: req.resource,
         c: issued,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "relay_login.html")]
+struct RelayLoginPage {
+    chrome: Chrome,
+    request_id: String,
+    c: crate::dbcreds::RelayLogin,
+    /// The psql command line, without the password (psql asks for it).
+    psql: String,
+    cert_file: &'static str,
+}
+
+/// The holder asks for a relay password; it is on this page only (and, like every
+/// page, sent with `Cache-Control: no-store`).
+pub async fn relay_login(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<impl IntoResponse, PageError> {
+    user.check_csrf(&form.csrf).await?;
+    let login = crate::dbcreds::issue_relay_login(&state, &user.actor, &id).await?;
+    Ok(RelayLoginPage {
+        chrome: Chrome::of(&state, &user).await?,
+        request_id: id,
+        psql: format!("psql \"{}\"", login.conninfo),
+        c: login,
+        cert_file: crate::dbcreds::RELAY_CERT_FILE,
     })
 }

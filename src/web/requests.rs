@@ -417,6 +417,8 @@ struct RequestDetailPage {
     deliveries: Vec<DeliveryVm>,
     can_get_certificate: bool,
     can_get_db_credentials: bool,
+    /// The holder of a live grant on a resource reached through the PostgreSQL relay.
+    can_get_relay_password: bool,
     /// The grant's database login, in words (errors included), for whoever may see
     /// the request.
     db_credential: String,
@@ -451,6 +453,11 @@ pub async fn request_detail(
     let resource = state.config.resource(&r.resource);
     let is_ssh = resource.is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);
     let manages_db = resource.is_some_and(|res| res.manages_db_roles());
+    // A relay resource never hands out the target's login, only a relay password.
+    let via_relay = resource.is_some_and(|res| {
+        res.kind == crate::config::ResourceKind::Postgres
+            && state.config.db_access(res) == crate::config::DbAccess::Relay
+    });
     let db_credential = match &view.grant {
         Some(g) if manages_db => {
             let mut conn = state.db.acquire().await?;
@@ -463,7 +470,8 @@ pub async fn request_detail(
     };
     Ok(RequestDetailPage {
         can_get_certificate: grant_live && own_request && is_ssh,
-        can_get_db_credentials: grant_live && own_request && manages_db,
+        can_get_db_credentials: grant_live && own_request && manages_db && !via_relay,
+        can_get_relay_password: grant_live && own_request && via_relay,
         db_credential,
         chrome: Chrome::of(&state, &user).await?,
         reason_lines: r.reason.lines().map(str::to_string).collect(),
