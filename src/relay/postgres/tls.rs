@@ -1,12 +1,26 @@
 //! TLS for the PostgreSQL relay: the relay's own certificate, made at first start
-//! under the data dir (or configured), that clients verify or pin.
+//! under the data dir (or configured), that clients verify or pin; the client side of
+//! TLS to the target, set by the resource's `tls` and `tls_ca_file` as for twokey's
+//! admin connection (`verify-full` by default); and [`PgStream`], either kind of
+//! connection, plain or encrypted, for the relay's pump.
+//!
+//! It must never skip checking the target's certificate unless the resource says
+//! `require` or `prefer`, never fall back to plaintext unless it says `prefer`, and
+//! never put a secret into an error.
 
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
-use crate::config::RelayPostgresConfig;
+use crate::config::{RelayPostgresConfig, ResourceConfig};
 use crate::error::{Error, Result};
 
 /// The certificate the relay answers SSLRequest with.
@@ -124,6 +138,365 @@ pub fn default_names(public_address: Option<&str>, configured: &[String]) -> Vec
     names
 }
 
+/// A connection of the relay, either side: plain TCP, TLS as the server (to a client),
+/// or TLS as the client (to a target). Reads and writes go to whichever it is.
+pub enum PgStream {
+    Plain(TcpStream),
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl PgStream {
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, PgStream::Plain(_))
+    }
+
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            PgStream::Plain(s) => s,
+            PgStream::Server(s) => s.get_ref().0,
+            PgStream::Client(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PgStream::Plain(_) => "PgStream::Plain",
+            PgStream::Server(_) => "PgStream::Server",
+            PgStream::Client(_) => "PgStream::Client",
+        })
+    }
+}
+
+/// One poll, delegated to whichever stream it is (all are Unpin).
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            PgStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            PgStream::Server($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            PgStream::Client($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for PgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for PgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            PgStream::Plain(s) => s.is_write_vectored(),
+            PgStream::Server(s) => s.is_write_vectored(),
+            PgStream::Client(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// How long reaching a target may take: TCP connect, SSLRequest and TLS handshake.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SSLRequest: length 8, code 80877103 (1234 << 16 | 5679).
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// A resource's `tls` setting, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS if the server offers it (certificate not verified), else plain.
+    Prefer,
+    /// TLS, certificate not verified.
+    Require,
+    /// TLS, certificate signed by a trusted CA and naming the host.
+    VerifyFull,
+}
+
+impl UpstreamMode {
+    /// The setting's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamMode::Disable => "disable",
+            UpstreamMode::Prefer => "prefer",
+            UpstreamMode::Require => "require",
+            UpstreamMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// How the relay reaches a target: the resource's TLS mode and the client side of TLS.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    mode: UpstreamMode,
+    /// None only for `disable`.
+    config: Option<Arc<rustls::ClientConfig>>,
+    ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("mode", &self.mode)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// Reads the resource's `tls` (default [`crate::dbcreds::DEFAULT_TLS`]) and
+    /// `tls_ca_file` (PEM CAs trusted beside the public web CAs).
+    pub fn of(resource: &ResourceConfig) -> Result<UpstreamTls> {
+        let bad = |what: &str| Error::Internal(format!("resource {}: {what}", resource.name));
+        let mode = match resource
+            .tls
+            .as_deref()
+            .unwrap_or(crate::dbcreds::DEFAULT_TLS)
+        {
+            "disable" => UpstreamMode::Disable,
+            "prefer" => UpstreamMode::Prefer,
+            "require" => UpstreamMode::Require,
+            "verify-full" => UpstreamMode::VerifyFull,
+            other => return Err(bad(&format!("tls = {other:?} is not a TLS mode"))),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&format!("TLS: {e}")))?;
+        let config = match mode {
+            UpstreamMode::Disable => None,
+            UpstreamMode::Prefer | UpstreamMode::Require => Some(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+                    .with_no_client_auth(),
+            ),
+            UpstreamMode::VerifyFull => {
+                let mut roots = rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                };
+                if let Some(ca) = &resource.tls_ca_file {
+                    use rustls::pki_types::pem::PemObject;
+                    let what = |e: &dyn std::fmt::Display| {
+                        bad(&format!("tls_ca_file {}: {e}", ca.display()))
+                    };
+                    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+                        .map_err(|e| what(&e))?
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(|e| what(&e))?;
+                    if certs.is_empty() {
+                        return Err(what(&"holds no certificate"));
+                    }
+                    for c in certs {
+                        roots.add(c).map_err(|e| what(&e))?;
+                    }
+                }
+                Some(builder.with_root_certificates(roots).with_no_client_auth())
+            }
+        };
+        Ok(UpstreamTls {
+            mode,
+            config: config.map(Arc::new),
+            ca_file: resource.tls_ca_file.clone(),
+        })
+    }
+
+    /// The TLS mode.
+    pub fn mode(&self) -> UpstreamMode {
+        self.mode
+    }
+}
+
+/// `require` and `prefer`: the link is encrypted, but the server's certificate is taken
+/// as it comes (libpq's `sslmode=require`). The handshake's signatures are still
+/// checked, so the peer does hold the key of the certificate it shows.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        // Why: the resource chose `require`, which by definition trusts any certificate;
+        // verify-full is the default and the README says what `require` gives up.
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to the target at `host:port` as `tls` says: TCP, then SSLRequest and the
+/// TLS handshake naming `host` (unless `disable`). The error says, in words safe to
+/// show an engineer, what failed: reaching it, the server refusing TLS, or its
+/// certificate.
+pub async fn connect_upstream(
+    host: &str,
+    port: u16,
+    tls: &UpstreamTls,
+) -> std::result::Result<PgStream, String> {
+    tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connect_inner(host, port, tls))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "cannot reach the database at {host}:{port} (timed out after {} s)",
+                UPSTREAM_CONNECT_TIMEOUT.as_secs()
+            ))
+        })
+}
+
+async fn connect_inner(
+    host: &str,
+    port: u16,
+    tls: &UpstreamTls,
+) -> std::result::Result<PgStream, String> {
+    let unreachable =
+        |e: io::Error| format!("cannot reach the database at {host}:{port} ({})", e.kind());
+    let mut tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(unreachable)?;
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = &tls.config else {
+        return Ok(PgStream::Plain(tcp));
+    };
+    let mode = tls.mode.as_str();
+    tcp.write_all(&SSL_REQUEST).await.map_err(unreachable)?;
+    // Exactly one byte, read straight off the socket: anything the server sent after
+    // it is then part of the TLS handshake (and fails it) rather than being taken as
+    // protocol data that arrived before encryption (CVE-2021-23222).
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(unreachable)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == UpstreamMode::Prefer => return Ok(PgStream::Plain(tcp)),
+        b'N' => {
+            return Err(format!(
+                "the database at {host}:{port} refused TLS (tls = {mode:?} needs it; the \
+                 server has ssl = off)"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "the database at {host}:{port} did not answer the TLS request as PostgreSQL \
+                 does"
+            ));
+        }
+    }
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| format!("{host:?} is not a host name TLS can check"))?;
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    match connector.connect(name, tcp).await {
+        Ok(s) => Ok(PgStream::Client(Box::new(s))),
+        Err(e) => Err(tls_failure(host, port, tls, &e)),
+    }
+}
+
+/// A failed handshake, in words: which check failed and what to set.
+fn tls_failure(host: &str, port: u16, tls: &UpstreamTls, e: &io::Error) -> String {
+    use rustls::CertificateError as C;
+    let ca = match &tls.ca_file {
+        Some(p) => format!("now {}", p.display()),
+        None => "not set".to_string(),
+    };
+    let why = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => format!(
+            "its certificate is not trusted: not signed by a CA twokey trusts (tls_ca_file \
+             = the CA's PEM file, {ca})"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => format!("its certificate does not name {host}"),
+        Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
+            "its certificate has expired".to_string()
+        }
+        Some(rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => {
+            "its certificate is not valid yet".to_string()
+        }
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    };
+    format!(
+        "TLS to the database at {host}:{port} failed (tls = {:?}): {why}",
+        tls.mode.as_str()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +538,201 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(ServerTls::load_or_create(&cfg(), dir.path(), &[]).is_err());
+    }
+
+    fn resource(extra: &str) -> ResourceConfig {
+        toml::from_str(&format!(
+            "name = \"db\"\nkind = \"postgres\"\naddress = \"127.0.0.1:5432\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_upstream_mode_is_read_as_for_the_admin_connection() {
+        let mode = |extra: &str| UpstreamTls::of(&resource(extra)).map(|t| t.mode());
+        assert_eq!(mode("").unwrap(), UpstreamMode::VerifyFull, "the default");
+        assert_eq!(
+            mode("tls = \"verify-full\"").unwrap(),
+            UpstreamMode::VerifyFull
+        );
+        assert_eq!(mode("tls = \"require\"").unwrap(), UpstreamMode::Require);
+        assert_eq!(mode("tls = \"prefer\"").unwrap(), UpstreamMode::Prefer);
+        assert_eq!(mode("tls = \"disable\"").unwrap(), UpstreamMode::Disable);
+        assert!(
+            UpstreamTls::of(&resource("tls = \"disable\""))
+                .unwrap()
+                .config
+                .is_none()
+        );
+        let e = mode("tls = \"verify-ca\"").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "internal error: resource db: tls = \"verify-ca\" is not a TLS mode"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let e = mode(&format!(
+            "tls_ca_file = {:?}",
+            missing.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("resource db: tls_ca_file {}", missing.display())),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = mode(&format!("tls_ca_file = {:?}", empty.display().to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("holds no certificate"), "{e}");
+    }
+
+    /// A loopback server answering SSLRequest with `answer` and, on `S`, the TLS
+    /// handshake with `tls`; it echoes one line back through a [`PgStream`].
+    async fn loopback(
+        tls: Arc<rustls::ServerConfig>,
+        answer: u8,
+    ) -> (u16, tokio::task::JoinHandle<io::Result<bool>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            let mut req = [0u8; 8];
+            tcp.read_exact(&mut req).await?;
+            assert_eq!(req, SSL_REQUEST);
+            tcp.write_all(&[answer]).await?;
+            let mut s = if answer == b'S' {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                PgStream::Server(Box::new(acceptor.accept(tcp).await?))
+            } else {
+                PgStream::Plain(tcp)
+            };
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await?;
+            s.write_all(&buf).await?;
+            s.flush().await?;
+            Ok(s.is_tls())
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn the_relays_certificate_verifies_for_localhost_with_only_its_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = default_names(None, &[]);
+        let server = ServerTls::load_or_create(&cfg(), dir.path(), &names).unwrap();
+
+        // A rustls client that trusts nothing but the relay's PEM, as psql with
+        // sslrootcert=<that file> and sslmode=verify-full.
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(server.cert_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (port, task) = loopback(server.config.clone(), b'S').await;
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.write_all(&SSL_REQUEST).await.unwrap();
+        let mut a = [0u8; 1];
+        tcp.read_exact(&mut a).await.unwrap();
+        assert_eq!(&a, b"S");
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut s = PgStream::Client(Box::new(connector.connect(name, tcp).await.unwrap()));
+        s.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        assert!(task.await.unwrap().unwrap(), "the server side was TLS");
+
+        // The same through connect_upstream, verify-full with the PEM as tls_ca_file,
+        // by name and by address.
+        let pem = dir.path().join("relay.pem");
+        std::fs::write(&pem, &server.cert_pem).unwrap();
+        let up = UpstreamTls::of(&resource(&format!(
+            "tls_ca_file = {:?}",
+            pem.display().to_string()
+        )))
+        .unwrap();
+        for host in ["localhost", "127.0.0.1"] {
+            let (port, task) = loopback(server.config.clone(), b'S').await;
+            let mut s = connect_upstream(host, port, &up).await.unwrap();
+            assert!(matches!(s, PgStream::Client(_)));
+            s.write_all(b"howdy").await.unwrap();
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"howdy");
+            assert!(task.await.unwrap().unwrap());
+        }
+
+        // Without the PEM the relay's self-signed certificate is not trusted.
+        let (port, _task) = loopback(server.config.clone(), b'S').await;
+        let e = connect_upstream("localhost", port, &UpstreamTls::of(&resource("")).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "TLS to the database at localhost:{port} failed (tls = \"verify-full\"): its \
+                 certificate is not trusted: not signed by a CA twokey trusts (tls_ca_file = \
+                 the CA's PEM file, not set)"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_tls_is_refused_unless_prefer() {
+        let dir = tempfile::tempdir().unwrap();
+        let server =
+            ServerTls::load_or_create(&cfg(), dir.path(), &default_names(None, &[])).unwrap();
+        for mode in ["require", "verify-full"] {
+            let (port, _task) = loopback(server.config.clone(), b'N').await;
+            let up = UpstreamTls::of(&resource(&format!("tls = {mode:?}"))).unwrap();
+            let e = connect_upstream("127.0.0.1", port, &up).await.unwrap_err();
+            assert_eq!(
+                e,
+                format!(
+                    "the database at 127.0.0.1:{port} refused TLS (tls = {mode:?} needs it; \
+                     the server has ssl = off)"
+                )
+            );
+        }
+        let (port, task) = loopback(server.config.clone(), b'N').await;
+        let up = UpstreamTls::of(&resource("tls = \"prefer\"")).unwrap();
+        let mut s = connect_upstream("127.0.0.1", port, &up).await.unwrap();
+        assert!(!s.is_tls());
+        s.write_all(b"plain").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"plain");
+        assert!(!task.await.unwrap().unwrap());
+
+        // Something that is not PostgreSQL.
+        let (port, _task) = loopback(server.config.clone(), b'H').await;
+        let e = connect_upstream("127.0.0.1", port, &up).await.unwrap_err();
+        assert!(
+            e.contains("did not answer the TLS request as PostgreSQL does"),
+            "{e}"
+        );
+
+        // Nobody listening.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = connect_upstream("127.0.0.1", port, &up).await.unwrap_err();
+        assert_eq!(
+            e,
+            format!("cannot reach the database at 127.0.0.1:{port} (connection refused)")
+        );
     }
 }
