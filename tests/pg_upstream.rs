@@ -4,6 +4,10 @@
 //! SCRAM-SHA-256 login with the relay's own client side as a real role the
 //! non-superuser admin made, spoken by hand (startup, 'R' messages, 'p' responses).
 //! Each runs on PostgreSQL 15 and 17 (`name::pg15`, `name::pg17`).
+//!
+//! And the other way round: real `psql` (libpq's SCRAM and TLS) logging in to the
+//! relay's server side ([`ServerExchange`] with the relay's own certificate), served by
+//! a one-connection server here that answers one query.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -317,4 +321,330 @@ async fn disable_and_prefer_speak_plain_to_a_server_without_tls(v: Version) {
             ))
         );
     }
+}
+
+// The relay's server side (ServerExchange, ServerTls) against real psql (libpq's SCRAM
+// client): a one-connection server in the test speaks startup, SCRAM and one query.
+
+const ENGINEER: &str = "alice@example.com";
+const RELAY_PASSWORD: &str = "relay-pw-Xk3mQ9vT2bN7cR4w";
+
+/// What the one-connection server saw.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// Logged in and answered the query, over TLS or not, the client's gs2 flag.
+    Served { user: String, tls: bool, flag: char },
+    /// Refused the login with this error.
+    Refused(String),
+    /// The client went away before finishing.
+    Gone,
+}
+
+/// An ErrorResponse, FATAL, with `code` and `message`.
+fn fatal(code: &str, message: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (f, v) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        b.push(f);
+        b.extend_from_slice(v.as_bytes());
+        b.push(0);
+    }
+    b.push(0);
+    b
+}
+
+fn auth(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = code.to_be_bytes().to_vec();
+    b.extend_from_slice(data);
+    b
+}
+
+/// A startup-phase message (no type byte): its body.
+async fn read_startup(s: &mut PgStream) -> Option<Vec<u8>> {
+    let len = s.read_u32().await.ok()? as usize;
+    assert!((8..10_000).contains(&len));
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// Serves one connection on `listener` as the relay's front would: SSLRequest answered
+/// with `tls` (or 'N'), GSSENCRequest declined, SCRAM against `verifier`, then one
+/// simple query answered with `42`.
+async fn serve_one(
+    listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    verifier: Option<twokey::relay::postgres::scram::Verifier>,
+) -> Seen {
+    use twokey::relay::postgres::scram::ServerExchange;
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut s = PgStream::Plain(tcp);
+    let startup = loop {
+        let Some(body) = read_startup(&mut s).await else {
+            return Seen::Gone;
+        };
+        match u32::from_be_bytes(body[..4].try_into().unwrap()) {
+            80877103 => {
+                let PgStream::Plain(mut tcp) = s else {
+                    panic!("SSLRequest twice")
+                };
+                if let Some(cfg) = &tls {
+                    tcp.write_all(b"S").await.unwrap();
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+                    match acceptor.accept(tcp).await {
+                        Ok(t) => s = PgStream::Server(Box::new(t)),
+                        Err(_) => return Seen::Gone,
+                    }
+                } else {
+                    tcp.write_all(b"N").await.unwrap();
+                    s = PgStream::Plain(tcp);
+                }
+            }
+            80877104 => s.write_all(b"N").await.unwrap(),
+            196608 => break body,
+            other => panic!("startup code {other}"),
+        }
+    };
+    let params: Vec<String> = startup[4..]
+        .split(|b| *b == 0)
+        .map(|p| String::from_utf8_lossy(p).to_string())
+        .collect();
+    let user = params
+        .chunks(2)
+        .find(|kv| kv[0] == "user")
+        .map(|kv| kv[1].clone())
+        .unwrap();
+    send(
+        &mut s,
+        b'R',
+        &auth(10, format!("{MECHANISM}\0\0").as_bytes()),
+    )
+    .await;
+    // SASLInitialResponse: mechanism, length, client-first.
+    let Some((b'p', body)) = read_or_gone(&mut s).await else {
+        return Seen::Gone;
+    };
+    let nul = body.iter().position(|b| *b == 0).unwrap();
+    assert_eq!(&body[..nul], MECHANISM.as_bytes());
+    let first = &body[nul + 5..];
+    let flag = first.first().copied().unwrap_or(b'?') as char;
+    let refuse = |e: twokey::relay::postgres::scram::ScramError| {
+        let code = if e == twokey::relay::postgres::scram::ScramError::AuthFailed {
+            "28P01"
+        } else {
+            "28000"
+        };
+        let msg = if code == "28P01" {
+            format!("password authentication failed for user \"{user}\"")
+        } else {
+            e.to_string()
+        };
+        (fatal(code, &msg), msg)
+    };
+    let (exchange, server_first) = match ServerExchange::start(verifier.as_ref(), first) {
+        Ok(x) => x,
+        Err(e) => {
+            let (body, msg) = refuse(e);
+            send(&mut s, b'E', &body).await;
+            return Seen::Refused(msg);
+        }
+    };
+    send(&mut s, b'R', &auth(11, &server_first)).await;
+    let Some((b'p', body)) = read_or_gone(&mut s).await else {
+        return Seen::Gone;
+    };
+    match exchange.finish(&body) {
+        Ok(fin) => send(&mut s, b'R', &auth(12, &fin)).await,
+        Err(e) => {
+            let (body, msg) = refuse(e);
+            send(&mut s, b'E', &body).await;
+            return Seen::Refused(msg);
+        }
+    }
+    send(&mut s, b'R', &auth(0, &[])).await;
+    for (k, v) in [
+        ("server_version", "15.0"),
+        ("client_encoding", "UTF8"),
+        ("server_encoding", "UTF8"),
+        ("standard_conforming_strings", "on"),
+        ("integer_datetimes", "on"),
+    ] {
+        send(&mut s, b'S', format!("{k}\0{v}\0").as_bytes()).await;
+    }
+    send(&mut s, b'K', &[0, 0, 0, 1, 0, 0, 0, 2]).await;
+    send(&mut s, b'Z', b"I").await;
+    let Some((b'Q', _)) = read_or_gone(&mut s).await else {
+        return Seen::Gone;
+    };
+    // One text column `answer` (type 25), one row `42`.
+    let mut t = 1u16.to_be_bytes().to_vec();
+    t.extend_from_slice(b"answer\0");
+    t.extend_from_slice(&[
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 25, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+    ]);
+    send(&mut s, b'T', &t).await;
+    send(&mut s, b'D', &[0, 1, 0, 0, 0, 2, b'4', b'2']).await;
+    send(&mut s, b'C', b"SELECT 1\0").await;
+    send(&mut s, b'Z', b"I").await;
+    Seen::Served {
+        user,
+        tls: s.is_tls(),
+        flag,
+    }
+}
+
+async fn read_or_gone(s: &mut PgStream) -> Option<(u8, Vec<u8>)> {
+    let kind = s.read_u8().await.ok()?;
+    let len = s.read_u32().await.ok()? as usize;
+    assert!((4..10_000).contains(&len));
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).await.ok()?;
+    Some((kind, body))
+}
+
+/// Runs `psql` with `conninfo` and `password` against a one-connection server; what
+/// psql printed (stdout, stderr) and what the server saw.
+async fn psql_against(
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    verifier: Option<twokey::relay::postgres::scram::Verifier>,
+    conninfo: &str,
+    password: &str,
+) -> (String, String, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(serve_one(listener, tls, verifier));
+    let out = tokio::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-c", "SELECT 42"])
+        .arg(format!(
+            "port={port} user={ENGINEER} dbname=prod-db {conninfo}"
+        ))
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGSSLMODE")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server finished")
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        seen,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_logs_in_to_the_relays_scram_server_with_the_right_password_only() {
+    use twokey::relay::postgres::scram::Verifier;
+    let dir = tempfile::tempdir().unwrap();
+    let relay_tls = twokey::relay::postgres::tls::ServerTls::load_or_create(
+        &twokey::config::RelayPostgresConfig {
+            listen: "127.0.0.1:0".into(),
+            public_address: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_names: vec![],
+            allow_plaintext: false,
+            max_message_bytes: twokey::config::DEFAULT_MAX_PG_MESSAGE_BYTES,
+        },
+        dir.path(),
+        &twokey::relay::postgres::tls::default_names(None, &[]),
+    )
+    .unwrap();
+    let pem = dir.path().join("relay.pem");
+    std::fs::write(&pem, &relay_tls.cert_pem).unwrap();
+    let verify_full = format!(
+        "host=localhost sslmode=verify-full sslrootcert={}",
+        pem.display()
+    );
+    let verifier = || {
+        Some(
+            Verifier::parse(&twokey::dbcreds::scram_verifier(
+                RELAY_PASSWORD,
+                b"fedcba9876543210",
+                4096,
+            ))
+            .unwrap(),
+        )
+    };
+    let tls = || Some(relay_tls.config.clone());
+
+    // Over TLS, libpq verifying the relay's certificate by its PEM alone; libpq says
+    // `y` (it could bind, the server does not offer -PLUS).
+    let (out, err, seen) = psql_against(tls(), verifier(), &verify_full, RELAY_PASSWORD).await;
+    assert_eq!((out.as_str(), err.as_str()), ("42", ""));
+    assert_eq!(
+        seen,
+        Seen::Served {
+            user: ENGINEER.into(),
+            tls: true,
+            flag: 'y'
+        }
+    );
+    // In the clear (`n`), when the relay is configured to allow it.
+    let (out, _, seen) = psql_against(
+        None,
+        verifier(),
+        "host=127.0.0.1 sslmode=disable",
+        RELAY_PASSWORD,
+    )
+    .await;
+    assert_eq!(out, "42");
+    assert_eq!(
+        seen,
+        Seen::Served {
+            user: ENGINEER.into(),
+            tls: false,
+            flag: 'n'
+        }
+    );
+
+    // A wrong password, and no login at all: the same refusal, word for word.
+    let want = format!("password authentication failed for user \"{ENGINEER}\"");
+    for (v, password) in [(verifier(), "relay-pw-wrong"), (None, RELAY_PASSWORD)] {
+        let (out, err, seen) = psql_against(tls(), v, &verify_full, password).await;
+        assert_eq!(out, "");
+        assert!(err.contains(&format!("FATAL:  {want}")), "{err}");
+        assert_eq!(seen, Seen::Refused(want.clone()));
+    }
+
+    // libpq insisting on channel binding gives up itself: the relay offers none.
+    let (out, err, seen) = psql_against(
+        tls(),
+        verifier(),
+        &format!("{verify_full} channel_binding=require"),
+        RELAY_PASSWORD,
+    )
+    .await;
+    assert_eq!(out, "");
+    assert!(
+        err.contains("channel binding is required, but server did not offer"),
+        "{err}"
+    );
+    assert_eq!(seen, Seen::Gone);
+
+    // verify-full to a name the relay's certificate does not carry: psql refuses.
+    let (_, err, seen) = psql_against(
+        tls(),
+        verifier(),
+        &format!(
+            "host=relay.invalid hostaddr=127.0.0.1 sslmode=verify-full sslrootcert={}",
+            pem.display()
+        ),
+        RELAY_PASSWORD,
+    )
+    .await;
+    assert!(
+        err.contains("does not match host name \"relay.invalid\""),
+        "{err}"
+    );
+    assert_eq!(seen, Seen::Gone);
 }
