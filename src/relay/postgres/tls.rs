@@ -141,8 +141,12 @@ pub fn default_names(public_address: Option<&str>, configured: &[String]) -> Vec
 /// A connection of the relay, either side: plain TCP, TLS as the server (to a client),
 /// or TLS as the client (to a target). Reads and writes go to whichever it is.
 pub enum PgStream {
+    /// Unencrypted: a client the relay allows plaintext, or a target with `tls =
+    /// "disable"` (or `"prefer"` and no TLS on the server).
     Plain(TcpStream),
+    /// TLS with the relay as the server ([`ServerTls`]), to psql or a driver.
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS with the relay as the client ([`UpstreamTls`]), to a target.
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
