@@ -91,6 +91,31 @@ pub enum ScramError {
     OutOfOrder,
 }
 
+impl ScramError {
+    /// The SQLSTATE PostgreSQL gives this failure when it is the server: `28P01` for a
+    /// proof that does not verify, `0A000` for an authorization identity, `08P01` for a
+    /// message that breaks the protocol; `XX000` for a bad stored verifier and for what
+    /// only the client side (the relay to a target) meets.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            ScramError::AuthFailed => "28P01",
+            ScramError::Authzid => "0A000",
+            ScramError::Malformed(_)
+            | ScramError::TooLong(_)
+            | ScramError::ChannelBindingUnsupported
+            | ScramError::Extension
+            | ScramError::ChannelBindingMismatch
+            | ScramError::NonceMismatch
+            | ScramError::OutOfOrder => "08P01",
+            ScramError::BadVerifier(_)
+            | ScramError::ServerNonce
+            | ScramError::Iterations(_)
+            | ScramError::ServerSignature
+            | ScramError::Server(_) => "XX000",
+        }
+    }
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
@@ -853,5 +878,28 @@ mod tests {
         assert_eq!(e, "password authentication failed");
         assert!(!e.contains(&proof) && !e.contains("secret"));
         assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn each_refusal_has_postgres_sqlstate() {
+        let cases = [
+            (ScramError::AuthFailed, "28P01"),
+            (ScramError::Authzid, "0A000"),
+            (ScramError::ChannelBindingUnsupported, "08P01"),
+            (ScramError::Malformed("x"), "08P01"),
+            (ScramError::TooLong(5000), "08P01"),
+            (ScramError::NonceMismatch, "08P01"),
+            (ScramError::ChannelBindingMismatch, "08P01"),
+            (ScramError::Extension, "08P01"),
+            (ScramError::OutOfOrder, "08P01"),
+            (ScramError::BadVerifier("x"), "XX000"),
+            (ScramError::ServerSignature, "XX000"),
+            (ScramError::ServerNonce, "XX000"),
+            (ScramError::Iterations(1), "XX000"),
+            (ScramError::Server("e".into()), "XX000"),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.sqlstate(), code, "{e}");
+        }
     }
 }

@@ -141,8 +141,12 @@ pub fn default_names(public_address: Option<&str>, configured: &[String]) -> Vec
 /// A connection of the relay, either side: plain TCP, TLS as the server (to a client),
 /// or TLS as the client (to a target). Reads and writes go to whichever it is.
 pub enum PgStream {
+    /// Unencrypted: a client the relay allows plaintext, or a target with `tls =
+    /// "disable"` (or `"prefer"` and no TLS on the server).
     Plain(TcpStream),
+    /// TLS with the relay as the server ([`ServerTls`]), to psql or a driver.
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS with the relay as the client ([`UpstreamTls`]), to a target.
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
@@ -482,6 +486,11 @@ fn tls_failure(host: &str, port: u16, tls: &UpstreamTls, e: &io::Error) -> Strin
         Some(rustls::Error::InvalidCertificate(
             C::NotValidForName | C::NotValidForNameContext { .. },
         )) => format!("its certificate does not name {host}"),
+        Some(rustls::Error::InvalidCertificate(C::BadSignature)) => {
+            "its handshake signature does not match its certificate (the server does not \
+             hold the certificate's key)"
+                .to_string()
+        }
         Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
             "its certificate has expired".to_string()
         }
@@ -733,6 +742,63 @@ mod tests {
         assert_eq!(
             e,
             format!("cannot reach the database at 127.0.0.1:{port} (connection refused)")
+        );
+    }
+
+    /// A server that shows a certificate whose key it does not hold.
+    #[derive(Debug)]
+    struct Impostor(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::server::ResolvesServerCert for Impostor {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn require_still_checks_the_server_holds_its_certificates_key() {
+        let ring = || Arc::new(rustls::crypto::ring::default_provider());
+        let p256 = || rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let owner = p256();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&owner)
+            .unwrap();
+        let serve_with = |key: &rcgen::KeyPair| {
+            let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            let signer = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
+            let certified = rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signer);
+            Arc::new(
+                rustls::ServerConfig::builder_with_provider(ring())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(Impostor(Arc::new(certified)))),
+            )
+        };
+        let require = UpstreamTls::of(&resource("tls = \"require\"")).unwrap();
+        // The owner of the key: require takes its (unverified) certificate.
+        let (port, task) = loopback(serve_with(&owner), b'S').await;
+        let mut s = connect_upstream("localhost", port, &require).await.unwrap();
+        s.write_all(b"12345").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        assert!(task.await.unwrap().unwrap());
+        // Someone replaying that certificate with another key: refused.
+        let (port, _task) = loopback(serve_with(&p256()), b'S').await;
+        let e = connect_upstream("localhost", port, &require)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "TLS to the database at localhost:{port} failed (tls = \"require\"): its \
+                 handshake signature does not match its certificate (the server does not hold \
+                 the certificate's key)"
+            )
         );
     }
 }
