@@ -58,7 +58,7 @@ pub struct RelayPostgresConfig {
     pub public_address: Option<String>,
     /// The relay's TLS certificate chain (PEM) and key; without them one is made at
     /// first start under DATA_DIR (`relay_pg_cert.pem`, `relay_pg_key.pem`) naming
-    /// `tls_names`, and clients pin it (`sslrootcert`, served at `/api/relay/pg-cert`).
+    /// `tls_names`, and clients pin it (`sslrootcert`, served at `/api/v1/relay/pg-cert`).
     #[serde(default)]
     pub tls_cert_file: Option<PathBuf>,
     #[serde(default)]
