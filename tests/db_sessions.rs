@@ -272,3 +272,71 @@ async fn the_transcript_downloads_as_the_file_it_is() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.assert_chain_ok().await;
 }
+
+#[tokio::test]
+async fn a_long_transcript_shows_its_first_entries_and_counts_the_rest() {
+    let app = common::start().await;
+    let n = twokey::web::db_session::MAX_SHOWN + 3;
+    let entries = (0..n)
+        .map(|i| {
+            transcripts::ok(
+                i as f64,
+                twokey::recording::transcript::Protocol::Simple,
+                &format!("select {i}"),
+                "SELECT 1",
+            )
+        })
+        .collect();
+    let pg = transcripts::pg_session(&app, entries).await;
+    let (status, html) = app
+        .browser(ALICE)
+        .await
+        .get(&format!("/sessions/{}", pg.id))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains(&format!("id=\"statement-count\">{n}<")));
+    let last = twokey::web::db_session::MAX_SHOWN;
+    assert!(html.contains(&format!("id=\"stmt-{last}\"")));
+    assert!(!html.contains(&format!("id=\"stmt-{}\"", last + 1)));
+    assert!(
+        html.contains("id=\"not-shown\">3 more entries are not shown here"),
+        "{}",
+        &html[html.len() - 500..]
+    );
+}
+
+/// The row's hash edited, or another session's transcript put in this one's place: each
+/// is flagged though the file itself is intact.
+#[tokio::test]
+async fn an_edited_row_or_a_swapped_file_is_flagged() {
+    let app = common::start().await;
+    let alice = app.browser(ALICE).await;
+    let pg = transcripts::pg_session(&app, a_bit_of_everything()).await;
+    sqlx::query("UPDATE relay_sessions SET recording_sha256 = ? WHERE id = ?")
+        .bind("0".repeat(64))
+        .bind(&pg.id)
+        .execute(&app.state().db)
+        .await
+        .unwrap();
+    let (_, html) = alice.get(&format!("/sessions/{}", pg.id)).await;
+    assert!(html.contains("id=\"hash-alarm\""), "{html}");
+    assert!(
+        html.contains("matches the audit chain, but the session")
+            && html.contains("row was changed"),
+        "{html}"
+    );
+
+    let a = transcripts::pg_session(&app, a_bit_of_everything()).await;
+    let b = transcripts::pg_session(&app, vec![failed("select 1", "42601", "x")]).await;
+    std::fs::copy(&b.path, &a.path).unwrap();
+    let (status, html) = alice.get(&format!("/sessions/{}", a.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"hash-alarm\""));
+    let at = html
+        .find("id=\"header-mismatch\"")
+        .expect("a header warning");
+    assert!(
+        html[at..at + 200].contains(&format!("session {}", b.id)),
+        "{html}"
+    );
+}
