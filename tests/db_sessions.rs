@@ -339,4 +339,38 @@ async fn an_edited_row_or_a_swapped_file_is_flagged() {
         html[at..at + 200].contains(&format!("session {}", b.id)),
         "{html}"
     );
+
+    // A session ended in the store with no session.ended in the chain: nothing vouches
+    // for its file.
+    let g = transcripts::grant(&app).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let path = a.path.with_file_name(format!("{id}.jsonl"));
+    std::fs::copy(&b.path, &path).unwrap();
+    transcripts::open(&app, &g, &id, "postgres", &path.display().to_string()).await;
+    let mut conn = app.state().db.acquire().await.unwrap();
+    let ended = twokey::store::end_session(
+        &mut conn,
+        &twokey::store::EndedSession {
+            id: &id,
+            ended_at: app.state().now_ms(),
+            reason: "closed",
+            bytes_in: 0,
+            bytes_out: 0,
+            recording_bytes: 0,
+            recording_sha256: &b.sha256,
+            recording_truncated: false,
+            recording_failed: false,
+            masked_inputs: 0,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(ended);
+    let (status, html) = alice.get(&format!("/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"hash-alarm\""), "{html}");
+    assert!(
+        html.contains("no session.ended event for this session"),
+        "{html}"
+    );
 }

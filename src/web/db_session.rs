@@ -191,15 +191,12 @@ fn items(entries: Vec<Entry>) -> Vec<Item> {
 /// recorded. The chain is the record to trust (the row can be edited; an edited event
 /// breaks the chain, which the audit page verifies).
 async fn ended_event(state: &AppState, s: &SessionRow) -> Result<Option<(i64, String)>, Error> {
-    let events = crate::audit::recent(&state.db, Some(&s.grant_id), 10_000).await?;
-    Ok(events
-        .into_iter()
-        .filter(|e| e.action == "session.ended")
-        .find_map(|e| {
-            let d: serde_json::Value = serde_json::from_str(&e.details).ok()?;
-            (d["session_id"].as_str() == Some(s.id.as_str()))
-                .then(|| (e.seq, d["sha256"].as_str().unwrap_or_default().to_string()))
-        }))
+    let events = crate::audit::about(&state.db, &s.grant_id, "session.ended").await?;
+    Ok(events.into_iter().find_map(|e| {
+        let d: serde_json::Value = serde_json::from_str(&e.details).ok()?;
+        (d["session_id"].as_str() == Some(s.id.as_str()))
+            .then(|| (e.seq, d["sha256"].as_str().unwrap_or_default().to_string()))
+    }))
 }
 
 fn hash_vm(s: &SessionRow, found: &Result<String, String>, event: Option<(i64, String)>) -> HashVm {
