@@ -374,3 +374,26 @@ async fn an_edited_row_or_a_swapped_file_is_flagged() {
         "{html}"
     );
 }
+
+/// The SSH replay page shows the same check of its recording against the chain.
+#[tokio::test]
+async fn the_ssh_page_checks_its_recording_against_the_audit_chain_too() {
+    let app = common::start().await;
+    let g = transcripts::grant(&app).await;
+    let (id, path) = transcripts::ssh_session(&app, &g, "hello from the shell\r\n").await;
+    let alice = app.browser(ALICE).await;
+    let (status, html) = alice.get(&format!("/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("matches the audit chain (event "), "{html}");
+    assert!(!html.contains("id=\"hash-alarm\""));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("hello", "HELLO");
+    std::fs::write(&path, text).unwrap();
+    let (status, html) = alice.get(&format!("/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("id=\"hash-alarm\"") && html.contains("DOES NOT MATCH the audit chain"),
+        "{html}"
+    );
+}

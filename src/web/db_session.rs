@@ -208,7 +208,7 @@ fn hash_vm(s: &SessionRow, found: &Result<String, String>, event: Option<(i64, S
     let row = s.recording_sha256.clone().unwrap_or_default();
     let (verdict, alarm) = if s.ended_at.is_none() {
         (
-            "the session is live: its transcript is hashed into the audit chain when it ends"
+            "the session is live: its record is hashed into the audit chain when it ends"
                 .to_string(),
             false,
         )
@@ -220,15 +220,12 @@ fn hash_vm(s: &SessionRow, found: &Result<String, String>, event: Option<(i64, S
         )
     } else if recorded.is_empty() {
         (
-            "no hash was recorded when the session ended (its transcript could not be closed)"
+            "no hash was recorded when the session ended (its record could not be closed)"
                 .to_string(),
             s.recording_failed,
         )
     } else if let Err(e) = found {
-        (
-            format!("the transcript cannot be read to check it: {e}"),
-            true,
-        )
+        (format!("the file cannot be read to check it: {e}"), true)
     } else if found_hash != recorded {
         (
             "DOES NOT MATCH the audit chain: the file was changed or damaged after the session ended. It is shown below as found."
@@ -252,6 +249,21 @@ fn hash_vm(s: &SessionRow, found: &Result<String, String>, event: Option<(i64, S
     }
 }
 
+/// A session's recording or transcript hashed as it is on disk now and checked against
+/// the SHA-256 its `session.ended` event recorded (the SSH page shows the same check).
+pub(super) async fn recording_check(state: &AppState, s: &SessionRow) -> Result<HashVm, Error> {
+    let path = std::path::PathBuf::from(&s.recording);
+    let found = tokio::task::spawn_blocking(move || {
+        crate::recording::hash_file(&path)
+            .map(|(_, sha)| sha)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("hashing a recording: {e}")))?;
+    let event = ended_event(state, s).await?;
+    Ok(hash_vm(s, &found, event))
+}
+
 /// What the transcript's header says that the session row does not (an edited or
 /// swapped file).
 fn header_mismatch(s: &SessionRow, h: &transcript::Header) -> String {
@@ -273,17 +285,11 @@ fn header_mismatch(s: &SessionRow, h: &transcript::Header) -> String {
 
 /// The page of a PostgreSQL session its viewer may see.
 pub async fn show(state: &AppState, user: &WebUser, s: SessionRow) -> Result<Response, PageError> {
+    let hash = recording_check(state, &s).await?;
     let path = std::path::PathBuf::from(&s.recording);
-    let (found, read) = tokio::task::spawn_blocking(move || {
-        let found = crate::recording::hash_file(&path)
-            .map(|(_, sha)| sha)
-            .map_err(|e| e.to_string());
-        (found, transcript::read_first(&path, MAX_SHOWN))
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("reading a transcript: {e}")))?;
-    let event = ended_event(state, &s).await?;
-    let hash = hash_vm(&s, &found, event);
+    let read = tokio::task::spawn_blocking(move || transcript::read_first(&path, MAX_SHOWN))
+        .await
+        .map_err(|e| Error::Internal(format!("reading a transcript: {e}")))?;
     let (database, rows_cap, header_mismatch, items, statements, not_shown, read_error) = match read
     {
         Ok(ReadBack {

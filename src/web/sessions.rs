@@ -1,7 +1,8 @@
 //! Relay sessions: the list (live and past, SSH and PostgreSQL), a replay page that
 //! plays an SSH recording in the browser with asciinema-player (from npm, served as
 //! is), the recording itself, and an admin's button to end a live session. A
-//! PostgreSQL session's page and transcript are [`super::db_session`]'s.
+//! PostgreSQL session's page and transcript are [`super::db_session`]'s, as is the check
+//! of a recording's SHA-256 on disk against the audit chain that both pages show.
 //!
 //! A session is visible to its holder, the approvers of its role, and admins — as its
 //! request is. Recordings can hold anything typed, passwords included: never to anyone
@@ -114,7 +115,8 @@ struct SessionPage {
     s: SessionVm,
     grant_id: String,
     end_reason: String,
-    sha256: String,
+    /// The recording as it is on disk, checked against the audit chain.
+    hash: super::db_session::HashVm,
     /// The recording reached its cap; the rest was counted, not recorded.
     truncated: bool,
     failed: bool,
@@ -137,12 +139,13 @@ pub async fn show(
     if is_postgres(&s) {
         return super::db_session::show(&state, &user, s).await;
     }
+    let hash = super::db_session::recording_check(&state, &s).await?;
     let page = SessionPage {
         chrome: Chrome::of(&state, &user).await?,
         s: vm(&state, &s),
         grant_id: s.grant_id,
         end_reason: s.end_reason.unwrap_or_default(),
-        sha256: s.recording_sha256.unwrap_or_default(),
+        hash,
         truncated: s.recording_truncated,
         failed: s.recording_failed,
         masked_inputs: s.masked_inputs,

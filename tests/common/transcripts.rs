@@ -152,6 +152,40 @@ pub async fn pg_session_under(
     }
 }
 
+/// A closed SSH session under `g` whose asciicast recording holds `output`, closed by
+/// the relay's own `lifecycle::close`; returns its id and the recording's path.
+pub async fn ssh_session(
+    app: &TestApp,
+    g: &twokey::store::GrantRow,
+    output: &str,
+) -> (String, std::path::PathBuf) {
+    let state = app.state();
+    let id = uuid::Uuid::new_v4().to_string();
+    let dir = state.config.server.data_dir.join("recordings");
+    let mut r =
+        twokey::recording::Recorder::create(&dir, &id, 1 << 20, state.clock.now().timestamp())
+            .unwrap();
+    r.output(output.as_bytes());
+    let done = r.finish().unwrap();
+    let path = std::path::PathBuf::from(&done.path);
+    open(app, g, &id, "ssh", &done.path).await;
+    twokey::relay::lifecycle::close(
+        state,
+        twokey::relay::lifecycle::Closing {
+            id: &id,
+            grant: g,
+            reason: "closed",
+            bytes_in: 1,
+            bytes_out: 2,
+            recording: Ok(done),
+            recording_path: &path.display().to_string(),
+        },
+    )
+    .await
+    .unwrap();
+    (id, path)
+}
+
 /// A statement that completed with `tag`.
 pub fn ok(t: f64, protocol: Protocol, sql: &str, tag: &str) -> Entry {
     Entry::Statement(Box::new(Statement {
