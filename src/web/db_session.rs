@@ -307,7 +307,9 @@ pub async fn show(state: &AppState, user: &WebUser, s: SessionRow) -> Result<Res
             String::new(),
         ),
         Err(e) => {
-            tracing::warn!(session = %s.id, error = %e, "a transcript cannot be read");
+            // Only the kind is logged: a parse error can quote the transcript, and a
+            // transcript can hold a secret someone typed.
+            tracing::warn!(session = %s.id, kind = ?e.kind(), "a transcript cannot be read");
             (
                 String::new(),
                 String::new(),
@@ -387,6 +389,93 @@ mod tests {
             (f64::INFINITY, "0.00 ms"),
         ] {
             assert_eq!(millis(ms), want, "{ms}");
+        }
+    }
+
+    fn row(ended: bool, row_sha: &str, failed: bool) -> SessionRow {
+        SessionRow {
+            id: "s1".into(),
+            grant_id: "g1".into(),
+            user_email: "a@example.com".into(),
+            resource: "db".into(),
+            peer: None,
+            started_at: 0,
+            ended_at: ended.then_some(1),
+            end_reason: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            recording: "/x".into(),
+            recording_bytes: None,
+            recording_sha256: Some(row_sha.into()),
+            recording_truncated: false,
+            recording_failed: failed,
+            masked_inputs: 0,
+            interrupted: false,
+            protocol: "postgres".into(),
+            holder_id: "u1".into(),
+            role: "read".into(),
+        }
+    }
+
+    #[test]
+    fn the_hash_verdict_alarms_on_anything_but_a_match() {
+        let ok: Result<String, String> = Ok("aa".into());
+        let gone: Result<String, String> = Err("No such file".into());
+        let ev = |sha: &str| Some((7, sha.to_string()));
+        for (s, found, event, starts, alarm) in [
+            (
+                row(true, "aa", false),
+                &ok,
+                ev("aa"),
+                "matches the audit chain (event 7)",
+                false,
+            ),
+            (
+                row(false, "", false),
+                &ok,
+                None,
+                "the session is live",
+                false,
+            ),
+            (
+                row(true, "bb", false),
+                &ok,
+                ev("bb"),
+                "DOES NOT MATCH",
+                true,
+            ),
+            (
+                row(true, "aa", false),
+                &gone,
+                ev("aa"),
+                "the file cannot be read",
+                true,
+            ),
+            (
+                row(true, "aa", false),
+                &ok,
+                None,
+                "no session.ended event",
+                true,
+            ),
+            (
+                row(true, "cc", false),
+                &ok,
+                ev("aa"),
+                "the file matches the audit chain, but",
+                true,
+            ),
+            (
+                row(true, "", true),
+                &ok,
+                ev(""),
+                "no hash was recorded",
+                true,
+            ),
+        ] {
+            let v = hash_vm(&s, found, event);
+            assert!(v.verdict.starts_with(starts), "{starts}: {}", v.verdict);
+            assert_eq!(v.alarm, alarm, "{starts}");
         }
     }
 
