@@ -443,3 +443,87 @@ async fn sign_out_ends_the_session_for_good() {
     );
     b.quit().await;
 }
+
+/// A database session in Chromium: alice finds it on Sessions by its PostgreSQL badge,
+/// clicks into it and reads a statement, an error's SQLSTATE, the kept rows and the
+/// download link; at a phone's width nothing scrolls the page sideways, however long
+/// the SQL or wide the result (those scroll inside their card).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_sessions_transcript_reads_in_chromium_and_fits_a_phone() {
+    use common::transcripts::{self, a_bit_of_everything, rows};
+    let app = common::start().await;
+    let base = app.server.url();
+    let long_sql = format!("select '{}' as x", "y".repeat(600));
+    let wide: Vec<String> = (0..20).map(|i| format!("column_number_{i}")).collect();
+    let wide_cols: Vec<&str> = wide.iter().map(String::as_str).collect();
+    let wide_row: Vec<Option<&str>> = (0..20).map(|_| Some("a-rather-long-value")).collect();
+    let mut entries = a_bit_of_everything();
+    entries.push(rows(&long_sql, &wide_cols, vec![wide_row], 1));
+    let pg = transcripts::pg_session(&app, entries).await;
+
+    let b = Browser::start().await;
+    sign_in(&b, &base, ALICE).await;
+    b.goto(&format!("{base}/sessions")).await;
+    let row = b.text(&format!("tr[id='session-{}']", pg.id)).await;
+    assert!(row.contains("PostgreSQL"), "{row}");
+    b.click_and_wait(&format!("tr[id='session-{}'] a", pg.id))
+        .await;
+    assert!(b.url().await.ends_with(&format!("/sessions/{}", pg.id)));
+    shot(&b, "db-session").await;
+    assert!(
+        b.text("#stmt-1 pre.sql")
+            .await
+            .contains("insert into accounts (name, note) values ($1, $2)")
+    );
+    assert_eq!(b.text("#stmt-3 .sqlstate").await, "42P01");
+    let result = b.text("#stmt-2 table.result").await;
+    assert!(
+        result.contains("alpha-row") && result.contains("beta-row"),
+        "{result}"
+    );
+    assert!(b.text("#stmt-2").await.contains("3 more rows not kept"));
+    assert_eq!(b.text("#statement-count").await, "6");
+    assert!(
+        b.text("#hash-verdict")
+            .await
+            .contains("matches the audit chain")
+    );
+    let href = b
+        .script("return document.getElementById('download-transcript').href;")
+        .await;
+    assert_eq!(
+        href.as_str().unwrap(),
+        format!("{base}/sessions/{}/transcript", pg.id)
+    );
+    let download = b
+        .script("return document.getElementById('download-transcript').getAttribute('download');")
+        .await;
+    assert_eq!(download, format!("{}.jsonl", pg.id).as_str());
+    // What the link points at is the file (the page's CSP lets no script fetch it, so
+    // it is fetched as alice outside the browser).
+    let resp = app
+        .browser(ALICE)
+        .await
+        .get_raw(href.as_str().unwrap().trim_start_matches(&base))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    assert_eq!(
+        resp.bytes().await.unwrap().as_ref(),
+        std::fs::read(&pg.path).unwrap().as_slice()
+    );
+
+    b.set_window(390, 844).await;
+    let fit = b
+        .script("return [document.scrollingElement.scrollWidth, window.innerWidth, document.querySelector('#stmt-6 table.result').scrollWidth, document.querySelector('#stmt-6 table.result').clientWidth];")
+        .await;
+    let n = |i: usize| fit[i].as_f64().unwrap();
+    assert!(n(1) <= 400.0, "the window is phone-sized: {fit}");
+    assert!(n(0) <= n(1), "the page scrolls sideways at 390 px: {fit}");
+    assert!(
+        n(2) > n(3),
+        "the wide result scrolls inside its card: {fit}"
+    );
+    shot(&b, "db-session-phone").await;
+    b.quit().await;
+}

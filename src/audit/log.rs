@@ -119,3 +119,16 @@ pub async fn head_seq(db: &Db) -> Result<i64> {
             .await?,
     )
 }
+
+/// Every event `action` about `subject`, oldest first (a grant's `session.ended`
+/// events, say), however many there are.
+pub async fn about(db: &Db, subject: &str, action: &str) -> Result<Vec<AuditEvent>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, ts, actor, action, subject, details, prev_hash, hash
+         FROM audit_events WHERE subject = ? AND action = ? ORDER BY seq",
+    )
+    .bind(subject)
+    .bind(action)
+    .fetch_all(db)
+    .await?)
+}

@@ -284,6 +284,58 @@ pub fn read(path: &std::path::Path) -> std::io::Result<(Header, Vec<Entry>)> {
     Ok((header, entries))
 }
 
+/// A transcript read back for showing: its header, its first entries, and what the rest
+/// held (every line is still parsed, so damage anywhere is an error, as with [`read`]).
+#[derive(Debug)]
+pub struct ReadBack {
+    pub header: Header,
+    /// The first `keep` entries.
+    pub entries: Vec<Entry>,
+    /// Entries after those.
+    pub not_kept: u64,
+    /// Statements in the whole transcript, kept or not.
+    pub statements: u64,
+}
+
+/// Reads a transcript keeping at most `keep` entries in memory, so that showing a large
+/// one stays bounded; errors as [`read`] does.
+pub fn read_first(path: &std::path::Path, keep: usize) -> std::io::Result<ReadBack> {
+    let f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut lines = f.lines();
+    let bad = |n: usize, e: serde_json::Error| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("transcript line {n}: {e}"),
+        )
+    };
+    let first = lines.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "empty transcript")
+    })??;
+    let header: Header = serde_json::from_str(&first).map_err(|e| bad(1, e))?;
+    let mut back = ReadBack {
+        header,
+        entries: Vec::new(),
+        not_kept: 0,
+        statements: 0,
+    };
+    for (i, line) in lines.enumerate() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        let entry: Entry = serde_json::from_str(&line).map_err(|e| bad(i + 2, e))?;
+        if matches!(entry, Entry::Statement(_)) {
+            back.statements += 1;
+        }
+        if back.entries.len() < keep {
+            back.entries.push(entry);
+        } else {
+            back.not_kept += 1;
+        }
+    }
+    Ok(back)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,5 +430,42 @@ mod tests {
         std::fs::write(&done.path, text).unwrap();
         let err = read(std::path::Path::new(&done.path)).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn read_first_keeps_the_first_entries_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Transcript::create(dir.path(), &header("s4"), 1 << 20).unwrap();
+        for i in 0..5 {
+            t.write(Entry::Statement(Box::new(Statement {
+                sql: format!("select {i}"),
+                ..Default::default()
+            })));
+        }
+        t.write(Entry::Note {
+            t: 0.0,
+            text: "x".into(),
+        });
+        let done = t.finish().unwrap();
+        let path = std::path::Path::new(&done.path);
+        for (keep, kept, not_kept) in [(0, 0, 6), (2, 2, 4), (6, 6, 0), (100, 6, 0)] {
+            let back = read_first(path, keep).unwrap();
+            assert_eq!(back.header, header("s4"));
+            assert_eq!(
+                (back.entries.len(), back.not_kept, back.statements),
+                (kept, not_kept, 5),
+                "keep {keep}"
+            );
+        }
+        let Entry::Statement(s) = &read_first(path, 1).unwrap().entries[0] else {
+            panic!()
+        };
+        assert_eq!(s.sql, "select 0");
+        // Damage past what is kept is still found.
+        let mut text = std::fs::read_to_string(path).unwrap();
+        text.push_str("{not json\n");
+        std::fs::write(path, text).unwrap();
+        let err = read_first(path, 1).unwrap_err();
+        assert!(err.to_string().contains("line 8"), "{err}");
     }
 }

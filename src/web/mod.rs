@@ -11,7 +11,8 @@
 //! - [`requests`]: new request, my requests, the approval queue, a request's page and
 //!   its approve / deny / cancel / revoke; [`links`]: the emailed action links.
 //! - [`grants`]: live grants, the SSH certificate and database login of a grant.
-//! - [`sessions`]: relay sessions, their replay, ending one.
+//! - [`sessions`]: relay sessions, their replay, ending one; [`db_session`]: a
+//!   PostgreSQL session's transcript page and download.
 //! - [`admin`] (users, forced re-sign-in), [`host_keys`], [`audit_log`]; [`policy_page`].
 //! - [`account`], [`tokens`], [`cli_login`] (`twokey login`), [`slack`] (Slack's button
 //!   clicks, linking a Slack account); [`mailbox`]: the demo's mailbox.
@@ -27,6 +28,7 @@ pub mod assets;
 pub mod audit_log;
 mod chrome;
 pub mod cli_login;
+pub mod db_session;
 pub mod error;
 pub mod extract;
 pub mod grants;

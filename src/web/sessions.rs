@@ -1,6 +1,8 @@
-//! Relay sessions: the list (live and past), a replay page that plays the recording in
-//! the browser with asciinema-player (from npm, served as is), the recording itself,
-//! and an admin's button to end a live session.
+//! Relay sessions: the list (live and past, SSH and PostgreSQL), a replay page that
+//! plays an SSH recording in the browser with asciinema-player (from npm, served as
+//! is), the recording itself, and an admin's button to end a live session. A
+//! PostgreSQL session's page and transcript are [`super::db_session`]'s, as is the check
+//! of a recording's SHA-256 on disk against the audit chain that both pages show.
 //!
 //! A session is visible to its holder, the approvers of its role, and admins — as its
 //! request is. Recordings can hold anything typed, passwords included: never to anyone
@@ -29,6 +31,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/sessions", get(list))
         .route("/sessions/{id}", get(show))
         .route("/sessions/{id}/cast", get(cast))
+        .route("/sessions/{id}/transcript", get(transcript))
         .route("/sessions/{id}/terminate", post(terminate))
 }
 
@@ -40,9 +43,13 @@ pub struct SessionVm {
     pub duration: String,
     pub bytes: String,
     pub live: bool,
+    /// `SSH` or `PostgreSQL`, for its badge.
+    pub protocol: &'static str,
+    /// A PostgreSQL session (a transcript, not a terminal recording).
+    pub postgres: bool,
 }
 
-fn vm(state: &AppState, s: &SessionRow) -> SessionVm {
+pub(super) fn vm(state: &AppState, s: &SessionRow) -> SessionVm {
     let end = s.ended_at.unwrap_or_else(|| state.now_ms());
     SessionVm {
         id: s.id.clone(),
@@ -54,7 +61,13 @@ fn vm(state: &AppState, s: &SessionRow) -> SessionVm {
         )),
         bytes: format!("{} / {}", s.bytes_in, s.bytes_out),
         live: s.ended_at.is_none() && state.live_sessions.is_live(&s.id),
+        protocol: if is_postgres(s) { "PostgreSQL" } else { "SSH" },
+        postgres: is_postgres(s),
     }
+}
+
+fn is_postgres(s: &SessionRow) -> bool {
+    s.protocol == "postgres"
 }
 
 fn may_see(state: &AppState, user: &WebUser, s: &SessionRow) -> bool {
@@ -102,7 +115,8 @@ struct SessionPage {
     s: SessionVm,
     grant_id: String,
     end_reason: String,
-    sha256: String,
+    /// The recording as it is on disk, checked against the audit chain.
+    hash: super::db_session::HashVm,
     /// The recording reached its cap; the rest was counted, not recorded.
     truncated: bool,
     failed: bool,
@@ -122,12 +136,16 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
     let s = visible(&state, &user, &id).await?;
+    if is_postgres(&s) {
+        return super::db_session::show(&state, &user, s).await;
+    }
+    let hash = super::db_session::recording_check(&state, &s).await?;
     let page = SessionPage {
         chrome: Chrome::of(&state, &user).await?,
         s: vm(&state, &s),
         grant_id: s.grant_id,
         end_reason: s.end_reason.unwrap_or_default(),
-        sha256: s.recording_sha256.unwrap_or_default(),
+        hash,
         truncated: s.recording_truncated,
         failed: s.recording_failed,
         masked_inputs: s.masked_inputs,
@@ -144,12 +162,28 @@ pub async fn cast(
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
     let s = visible(&state, &user, &id).await?;
+    if is_postgres(&s) {
+        return Err(Error::NotFound("terminal recording").into());
+    }
     // Streamed from disk: a large recording never sits in memory whole.
     let file = tokio::fs::File::open(&s.recording)
         .await
         .map_err(|e| Error::Internal(format!("recording {}: {e}", s.id)))?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
+}
+
+/// A PostgreSQL session's transcript (`.jsonl`), to its viewers only.
+pub async fn transcript(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let s = visible(&state, &user, &id).await?;
+    if !is_postgres(&s) {
+        return Err(Error::NotFound("transcript").into());
+    }
+    super::db_session::download(s).await
 }
 
 /// An admin ends a live session.

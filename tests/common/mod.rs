@@ -7,6 +7,7 @@ pub mod oidc;
 pub mod postgres;
 pub mod slack;
 pub mod sshd;
+pub mod transcripts;
 pub mod webdriver;
 
 use std::sync::Arc;
