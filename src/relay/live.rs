@@ -31,6 +31,11 @@ impl Cut {
         self.notify.notify_one();
     }
 
+    /// The reason it was cut for, if it was.
+    pub(crate) fn reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Waits for the cut; returns its reason.
     pub(crate) async fn wait(&self) -> String {
         self.notify.notified().await;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
@@ -465,6 +465,11 @@ async fn relay_session(
     if busy || matches!(stop, Stop::Cut(_)) {
         upstream::cancel(&backend_host, backend_port, backend_pid, &backend_secret).await;
     }
+    // A client that leaves as it is told of its cut was cut, not closed.
+    let stop = match (stop, cut.reason()) {
+        (Stop::Closed, Some(reason)) => Stop::Cut(reason),
+        (stop, _) => stop,
+    };
     match stop {
         Stop::Closed => "closed".into(),
         Stop::Cut(reason) => reason,
@@ -475,13 +480,14 @@ async fn relay_session(
 /// Client → target: each message framed, shown to the tracker, passed on in batches.
 async fn client_to_target(
     mut from: ReadHalf<PgStream>,
-    mut buf: BytesMut,
+    first: BytesMut,
     mut to: WriteHalf<PgStream>,
     tracker: Arc<std::sync::Mutex<Tracker>>,
     counters: Arc<Counters>,
     started: Instant,
     max: usize,
 ) -> Stop {
+    let mut buf = start_buffer(&first);
     loop {
         let (ready, terminate) = match scan(&buf, max, |t, body| {
             if let Ok(mut tr) = tracker.lock() {
@@ -490,7 +496,7 @@ async fn client_to_target(
         }) {
             Ok(r) => r,
             Err(e) => {
-                let _ = to.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
                 return Stop::Failed(format!("the client sent {e}"));
             }
         };
@@ -504,11 +510,11 @@ async fn client_to_target(
             counters
                 .last
                 .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            buf.advance(ready);
+            buf.drain(..ready);
         }
         if terminate {
-            let _ = to.flush().await;
-            let _ = to.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), to.flush()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
             return Stop::Closed;
         }
         if to.flush().await.is_err() {
@@ -518,7 +524,7 @@ async fn client_to_target(
         match from.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = to.write_all(&wire::message(b'X', b"")).await;
-                let _ = to.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
                 return Stop::Closed;
             }
             Ok(_) => {}
@@ -530,7 +536,7 @@ async fn client_to_target(
 #[allow(clippy::too_many_arguments)]
 async fn target_to_client(
     mut from: ReadHalf<PgStream>,
-    mut buf: BytesMut,
+    first: BytesMut,
     mut to: WriteHalf<PgStream>,
     tracker: Arc<std::sync::Mutex<Tracker>>,
     counters: Arc<Counters>,
@@ -538,6 +544,7 @@ async fn target_to_client(
     max: usize,
     cut: Arc<Cut>,
 ) -> Stop {
+    let mut buf = start_buffer(&first);
     let cut_wait = cut.wait();
     tokio::pin!(cut_wait);
     loop {
@@ -562,7 +569,7 @@ async fn target_to_client(
             counters
                 .last
                 .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            buf.advance(ready);
+            buf.drain(..ready);
         }
         reserve(&mut buf, max);
         tokio::select! {
@@ -574,12 +581,12 @@ async fn target_to_client(
                     fatal(&mut to, "57P01", &text, None),
                 )
                 .await;
-                let _ = to.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
                 return Stop::Cut(reason);
             }
             n = from.read_buf(&mut buf) => match n {
                 Ok(0) | Err(_) => {
-                    let _ = to.shutdown().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
                     return Stop::Failed("the target closed the connection".into());
                 }
                 Ok(_) => {}
@@ -606,11 +613,22 @@ fn scan(
     Ok((at, false))
 }
 
+/// A direction's buffer, holding what was read past the startup.
+fn start_buffer(first: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(BUFFER.max(first.len()));
+    b.extend_from_slice(first);
+    b
+}
+
+/// A direction's buffer: one plain allocation that messages pass through and that only
+/// a large message grows (and which shrinks back once it has passed).
+const BUFFER: usize = 16 * 1024;
+
 /// Room for the next read: at least 8 KiB, the whole of a large message once its
 /// length is known; a buffer a large message grew is let go once it is passed on.
-fn reserve(buf: &mut BytesMut, max: usize) {
+fn reserve(buf: &mut Vec<u8>, max: usize) {
     if buf.is_empty() && buf.capacity() > 1 << 20 {
-        *buf = BytesMut::with_capacity(16 * 1024);
+        *buf = Vec::with_capacity(BUFFER);
         return;
     }
     let need = match wire::frame(buf, max) {
