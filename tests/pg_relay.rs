@@ -624,3 +624,139 @@ async fn ten_million_rows_stream_through_in_bounded_memory() {
     let row = &s.sessions().await[0];
     assert!(row.bytes_out > 150 << 20, "{}", row.bytes_out);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twokey_psql_goes_through_the_relay_in_one_step() {
+    let s = setup().await;
+    let home = tempfile::tempdir().unwrap();
+    let twokey = |args: Vec<String>, stdin: Option<String>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey"));
+        cmd.args(args)
+            .env("TWOKEY_HOME", home.path())
+            .env("HOME", home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut child = cmd.spawn().unwrap();
+                if let Some(s) = stdin {
+                    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+                }
+                child.wait_with_output().unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let token = twokey::auth::create_api_token(s.app.state(), ALICE, "t")
+        .await
+        .unwrap();
+    let login = ["login", "--server", &s.app.server.url(), "--token-stdin"];
+    ok(&twokey(login.map(String::from).to_vec(), Some(format!("{token}\n"))).await);
+    granted(&s.app).await;
+    let args = [
+        "psql",
+        "demo-db",
+        "--",
+        "-tA",
+        "-c",
+        "select current_user, count(*) from items",
+    ];
+    let out = twokey(args.map(String::from).to_vec(), None).await;
+    let text = ok(&out);
+    assert!(
+        text.starts_with("twokey_") && text.ends_with("|3"),
+        "{text}"
+    );
+    let sessions = s.sessions().await;
+    assert_eq!(sessions.len(), 1, "through the relay, recorded");
+    assert_eq!(sessions[0].protocol, "postgres");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_and_bad_input_gets_an_error_not_a_crash() {
+    let s = setup_with(|c| {
+        let r = c.relay.as_mut().unwrap();
+        r.max_connections_per_ip = 2;
+        r.login_grace_time = Duration::from_secs(1);
+        r.idle_timeout = Duration::from_secs(1);
+        r.postgres.as_mut().unwrap().max_message_bytes = 64 << 10;
+    })
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A peer that connects and says nothing is closed after the login grace time.
+    let mut silent = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+    let mut b = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut b))
+        .await
+        .expect("closed by the relay");
+    assert_eq!(n.unwrap(), 0);
+    // Two open connections from one address; the third is told why.
+    let _a = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("53300") && text.contains("too many connections from your address"),
+        "{text}"
+    );
+    drop((_a, _b));
+    // Malformed startup packets: closed, and the relay serves on.
+    for bad in [
+        &[0u8, 0, 0, 3][..],
+        &[0, 0, 0x7f, 0xff, 0, 3, 0, 0],
+        &[0, 0, 0, 9, 0, 3, 0, 0, 0xff],
+    ] {
+        eventually("a slot", async || {
+            tokio::net::TcpStream::connect(s.pg).await.is_ok()
+        })
+        .await;
+        let mut t = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+        t.write_all(bad).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut sink)).await;
+    }
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    ok(&s.psql(&pw, "select 1").await);
+    // A statement over the message bound ends the session with an error.
+    let long = format!("select '{}'", "x".repeat(100_000));
+    let err = refused(&s.psql(&pw, &long).await);
+    assert!(
+        err.contains("connection") || err.contains("closed"),
+        "{err}"
+    );
+    // A session with nothing going on is closed after the idle timeout.
+    let opts = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(s.pg.port())
+        .database("demo-db")
+        .username(ALICE)
+        .password(&pw)
+        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+        .ssl_root_cert(&s.cert);
+    let _idle: sqlx::PgConnection = sqlx::ConnectOptions::connect(&opts).await.unwrap();
+    eventually("the idle session to be closed", async || {
+        s.sessions()
+            .await
+            .iter()
+            .any(|x| x.end_reason.as_deref() == Some("idle for 1s"))
+    })
+    .await;
+    let reasons: Vec<Option<String>> = s
+        .sessions()
+        .await
+        .into_iter()
+        .map(|x| x.end_reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r
+            .as_deref()
+            .is_some_and(|r| r.contains("over the relay's bound"))),
+        "{reasons:?}"
+    );
+}

@@ -417,6 +417,7 @@ async fn relay_session(
         counters.clone(),
         started,
         max,
+        cut.clone(),
     ));
     let u2c = tokio::spawn(target_to_client(
         up_r,
@@ -486,6 +487,7 @@ async fn client_to_target(
     counters: Arc<Counters>,
     started: Instant,
     max: usize,
+    cut: Arc<Cut>,
 ) -> Stop {
     let mut buf = start_buffer(&first);
     loop {
@@ -496,7 +498,11 @@ async fn client_to_target(
         }) {
             Ok(r) => r,
             Err(e) => {
+                // Told to the client by the other direction, which owns its writing
+                // half: as a cut, between two of the target's messages.
                 let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
+                cut.cut(&format!("the client sent {e}"));
+                std::future::pending::<()>().await;
                 return Stop::Failed(format!("the client sent {e}"));
             }
         };
