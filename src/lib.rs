@@ -22,9 +22,11 @@
 //!
 //! **Data plane** — the only way in.
 //! - [`relay`]: a protocol-neutral core (admission, live sessions and the one cut
-//!   watcher, limits, session lifecycle) under the SSH layer `relay::ssh`; it admits
-//!   live grants only and cuts at the end.
-//! - [`recording`] writes the hashed session recordings (asciicast v2) the relay makes.
+//!   watcher, limits, session lifecycle) under the SSH layer `relay::ssh` and the
+//!   PostgreSQL layer `relay::postgres`; it admits live grants only and cuts at the
+//!   end.
+//! - [`recording`] writes the hashed session recordings (asciicast v2) and PostgreSQL
+//!   transcripts (JSONL) the relay makes.
 //!
 //! **Evidence plane** — what an auditor checks.
 //! - [`audit`]: the pure hash chain, [`audit::append`] (the one way to add an event),

@@ -479,6 +479,7 @@ async fn relay_session(
 }
 
 /// Client → target: each message framed, shown to the tracker, passed on in batches.
+#[allow(clippy::too_many_arguments)]
 async fn client_to_target(
     mut from: ReadHalf<PgStream>,
     first: BytesMut,

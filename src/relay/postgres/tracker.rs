@@ -228,8 +228,10 @@ impl Tracker {
             }
             b'S' => self.pending.push_back(Pending::Sync),
             b'D' => {
-                if f.u8()? == b'S' {
-                    self.describing.push_back(f.cstr()?.to_string());
+                let kind = f.u8()?;
+                let name = f.cstr()?;
+                if kind == b'S' {
+                    self.describing.push_back(name.to_string());
                 }
             }
             b'C' => {
