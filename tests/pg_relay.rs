@@ -33,7 +33,14 @@ struct Setup {
 /// A TLS cluster behind the relay: demo-db reached only through the relay, the target
 /// verified (verify-full, the cluster's CA), its role `read` in `readonly`.
 async fn setup_with(tweak: impl FnOnce(&mut twokey::config::Config) + Send + 'static) -> Setup {
-    let cluster = Cluster::start_with(Version::Pg15, true);
+    setup_on(Version::Pg15, tweak).await
+}
+
+async fn setup_on(
+    version: Version,
+    tweak: impl FnOnce(&mut twokey::config::Config) + Send + 'static,
+) -> Setup {
+    let cluster = Cluster::start_with(version, true);
     let files = tempfile::tempdir().unwrap();
     let pw = files.path().join("pg-admin-password");
     std::fs::write(&pw, format!("{}\n", postgres::TWOKEY_ADMIN_PASSWORD)).unwrap();
@@ -185,7 +192,16 @@ async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_runs_as_the_grants_role_and_its_transcript_is_hashed_into_the_audit() {
-    let s = setup().await;
+    a_query_runs_and_is_transcribed(Version::Pg15).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_postgresql_17() {
+    a_query_runs_and_is_transcribed(Version::Pg17).await
+}
+
+async fn a_query_runs_and_is_transcribed(version: Version) {
+    let s = setup_on(version, |_| {}).await;
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
     let out = s
@@ -247,6 +263,21 @@ async fn a_query_runs_as_the_grants_role_and_its_transcript_is_hashed_into_the_a
         events
             .iter()
             .any(|e| e.action == "session.started" && details(e)["protocol"] == "postgres")
+    );
+    // The holder reads it on the session's page, its hash checked against the audit.
+    let browser = s.app.browser(ALICE).await;
+    let (st, html) = browser.get(&format!("/sessions/{}", row.id)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        html.contains("select name from items order by id"),
+        "{html}"
+    );
+    assert!(html.contains("SELECT 3"), "{html}");
+    let (st, list) = browser.get("/sessions").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        list.contains("PostgreSQL") && list.contains(&row.id),
+        "{list}"
     );
     s.app.assert_chain_ok().await;
 }

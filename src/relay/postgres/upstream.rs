@@ -158,12 +158,21 @@ async fn login_once(
                         scram = Some(c);
                     }
                     11 => {
-                        let c = scram
-                            .as_mut()
+                        let mut c = scram
+                            .take()
                             .ok_or_else(|| failed("08P01", "SCRAM out of order"))?;
-                        let fin = c
-                            .server_first(f.rest())
+                        // PBKDF2 with the target's iteration count (up to 10M): off the
+                        // async workers.
+                        let msg = f.rest().to_vec();
+                        let (c, fin) = tokio::task::spawn_blocking(move || {
+                            let fin = c.server_first(&msg);
+                            (c, fin)
+                        })
+                        .await
+                        .map_err(|_| failed("XX000", "SCRAM with the target failed"))?;
+                        let fin = fin
                             .map_err(|e| failed("28000", format!("SCRAM with the target: {e}")))?;
+                        scram = Some(c);
                         s.write_all(&wire::message(b'p', &fin)).await.map_err(io)?;
                     }
                     12 => {
