@@ -151,4 +151,84 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_postgres_relay_and_access_are_checked() {
+        let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));
+        let db = "name = \"demo-db\"\nkind = \"postgres\"\n";
+        let admin = "address = \"127.0.0.1:5432\"\ndatabase = \"app\"\nadmin_user = \"twokey\"\nadmin_password_file = \"/tmp/x/pw\"\n";
+        let relay =
+            "\n[relay]\nlisten = \"127.0.0.1:0\"\n[relay.postgres]\nlisten = \"127.0.0.1:0\"\n";
+        let cases: &[(String, Option<&str>)] = &[
+            // No relay: direct, as before.
+            (base.clone(), None),
+            // The relay on: relay is the default, and needs the admin to make logins.
+            (
+                format!("{base}{relay}"),
+                Some("resource demo-db.admin_user"),
+            ),
+            (
+                format!("{}{relay}", base.replacen(db, &format!("{db}{admin}"), 1)),
+                None,
+            ),
+            // Asked for without the relay.
+            (
+                base.replacen(db, &format!("{db}access = \"relay\"\n"), 1),
+                Some("resource demo-db.access"),
+            ),
+            (
+                format!(
+                    "{}{relay}",
+                    base.replacen(db, &format!("{db}access = \"direct\"\n"), 1)
+                ),
+                None,
+            ),
+            // Not for SSH resources.
+            (
+                base.replacen(
+                    "kind = \"ssh\"\n",
+                    "kind = \"ssh\"\naccess = \"direct\"\n",
+                    1,
+                ),
+                Some("resource demo-ssh.access"),
+            ),
+            (
+                format!(
+                    "{}{relay}tls_cert_file = \"/tmp/c.pem\"\n",
+                    base.replacen(db, &format!("{db}{admin}"), 1)
+                ),
+                Some("relay.postgres.tls_cert_file"),
+            ),
+            (
+                format!(
+                    "{}{relay}max_message_bytes = 100\n",
+                    base.replacen(db, &format!("{db}{admin}"), 1)
+                ),
+                Some("relay.postgres.max_message_bytes"),
+            ),
+            (
+                format!(
+                    "{base}\n[relay]\nlisten = \"127.0.0.1:0\"\n[relay.postgres]\nlisten = \"nowhere\"\n"
+                ),
+                Some("relay.postgres.listen"),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = Config::parse(text, "t").and_then(|c| c.validate());
+            match (got, want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(w)) => assert!(e.to_string().starts_with(w), "{e} / {w}"),
+                (Ok(_), Some(w)) => panic!("accepted, wanted {w}:\n{text}"),
+                (Err(e), None) => panic!("{e}:\n{text}"),
+            }
+        }
+        let c = Config::parse(
+            &format!("{}{relay}", base.replacen(db, &format!("{db}{admin}"), 1)),
+            "t",
+        )
+        .unwrap();
+        let r = c.resource("demo-db").unwrap();
+        assert_eq!(c.db_access(r), super::super::DbAccess::Relay);
+        assert_eq!(c.relay_postgres_address().as_deref(), Some("127.0.0.1:0"));
+    }
 }
