@@ -791,3 +791,52 @@ async fn limits_hold_and_bad_input_gets_an_error_not_a_crash() {
         "{reasons:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_ends_a_live_database_session_from_its_page() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let mut c = s.psql_cmd(
+        &s.conninfo(ALICE, "demo-db", "verify-full"),
+        &pw,
+        &["-c", "select pg_sleep(30)"],
+    );
+    let child = c.spawn().unwrap();
+    eventually("the session to open", async || {
+        !s.sessions().await.is_empty()
+    })
+    .await;
+    let live = s.sessions().await[0].id.clone();
+    let dave = s.app.browser("dave@example.com").await;
+    let (_, page) = dave.get(&format!("/sessions/{live}")).await;
+    assert!(page.contains("id=\"terminate\""), "{page}");
+    let alice = s.app.browser(ALICE).await;
+    let (_, apage) = alice.get(&format!("/sessions/{live}")).await;
+    assert!(!apage.contains("id=\"terminate\""), "not for the holder");
+    let csrf = common::csrf_in(&page).unwrap();
+    let resp = dave
+        .post(
+            &format!("/sessions/{live}/terminate"),
+            &[("csrf", csrf.as_str())],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = refused(&out);
+    assert!(
+        err.contains("terminating connection: terminated by an administrator"),
+        "{err}"
+    );
+    eventually("the session to close", async || {
+        s.sessions().await[0].ended_at.is_some()
+    })
+    .await;
+    let actions = s.app.audit_actions().await;
+    assert!(
+        actions.iter().any(|a| a == "session.terminated"),
+        "{actions:?}"
+    );
+}
