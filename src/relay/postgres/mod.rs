@@ -46,6 +46,7 @@ pub struct PgRelay {
     pub(crate) limits: RelayConfig,
     pub(crate) keys: Arc<cancel::CancelKeys>,
     pub(crate) logins: upstream::Logins,
+    pub(crate) refusals: crate::relay::limits::RefusalLog,
 }
 
 /// Accepts connections within the limits (total, per address) before any TLS, and
@@ -64,6 +65,7 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         limits,
         keys: Arc::default(),
         logins: upstream::Logins::default(),
+        refusals: Default::default(),
     });
     loop {
         let (socket, peer) = match listener.accept().await {

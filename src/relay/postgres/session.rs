@@ -31,7 +31,6 @@ use crate::recording::transcript::{self, Header, Transcript};
 use crate::relay::admission::{self, Presented};
 use crate::relay::lifecycle::{self, audit};
 use crate::relay::live::{Cut, Registered};
-use crate::state::AppState;
 use crate::store;
 
 /// What the engineer is told when a password does not verify, whatever the reason (no
@@ -53,7 +52,7 @@ pub async fn serve(relay: Arc<PgRelay>, socket: tokio::net::TcpStream, peer: std
                 Ok(None)
             }
             Begun::Refused(why) => {
-                refused(&state, "", "", &why, peer).await;
+                refused(&relay, "", "", &why, peer).await;
                 Ok(None)
             }
         }
@@ -123,7 +122,7 @@ async fn admit(
         )
         .await;
         refused(
-            state,
+            relay,
             &user,
             &resource,
             "password authentication failed",
@@ -139,7 +138,7 @@ async fn admit(
     if !is_relay_resource {
         let text = format!("{resource} is not reached through twokey's relay");
         fatal(&mut stream, "3D000", &text, None).await;
-        refused(state, &user, &resource, &text, peer).await;
+        refused(relay, &user, &resource, &text, peer).await;
         return Ok(None);
     }
     let presented = Presented {
@@ -152,7 +151,7 @@ async fn admit(
         Ok((a, _)) => a,
         Err(r) => {
             fatal(&mut stream, "28000", r.text(), None).await;
-            refused(state, &user, &resource, r.text(), peer).await;
+            refused(relay, &user, &resource, r.text(), peer).await;
             return Ok(None);
         }
     };
@@ -160,7 +159,7 @@ async fn admit(
     if !admission::grant_is_live(state, &grant_id).await {
         let text = format!("your grant on {resource} is no longer live");
         fatal(&mut stream, "28000", &text, None).await;
-        refused(state, &user, &resource, &text, peer).await;
+        refused(relay, &user, &resource, &text, peer).await;
         return Ok(None);
     }
     Ok(Some(Admitted {
@@ -171,14 +170,25 @@ async fn admit(
     }))
 }
 
+/// A refusal, logged and audited; the same (user, resource, address, reason) at most once
+/// a minute, so retrying a wrong password cannot flood the audit chain.
 async fn refused(
-    state: &AppState,
+    relay: &PgRelay,
     user: &str,
     resource: &str,
     reason: &str,
     peer: std::net::SocketAddr,
 ) {
     tracing::info!(user, resource, reason, peer = %peer.ip(), "postgres relay refused a connection");
+    let key = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(format!("{user}\0{resource}\0{}", peer.ip()));
+        u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    };
+    if !relay.refusals.first_in_a_while(key, reason) {
+        return;
+    }
+    let state = &relay.state;
     // Refused whether or not this can be audited (a failure is logged there).
     let _ = audit(
         state,
