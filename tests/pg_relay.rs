@@ -411,6 +411,7 @@ async fn revocation_cuts_a_running_query_within_a_second_and_leaves_no_backend()
         .await
         .unwrap();
     let took = cut_at.elapsed();
+    eprintln!("revocation to psql's exit: {took:?}");
     let err = refused(&out);
     assert!(err.contains("terminating connection: grant ended"), "{err}");
     assert!(took < Duration::from_secs(5), "cut after {took:?}");
@@ -427,6 +428,34 @@ async fn revocation_cuts_a_running_query_within_a_second_and_leaves_no_backend()
     .await;
     let row = &s.sessions().await[0];
     assert_eq!(row.end_reason.as_deref(), Some("grant ended"), "{row:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_come_through_and_are_transcribed() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let out = s
+        .psql(&pw, "listen twokey_ch; notify twokey_ch, 'hello there'")
+        .await;
+    let text = format!("{}{}", ok(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("Asynchronous notification \"twokey_ch\" with payload \"hello there\""),
+        "{text}"
+    );
+    eventually("the session to close", async || {
+        s.sessions().await.iter().any(|x| x.ended_at.is_some())
+    })
+    .await;
+    let row = &s.sessions().await[0];
+    let (_, entries) =
+        twokey::recording::transcript::read(std::path::Path::new(&row.recording)).unwrap();
+    assert!(
+        entries.iter().any(|e| matches!(e,
+            twokey::recording::transcript::Entry::Notification { channel, payload, .. }
+                if channel == "twokey_ch" && payload == "hello there")),
+        "{entries:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,6 +777,29 @@ async fn limits_hold_and_bad_input_gets_an_error_not_a_crash() {
         .await
         .expect("closed by the relay");
     assert_eq!(n.unwrap(), 0);
+    // GSSAPI encryption is declined ('N'), and the client may go on to TLS.
+    let mut g = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+    g.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    g.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    g.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    g.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S", "then SSLRequest is accepted");
+    drop(g);
+    eventually("the slot to be given back", async || {
+        let mut t = tokio::net::TcpStream::connect(s.pg).await.unwrap();
+        t.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+            .await
+            .unwrap();
+        let mut a = [0u8; 1];
+        t.read_exact(&mut a).await.is_ok() && &a == b"N"
+    })
+    .await;
     // Two open connections from one address; the third is told why.
     let _a = tokio::net::TcpStream::connect(s.pg).await.unwrap();
     let _b = tokio::net::TcpStream::connect(s.pg).await.unwrap();
