@@ -3,7 +3,8 @@
 # release binary size, idle RSS of `twokey demo`, and API workflow latency at 50
 # concurrent clients with its ratio to a /healthz baseline from the same run, and SSH
 # certificates minted per second through the API against signing alone; the SSH relay
-# against direct OpenSSH and an OpenSSH jump host (throughput, round trip, idle memory).
+# against direct OpenSSH and an OpenSSH jump host (throughput, round trip, idle memory);
+# the PostgreSQL relay against direct and PgBouncer (pgbench tps, select 1 latency, idle memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --quiet
@@ -23,3 +24,4 @@ kill $pid
 cargo bench --locked --quiet --bench approval_latency
 cargo bench --locked --quiet --bench ssh_certificates
 cargo bench --locked --quiet --bench relay
+cargo bench --locked --quiet --bench pg_relay
