@@ -501,6 +501,7 @@ async fn client_to_target(
     cut: Arc<Cut>,
 ) -> Stop {
     let mut buf = start_buffer(&first);
+    let mut filled = false;
     loop {
         let (ready, terminate) = match scan(&buf, max, |t, body| {
             if let Ok(mut tr) = tracker.lock() {
@@ -537,14 +538,14 @@ async fn client_to_target(
         if to.flush().await.is_err() {
             return Stop::Failed("the target closed the connection".into());
         }
-        reserve(&mut buf, max);
+        reserve(&mut buf, max, filled);
         match from.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = to.write_all(&wire::message(b'X', b"")).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
                 return Stop::Closed;
             }
-            Ok(_) => {}
+            Ok(_) => filled = buf.len() == buf.capacity(),
         }
     }
 }
@@ -562,6 +563,7 @@ async fn target_to_client(
     cut: Arc<Cut>,
 ) -> Stop {
     let mut buf = start_buffer(&first);
+    let mut filled = false;
     let cut_wait = cut.wait();
     tokio::pin!(cut_wait);
     loop {
@@ -588,7 +590,7 @@ async fn target_to_client(
                 .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
             buf.drain(..ready);
         }
-        reserve(&mut buf, max);
+        reserve(&mut buf, max, filled);
         tokio::select! {
             biased;
             reason = &mut cut_wait => {
@@ -606,7 +608,7 @@ async fn target_to_client(
                     let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
                     return Stop::Failed("the target closed the connection".into());
                 }
-                Ok(_) => {}
+                Ok(_) => filled = buf.len() == buf.capacity(),
             }
         }
     }
@@ -637,14 +639,16 @@ fn start_buffer(first: &[u8]) -> Vec<u8> {
     b
 }
 
-/// A direction's buffer: one plain allocation that messages pass through and that only
-/// a large message grows (and which shrinks back once it has passed).
-const BUFFER: usize = 16 * 1024;
+/// A direction's buffer starts small (an idle session holds two of them): one plain
+/// allocation that messages pass through, grown by a stream that fills it (to
+/// [`STREAM_BUFFER`]) or by a large message, and let go of once that has passed.
+const BUFFER: usize = 4 * 1024;
+const STREAM_BUFFER: usize = 64 * 1024;
 
-/// Room for the next read: at least 8 KiB, the whole of a large message once its
-/// length is known; a buffer a large message grew is let go once it is passed on.
-fn reserve(buf: &mut Vec<u8>, max: usize) {
-    if buf.is_empty() && buf.capacity() > 1 << 20 {
+/// Room for the next read: the whole of a large message once its length is known;
+/// twice the buffer (up to [`STREAM_BUFFER`]) when the last read filled it; else 4 KiB.
+fn reserve(buf: &mut Vec<u8>, max: usize, filled: bool) {
+    if buf.is_empty() && buf.capacity() > 4 * STREAM_BUFFER {
         *buf = Vec::with_capacity(BUFFER);
         return;
     }
@@ -655,5 +659,10 @@ fn reserve(buf: &mut Vec<u8>, max: usize) {
         }
         _ => 0,
     };
-    buf.reserve(need.max(8192));
+    let room = if filled {
+        buf.capacity().clamp(BUFFER, STREAM_BUFFER)
+    } else {
+        BUFFER
+    };
+    buf.reserve(need.max(room));
 }
