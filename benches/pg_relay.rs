@@ -297,9 +297,15 @@ async fn main() {
     let alice = twokey::auth::create_api_token(&state, ALICE, "bench")
         .await
         .unwrap();
-    let bob = twokey::auth::create_api_token(&state, "bob@example.com", "bench")
-        .await
-        .unwrap();
+    let bob = twokey::auth::create_scoped_token(
+        &state,
+        "bob@example.com",
+        "bench",
+        &twokey::auth::scopes::Scopes::all(),
+        None,
+    )
+    .await
+    .unwrap();
     let http = reqwest::Client::new();
     let r: serde_json::Value = http
         .post(format!("{base}/requests"))
@@ -350,6 +356,8 @@ unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {d}/userlist.txt
 pool_mode = session
+; sqlx sends it at startup; PgBouncer refuses what it does not know.
+ignore_startup_parameters = extra_float_digits
 max_client_conn = 100
 default_pool_size = 40
 client_tls_sslmode = require
