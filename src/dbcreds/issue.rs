@@ -4,11 +4,11 @@
 use serde_json::json;
 use sqlx::{Connection, Executor};
 
-use crate::config::RoleConfig;
+use crate::config::{ResourceConfig, RoleConfig};
 use crate::error::{Error, Result};
 use crate::policy::Actor;
 use crate::state::AppState;
-use crate::store;
+use crate::store::{self, GrantRow};
 
 use super::reconcile::reconcile_resource;
 use super::{
@@ -69,82 +69,20 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
         )));
     }
     let target = Target::of(resource)?;
-    let name = role_name(&grant.id);
-    // Recorded before the target is touched: the reconciler leaves a role being made
-    // for a live grant alone, and drops it once the grant is over.
-    {
-        let mut tx = store::begin_write(&state.db).await?;
-        store::db_credential_creating(&mut tx, &grant.id, &resource.name, &name, now).await?;
-        tx.commit().await?;
-    }
-    let password = new_password();
-    let ends = crate::clock::from_millis(grant.ends_at);
-    let comment = format!("{}grant:{}", instance_tag(state), grant.id);
-    let result = provision(&target, &name, &password, role, &ends, &comment).await;
-    let mut tx = store::begin_write(&state.db).await?;
-    let created = match result {
-        Ok(created) => created,
-        Err(msg) => {
-            // Shown on the request page to the holder and the approvers.
-            store::db_credential_error(&mut tx, &grant.id, &resource.name, &name, &msg, now)
-                .await?;
-            crate::audit::append(
-                &mut tx,
-                now,
-                &crate::audit::NewEvent {
-                    actor: &actor.email,
-                    action: "db_credentials.failed",
-                    subject: &grant.id,
-                    details: json!({ "request_id": request_id, "role": name, "error": msg }),
-                },
-            )
-            .await?;
-            tx.commit().await?;
-            return Err(Error::conflict(format!("no database credentials: {msg}")));
-        }
-    };
-    // The grant may have been revoked while the target was busy: then the login must
-    // not be handed out, and goes at once.
-    let still_live = store::grant_for_request(&mut tx, request_id)
-        .await?
-        .is_some_and(|g| g.is_live(state.now_ms()));
-    if !still_live {
-        drop(tx);
-        state.reconcile_now.notify_one();
-        if let Err(msg) = reconcile_resource(state, resource).await {
-            tracing::warn!(error = %msg, "dropping a login made for a grant that ended meanwhile failed; will retry");
-        }
-        return Err(Error::conflict(
-            "this grant ended while its login was being made",
-        ));
-    }
-    store::db_credential_issued(&mut tx, &grant.id, &resource.name, &name, now).await?;
-    crate::audit::append(
-        &mut tx,
+    let Made {
+        name,
+        password,
+        ends,
+    } = make_login(
+        state,
+        &grant,
+        resource,
+        role,
+        &target,
+        Maker::Holder(actor),
         now,
-        &crate::audit::NewEvent {
-            actor: &actor.email,
-            action: if created {
-                "db_role.created"
-            } else {
-                "db_credentials.issued"
-            },
-            subject: &grant.id,
-            details: json!({
-                "request_id": request_id,
-                "role": name,
-                "resource": resource.name,
-                "db_roles": role.db_roles,
-                "valid_until": ends.to_rfc3339(),
-                "connection_limit": role.connection_limit,
-                "by": actor.identity(),
-            }),
-        },
     )
     .await?;
-    tx.commit().await?;
-    // A revocation may have raced the creation: the reconciler removes the role then.
-    state.reconcile_now.notify_one();
     let psql_url = format!(
         "postgresql://{}:{}@{}:{}/{}?sslmode={}",
         name,
@@ -166,6 +104,158 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     })
 }
 
+/// Who makes a grant's login: it decides what the record of it says, what a failure
+/// reads, and whether a login made for a grant that ended meanwhile is dropped before
+/// the caller hears of it.
+pub(super) enum Maker<'a> {
+    /// The holder, for a login handed to them: every issue is audited (`db_role.created`
+    /// or `db_credentials.issued`), under their identity.
+    Holder(&'a Actor),
+    /// The relay, for its own upstream use: only a newly made role is audited, and the
+    /// details say `"by": "relay"`.
+    Relay,
+}
+
+impl Maker<'_> {
+    fn actor<'g>(&'g self, grant: &'g GrantRow) -> &'g str {
+        match self {
+            Maker::Holder(actor) => &actor.email,
+            Maker::Relay => &grant.user_email,
+        }
+    }
+}
+
+/// A login just made (or re-keyed) on the target. The password is in here once.
+pub(super) struct Made {
+    pub name: String,
+    pub password: String,
+    pub ends: chrono::DateTime<chrono::Utc>,
+}
+
+/// The one sequence that makes a grant's login: recorded as being made, made on the
+/// target, then recorded as issued with its audit event, in one transaction that first
+/// checks the grant is still live. A failure on the target is recorded and audited; a
+/// grant that ended meanwhile gets no login, and the reconciler drops the role.
+pub(super) async fn make_login(
+    state: &AppState,
+    grant: &GrantRow,
+    resource: &ResourceConfig,
+    role: &RoleConfig,
+    target: &Target,
+    maker: Maker<'_>,
+    now: i64,
+) -> Result<Made> {
+    let name = role_name(&grant.id);
+    let request_id = grant.request_id.as_str();
+    // Recorded before the target is touched: the reconciler leaves a role being made
+    // for a live grant alone, and drops it once the grant is over.
+    {
+        let mut tx = store::begin_write(&state.db).await?;
+        store::db_credential_creating(&mut tx, &grant.id, &resource.name, &name, now).await?;
+        tx.commit().await?;
+    }
+    let password = new_password();
+    let ends = crate::clock::from_millis(grant.ends_at);
+    let comment = format!("{}grant:{}", instance_tag(state), grant.id);
+    let result = provision(target, &name, &password, role, &ends, &comment).await;
+    let mut tx = store::begin_write(&state.db).await?;
+    let created = match result {
+        Ok(created) => created,
+        Err(msg) => {
+            // Shown on the request page to the holder and the approvers.
+            store::db_credential_error(&mut tx, &grant.id, &resource.name, &name, &msg, now)
+                .await?;
+            let details = match maker {
+                Maker::Holder(_) => json!({ "request_id": request_id, "role": name, "error": msg }),
+                Maker::Relay => json!({ "role": name, "error": msg, "by": "relay" }),
+            };
+            crate::audit::append(
+                &mut tx,
+                now,
+                &crate::audit::NewEvent {
+                    actor: maker.actor(grant),
+                    action: "db_credentials.failed",
+                    subject: &grant.id,
+                    details,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(Error::conflict(match maker {
+                Maker::Holder(_) => format!("no database credentials: {msg}"),
+                Maker::Relay => msg,
+            }));
+        }
+    };
+    // The grant may have been revoked while the target was busy: then the login must
+    // not be handed out, and goes at once.
+    let still_live = store::grant_for_request(&mut tx, request_id)
+        .await?
+        .is_some_and(|g| g.is_live(state.now_ms()));
+    if !still_live {
+        drop(tx);
+        state.reconcile_now.notify_one();
+        if let Maker::Holder(_) = maker
+            && let Err(msg) = reconcile_resource(state, resource).await
+        {
+            tracing::warn!(error = %msg, "dropping a login made for a grant that ended meanwhile failed; will retry");
+        }
+        return Err(Error::conflict(
+            "this grant ended while its login was being made",
+        ));
+    }
+    store::db_credential_issued(&mut tx, &grant.id, &resource.name, &name, now).await?;
+    let event = match maker {
+        Maker::Holder(actor) => Some((
+            if created {
+                "db_role.created"
+            } else {
+                "db_credentials.issued"
+            },
+            json!({
+                "request_id": request_id,
+                "role": name,
+                "resource": resource.name,
+                "db_roles": role.db_roles,
+                "valid_until": ends.to_rfc3339(),
+                "connection_limit": role.connection_limit,
+                "by": actor.identity(),
+            }),
+        )),
+        Maker::Relay => created.then(|| {
+            (
+                "db_role.created",
+                json!({
+                    "role": name, "resource": resource.name, "db_roles": role.db_roles,
+                    "valid_until": ends.to_rfc3339(), "connection_limit": role.connection_limit,
+                    "by": "relay",
+                }),
+            )
+        }),
+    };
+    if let Some((action, details)) = event {
+        crate::audit::append(
+            &mut tx,
+            now,
+            &crate::audit::NewEvent {
+                actor: maker.actor(grant),
+                action,
+                subject: &grant.id,
+                details,
+            },
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    // A revocation may have raced the creation: the reconciler removes the role then.
+    state.reconcile_now.notify_one();
+    Ok(Made {
+        name,
+        password,
+        ends,
+    })
+}
+
 fn url_host(h: &str) -> String {
     if h.contains(':') {
         format!("[{h}]")
@@ -176,7 +266,7 @@ fn url_host(h: &str) -> String {
 
 /// Makes the role (true) or gives it a new password (false), in one transaction on the
 /// target.
-pub(super) async fn provision(
+async fn provision(
     target: &Target,
     name: &str,
     password: &str,
