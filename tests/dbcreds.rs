@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::postgres::{self, Cluster, Version};
+use common::psql::{ok, refused};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -104,20 +105,6 @@ async fn credentials(app: &common::TestApp, who: &str, id: &str) -> (StatusCode,
         .await
         .post(&format!("/requests/{id}/db-credentials"), json!({}))
         .await
-}
-
-fn ok(o: &std::process::Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn refused(o: &std::process::Output) -> String {
-    assert!(
-        !o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 async fn a_grant_login_reads_what_the_role_allows_and_vanishes_at_revocation(v: Version) {
@@ -581,65 +568,47 @@ async fn a_crash_never_leaves_a_login_behind(v: Version) {
 async fn twokey_psql_connects_with_the_grant_login(v: Version) {
     let cluster = Cluster::start_version(v);
     let (app, _s) = start(&cluster, &["readonly"]).await;
-    let home = tempfile::tempdir().unwrap();
-    let twokey = |args: &[&str], stdin: Option<String>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey"));
-        cmd.args(args)
-            .env("TWOKEY_HOME", home.path())
-            .env("HOME", home.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut child = cmd.spawn().unwrap();
-                if let Some(s) = stdin {
-                    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-                }
-                child.wait_with_output().unwrap()
-            })
-            .await
-            .unwrap()
-        }
-    };
+    let cli = common::psql::Cli::new();
     let token = twokey::auth::create_api_token(app.state(), ALICE, "t")
         .await
         .unwrap();
-    let out = twokey(
-        &["login", "--server", &app.server.url(), "--token-stdin"],
-        Some(format!("{token}\n")),
-    )
-    .await;
+    let out = cli
+        .run(
+            &["login", "--server", &app.server.url(), "--token-stdin"],
+            Some(format!("{token}\n")),
+        )
+        .await;
     assert!(ok(&out).contains("as alice@example.com"));
-    let out = twokey(
-        &[
-            "psql",
-            "demo-db",
-            "--",
-            "-tA",
-            "-c",
-            "select count(*) from items",
-        ],
-        None,
-    )
-    .await;
+    let out = cli
+        .run(
+            &[
+                "psql",
+                "demo-db",
+                "--",
+                "-tA",
+                "-c",
+                "select count(*) from items",
+            ],
+            None,
+        )
+        .await;
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success());
     assert!(err.contains("no live grant for demo-db"), "{err}");
     granted(&app).await;
-    let out = twokey(
-        &[
-            "psql",
-            "demo-db",
-            "--",
-            "-tA",
-            "-c",
-            "select count(*) from items",
-        ],
-        None,
-    )
-    .await;
+    let out = cli
+        .run(
+            &[
+                "psql",
+                "demo-db",
+                "--",
+                "-tA",
+                "-c",
+                "select count(*) from items",
+            ],
+            None,
+        )
+        .await;
     assert_eq!(ok(&out), "3");
     assert_eq!(cluster.twokey_roles().len(), 1);
 }

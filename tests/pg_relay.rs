@@ -14,6 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::postgres::{self, Cluster, Version};
+use common::psql::{self as client, eventually, ok, refused};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -128,15 +129,13 @@ impl Setup {
         )
     }
 
-    fn psql_cmd(&self, conninfo: &str, password: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("psql");
-        c.args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", conninfo])
-            .args(args)
-            .env("PGPASSWORD", password)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
+    /// psql through the relay as alice on demo-db (verify-full), with `args`.
+    fn psql_cmd(&self, password: &str, args: &[&str]) -> Command {
+        client::command(
+            &self.conninfo(ALICE, "demo-db", "verify-full"),
+            password,
+            args,
+        )
     }
 
     /// psql through the relay as alice, running `sql`.
@@ -153,10 +152,12 @@ impl Setup {
         password: &str,
         sql: &str,
     ) -> Output {
-        let mut c = self.psql_cmd(&self.conninfo(user, db, sslmode), password, &["-c", sql]);
-        tokio::task::spawn_blocking(move || c.output().unwrap())
-            .await
-            .unwrap()
+        client::output(client::command(
+            &self.conninfo(user, db, sslmode),
+            password,
+            &["-c", sql],
+        ))
+        .await
     }
 
     /// The sessions' rows.
@@ -165,20 +166,6 @@ impl Setup {
             .await
             .unwrap()
     }
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn refused(o: &Output) -> String {
-    assert!(
-        !o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 /// The details of every `relay.refused` event.
@@ -190,15 +177,6 @@ async fn refusals(s: &Setup) -> Vec<serde_json::Value> {
         .filter(|e| e.action == "relay.refused")
         .map(|e| serde_json::from_str(&e.details).unwrap())
         .collect()
-}
-
-/// Waits (bounded) until `f` holds.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,15 +321,13 @@ async fn every_refusal_is_told_in_one_line_and_nothing_reaches_the_target() {
         "{err}"
     );
     // A client that does not trust the relay's certificate for this name stops itself.
-    let mut c = s.psql_cmd(
+    let out = client::output(client::command(
         &s.conninfo(ALICE, "demo-db", "verify-full")
             .replace("host=127.0.0.1", "host=relay.invalid hostaddr=127.0.0.1"),
         &pw,
         &["-c", "select 1"],
-    );
-    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
-        .await
-        .unwrap();
+    ))
+    .await;
     assert!(refused(&out).contains("certificate"), "the name is checked");
     // Nothing was relayed, no session opened, and only the grant's first login made.
     assert!(s.sessions().await.is_empty());
@@ -392,12 +368,10 @@ async fn revocation_cuts_a_running_query_within_a_second_and_leaves_no_backend()
     let s = setup().await;
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
-    let mut c = s.psql_cmd(
-        &s.conninfo(ALICE, "demo-db", "verify-full"),
-        &pw,
-        &["-c", "select pg_sleep(30)"],
-    );
-    let child = c.spawn().unwrap();
+    let child = s
+        .psql_cmd(&pw, &["-c", "select pg_sleep(30)"])
+        .spawn()
+        .unwrap();
     eventually("the query to run", async || {
         s.cluster
             .admin("postgres", "select count(*) from pg_stat_activity where usename like 'twokey\\_%' and query like '%pg_sleep%'")
@@ -407,9 +381,7 @@ async fn revocation_cuts_a_running_query_within_a_second_and_leaves_no_backend()
     let (st, _) = s.app.api(BOB).await.act(&id, "revoke").await;
     assert_eq!(st, StatusCode::OK);
     let cut_at = Instant::now();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = client::wait(child).await;
     let took = cut_at.elapsed();
     eprintln!("revocation to psql's exit: {took:?}");
     let err = refused(&out);
@@ -463,12 +435,10 @@ async fn a_cancel_reaches_only_its_own_backend() {
     let s = setup().await;
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
-    let mut c = s.psql_cmd(
-        &s.conninfo(ALICE, "demo-db", "verify-full"),
-        &pw,
-        &["-c", "select pg_sleep(30)"],
-    );
-    let child = c.spawn().unwrap();
+    let child = s
+        .psql_cmd(&pw, &["-c", "select pg_sleep(30)"])
+        .spawn()
+        .unwrap();
     let running = "select count(*) from pg_stat_activity where usename like 'twokey\\_%' and state = 'active' and query like '%pg_sleep%'";
     eventually("the query to run", async || {
         s.cluster.admin("postgres", running) == "1"
@@ -503,9 +473,7 @@ async fn a_cancel_reaches_only_its_own_backend() {
         .args(["-INT", &pid.to_string()])
         .status()
         .unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = client::wait(child).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("canceling statement due to user request"),
@@ -551,9 +519,7 @@ async fn prepared_statements_and_pipelines_run_through_with_a_driver_and_pgbench
         .arg(&script)
         .arg(s.conninfo(ALICE, "demo-db", "verify-full"))
         .env("PGPASSWORD", &pw);
-    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
-        .await
-        .unwrap();
+    let out = client::output(c).await;
     let text = ok(&out);
     assert!(
         text.contains("number of transactions actually processed: 400/400"),
@@ -627,7 +593,7 @@ async fn copy_of_a_hundred_megabytes_goes_in_and_out_intact() {
         data.display(),
         out_file.display()
     );
-    let mut c = s.psql_cmd(&s.conninfo(ALICE, "demo-db", "verify-full"), &pw, &[]);
+    let mut c = s.psql_cmd(&pw, &[]);
     c.stdin(Stdio::piped());
     let out = tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -678,8 +644,7 @@ async fn ten_million_rows_stream_through_in_bounded_memory() {
     };
     // COPY out would stream anyway; this is a plain result of 10M rows, which psql
     // itself reads with a cursor (FETCH_COUNT) so that only the relay is measured.
-    let mut c = s.psql_cmd(
-        &s.conninfo(ALICE, "demo-db", "verify-full"),
+    let c = s.psql_cmd(
         &pw,
         &[
             "-v",
@@ -690,9 +655,7 @@ async fn ten_million_rows_stream_through_in_bounded_memory() {
             "/dev/null",
         ],
     );
-    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
-        .await
-        .unwrap();
+    let out = client::output(c).await;
     ok(&out);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
@@ -712,33 +675,12 @@ async fn ten_million_rows_stream_through_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twokey_psql_goes_through_the_relay_in_one_step() {
     let s = setup().await;
-    let home = tempfile::tempdir().unwrap();
-    let twokey = |args: Vec<String>, stdin: Option<String>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey"));
-        cmd.args(args)
-            .env("TWOKEY_HOME", home.path())
-            .env("HOME", home.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut child = cmd.spawn().unwrap();
-                if let Some(s) = stdin {
-                    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-                }
-                child.wait_with_output().unwrap()
-            })
-            .await
-            .unwrap()
-        }
-    };
+    let cli = client::Cli::new();
     let token = twokey::auth::create_api_token(s.app.state(), ALICE, "t")
         .await
         .unwrap();
     let login = ["login", "--server", &s.app.server.url(), "--token-stdin"];
-    ok(&twokey(login.map(String::from).to_vec(), Some(format!("{token}\n"))).await);
+    ok(&cli.run(&login, Some(format!("{token}\n"))).await);
     granted(&s.app).await;
     let args = [
         "psql",
@@ -748,7 +690,7 @@ async fn twokey_psql_goes_through_the_relay_in_one_step() {
         "-c",
         "select current_user, count(*) from items",
     ];
-    let out = twokey(args.map(String::from).to_vec(), None).await;
+    let out = cli.run(&args, None).await;
     let text = ok(&out);
     assert!(
         text.starts_with("twokey_") && text.ends_with("|3"),
@@ -873,12 +815,10 @@ async fn an_administrator_ends_a_live_database_session_from_its_page() {
     let s = setup().await;
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
-    let mut c = s.psql_cmd(
-        &s.conninfo(ALICE, "demo-db", "verify-full"),
-        &pw,
-        &["-c", "select pg_sleep(30)"],
-    );
-    let child = c.spawn().unwrap();
+    let child = s
+        .psql_cmd(&pw, &["-c", "select pg_sleep(30)"])
+        .spawn()
+        .unwrap();
     eventually("the session to open", async || {
         !s.sessions().await.is_empty()
     })
@@ -898,9 +838,7 @@ async fn an_administrator_ends_a_live_database_session_from_its_page() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = client::wait(child).await;
     let err = refused(&out);
     assert!(
         err.contains("terminating connection: terminated by an administrator"),

@@ -5,6 +5,7 @@
 pub mod mail;
 pub mod oidc;
 pub mod postgres;
+pub mod psql;
 pub mod slack;
 pub mod sshd;
 pub mod transcripts;
