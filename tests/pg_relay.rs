@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::postgres::{self, Cluster, Version};
 use common::psql::{self as client, eventually, ok, refused};
+use common::webdriver::Browser;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -853,4 +854,105 @@ async fn an_administrator_ends_a_live_database_session_from_its_page() {
         actions.iter().any(|a| a == "session.terminated"),
         "{actions:?}"
     );
+}
+
+/// "End this session now", clicked in Chromium by an admin on a live PostgreSQL
+/// session's page: the running query's psql is cut with FATAL 57P01 and the reason, the
+/// upstream backend goes, the page shows the session ended and why (no button left), and
+/// the audit has who ended it and the session's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_ends_a_live_database_session_in_chromium() {
+    const DAVE: &str = "dave@example.com";
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let child = s
+        .psql_cmd(
+            &pw,
+            &["-v", "VERBOSITY=verbose", "-c", "select pg_sleep(30)"],
+        )
+        .spawn()
+        .unwrap();
+    let running = "select count(*) from pg_stat_activity where usename like 'twokey\\_%' and state = 'active' and query like '%pg_sleep%'";
+    eventually("the query to run", async || {
+        s.cluster.admin("postgres", running) == "1"
+    })
+    .await;
+    let sessions = s.sessions().await;
+    assert_eq!(sessions.len(), 1);
+    let live = sessions[0].id.clone();
+
+    let b = Browser::start().await;
+    b.goto(&s.app.url("/login")).await;
+    b.click_and_wait(&format!("button[id='login-{DAVE}']"))
+        .await;
+    b.goto(&s.app.url(&format!("/sessions/{live}"))).await;
+    assert_eq!(b.text("#session-state").await, "live");
+    b.click_and_wait("button[id='terminate']").await;
+    // Back on the session's page, which already shows it ended and why: the button
+    // waits for the session to close.
+    assert!(
+        b.url().await.ends_with(&format!("/sessions/{live}")),
+        "{}",
+        b.url().await
+    );
+    let state = b.text("#session-state").await;
+    assert!(
+        state.starts_with("ended: terminated by an administrator after "),
+        "{state}"
+    );
+    assert!(!b.exists("button[id='terminate']").await);
+
+    let err = refused(&client::wait(child).await);
+    assert!(
+        err.contains("FATAL:  57P01: terminating connection: terminated by an administrator"),
+        "{err}"
+    );
+    eventually("no backend left for the role", async || {
+        s.cluster.admin(
+            "postgres",
+            "select count(*) from pg_stat_activity where usename like 'twokey\\_%'",
+        ) == "0"
+    })
+    .await;
+    eventually("the session to close", async || {
+        s.sessions().await[0].ended_at.is_some()
+    })
+    .await;
+    let row = &s.sessions().await[0];
+    assert_eq!(
+        row.end_reason.as_deref(),
+        Some("terminated by an administrator")
+    );
+
+    // The page, loaded again, says it ended and why; the button is gone.
+    b.goto(&s.app.url(&format!("/sessions/{live}"))).await;
+    let state = b.text("#session-state").await;
+    assert!(
+        state.starts_with("ended: terminated by an administrator after "),
+        "{state}"
+    );
+    assert!(!b.exists("button[id='terminate']").await);
+    b.quit().await;
+
+    let events = twokey::audit::recent(&s.app.state().db, None, 500)
+        .await
+        .unwrap();
+    let of = |action: &str| -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e.action == action)
+            .map(|e| serde_json::from_str(&e.details).unwrap())
+            .collect()
+    };
+    let terminated = of("session.terminated");
+    assert_eq!(terminated.len(), 1, "{terminated:?}");
+    assert_eq!(terminated[0]["session_id"], live.as_str());
+    assert_eq!(terminated[0]["by"]["email"], DAVE);
+    let ended = of("session.ended");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["session_id"], live.as_str());
+    assert_eq!(ended[0]["reason"], "terminated by an administrator");
+    assert_eq!(ended[0]["sha256"].as_str(), row.recording_sha256.as_deref());
+    s.app.assert_chain_ok().await;
 }

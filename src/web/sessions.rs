@@ -211,5 +211,32 @@ pub async fn terminate(
     )
     .await?;
     tx.commit().await?;
+    wait_ended(&state, &s.id).await;
     Ok(Redirect::to(&format!("/sessions/{id}")))
+}
+
+/// How long the End session button waits for the session to close before showing its
+/// page again.
+const END_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits (bounded by [`END_WAIT`]) until the cut session's record is closed, so the page
+/// the admin comes back to shows it ended, not still live. On a timeout the page shows
+/// what the store says then; the session still ends.
+async fn wait_ended(state: &AppState, id: &str) {
+    let deadline = tokio::time::Instant::now() + END_WAIT;
+    loop {
+        match store::session(&state.db, id).await {
+            Ok(Some(row)) if row.ended_at.is_none() => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, session = %id, "reading a terminated session's record failed");
+                return;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(session = %id, "a terminated session had not closed its record within {END_WAIT:?}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
