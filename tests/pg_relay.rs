@@ -813,7 +813,25 @@ async fn limits_hold_and_bad_input_gets_an_error_not_a_crash() {
         .password(&pw)
         .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
         .ssl_root_cert(&s.cert);
-    let _idle: sqlx::PgConnection = sqlx::ConnectOptions::connect(&opts).await.unwrap();
+    // The two sessions above hold their slots until the relay has closed them (their
+    // records written): with two per address, wait for that, then connect (once more,
+    // should a slot still be on its way back).
+    eventually("the sessions so far to close", async || {
+        let all = s.sessions().await;
+        all.len() == 2 && all.iter().all(|x| x.ended_at.is_some())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let _idle: sqlx::PgConnection = loop {
+        match sqlx::ConnectOptions::connect(&opts).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("the idle session's connect, retried: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the idle session could not connect: {e}"),
+        }
+    };
     eventually("the idle session to be closed", async || {
         s.sessions()
             .await
