@@ -134,14 +134,25 @@ pub struct StatementError {
 
 /// One session's transcript, hashed as it is written.
 pub struct Transcript {
-    file: std::io::BufWriter<Hashed>,
+    file: Hashed,
+    /// Lines not yet written out: at most about [`BUFFER`], and let go of while the
+    /// session is quiet (an idle session holds none).
+    buf: Vec<u8>,
     path: std::path::PathBuf,
     started: Instant,
     limit: u64,
     truncated: bool,
     failed: bool,
     finished: bool,
+    last_flush: Instant,
 }
+
+/// How long a running session's entries may wait in memory before they reach the file
+/// (so a crash loses at most this much, and a live session's page lags at most this).
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Bytes of lines held before they are written out regardless of the time.
+const BUFFER: usize = 16 * 1024;
 
 impl Transcript {
     /// A new transcript `SESSION_ID.jsonl` in `dir` (made if missing), never
@@ -160,21 +171,20 @@ impl Transcript {
             .mode(0o600)
             .open(&path)?;
         let mut t = Transcript {
-            file: std::io::BufWriter::with_capacity(
-                64 * 1024,
-                Hashed {
-                    file,
-                    hasher: Sha256::new(),
-                    bytes: 0,
-                    broken: false,
-                },
-            ),
+            file: Hashed {
+                file,
+                hasher: Sha256::new(),
+                bytes: 0,
+                broken: false,
+            },
+            buf: Vec::new(),
             path,
             started: Instant::now(),
             limit,
             truncated: false,
             failed: false,
             finished: false,
+            last_flush: Instant::now(),
         };
         t.line(header);
         Ok(t)
@@ -201,9 +211,7 @@ impl Transcript {
             return;
         }
         let mut entry = entry;
-        if !self.truncated
-            && self.file.get_ref().bytes + self.file.buffer().len() as u64 >= self.limit
-        {
+        if !self.truncated && self.file.bytes + self.buf.len() as u64 >= self.limit {
             self.truncated = true;
             let t = self.elapsed();
             self.line(&Entry::Note {
@@ -220,21 +228,40 @@ impl Transcript {
         self.line(&entry);
     }
 
-    /// Writes out what is buffered (at each ReadyForQuery, so a crash loses little).
+    /// Writes out what is buffered.
     pub fn flush(&mut self) {
-        self.failed |= self.file.flush().is_err();
+        if !self.buf.is_empty() {
+            self.failed |= self.file.write_all(&self.buf).is_err();
+            self.buf.clear();
+        }
+        self.last_flush = Instant::now();
+    }
+
+    /// Writes out what is buffered and lets go of the buffer (the session went quiet).
+    pub fn release(&mut self) {
+        self.flush();
+        self.buf = Vec::new();
+    }
+
+    /// Writes out what is buffered if the last write-out is [`FLUSH_EVERY`] old: a
+    /// busy session does not pay one file write per statement.
+    pub fn flush_if_due(&mut self) {
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush();
+        }
     }
 
     fn line<T: Serialize>(&mut self, v: &T) {
-        let mut buf = match serde_json::to_vec(v) {
-            Ok(b) => b,
-            Err(_) => {
-                self.failed = true;
-                return;
-            }
-        };
-        buf.push(b'\n');
-        self.failed |= self.file.write_all(&buf).is_err();
+        let at = self.buf.len();
+        if serde_json::to_writer(&mut self.buf, v).is_err() {
+            self.buf.truncate(at);
+            self.failed = true;
+            return;
+        }
+        self.buf.push(b'\n');
+        if self.buf.len() >= BUFFER {
+            self.flush();
+        }
     }
 
     /// Closes the transcript and returns its size and hash, taken as it was written.
@@ -243,8 +270,8 @@ impl Transcript {
             return Err(std::io::Error::other("transcript already finished"));
         }
         self.finished = true;
-        self.failed |= self.file.flush().is_err();
-        let inner = self.file.get_mut();
+        self.flush();
+        let inner = &mut self.file;
         self.failed |= inner.file.sync_all().is_err();
         let sha256 = hex::encode(std::mem::take(&mut inner.hasher).finalize());
         Ok(Finished {
@@ -380,6 +407,42 @@ mod tests {
         let (bytes, sha) = super::super::hash_file(std::path::Path::new(&done.path)).unwrap();
         assert_eq!((bytes, sha), (done.bytes, done.sha256));
         assert!(!done.truncated && !done.failed);
+    }
+
+    #[test]
+    fn entries_wait_in_memory_until_written_out_and_a_quiet_one_lets_go_of_its_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Transcript::create(dir.path(), &header("s2"), 1 << 20).unwrap();
+        let path = t.path().to_path_buf();
+        let on_disk = || std::fs::read_to_string(&path).unwrap().lines().count();
+        t.write(Entry::Note {
+            t: 0.5,
+            text: "one".into(),
+        });
+        // Nothing reaches the file before it is written out: the buffer holds it.
+        assert_eq!(on_disk(), 0);
+        t.flush();
+        assert_eq!(on_disk(), 2, "the header and the note");
+        t.write(Entry::Note {
+            t: 0.6,
+            text: "two".into(),
+        });
+        t.release();
+        assert_eq!(on_disk(), 3);
+        assert_eq!(t.buf.capacity(), 0, "a quiet transcript holds no buffer");
+        // Past the buffer's size lines go out without waiting for the clock.
+        for i in 0..BUFFER / 16 {
+            t.write(Entry::Note {
+                t: 1.0,
+                text: format!("note {i}"),
+            });
+        }
+        assert!(on_disk() > 3);
+        assert!(t.buf.len() < BUFFER);
+        let done = t.finish().unwrap();
+        let (bytes, sha) = super::super::hash_file(&path).unwrap();
+        assert_eq!((bytes, sha), (done.bytes, done.sha256));
+        assert_eq!(read(&path).unwrap().1.len(), 2 + BUFFER / 16);
     }
 
     #[test]

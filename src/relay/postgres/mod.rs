@@ -45,7 +45,7 @@ pub struct PgRelay {
     pub(crate) pg: RelayPostgresConfig,
     pub(crate) limits: RelayConfig,
     pub(crate) keys: Arc<cancel::CancelKeys>,
-    pub(crate) logins: upstream::Logins,
+    pub(crate) upstreams: upstream::Upstreams,
     pub(crate) refusals: crate::relay::limits::RefusalLog,
 }
 
@@ -64,7 +64,7 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         pg,
         limits,
         keys: Arc::default(),
-        logins: upstream::Logins::default(),
+        upstreams: upstream::Upstreams::default(),
         refusals: Default::default(),
     });
     loop {

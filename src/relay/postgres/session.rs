@@ -306,7 +306,7 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
     let max = relay.pg.max_message_bytes as usize;
     let reason = match upstream::connect(
         state,
-        &relay.logins,
+        &relay.upstreams,
         &grant,
         resource,
         role,
@@ -419,35 +419,47 @@ async fn relay_session(
     let (client_r, client_w) = tokio::io::split(client);
     let (up_r, up_w) = tokio::io::split(up.stream);
     let started = Instant::now();
-    let c2u = tokio::spawn(client_to_target(
-        client_r,
-        client_buf,
-        up_w,
-        tracker.clone(),
-        counters.clone(),
+    let pump = |way, from, first: BytesMut, to| Pump {
+        way,
+        from,
+        to,
+        buf: start_buffer(&first),
+        filled: false,
+        tracker: tracker.clone(),
+        counters: counters.clone(),
         started,
         max,
+    };
+    let c2u = tokio::spawn(client_to_target(
+        pump(Way::ToTarget, client_r, client_buf, up_w),
         cut.clone(),
     ));
     let u2c = tokio::spawn(target_to_client(
-        up_r,
-        up.buf,
-        client_w,
-        tracker.clone(),
-        counters.clone(),
-        started,
-        max,
+        pump(Way::ToClient, up_r, up.buf, client_w),
         cut.clone(),
     ));
     let idle = relay.limits.idle_timeout;
     let watch_idle = {
         let (counters, tracker, cut) = (counters.clone(), tracker.clone(), cut.clone());
         async move {
-            let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            // Also the transcript's write-out for a session that went quiet.
+            let every = (idle / 4).clamp(Duration::from_millis(100), transcript::FLUSH_EVERY);
             loop {
                 tokio::time::sleep(every).await;
                 let last = Duration::from_millis(counters.last.load(Ordering::Relaxed));
-                let busy = tracker.lock().map(|t| t.busy()).unwrap_or(false);
+                // Quiet since the last look: the transcript lets go of its buffer too.
+                let quiet = started.elapsed().saturating_sub(last) >= every;
+                let busy = tracker
+                    .lock()
+                    .map(|mut t| {
+                        if quiet {
+                            t.transcript.release();
+                        } else {
+                            t.transcript.flush();
+                        }
+                        t.busy()
+                    })
+                    .unwrap_or(false);
                 if !busy && started.elapsed().saturating_sub(last) >= idle {
                     cut.cut(&format!("idle for {}s", idle.as_secs()));
                     return;
@@ -488,144 +500,173 @@ async fn relay_session(
     }
 }
 
-/// Client → target: each message framed, shown to the tracker, passed on in batches.
-#[allow(clippy::too_many_arguments)]
-async fn client_to_target(
-    mut from: ReadHalf<PgStream>,
-    first: BytesMut,
-    mut to: WriteHalf<PgStream>,
+/// Which way a [`Pump`] carries messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    ToTarget,
+    ToClient,
+}
+
+/// One direction of a session: what one side sends, read into a buffer, framed, shown
+/// to the tracker and written whole to the other side, a batch at a time.
+struct Pump {
+    way: Way,
+    from: ReadHalf<PgStream>,
+    to: WriteHalf<PgStream>,
+    buf: Vec<u8>,
+    /// Whether the last read filled the buffer (a stream: the buffer may grow).
+    filled: bool,
     tracker: Arc<std::sync::Mutex<Tracker>>,
     counters: Arc<Counters>,
     started: Instant,
     max: usize,
-    cut: Arc<Cut>,
-) -> Stop {
-    let mut buf = start_buffer(&first);
-    let mut filled = false;
-    loop {
-        let (ready, terminate) = match scan(&buf, max, |t, body| {
-            if let Ok(mut tr) = tracker.lock() {
-                tr.from_client(t, body);
-            }
-        }) {
-            Ok(r) => r,
-            Err(e) => {
-                // Told to the client by the other direction, which owns its writing
-                // half: as a cut, between two of the target's messages.
-                let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
-                cut.cut(&format!("the client sent {e}"));
-                std::future::pending::<()>().await;
-                return Stop::Failed(format!("the client sent {e}"));
-            }
+}
+
+/// Why a [`Pump::pass`] could not pass on what it read.
+enum PassError {
+    /// The sender broke the framing, or a message is over the bound.
+    Bad(WireError),
+    /// The receiving side is gone.
+    Closed,
+}
+
+impl Pump {
+    /// Passes on every complete message buffered, each shown to the tracker first;
+    /// whether one was the client's Terminate (nothing after it goes on).
+    async fn pass(&mut self) -> Result<bool, PassError> {
+        let way = self.way;
+        let (ready, terminate) = {
+            // One lock for the batch; a poisoned tracker only stops the transcript.
+            let mut tracker = self.tracker.lock().ok();
+            scan(&self.buf, self.max, way == Way::ToTarget, |t, body| {
+                if let Some(tr) = tracker.as_mut() {
+                    match way {
+                        Way::ToTarget => tr.from_client(t, body),
+                        Way::ToClient => tr.from_server(t, body),
+                    }
+                }
+            })
+            .map_err(PassError::Bad)?
         };
         if ready > 0 {
-            if to.write_all(&buf[..ready]).await.is_err() {
-                return Stop::Failed("the target closed the connection".into());
+            if self.to.write_all(&self.buf[..ready]).await.is_err()
+                || self.to.flush().await.is_err()
+            {
+                return Err(PassError::Closed);
             }
-            counters
-                .from_client
-                .fetch_add(ready as u64, Ordering::Relaxed);
-            counters
+            let counter = match way {
+                Way::ToTarget => &self.counters.from_client,
+                Way::ToClient => &self.counters.to_client,
+            };
+            counter.fetch_add(ready as u64, Ordering::Relaxed);
+            self.counters
                 .last
-                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            buf.drain(..ready);
+                .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.buf.drain(..ready);
         }
-        if terminate {
-            let _ = tokio::time::timeout(Duration::from_secs(1), to.flush()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
-            return Stop::Closed;
-        }
-        if to.flush().await.is_err() {
-            return Stop::Failed("the target closed the connection".into());
-        }
-        reserve(&mut buf, max, filled);
-        match from.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = to.write_all(&wire::message(b'X', b"")).await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
-                return Stop::Closed;
+        Ok(terminate)
+    }
+
+    /// Reads what the sender has next; false once it has closed (or failed).
+    async fn read(&mut self) -> bool {
+        reserve(&mut self.buf, self.max, self.filled);
+        match self.from.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => false,
+            Ok(_) => {
+                self.filled = self.buf.len() == self.buf.capacity();
+                true
             }
-            Ok(_) => filled = buf.len() == buf.capacity(),
         }
     }
 }
 
-/// Target → client, the same way; a cut is told to the client between two messages.
-#[allow(clippy::too_many_arguments)]
-async fn target_to_client(
-    mut from: ReadHalf<PgStream>,
-    first: BytesMut,
-    mut to: WriteHalf<PgStream>,
-    tracker: Arc<std::sync::Mutex<Tracker>>,
-    counters: Arc<Counters>,
-    started: Instant,
-    max: usize,
-    cut: Arc<Cut>,
-) -> Stop {
-    let mut buf = start_buffer(&first);
-    let mut filled = false;
+/// Client → target.
+async fn client_to_target(mut p: Pump, cut: Arc<Cut>) -> Stop {
+    loop {
+        match p.pass().await {
+            Ok(false) => {}
+            Ok(true) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
+                return Stop::Closed;
+            }
+            Err(PassError::Closed) => {
+                return Stop::Failed("the target closed the connection".into());
+            }
+            Err(PassError::Bad(e)) => {
+                // Told to the client by the other direction, which owns its writing
+                // half: as a cut, between two of the target's messages. The cut comes
+                // first: the target, once shut down, closes, and the other direction
+                // must already know why.
+                cut.cut(&format!("the client sent {e}"));
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
+                std::future::pending::<()>().await;
+                return Stop::Failed(format!("the client sent {e}"));
+            }
+        }
+        if !p.read().await {
+            let _ = p.to.write_all(&wire::message(b'X', b"")).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
+            return Stop::Closed;
+        }
+    }
+}
+
+/// Target → client; a cut is told to the client between two messages.
+async fn target_to_client(mut p: Pump, cut: Arc<Cut>) -> Stop {
+    enum Next {
+        Cut(String),
+        Read(bool),
+    }
     let cut_wait = cut.wait();
     tokio::pin!(cut_wait);
     loop {
-        let (ready, _) = match scan(&buf, max, |t, body| {
-            if let Ok(mut tr) = tracker.lock() {
-                tr.from_server(t, body);
-            }
-        }) {
-            Ok(r) => r,
-            Err(e) => {
-                fatal(&mut to, "08P01", &format!("the target sent {e}"), None).await;
+        match p.pass().await {
+            Ok(_) => {}
+            Err(PassError::Closed) => return Stop::Closed,
+            Err(PassError::Bad(e)) => {
+                fatal(&mut p.to, "08P01", &format!("the target sent {e}"), None).await;
                 return Stop::Failed(format!("the target sent {e}"));
             }
-        };
-        if ready > 0 {
-            if to.write_all(&buf[..ready]).await.is_err() || to.flush().await.is_err() {
-                return Stop::Closed;
-            }
-            counters
-                .to_client
-                .fetch_add(ready as u64, Ordering::Relaxed);
-            counters
-                .last
-                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            buf.drain(..ready);
         }
-        reserve(&mut buf, max, filled);
-        tokio::select! {
+        let next = tokio::select! {
             biased;
-            reason = &mut cut_wait => {
+            reason = &mut cut_wait => Next::Cut(reason),
+            more = p.read() => Next::Read(more),
+        };
+        match next {
+            Next::Read(true) => {}
+            Next::Read(false) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
+                return Stop::Failed("the target closed the connection".into());
+            }
+            Next::Cut(reason) => {
                 let text = format!("terminating connection: {reason}");
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    fatal(&mut to, "57P01", &text, None),
+                    fatal(&mut p.to, "57P01", &text, None),
                 )
                 .await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
                 return Stop::Cut(reason);
-            }
-            n = from.read_buf(&mut buf) => match n {
-                Ok(0) | Err(_) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), to.shutdown()).await;
-                    return Stop::Failed("the target closed the connection".into());
-                }
-                Ok(_) => filled = buf.len() == buf.capacity(),
             }
         }
     }
 }
 
 /// The complete messages at the front of `buf`, each shown to `see`: how many bytes
-/// they take, and whether one was a Terminate (nothing after it is passed on).
+/// they take, and whether one was a Terminate (when `terminate` says the client's
+/// Terminate counts: nothing after it is passed on).
 fn scan(
     buf: &[u8],
     max: usize,
+    terminate: bool,
     mut see: impl FnMut(u8, &[u8]),
 ) -> Result<(usize, bool), WireError> {
     let mut at = 0;
     while let Some((t, total)) = wire::frame(&buf[at..], max)? {
         see(t, &buf[at + 5..at + total]);
         at += total;
-        if t == b'X' {
+        if terminate && t == b'X' {
             return Ok((at, true));
         }
     }
@@ -642,11 +683,11 @@ fn start_buffer(first: &[u8]) -> Vec<u8> {
 /// A direction's buffer starts small (an idle session holds two of them): one plain
 /// allocation that messages pass through, grown by a stream that fills it (to
 /// [`STREAM_BUFFER`]) or by a large message, and let go of once that has passed.
-const BUFFER: usize = 4 * 1024;
+const BUFFER: usize = 2 * 1024;
 const STREAM_BUFFER: usize = 64 * 1024;
 
 /// Room for the next read: the whole of a large message once its length is known;
-/// twice the buffer (up to [`STREAM_BUFFER`]) when the last read filled it; else 4 KiB.
+/// twice the buffer (up to [`STREAM_BUFFER`]) when the last read filled it; else [`BUFFER`].
 fn reserve(buf: &mut Vec<u8>, max: usize, filled: bool) {
     if buf.is_empty() && buf.capacity() > 4 * STREAM_BUFFER {
         *buf = Vec::with_capacity(BUFFER);

@@ -504,7 +504,7 @@ impl Tracker {
         self.describing.clear();
         self.described_now = None;
         self.reset_result();
-        self.transcript.flush();
+        self.transcript.flush_if_due();
     }
 }
 

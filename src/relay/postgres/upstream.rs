@@ -4,7 +4,7 @@
 //! BackendKeyData up to its first ReadyForQuery.
 //!
 //! The grant's login is made (or re-keyed) on first use and held in memory only
-//! ([`Logins`]); a target that refuses the held password (another twokey re-keyed it)
+//! ([`Upstreams`]); a target that refuses the held password (another twokey re-keyed it)
 //! gets a re-keyed login once. Nothing here is ever shown to the engineer but the
 //! target's own refusals, and those never hold the password.
 
@@ -22,17 +22,44 @@ use crate::dbcreds::UpstreamLogin;
 use crate::state::AppState;
 use crate::store::GrantRow;
 
-/// The grants' upstream logins, in memory only.
+/// What the relay keeps in memory to reach targets: the grants' upstream logins, and
+/// each resource's TLS client settings, made once (a root store and a resumption cache
+/// per connection would be some 20 KiB of every idle session, and work at every login).
 #[derive(Default)]
-pub struct Logins(Mutex<HashMap<String, (Arc<UpstreamLogin>, i64)>>);
+pub struct Upstreams {
+    logins: Mutex<HashMap<String, (Arc<UpstreamLogin>, i64)>>,
+    tls: Mutex<HashMap<String, Arc<UpstreamTls>>>,
+}
 
-impl Logins {
+impl Upstreams {
     fn get(&self, grant_id: &str) -> Option<Arc<UpstreamLogin>> {
-        self.0.lock().ok()?.get(grant_id).map(|(l, _)| l.clone())
+        self.logins
+            .lock()
+            .ok()?
+            .get(grant_id)
+            .map(|(l, _)| l.clone())
+    }
+
+    /// The resource's TLS settings: read from its config on first use (a bad CA file is
+    /// told at every attempt, not kept).
+    fn tls(&self, resource: &ResourceConfig) -> Result<Arc<UpstreamTls>, Failed> {
+        if let Some(t) = self
+            .tls
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&resource.name).cloned())
+        {
+            return Ok(t);
+        }
+        let t = Arc::new(UpstreamTls::of(resource).map_err(|e| failed("08000", e.to_string()))?);
+        if let Ok(mut m) = self.tls.lock() {
+            m.insert(resource.name.clone(), t.clone());
+        }
+        Ok(t)
     }
 
     fn put(&self, grant: &GrantRow, login: Arc<UpstreamLogin>, now: i64) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.logins.lock() {
             // Logins of grants that are over are forgotten as new ones come.
             m.retain(|_, (_, ends)| *ends > now);
             m.insert(grant.id.clone(), (login, grant.ends_at));
@@ -40,7 +67,7 @@ impl Logins {
     }
 
     fn forget(&self, grant_id: &str) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.logins.lock() {
             m.remove(grant_id);
         }
     }
@@ -80,16 +107,16 @@ fn failed(code: &str, text: impl Into<String>) -> Failed {
 /// relay holds none (or the target refuses the one it holds).
 pub async fn connect(
     state: &AppState,
-    logins: &Logins,
+    upstreams: &Upstreams,
     grant: &GrantRow,
     resource: &ResourceConfig,
     role: &RoleConfig,
     passed: &[(String, String)],
     max_message: usize,
 ) -> Result<Connected, Failed> {
-    let tls = UpstreamTls::of(resource).map_err(|e| failed("08000", e.to_string()))?;
+    let tls = upstreams.tls(resource)?;
     for attempt in 0..2 {
-        let login = match logins.get(&grant.id) {
+        let login = match upstreams.get(&grant.id) {
             Some(l) if attempt == 0 => l,
             _ => {
                 let l = crate::dbcreds::relay_upstream_login(state, grant, resource, role)
@@ -101,14 +128,14 @@ pub async fn connect(
                         )
                     })?;
                 let l = Arc::new(l);
-                logins.put(grant, l.clone(), state.now_ms());
+                upstreams.put(grant, l.clone(), state.now_ms());
                 l
             }
         };
         match login_once(&login, &tls, passed, max_message).await {
             Ok(c) => return Ok(c),
             // The held password no longer works (re-keyed elsewhere): once more, fresh.
-            Err(f) if f.code == "28P01" && attempt == 0 => logins.forget(&grant.id),
+            Err(f) if f.code == "28P01" && attempt == 0 => upstreams.forget(&grant.id),
             Err(f) => return Err(f),
         }
     }
