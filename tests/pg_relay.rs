@@ -432,6 +432,53 @@ async fn notifications_come_through_and_are_transcribed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_sessions_statements_reach_its_transcript_while_it_stays_open() {
+    let s = setup().await;
+    let id = granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let opts = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(s.pg.port())
+        .database("demo-db")
+        .username(ALICE)
+        .password(&pw)
+        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+        .ssl_root_cert(&s.cert);
+    let mut conn = sqlx::ConnectOptions::connect(&opts).await.unwrap();
+    let v: String = sqlx::query_scalar("select 'still open'::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "still open");
+    // Nothing more is sent: the statement is written out by the relay's own clock
+    // (at most a second later), not left in memory until the session ends.
+    eventually(
+        "the statement in the live session's transcript",
+        async || {
+            let rows = s.sessions().await;
+            assert!(rows[0].ended_at.is_none(), "the session is still open");
+            std::fs::read_to_string(&rows[0].recording)
+                .is_ok_and(|t| t.contains("select 'still open'::text"))
+        },
+    )
+    .await;
+    let row = &s.sessions().await[0];
+    let (_, entries) =
+        twokey::recording::transcript::read(std::path::Path::new(&row.recording)).unwrap();
+    assert!(
+        entries.iter().any(|e| matches!(e,
+            twokey::recording::transcript::Entry::Statement(st)
+                if st.sql == "select 'still open'::text" && st.row_count == 1)),
+        "{entries:?}"
+    );
+    sqlx::Connection::close(conn).await.unwrap();
+    eventually("the session to close", async || {
+        s.sessions().await[0].ended_at.is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaches_only_its_own_backend() {
     let s = setup().await;
     let id = granted(&s.app).await;
