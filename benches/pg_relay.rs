@@ -18,7 +18,6 @@
 mod postgres;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,25 +51,6 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server binaries (pg_ctl) the cluster was started with.
-fn pg_bin() -> PathBuf {
-    let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
-        .unwrap_or_default();
-    v.sort();
-    v.pop()
-        .filter(|d| d.join("pg_ctl").exists())
-        .unwrap_or_else(|| "/usr/local/bin".into())
 }
 
 fn is_root() -> bool {
@@ -216,22 +196,7 @@ async fn main() {
         &format!("ALTER SYSTEM SET max_connections = {}", idle + 200),
     );
     cluster.admin("postgres", "ALTER SYSTEM SET log_statement = 'none'");
-    let data = cluster.dir.path().join("data");
-    let log = cluster.dir.path().join("log");
-    let mut restart = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"])
-            .arg(pg_bin().join("pg_ctl"));
-        c
-    } else {
-        Command::new(pg_bin().join("pg_ctl"))
-    };
-    run(restart
-        .arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(&log)
-        .args(["-w", "-t", "30", "restart"]));
+    cluster.restart();
     let direct_base = format!(
         "host=127.0.0.1 port={} dbname=app sslmode=verify-full sslrootcert={} connect_timeout=10",
         cluster.port,
@@ -362,7 +327,7 @@ async fn main() {
         format!("\"{BENCH_ROLE}\" \"{BENCH_PASSWORD}\"\n"),
     )
     .unwrap();
-    let bouncer_port = free_port();
+    let bouncer_port = postgres::free_port();
     std::fs::write(
         b.join("pgbouncer.ini"),
         format!(

@@ -161,6 +161,18 @@ impl Setup {
         .await
     }
 
+    /// sqlx's options for alice through the relay, its certificate pinned.
+    fn sqlx(&self, password: &str) -> sqlx::postgres::PgConnectOptions {
+        sqlx::postgres::PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.pg.port())
+            .database("demo-db")
+            .username(ALICE)
+            .password(password)
+            .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+            .ssl_root_cert(&self.cert)
+    }
+
     /// The sessions' rows.
     async fn sessions(&self) -> Vec<twokey::store::SessionRow> {
         twokey::store::sessions(&self.app.state().db, 1000)
@@ -436,14 +448,7 @@ async fn a_live_sessions_statements_reach_its_transcript_while_it_stays_open() {
     let s = setup().await;
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
-    let opts = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(s.pg.port())
-        .database("demo-db")
-        .username(ALICE)
-        .password(&pw)
-        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-        .ssl_root_cert(&s.cert);
+    let opts = s.sqlx(&pw);
     let mut conn = sqlx::ConnectOptions::connect(&opts).await.unwrap();
     let v: String = sqlx::query_scalar("select 'still open'::text")
         .fetch_one(&mut conn)
@@ -535,14 +540,7 @@ async fn prepared_statements_and_pipelines_run_through_with_a_driver_and_pgbench
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
     // sqlx: one prepared statement, reused 1,000 times.
-    let opts = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(s.pg.port())
-        .database("demo-db")
-        .username(ALICE)
-        .password(&pw)
-        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-        .ssl_root_cert(&s.cert);
+    let opts = s.sqlx(&pw);
     let mut conn = sqlx::ConnectOptions::connect(&opts).await.unwrap();
     let mut sum = 0i64;
     for i in 0..1000i32 {
@@ -852,14 +850,7 @@ async fn limits_hold_and_bad_input_gets_an_error_not_a_crash() {
         "{err}"
     );
     // A session with nothing going on is closed after the idle timeout.
-    let opts = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(s.pg.port())
-        .database("demo-db")
-        .username(ALICE)
-        .password(&pw)
-        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-        .ssl_root_cert(&s.cert);
+    let opts = s.sqlx(&pw);
     // The two sessions above hold their slots until the relay has closed them (their
     // records written): with two per address, wait for that, then connect (once more,
     // should a slot still be on its way back).

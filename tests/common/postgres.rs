@@ -88,7 +88,8 @@ fn debian_bin_dir() -> PathBuf {
         .expect("PostgreSQL server binaries (initdb): ./scripts/test installs them")
 }
 
-fn free_port() -> u16 {
+/// A free loopback port.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -360,6 +361,17 @@ impl Cluster {
     /// Makes the server re-read its configuration and certificate files.
     pub fn reload(&self) {
         self.admin("postgres", "SELECT pg_reload_conf()");
+    }
+
+    /// Restarts the server (for settings a reload does not apply, e.g.
+    /// `max_connections`); panics if it does not come back.
+    pub fn restart(&self) {
+        let (data, log) = (self.path("data"), self.path("log"));
+        let out = self.run(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-w", "-t", "30", "restart"],
+        );
+        assert!(out.status.success(), "pg_ctl restart: {}", self.log());
     }
 
     fn path(&self, name: &str) -> String {
