@@ -2,6 +2,10 @@
 # Run:   docker run -p 8080:8080 -v twokey-data:/var/lib/twokey \
 #          -v $PWD/twokey.toml:/etc/twokey/twokey.toml:ro twokey
 FROM rust:1.95-bookworm AS build
+# pg_query (PostgreSQL's parser) generates its bindings with bindgen, which needs libclang.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY src ./src

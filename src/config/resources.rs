@@ -187,6 +187,48 @@ pub struct RoleConfig {
     /// (the count of all rows is always kept).
     #[serde(default = "default_transcript_rows")]
     pub transcript_rows: usize,
+    /// PostgreSQL relay: what statements this role may run (`[resources.roles.sql]`).
+    #[serde(default)]
+    pub sql: SqlPolicy,
+}
+
+/// PostgreSQL relay: a role's statement rules, judged on PostgreSQL's own parse of every
+/// statement (see `policy::sql`). Some refusals hold whatever is written here: text that
+/// does not parse, and leaving the grant's database role.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlPolicy {
+    /// Admit only what cannot write; the session is also made read-only at the database.
+    pub read_only: bool,
+    /// Statement kinds refused, by their first words: `"DROP"`, `"TRUNCATE"`,
+    /// `"CREATE FUNCTION"`, `"COPY PROGRAM"`, `"COPY FILE"`…
+    pub deny: Vec<String>,
+    /// Tables refused wherever a statement names them: `"secrets"` (any schema),
+    /// `"public.secrets"`, `"audit.*"` (needs `search_path`).
+    pub deny_tables: Vec<String>,
+    /// Functions refused wherever a statement calls them, e.g. `"pg_read_file"`.
+    pub deny_functions: Vec<String>,
+    /// `DELETE` and `UPDATE` need a `WHERE` (default true).
+    pub require_where: bool,
+    /// Allow what the relay cannot see into: `DO` blocks, function bodies in strings,
+    /// functions that run SQL text (default false: refused).
+    pub allow_dynamic_sql: bool,
+    /// Fixes the session's search_path (the client's and `SET search_path` are refused).
+    pub search_path: Option<String>,
+}
+
+impl Default for SqlPolicy {
+    fn default() -> Self {
+        SqlPolicy {
+            read_only: false,
+            deny: Vec::new(),
+            deny_tables: Vec::new(),
+            deny_functions: Vec::new(),
+            require_where: true,
+            allow_dynamic_sql: false,
+            search_path: None,
+        }
+    }
 }
 
 fn default_transcript_rows() -> usize {

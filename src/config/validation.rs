@@ -289,6 +289,7 @@ impl Config {
                 if let Some(ttl) = role.pending_ttl {
                     check_nonzero(&format!("{key}.pending_ttl"), ttl)?;
                 }
+                check_sql_policy(&format!("{key}.sql"), &role.sql)?;
             }
             if let Some(addr) = &r.address
                 && addr
@@ -378,6 +379,73 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// A role's statement rules: each names something the relay can match, so a typo is
+/// an error at start, not a rule that silently never applies.
+fn check_sql_policy(key: &str, p: &crate::config::SqlPolicy) -> Result<(), ConfigError> {
+    use crate::policy::sql::STATEMENT_VERBS;
+    for (i, rule) in p.deny.iter().enumerate() {
+        let first = rule
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        let words_ok = rule
+            .split_whitespace()
+            .all(|w| w.chars().all(|c| c.is_ascii_alphabetic()));
+        if !STATEMENT_VERBS.contains(&first.as_str()) || !words_ok {
+            return Err(invalid(
+                format!("{key}.deny[{i}]"),
+                format!(
+                    "{rule:?} is not a statement kind: start with one of {}, e.g. \"DROP\", \"COPY PROGRAM\", \"CREATE FUNCTION\"",
+                    STATEMENT_VERBS.join(", ")
+                ),
+            ));
+        }
+    }
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+    };
+    for (i, rule) in p.deny_tables.iter().enumerate() {
+        let k = format!("{key}.deny_tables[{i}]");
+        let ok = match rule.split_once('.') {
+            None => ident(rule),
+            Some((schema, "*")) => ident(schema),
+            Some((schema, table)) => ident(schema) && ident(table),
+        };
+        if !ok {
+            return Err(invalid(
+                k,
+                format!("{rule:?} must be \"table\", \"schema.table\" or \"schema.*\""),
+            ));
+        }
+        if rule.ends_with(".*") && p.search_path.is_none() {
+            return Err(invalid(
+                k,
+                "a schema rule needs the role's search_path fixed (sql.search_path), so an unqualified name cannot reach the schema unseen",
+            ));
+        }
+    }
+    for (i, f) in p.deny_functions.iter().enumerate() {
+        if !ident(f) {
+            return Err(invalid(
+                format!("{key}.deny_functions[{i}]"),
+                format!("{f:?} must be a function's name, e.g. \"pg_read_file\""),
+            ));
+        }
+    }
+    if let Some(path) = &p.search_path
+        && (path.trim().is_empty() || !path.split(',').all(|s| ident(s.trim().trim_matches('"'))))
+    {
+        return Err(invalid(
+            format!("{key}.search_path"),
+            "must be a list of schemas, e.g. \"app, public\"",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -436,6 +504,26 @@ mod tests {
                 "address = \"127.0.0.1:22\"",
                 "address = \"127.0.0.1:22\"\nhost_key = \"ssh-ed25519 nope\"",
                 "resources[1].host_key",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { deny = [\"DELET\"] }",
+                "resources[0].roles[0].sql.deny[0]",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { deny_tables = [\"audit.*\"] }",
+                "resources[0].roles[0].sql.deny_tables[0]",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { deny_functions = [\"pg_read_file()\"] }",
+                "resources[0].roles[0].sql.deny_functions[0]",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { search_path = \"app; drop\" }",
+                "resources[0].roles[0].sql.search_path",
             ),
         ];
         let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));

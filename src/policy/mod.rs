@@ -10,6 +10,7 @@ use std::time::Duration;
 pub use crate::config::parse_duration;
 use crate::config::{Config, ConfigError, RoleConfig, invalid};
 
+pub mod sql;
 pub mod status;
 
 pub use status::{
@@ -330,6 +331,7 @@ mod tests {
             connection_limit: 5,
             blocked_commands: vec![],
             transcript_rows: 20,
+            sql: Default::default(),
         }
     }
 
