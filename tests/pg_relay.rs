@@ -9,177 +9,17 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::postgres::{self, Cluster, Version};
+use common::postgres::{self, Version};
 use common::psql::{self as client, eventually, ok, refused};
 use common::webdriver::Browser;
 use reqwest::StatusCode;
 use serde_json::json;
 
-const ALICE: &str = "alice@example.com";
-const BOB: &str = "bob@example.com";
-
-struct Setup {
-    app: common::TestApp,
-    cluster: Cluster,
-    /// The relay's PostgreSQL address.
-    pg: SocketAddr,
-    /// The relay's certificate, as a client pins it.
-    cert: PathBuf,
-    _files: tempfile::TempDir,
-}
-
-/// A TLS cluster behind the relay: demo-db reached only through the relay, the target
-/// verified (verify-full, the cluster's CA), its role `read` in `readonly`.
-async fn setup_with(tweak: impl FnOnce(&mut twokey::config::Config) + Send + 'static) -> Setup {
-    setup_on(Version::Pg15, tweak).await
-}
-
-async fn setup_on(
-    version: Version,
-    tweak: impl FnOnce(&mut twokey::config::Config) + Send + 'static,
-) -> Setup {
-    let cluster = Cluster::start_with(version, true);
-    let files = tempfile::tempdir().unwrap();
-    let pw = files.path().join("pg-admin-password");
-    std::fs::write(&pw, format!("{}\n", postgres::TWOKEY_ADMIN_PASSWORD)).unwrap();
-    let (port, ca) = (cluster.port, cluster.ca_file());
-    let app = common::start_with(move |c| {
-        c.relay = Some(twokey::config::RelayConfig {
-            listen: "127.0.0.1:0".into(),
-            postgres: Some(twokey::config::RelayPostgresConfig {
-                listen: "127.0.0.1:0".into(),
-                public_address: None,
-                tls_cert_file: None,
-                tls_key_file: None,
-                tls_names: vec![],
-                allow_plaintext: false,
-                max_message_bytes: twokey::config::DEFAULT_MAX_PG_MESSAGE_BYTES,
-            }),
-            ..Default::default()
-        });
-        let db = c
-            .resources
-            .iter_mut()
-            .find(|r| r.name == "demo-db")
-            .unwrap();
-        db.address = Some(format!("127.0.0.1:{port}"));
-        db.database = Some("app".into());
-        db.admin_user = Some(postgres::TWOKEY_ADMIN.into());
-        db.admin_password_file = Some(pw);
-        db.tls = None;
-        db.tls_ca_file = Some(ca);
-        db.reassign_owned_to = None;
-        db.access = None;
-        db.roles[0].db_roles = vec!["readonly".into()];
-        tweak(c);
-        c.validate().unwrap();
-    })
-    .await;
-    // VALID UNTIL is checked by PostgreSQL against the wall clock.
-    app.clock.set(chrono::Utc::now());
-    let pg = app.server.relay.as_ref().unwrap().pg_addr.unwrap();
-    let cert = files.path().join("relay.pem");
-    std::fs::write(&cert, &app.state().relay_pg.as_ref().unwrap().cert_pem).unwrap();
-    Setup {
-        app,
-        cluster,
-        pg,
-        cert,
-        _files: files,
-    }
-}
-
-async fn setup() -> Setup {
-    setup_with(|_| {}).await
-}
-
-/// Alice asks for demo-db, Bob approves: the request id.
-async fn granted(app: &common::TestApp) -> String {
-    let id = app
-        .api(ALICE)
-        .await
-        .file("demo-db", "read", "1h", None)
-        .await;
-    let (s, r) = app.api(BOB).await.act(&id, "approve").await;
-    assert_eq!(s, StatusCode::OK, "{r}");
-    id
-}
-
-/// A relay password for the request's grant, as the holder gets it.
-async fn relay_password(app: &common::TestApp, request_id: &str) -> String {
-    let (s, r) = app
-        .api(ALICE)
-        .await
-        .post(&format!("/requests/{request_id}/relay-login"), json!({}))
-        .await;
-    assert!(s.is_success(), "{s}: {r}");
-    r["password"].as_str().unwrap().to_string()
-}
-
-impl Setup {
-    /// libpq's connection string for the relay.
-    fn conninfo(&self, user: &str, db: &str, sslmode: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} dbname={db} user={user} sslmode={sslmode} sslrootcert={} connect_timeout=10",
-            self.pg.port(),
-            self.cert.display()
-        )
-    }
-
-    /// psql through the relay as alice on demo-db (verify-full), with `args`.
-    fn psql_cmd(&self, password: &str, args: &[&str]) -> Command {
-        client::command(
-            &self.conninfo(ALICE, "demo-db", "verify-full"),
-            password,
-            args,
-        )
-    }
-
-    /// psql through the relay as alice, running `sql`.
-    async fn psql(&self, password: &str, sql: &str) -> Output {
-        self.psql_as(ALICE, "demo-db", "verify-full", password, sql)
-            .await
-    }
-
-    async fn psql_as(
-        &self,
-        user: &str,
-        db: &str,
-        sslmode: &str,
-        password: &str,
-        sql: &str,
-    ) -> Output {
-        client::output(client::command(
-            &self.conninfo(user, db, sslmode),
-            password,
-            &["-c", sql],
-        ))
-        .await
-    }
-
-    /// sqlx's options for alice through the relay, its certificate pinned.
-    fn sqlx(&self, password: &str) -> sqlx::postgres::PgConnectOptions {
-        sqlx::postgres::PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(self.pg.port())
-            .database("demo-db")
-            .username(ALICE)
-            .password(password)
-            .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-            .ssl_root_cert(&self.cert)
-    }
-
-    /// The sessions' rows.
-    async fn sessions(&self) -> Vec<twokey::store::SessionRow> {
-        twokey::store::sessions(&self.app.state().db, 1000)
-            .await
-            .unwrap()
-    }
-}
+use common::relay_pg::{ALICE, BOB, Setup, granted, relay_password, setup, setup_on, setup_with};
 
 /// The details of every `relay.refused` event.
 async fn refusals(s: &Setup) -> Vec<serde_json::Value> {
@@ -554,7 +394,7 @@ async fn prepared_statements_and_pipelines_run_through_with_a_driver_and_pgbench
     assert_eq!(sum, (0..1000).map(|i| i + 3).sum::<i64>());
     sqlx::Connection::close(conn).await.unwrap();
     // pgbench: a pipeline of prepared statements.
-    let script = s._files.path().join("pipeline.sql");
+    let script = s.files.path().join("pipeline.sql");
     std::fs::write(
         &script,
         "\\startpipeline\nselect count(*) from items;\nselect 1;\nselect name from items where id = 2;\n\\endpipeline\n",
@@ -619,7 +459,7 @@ async fn copy_of_a_hundred_megabytes_goes_in_and_out_intact() {
     .await;
     let id = granted(&s.app).await;
     let pw = relay_password(&s.app, &id).await;
-    let data = s._files.path().join("in.tsv");
+    let data = s.files.path().join("in.tsv");
     {
         use std::io::Write;
         let mut f = std::io::BufWriter::new(std::fs::File::create(&data).unwrap());
@@ -633,7 +473,7 @@ async fn copy_of_a_hundred_megabytes_goes_in_and_out_intact() {
             i += 1;
         }
     }
-    let out_file = s._files.path().join("out.tsv");
+    let out_file = s.files.path().join("out.tsv");
     let sql = format!(
         "create table bulk (id bigint, v text); \\copy bulk from '{}'\n\\copy (select * from bulk order by id) to '{}'",
         data.display(),

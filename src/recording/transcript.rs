@@ -102,6 +102,9 @@ pub struct Statement {
     /// Its error, when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<StatementError>,
+    /// Not run: refused by the relay under this rule (its message is the error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Not run: an earlier error in the same pipeline made the server skip it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,

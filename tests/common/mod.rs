@@ -6,6 +6,7 @@ pub mod mail;
 pub mod oidc;
 pub mod postgres;
 pub mod psql;
+pub mod relay_pg;
 pub mod slack;
 pub mod sshd;
 pub mod transcripts;

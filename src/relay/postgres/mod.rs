@@ -10,7 +10,8 @@
 //! - [`scram`]: SCRAM-SHA-256, as the server to clients (against the stored verifier)
 //!   and as the client to the target.
 //! - [`wire`]: the protocol's packets and messages, framed with a size bound.
-//! - [`tracker`]: follows both directions and writes the transcript.
+//! - [`tracker`]: follows both directions and writes the transcript; [`judge`]: what
+//!   it asks of each statement (PostgreSQL's parse, the role's rules).
 //! - [`startup`]: TLS, the StartupMessage and the relay password (SCRAM), before
 //!   admission; [`upstream`]: the login to the target as the grant's role;
 //!   `session`: one connection from admission to close, relayed both ways;
@@ -23,6 +24,7 @@
 //! frame: it fails closed.
 
 pub mod cancel;
+pub mod judge;
 pub mod scram;
 mod session;
 pub mod startup;
@@ -47,6 +49,8 @@ pub struct PgRelay {
     pub(crate) keys: Arc<cancel::CancelKeys>,
     pub(crate) upstreams: upstream::Upstreams,
     pub(crate) refusals: crate::relay::limits::RefusalLog,
+    /// Statements parsed, by text, for every session's judge.
+    pub(crate) shapes: Arc<judge::Shapes>,
 }
 
 /// Accepts connections within the limits (total, per address) before any TLS, and
@@ -66,6 +70,7 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         keys: Arc::default(),
         upstreams: upstream::Upstreams::default(),
         refusals: Default::default(),
+        shapes: Arc::default(),
     });
     loop {
         let (socket, peer) = match listener.accept().await {

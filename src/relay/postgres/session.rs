@@ -6,7 +6,9 @@
 //! target going away, the grant ending, an administrator, an idle timeout.
 //!
 //! Messages are framed and passed on whole, in batches, never re-encoded; a message
-//! that cannot be framed or is over the bound ends the session with an error. A cut
+//! that cannot be framed or is over the bound ends the session with an error. The only
+//! messages changed are a refused statement and the server's answer to what took its
+//! place ([`super::judge`]); each refusal is audited. A cut
 //! reaches the client as a FATAL ErrorResponse between two messages, and the backend
 //! is cancelled and disconnected.
 
@@ -20,10 +22,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::PgRelay;
 use super::cancel::{CancelKeys, Upstream};
+use super::judge::Judge;
 use super::scram::Verifier;
 use super::startup::{self, Begun, fatal};
 use super::tls::PgStream;
-use super::tracker::Tracker;
+use super::tracker::{Refusal, Tracker};
 use super::upstream;
 use super::wire::{self, WireError};
 use crate::config::DbAccess;
@@ -37,6 +40,25 @@ use crate::store;
 /// such user, no relay password, a wrong one): nothing here tells a stranger who has a
 /// grant.
 const BAD_PASSWORD_HINT: &str = "get a relay password for your live grant: twokey db-login RESOURCE (or on the request page), or connect with: twokey psql RESOURCE";
+
+/// What the target is sent at startup: the client's parameters, with the role's rules
+/// on top (a fixed search_path in the place of the client's, read-only transactions).
+fn upstream_parameters(
+    passed: Vec<(String, String)>,
+    policy: &crate::config::SqlPolicy,
+) -> Vec<(String, String)> {
+    let mut params: Vec<(String, String)> = passed
+        .into_iter()
+        .filter(|(k, _)| !(k == "search_path" && policy.search_path.is_some()))
+        .collect();
+    if let Some(path) = &policy.search_path {
+        params.push(("search_path".into(), path.clone()));
+    }
+    if policy.read_only {
+        params.push(("default_transaction_read_only".into(), "on".into()));
+    }
+    params
+}
 
 /// Serves one connection.
 pub async fn serve(relay: Arc<PgRelay>, socket: tokio::net::TcpStream, peer: std::net::SocketAddr) {
@@ -298,9 +320,11 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
     }
     let cut = state.live_sessions.register(&session_id, &grant.id);
     let _registered = Registered(&state.live_sessions, &session_id);
+    let judge = Judge::new(Arc::new(role.sql.clone()), relay.shapes.clone());
     let tracker = Arc::new(std::sync::Mutex::new(Tracker::new(
         transcript,
         role.transcript_rows,
+        judge,
     )));
     let counters = Arc::new(Counters::default());
     let max = relay.pg.max_message_bytes as usize;
@@ -310,7 +334,7 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
         &grant,
         resource,
         role,
-        &startup,
+        &upstream_parameters(startup, &role.sql),
         max,
     )
     .await
@@ -365,8 +389,12 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
     tracing::info!(session = %session_id, peer = %peer.ip(), reason, "postgres relay session ended");
 }
 
+/// Refusals audited per session; past these only the transcript holds them.
+const AUDITED_REFUSALS: u64 = 100;
+
 #[derive(Default)]
 struct Counters {
+    refused: AtomicU64,
     from_client: AtomicU64,
     to_client: AtomicU64,
     /// Milliseconds since the session's start at the last message either way.
@@ -407,6 +435,12 @@ async fn relay_session(
     );
     let (backend_host, backend_port, backend_pid, backend_secret) =
         (up.host.clone(), up.port, up.pid, up.secret.clone());
+    // The server's parameters, as the judge must know them (how it reads strings).
+    if let Ok(mut t) = tracker.lock() {
+        let _ = scan(&up.greeting, usize::MAX, false, |typ, _, body| {
+            t.from_server(typ, body);
+        });
+    }
     // AuthenticationOk, the server's parameters, the relay's own key, ReadyForQuery.
     let mut hello = wire::authentication(0, b"");
     hello.extend_from_slice(&up.greeting);
@@ -420,6 +454,8 @@ async fn relay_session(
     let (up_r, up_w) = tokio::io::split(up.stream);
     let started = Instant::now();
     let pump = |way, from, first: BytesMut, to| Pump {
+        relay: relay.clone(),
+        session: session_id.to_string(),
         way,
         from,
         to,
@@ -510,6 +546,8 @@ enum Way {
 /// One direction of a session: what one side sends, read into a buffer, framed, shown
 /// to the tracker and written whole to the other side, a batch at a time.
 struct Pump {
+    relay: Arc<PgRelay>,
+    session: String,
     way: Way,
     from: ReadHalf<PgStream>,
     to: WriteHalf<PgStream>,
@@ -535,23 +573,46 @@ impl Pump {
     /// whether one was the client's Terminate (nothing after it goes on).
     async fn pass(&mut self) -> Result<bool, PassError> {
         let way = self.way;
-        let (ready, terminate) = {
-            // One lock for the batch; a poisoned tracker only stops the transcript.
+        let mut replaced: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+        let (ready, terminate, refusals) = {
+            // One lock for the batch. A poisoned tracker cannot judge: nothing more
+            // goes to the target.
             let mut tracker = self.tracker.lock().ok();
-            scan(&self.buf, self.max, way == Way::ToTarget, |t, body| {
-                if let Some(tr) = tracker.as_mut() {
-                    match way {
+            if tracker.is_none() && way == Way::ToTarget {
+                return Err(PassError::Closed);
+            }
+            let (ready, terminate) =
+                scan(&self.buf, self.max, way == Way::ToTarget, |t, at, body| {
+                    let instead = tracker.as_mut().and_then(|tr| match way {
                         Way::ToTarget => tr.from_client(t, body),
                         Way::ToClient => tr.from_server(t, body),
+                    });
+                    if let Some(m) = instead {
+                        replaced.push((at, at + 5 + body.len(), m));
                     }
-                }
-            })
-            .map_err(PassError::Bad)?
+                })
+                .map_err(PassError::Bad)?;
+            let refusals = tracker
+                .as_mut()
+                .map(|t| t.take_refusals())
+                .unwrap_or_default();
+            (ready, terminate, refusals)
         };
         if ready > 0 {
-            if self.to.write_all(&self.buf[..ready]).await.is_err()
-                || self.to.flush().await.is_err()
-            {
+            let written = if replaced.is_empty() {
+                self.to.write_all(&self.buf[..ready]).await
+            } else {
+                let mut out = Vec::with_capacity(ready);
+                let mut from = 0;
+                for (start, end, m) in &replaced {
+                    out.extend_from_slice(&self.buf[from..*start]);
+                    out.extend_from_slice(m);
+                    from = *end;
+                }
+                out.extend_from_slice(&self.buf[from..ready]);
+                self.to.write_all(&out).await
+            };
+            if written.is_err() || self.to.flush().await.is_err() {
                 return Err(PassError::Closed);
             }
             let counter = match way {
@@ -564,7 +625,38 @@ impl Pump {
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
             self.buf.drain(..ready);
         }
+        for r in refusals {
+            self.audit_refusal(r).await;
+        }
         Ok(terminate)
+    }
+
+    /// A refused statement, audited (the first [`AUDITED_REFUSALS`] of a session; the
+    /// transcript holds them all).
+    async fn audit_refusal(&mut self, r: Refusal) {
+        let n = self.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(session = %self.session, rule = r.refused.rule, "postgres relay refused a statement");
+        if n > AUDITED_REFUSALS {
+            return;
+        }
+        let state = &self.relay.state;
+        let _ = audit(
+            state,
+            "relay",
+            "statement.refused",
+            &self.session,
+            json!({
+                "protocol": r.protocol,
+                "rule": r.refused.rule,
+                "reason": r.refused.message,
+                "kinds": r.refused.kinds,
+                "tables": r.refused.tables,
+                "functions": r.refused.functions,
+                "sql_sha256": r.sha256,
+                "last_audited": n == AUDITED_REFUSALS,
+            }),
+        )
+        .await;
     }
 
     /// Reads what the sender has next; false once it has closed (or failed).
@@ -660,11 +752,11 @@ fn scan(
     buf: &[u8],
     max: usize,
     terminate: bool,
-    mut see: impl FnMut(u8, &[u8]),
+    mut see: impl FnMut(u8, usize, &[u8]),
 ) -> Result<(usize, bool), WireError> {
     let mut at = 0;
     while let Some((t, total)) = wire::frame(&buf[at..], max)? {
-        see(t, &buf[at + 5..at + total]);
+        see(t, at, &buf[at + 5..at + total]);
         at += total;
         if terminate && t == b'X' {
             return Ok((at, true));

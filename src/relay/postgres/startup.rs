@@ -152,6 +152,15 @@ async fn startup(
             return Ok(Err(why));
         }
     }
+    // An encoding whose multi-byte characters can hold a quote or backslash byte would
+    // have the server read a statement otherwise than the relay judged it.
+    if let Some(enc) = get("client_encoding")
+        && !crate::policy::sql::safe_client_encoding(&enc)
+    {
+        let why = format!("the client encoding {enc:?} is not allowed through the relay");
+        fatal(s, "22023", &why, Some("use UTF8")).await;
+        return Ok(Err(why));
+    }
     // Protocol options (`_pq_.…`) and a minor version past 3.0: the relay speaks 3.0
     // and says so, as a server does.
     let unknown: Vec<String> = params

@@ -9,16 +9,23 @@
 //! statements and portals are remembered by name so an Execute is recorded with the
 //! statement text and the parameters it ran with.
 //!
-//! This never changes what passes: it only reads. Its memory is bounded: at most
+//! It is also where the relay's [`Judge`] sees every statement before the target does:
+//! a Query, Parse or Bind the rules refuse is answered with the message that takes its
+//! place ([`super::judge`]), and the server's rejection of that one with the refusal.
+//! A function call by OID (the fastpath) is refused always: nothing says which function
+//! it calls. Apart from refusals it only reads. Its memory is bounded: at most
 //! [`MAX_NAMED`] statements and portals remembered, values cut at [`MAX_VALUE`].
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::judge::{self, Judge, Parsed, Refused};
 use super::wire::{Fields, error_fields};
 use crate::recording::transcript::{Entry, Protocol, Statement, StatementError, Transcript};
 
-/// Prepared statements (and portals) remembered by name; past this the oldest go.
+/// Prepared statements (and portals) remembered by name: past this a new prepared
+/// statement is refused (the relay must judge each Bind), portals are forgotten.
 pub const MAX_NAMED: usize = 10_000;
 /// Characters of one parameter or value kept in the transcript.
 pub const MAX_VALUE: usize = 1024;
@@ -30,6 +37,7 @@ enum Pending {
     Simple {
         st: Statement,
         at: Instant,
+        refused: Option<Box<Refused>>,
     },
     Execute {
         st: Statement,
@@ -41,8 +49,24 @@ enum Pending {
     Function {
         st: Statement,
         at: Instant,
+        refused: Option<Box<Refused>>,
+    },
+    /// A Parse, until its ParseComplete (or error): the prepared statement's name.
+    Parse(String),
+    /// A Parse or Bind refused: the server rejects what took its place.
+    Refused {
+        st: Statement,
+        refused: Box<Refused>,
     },
     Sync,
+}
+
+/// A refusal, for the session's audit: what was refused and by which rule; the text
+/// only by its hash (it may hold what must not be logged).
+pub struct Refusal {
+    pub protocol: Protocol,
+    pub sha256: Option<String>,
+    pub refused: Refused,
 }
 
 /// A prepared statement's result columns: names and type OIDs.
@@ -53,6 +77,8 @@ struct Prepared {
     sql: String,
     types: Vec<u32>,
     described: Option<Described>,
+    /// Its parse, judged again at each Bind against the rules as they are then.
+    parsed: Arc<Parsed>,
 }
 
 struct Portal {
@@ -67,13 +93,15 @@ struct Portal {
 /// The session's transcript and what it needs to follow the conversation.
 pub struct Tracker {
     pub transcript: Transcript,
+    judge: Judge,
+    /// Refusals not yet taken for the audit ([`Tracker::take_refusals`]).
+    refusals: Vec<Refusal>,
     rows_cap: usize,
     pending: VecDeque<Pending>,
     statements: HashMap<String, Prepared>,
     /// Statements whose Describe is on its way back, and the one being answered.
     describing: VecDeque<String>,
     described_now: Option<String>,
-    statement_order: VecDeque<String>,
     portals: HashMap<String, Portal>,
     /// The result being received: its columns and whether each is binary.
     columns: Vec<String>,
@@ -90,15 +118,16 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(transcript: Transcript, rows_cap: usize) -> Tracker {
+    pub fn new(transcript: Transcript, rows_cap: usize, judge: Judge) -> Tracker {
         Tracker {
             transcript,
+            judge,
+            refusals: Vec::new(),
             rows_cap,
             pending: VecDeque::new(),
             statements: HashMap::new(),
             describing: VecDeque::new(),
             described_now: None,
-            statement_order: VecDeque::new(),
             portals: HashMap::new(),
             columns: Vec::new(),
             column_binary: Vec::new(),
@@ -135,22 +164,93 @@ impl Tracker {
         }
     }
 
-    /// A message from the client, before it goes on to the server.
-    pub fn from_client(&mut self, t: u8, body: &[u8]) {
-        // A message the relay cannot read is still passed on for the server to refuse;
-        // the transcript then records what the server said.
-        let _ = self.client_message(t, body);
+    /// A message from the client, before it goes on to the server: what goes in its
+    /// place when it is refused.
+    pub fn from_client(&mut self, t: u8, body: &[u8]) -> Option<Vec<u8>> {
+        match self.client_message(t, body) {
+            Ok(instead) => instead,
+            // A Query, Parse, Bind or function call the relay cannot read is not
+            // judged, so it does not go on; anything else is passed on for the server
+            // to refuse, and the transcript records what the server said.
+            Err(_) => match t {
+                b'Q' | b'P' | b'B' | b'F' => {
+                    let refused = Refused {
+                        rule: "unparsed",
+                        message: "the relay cannot read this message".into(),
+                        kinds: Vec::new(),
+                        tables: Vec::new(),
+                        functions: Vec::new(),
+                    };
+                    let st = self.statement(Protocol::Simple, "(a message the relay cannot read)");
+                    self.refuse(st, refused, None, t)
+                }
+                _ => None,
+            },
+        }
     }
 
-    fn client_message(&mut self, t: u8, body: &[u8]) -> Result<(), super::wire::WireError> {
+    /// Records a refusal and queues its answer: a Query's or function call's as the
+    /// Query's, a Parse's or Bind's as the extended protocol's. `sql` is the text judged.
+    fn refuse(
+        &mut self,
+        mut st: Statement,
+        refused: Refused,
+        sql: Option<&str>,
+        t: u8,
+    ) -> Option<Vec<u8>> {
+        st.refused = Some(refused.rule.to_string());
+        self.refusals.push(Refusal {
+            protocol: st.protocol.unwrap_or(Protocol::Simple),
+            sha256: sql.map(|s| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(s.as_bytes()))
+            }),
+            refused: refused.clone(),
+        });
+        let refused = Some(Box::new(refused));
+        let at = Instant::now();
+        Some(match t {
+            b'Q' => {
+                self.pending.push_back(Pending::Simple { st, at, refused });
+                judge::refused_query()
+            }
+            b'F' => {
+                self.pending
+                    .push_back(Pending::Function { st, at, refused });
+                judge::refused_query()
+            }
+            _ => {
+                let refused = refused?;
+                self.pending.push_back(Pending::Refused { st, refused });
+                // Unreadable: a Parse of the unnamed statement that cannot succeed.
+                judge::refused_parse("")
+            }
+        })
+    }
+
+    /// The refusals since the last call, for the audit.
+    pub fn take_refusals(&mut self) -> Vec<Refusal> {
+        std::mem::take(&mut self.refusals)
+    }
+
+    fn client_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+    ) -> Result<Option<Vec<u8>>, super::wire::WireError> {
         let mut f = Fields::new(body);
         match t {
             b'Q' => {
                 let sql = f.cstr()?;
                 let st = self.statement(Protocol::Simple, sql);
+                let (_, verdict) = self.judge.text(sql);
+                if let Err(r) = verdict {
+                    return Ok(self.refuse(st, r, Some(sql), t));
+                }
                 self.pending.push_back(Pending::Simple {
                     st,
                     at: Instant::now(),
+                    refused: None,
                 });
             }
             b'P' => {
@@ -158,11 +258,53 @@ impl Tracker {
                 let sql = f.cstr()?.to_string();
                 let n = f.i16()?;
                 let types = (0..n).map(|_| f.u32()).collect::<Result<_, _>>()?;
-                self.remember_statement(name, sql, types);
+                let (parsed, mut verdict) = self.judge.text(&sql);
+                // Every statement the server holds is one the relay holds too, so each
+                // Bind is judged again: past the bound, none is added.
+                if !name.is_empty()
+                    && self.statements.len() >= MAX_NAMED
+                    && !self.statements.contains_key(&name)
+                {
+                    verdict = Err(Refused {
+                        rule: "limit",
+                        message: format!(
+                            "a session holds at most {MAX_NAMED} prepared statements: close some"
+                        ),
+                        kinds: Vec::new(),
+                        tables: Vec::new(),
+                        functions: Vec::new(),
+                    });
+                }
+                if let Err(r) = verdict {
+                    let mut st = self.statement(Protocol::Extended, &sql);
+                    st.statement = (!name.is_empty()).then(|| name.clone());
+                    // The server drops its unnamed statement before it parses a new one;
+                    // a named one it keeps (a Parse cannot replace it).
+                    if name.is_empty() {
+                        self.statements.remove("");
+                    }
+                    let instead = self.refuse(st, r, Some(&sql), t);
+                    return Ok(instead.map(|_| judge::refused_parse(&name)));
+                }
+                self.pending.push_back(Pending::Parse(name.clone()));
+                self.remember_statement(name, sql, types, parsed);
             }
             b'B' => {
                 let portal = f.cstr()?.to_string();
                 let name = f.cstr()?.to_string();
+                // Judged again: the rules may have changed since its Parse. One the relay
+                // has not seen does not exist at the server either (its Parse failed or
+                // never came), or was made by a PREPARE statement, judged as it ran.
+                if let Some(p) = self.statements.get(&name)
+                    && let Err(r) = self.judge.parsed(&p.parsed)
+                {
+                    let sql = p.sql.clone();
+                    let mut st = self.statement(Protocol::Extended, &sql);
+                    st.statement = (!name.is_empty()).then(|| name.clone());
+                    self.portals.remove(&portal);
+                    let instead = self.refuse(st, r, Some(&sql), t);
+                    return Ok(instead.map(|_| judge::refused_bind(&portal, &name)));
+                }
                 let formats: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
                 let n = f.i16()?;
                 let (types, described) = self
@@ -186,9 +328,7 @@ impl Tracker {
                     .statements
                     .get(&name)
                     .map(|p| p.sql.clone())
-                    .unwrap_or_else(|| {
-                        format!("(prepared statement {name:?}, not seen by the relay)")
-                    });
+                    .unwrap_or_default();
                 self.remember_portal(
                     portal,
                     Portal {
@@ -249,32 +389,35 @@ impl Tracker {
                     Protocol::FunctionCall,
                     &format!("(function call, oid {oid})"),
                 );
-                self.pending.push_back(Pending::Function {
-                    st,
-                    at: Instant::now(),
-                });
+                let r = Refused {
+                    rule: "function call",
+                    message: "a function call by OID (the protocol's fastpath) is refused: nothing says which function it is; call it in a statement".into(),
+                    kinds: Vec::new(),
+                    tables: Vec::new(),
+                    functions: vec![format!("oid {oid}")],
+                };
+                return Ok(self.refuse(st, r, None, t));
             }
             b'd' => self.copy_in += body.len() as u64,
             _ => {}
         }
-        Ok(())
+        Ok(None)
     }
 
-    fn remember_statement(&mut self, name: String, sql: String, types: Vec<u32>) {
-        if !name.is_empty() && !self.statements.contains_key(&name) {
-            self.statement_order.push_back(name.clone());
-            if self.statement_order.len() > MAX_NAMED
-                && let Some(old) = self.statement_order.pop_front()
-            {
-                self.statements.remove(&old);
-            }
-        }
+    fn remember_statement(
+        &mut self,
+        name: String,
+        sql: String,
+        types: Vec<u32>,
+        parsed: Arc<Parsed>,
+    ) {
         self.statements.insert(
             name,
             Prepared {
                 sql,
                 types,
                 described: None,
+                parsed,
             },
         );
     }
@@ -288,13 +431,45 @@ impl Tracker {
         self.portals.insert(name, p);
     }
 
-    /// A message from the server, before it goes on to the client.
-    pub fn from_server(&mut self, t: u8, body: &[u8]) {
+    /// A message from the server, before it goes on to the client: what goes in its
+    /// place (the refusal, in the place of the server's rejection of what stood in for
+    /// a refused statement).
+    pub fn from_server(&mut self, t: u8, body: &[u8]) -> Option<Vec<u8>> {
+        if t == b'E' {
+            let refused = match self.pending.front() {
+                Some(
+                    Pending::Simple {
+                        refused: Some(r), ..
+                    }
+                    | Pending::Function {
+                        refused: Some(r), ..
+                    }
+                    | Pending::Refused { refused: r, .. },
+                ) if !self.skipping => Some(r.clone()),
+                _ => None,
+            };
+            if let Some(r) = refused {
+                let instead = r.error_response();
+                let _ = self.server_message(t, &instead[5..]);
+                return Some(instead);
+            }
+        }
         let _ = self.server_message(t, body);
+        None
     }
 
     fn server_message(&mut self, t: u8, body: &[u8]) -> Result<(), super::wire::WireError> {
         match t {
+            b'1' => {
+                if let Some(Pending::Parse(_)) = self.pending.front() {
+                    self.pending.pop_front();
+                }
+            }
+            b'S' => {
+                let mut f = Fields::new(body);
+                let (name, value) = (f.cstr()?, f.cstr()?);
+                self.judge.server_parameter(name, value);
+            }
             // A statement's Describe is answered ParameterDescription, then its columns.
             b't' => self.described_now = self.describing.pop_front(),
             b'n' => self.described_now = None,
@@ -395,7 +570,10 @@ impl Tracker {
                     code,
                     message: cut(&message, MAX_VALUE * 4),
                 };
-                let extended = matches!(self.pending.front(), Some(Pending::Execute { .. }));
+                let extended = matches!(
+                    self.pending.front(),
+                    Some(Pending::Execute { .. } | Pending::Parse(_) | Pending::Refused { .. })
+                );
                 self.complete(None, Some(error), false);
                 if extended {
                     self.skipping = true;
@@ -426,14 +604,22 @@ impl Tracker {
             self.skip_to_sync();
         }
         let (mut st, at, pop) = match self.pending.front() {
-            Some(Pending::Simple { st, at }) => {
+            Some(Pending::Simple { st, at, .. }) => {
                 let mut st = st.clone();
                 st.index = self.simple_index;
                 self.simple_index += 1;
                 (st, *at, false)
             }
-            Some(Pending::Execute { st, at, .. }) | Some(Pending::Function { st, at }) => {
+            Some(Pending::Execute { st, at, .. }) | Some(Pending::Function { st, at, .. }) => {
                 (st.clone(), *at, true)
+            }
+            Some(Pending::Refused { st, .. }) => (st.clone(), Instant::now(), true),
+            // A Parse that failed at the server (a table that does not exist…).
+            Some(Pending::Parse(name)) => {
+                let sql = self.statements.get(name).map(|p| p.sql.as_str());
+                let mut st = self.statement(Protocol::Extended, sql.unwrap_or_default());
+                st.statement = (!name.is_empty()).then(|| name.clone());
+                (st, Instant::now(), true)
             }
             // A Sync's own error (say, a failed COMMIT at Sync) or nothing asked.
             Some(Pending::Sync) | None => {
@@ -474,9 +660,18 @@ impl Tracker {
 
     /// Everything before the next Sync was skipped by the server: recorded as such.
     fn skip_to_sync(&mut self) {
-        while let Some(Pending::Execute { .. } | Pending::Function { .. }) = self.pending.front() {
-            if let Some(Pending::Execute { mut st, .. } | Pending::Function { mut st, .. }) =
-                self.pending.pop_front()
+        while let Some(
+            Pending::Execute { .. }
+            | Pending::Function { .. }
+            | Pending::Parse(_)
+            | Pending::Refused { .. },
+        ) = self.pending.front()
+        {
+            if let Some(
+                Pending::Execute { mut st, .. }
+                | Pending::Function { mut st, .. }
+                | Pending::Refused { mut st, .. },
+            ) = self.pending.pop_front()
             {
                 st.skipped = true;
                 self.transcript.write(Entry::Statement(Box::new(st)));
@@ -491,8 +686,12 @@ impl Tracker {
             self.skipping = false;
         }
         match self.pending.pop_front() {
-            Some(Pending::Simple { .. }) | Some(Pending::Sync) | None => {}
-            Some(Pending::Execute { st, .. }) | Some(Pending::Function { st, .. }) => {
+            Some(Pending::Simple { .. } | Pending::Sync | Pending::Parse(_)) | None => {}
+            Some(
+                Pending::Execute { st, .. }
+                | Pending::Function { st, .. }
+                | Pending::Refused { st, .. },
+            ) => {
                 // Outcome lost (should not happen): recorded without one.
                 self.transcript.write(Entry::Statement(Box::new(st)));
                 if let Some(Pending::Sync) = self.pending.front() {
@@ -580,7 +779,12 @@ mod tests {
             database: "d".into(),
             rows_cap: 2,
         };
-        Tracker::new(Transcript::create(dir, &h, 1 << 20).unwrap(), 2)
+        let policy = crate::config::SqlPolicy {
+            require_where: false,
+            ..Default::default()
+        };
+        let judge = Judge::new(Arc::new(policy), Arc::default());
+        Tracker::new(Transcript::create(dir, &h, 1 << 20).unwrap(), 2, judge)
     }
 
     fn cstr(s: &str) -> Vec<u8> {
@@ -759,6 +963,159 @@ mod tests {
         assert_eq!(s[0].params, [Some("7".to_string())]);
         assert_eq!(s[0].columns, ["int4"]);
         assert_eq!(s[0].rows, [[Some("8".to_string())]]);
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = cstr(name);
+        b.extend(cstr(sql));
+        b.extend(0i16.to_be_bytes());
+        b
+    }
+
+    /// What the server says to the text that took a refused statement's place.
+    fn syntax_error() -> Vec<u8> {
+        message(
+            b'E',
+            b"SERROR\0C42601\0Msyntax error at or near \"twokey\"\0\0",
+        )[5..]
+            .to_vec()
+    }
+
+    fn code_of(m: &[u8]) -> String {
+        error_fields(&m[5..]).1
+    }
+
+    #[test]
+    fn a_refused_query_goes_on_as_one_the_server_rejects_and_its_rejection_comes_back_as_the_refusal()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        assert_eq!(t.from_client(b'Q', &cstr("select 1")), None);
+        t.from_server(b'C', &cstr("SELECT 1"));
+        t.from_server(b'Z', b"I");
+        let instead = t.from_client(b'Q', &cstr("select 1; SET ROLE postgres"));
+        assert_eq!(instead, Some(judge::refused_query()));
+        let refusals = t.take_refusals();
+        assert_eq!(refusals.len(), 1);
+        assert_eq!(refusals[0].refused.rule, "role escape");
+        assert_eq!(refusals[0].refused.kinds, ["SELECT", "SET"]);
+        assert!(refusals[0].sha256.as_ref().is_some_and(|h| h.len() == 64));
+        let told = t.from_server(b'E', &syntax_error()).unwrap();
+        assert_eq!(code_of(&told), "42501");
+        assert_eq!(
+            t.from_server(b'Z', b"E"),
+            None,
+            "the transaction state is the server's"
+        );
+        // A function call by OID: refused, answered the same way.
+        assert_eq!(
+            t.from_client(b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0]),
+            Some(judge::refused_query())
+        );
+        assert_eq!(
+            code_of(&t.from_server(b'E', &syntax_error()).unwrap()),
+            "42501"
+        );
+        t.from_server(b'Z', b"I");
+        // The server's own errors pass as they are.
+        assert_eq!(t.from_client(b'Q', &cstr("select nope")), None);
+        assert_eq!(t.from_server(b'E', &syntax_error()), None);
+        t.from_server(b'Z', b"I");
+        assert!(!t.busy());
+        let s = statements(&mut t);
+        assert_eq!(s.len(), 4, "{s:?}");
+        assert_eq!(s[1].refused.as_deref(), Some("role escape"));
+        assert_eq!(s[1].error.as_ref().unwrap().code, "42501");
+        assert_eq!(s[2].refused.as_deref(), Some("function call"));
+        assert_eq!(s[3].refused, None);
+    }
+
+    #[test]
+    fn a_refused_parse_in_a_pipeline_is_told_where_the_server_fails_and_the_rest_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        assert_eq!(t.from_client(b'P', &parse("s1", "select 1")), None);
+        assert_eq!(t.from_client(b'B', &bind("", "s1", &[])), None);
+        assert_eq!(t.from_client(b'E', &[0, 0, 0, 0, 0]), None);
+        let instead = t.from_client(b'P', &parse("s2", "reset role"));
+        assert_eq!(instead, Some(judge::refused_parse("s2")));
+        // Its Bind names a statement the server will not have: passed on, skipped there.
+        assert_eq!(t.from_client(b'B', &bind("", "s2", &[])), None);
+        assert_eq!(t.from_client(b'E', &[0, 0, 0, 0, 0]), None);
+        assert_eq!(t.from_client(b'S', b""), None);
+        for (typ, body) in [(b'1', vec![]), (b'2', vec![]), (b'C', cstr("SELECT 1"))] {
+            assert_eq!(t.from_server(typ, &body), None);
+        }
+        assert_eq!(
+            code_of(&t.from_server(b'E', &syntax_error()).unwrap()),
+            "42501"
+        );
+        assert_eq!(t.from_server(b'Z', b"I"), None);
+        assert!(!t.busy());
+        // s1 is judged again at each Bind, and still passes.
+        assert_eq!(t.from_client(b'B', &bind("", "s1", &[])), None);
+        let s = statements(&mut t);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert_eq!(s[0].tag.as_deref(), Some("SELECT 1"));
+        assert_eq!(
+            (s[1].refused.as_deref(), s[1].sql.as_str()),
+            (Some("role escape"), "reset role")
+        );
+        assert_eq!(s[1].statement.as_deref(), Some("s2"));
+        assert!(s[2].skipped);
+    }
+
+    #[test]
+    fn a_bind_is_judged_against_the_rules_as_they_are_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        t.from_client(b'P', &parse("d", "delete from t"));
+        t.from_server(b'1', b"");
+        // The rules change (require_where now): the next Bind of it is refused.
+        t.judge = Judge::new(
+            Arc::new(crate::config::SqlPolicy::default()),
+            Arc::default(),
+        );
+        let instead = t.from_client(b'B', &bind("p", "d", &[]));
+        assert_eq!(instead, Some(judge::refused_bind("p", "d")));
+        t.from_client(b'E', &cstr("p"));
+        t.from_client(b'S', b"");
+        let bad = message(
+            b'E',
+            b"SERROR\0C08P01\0Mbind message has 2 parameter formats but 1 parameters\0\0",
+        );
+        assert_eq!(code_of(&t.from_server(b'E', &bad[5..]).unwrap()), "42501");
+        t.from_server(b'Z', b"I");
+        let s = statements(&mut t);
+        assert_eq!(s[0].refused.as_deref(), Some("require_where"));
+        assert!(s[1].skipped);
+    }
+
+    #[test]
+    fn past_the_bound_a_new_prepared_statement_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tracker(dir.path());
+        for i in 0..MAX_NAMED {
+            assert_eq!(
+                t.from_client(b'P', &parse(&format!("s{i}"), "select 1")),
+                None
+            );
+        }
+        assert_eq!(
+            t.from_client(b'P', &parse("s0", "select 2")),
+            None,
+            "a name held is replaced"
+        );
+        assert_eq!(
+            t.from_client(b'P', &parse("", "select 2")),
+            None,
+            "the unnamed one is not counted"
+        );
+        assert!(
+            t.from_client(b'P', &parse("one more", "select 1"))
+                .is_some()
+        );
+        assert_eq!(t.take_refusals().last().unwrap().refused.rule, "limit");
     }
 
     #[test]

@@ -1,0 +1,221 @@
+//! What the relay decides about each statement before it reaches the target: parsed
+//! with PostgreSQL's own grammar ([`crate::policy::sql`]) and judged against the role's
+//! rules. A refused statement never reaches the target as sent; the tracker puts in its
+//! place one the server is sure to reject at the same point of the conversation, so
+//! the server's answers keep their order and a transaction fails as it would on an
+//! error, and the server's rejection reaches the client as the relay's refusal.
+//!
+//! Shapes are cached by exact text (and the way the server reads string literals), for
+//! all sessions: a prepared statement re-sent or a query a tool repeats is parsed once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::config::SqlPolicy;
+use crate::policy::sql::{self, Dialect, Shape};
+
+use super::wire;
+
+/// Texts cached at most; past this the cache starts over.
+const CACHED: usize = 4096;
+/// Texts longer than this are parsed every time rather than kept.
+const CACHED_TEXT: usize = 16 * 1024;
+
+/// What the relay put in the place of a refused statement: text the server cannot
+/// parse, so it answers with an error exactly where the statement's outcome goes.
+pub const REFUSED_TEXT: &str = "twokey refused";
+
+/// Parsed shapes shared by all sessions of a relay.
+#[derive(Default)]
+pub struct Shapes {
+    map: Mutex<HashMap<(bool, String), Arc<Parsed>>>,
+}
+
+/// A text's parse: its shape, or why it does not parse.
+pub type Parsed = Result<Shape, sql::Unparsed>;
+
+impl Shapes {
+    /// The shape of `text` as a server with `dialect` reads it.
+    pub fn of(&self, text: &str, dialect: Dialect) -> Arc<Parsed> {
+        let key = (dialect.standard_strings, text.to_string());
+        if text.len() <= CACHED_TEXT
+            && let Some(p) = self.map.lock().ok().and_then(|m| m.get(&key).cloned())
+        {
+            return p;
+        }
+        let parsed = Arc::new(Shape::of(text, dialect));
+        if text.len() <= CACHED_TEXT
+            && let Ok(mut m) = self.map.lock()
+        {
+            if m.len() >= CACHED {
+                m.clear();
+            }
+            m.insert(key, parsed.clone());
+        }
+        parsed
+    }
+}
+
+/// A statement the relay will not pass on: the rule, what to tell the client, and what
+/// the statement was (for the audit event; never its text).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub rule: &'static str,
+    pub message: String,
+    pub kinds: Vec<String>,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+}
+
+impl Refused {
+    /// The ErrorResponse the client gets in the place of the server's.
+    pub fn error_response(&self) -> Vec<u8> {
+        wire::error_response(
+            "ERROR",
+            "42501",
+            &format!(
+                "twokey refused this statement ({}): {}",
+                self.rule, self.message
+            ),
+            Some("the role of your grant does not allow it; ask for a role that does"),
+        )
+    }
+}
+
+/// One session's judge: the role's rules, how the server reads strings now, and the
+/// relay's shared cache.
+pub struct Judge {
+    policy: Arc<SqlPolicy>,
+    dialect: Dialect,
+    shapes: Arc<Shapes>,
+}
+
+impl Judge {
+    pub fn new(policy: Arc<SqlPolicy>, shapes: Arc<Shapes>) -> Judge {
+        Judge {
+            policy,
+            dialect: Dialect::default(),
+            shapes,
+        }
+    }
+
+    /// Follows what the server says it is (its `standard_conforming_strings`).
+    pub fn server_parameter(&mut self, name: &str, value: &str) {
+        if name == "standard_conforming_strings" {
+            self.dialect.standard_strings = value == "on";
+        }
+    }
+
+    /// The text parsed (cached), judged.
+    pub fn text(&self, text: &str) -> (Arc<Parsed>, Result<(), Refused>) {
+        let parsed = self.shapes.of(text, self.dialect);
+        let verdict = self.parsed(&parsed);
+        (parsed, verdict)
+    }
+
+    /// A parse judged against the rules as they are now.
+    pub fn parsed(&self, parsed: &Parsed) -> Result<(), Refused> {
+        match parsed {
+            Err(sql::Unparsed(why)) => Err(Refused {
+                rule: "unparsed",
+                message: format!("PostgreSQL's grammar does not parse it ({why})"),
+                kinds: Vec::new(),
+                tables: Vec::new(),
+                functions: Vec::new(),
+            }),
+            Ok(shape) => sql::judge(&self.policy, shape).map_err(|r| Refused {
+                rule: r.rule,
+                message: r.message,
+                kinds: shape.kinds().into_iter().map(str::to_string).collect(),
+                tables: shape
+                    .statements
+                    .iter()
+                    .flat_map(|s| s.tables.iter())
+                    .map(|(schema, t)| {
+                        if schema.is_empty() {
+                            t.clone()
+                        } else {
+                            format!("{schema}.{t}")
+                        }
+                    })
+                    .collect(),
+                functions: shape
+                    .statements
+                    .iter()
+                    .flat_map(|s| s.functions.iter().cloned())
+                    .collect(),
+            }),
+        }
+    }
+}
+
+/// The Query that takes a refused Query's (or function call's) place.
+pub fn refused_query() -> Vec<u8> {
+    let mut b = REFUSED_TEXT.as_bytes().to_vec();
+    b.push(0);
+    wire::message(b'Q', &b)
+}
+
+/// The Parse that takes a refused Parse's place: the same statement name, so the
+/// server's statements stay as they would have after a failed Parse.
+pub fn refused_parse(name: &str) -> Vec<u8> {
+    let mut b = name.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(REFUSED_TEXT.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    wire::message(b'P', &b)
+}
+
+/// The Bind that takes a refused Bind's place: two parameter formats for one
+/// parameter, which the server rejects before it looks at anything else it runs.
+pub fn refused_bind(portal: &str, statement: &str) -> Vec<u8> {
+    let mut b = portal.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(statement.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&2i16.to_be_bytes());
+    b.extend_from_slice(&[0, 0, 0, 0]);
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    wire::message(b'B', &b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_answers_the_same_parse_and_keeps_dialects_apart() {
+        let shapes = Arc::new(Shapes::default());
+        let judge = Judge::new(Arc::new(SqlPolicy::default()), shapes.clone());
+        let (a, va) = judge.text("select 1");
+        let (b, _) = judge.text("select 1");
+        assert!(Arc::ptr_eq(&a, &b) && va.is_ok());
+        let off = Dialect {
+            standard_strings: false,
+        };
+        assert!(!Arc::ptr_eq(&a, &shapes.of("select 1", off)));
+        let (_, v) = judge.text("select 1;; set role postgres");
+        let r = v.unwrap_err();
+        assert_eq!(r.rule, "role escape");
+        assert_eq!(r.kinds, ["SELECT", "SET"]);
+        let (_, v) = judge.text("selec 1");
+        assert_eq!(v.unwrap_err().rule, "unparsed");
+    }
+
+    #[test]
+    fn a_refusal_names_its_rule_and_the_replacements_are_well_formed() {
+        let shapes = Arc::new(Shapes::default());
+        let judge = Judge::new(Arc::new(SqlPolicy::default()), shapes);
+        let r = judge.text("delete from t").1.unwrap_err();
+        let e = r.error_response();
+        let (_, code, text) = wire::error_fields(&e[5..]);
+        assert_eq!(code, "42501");
+        assert!(text.contains("(require_where)"), "{text}");
+        for m in [refused_query(), refused_parse("s1"), refused_bind("", "s1")] {
+            assert_eq!(wire::frame(&m, 1024).unwrap(), Some((m[0], m.len())));
+        }
+    }
+}
