@@ -28,7 +28,8 @@ pub const REFUSED_TEXT: &str = "twokey refused";
 /// Parsed shapes shared by all sessions of a relay.
 #[derive(Default)]
 pub struct Shapes {
-    map: Mutex<HashMap<(bool, String), Arc<Parsed>>>,
+    /// By text: as read with standard_conforming_strings off, and on.
+    by_dialect: [Mutex<HashMap<String, Arc<Parsed>>>; 2],
 }
 
 /// A text's parse: its shape, or why it does not parse.
@@ -37,20 +38,20 @@ pub type Parsed = Result<Shape, sql::Unparsed>;
 impl Shapes {
     /// The shape of `text` as a server with `dialect` reads it.
     pub fn of(&self, text: &str, dialect: Dialect) -> Arc<Parsed> {
-        let key = (dialect.standard_strings, text.to_string());
+        let map = &self.by_dialect[usize::from(dialect.standard_strings)];
         if text.len() <= CACHED_TEXT
-            && let Some(p) = self.map.lock().ok().and_then(|m| m.get(&key).cloned())
+            && let Some(p) = map.lock().ok().and_then(|m| m.get(text).cloned())
         {
             return p;
         }
         let parsed = Arc::new(Shape::of(text, dialect));
         if text.len() <= CACHED_TEXT
-            && let Ok(mut m) = self.map.lock()
+            && let Ok(mut m) = map.lock()
         {
             if m.len() >= CACHED {
                 m.clear();
             }
-            m.insert(key, parsed.clone());
+            m.insert(text.to_string(), parsed.clone());
         }
         parsed
     }
@@ -68,6 +69,17 @@ pub struct Refused {
 }
 
 impl Refused {
+    /// A refusal by a rule that is not about what the statement names.
+    pub fn plain(rule: &'static str, message: impl Into<String>) -> Refused {
+        Refused {
+            rule,
+            message: message.into(),
+            kinds: Vec::new(),
+            tables: Vec::new(),
+            functions: Vec::new(),
+        }
+    }
+
     /// The ErrorResponse the client gets in the place of the server's.
     pub fn error_response(&self) -> Vec<u8> {
         wire::error_response(
@@ -116,13 +128,10 @@ impl Judge {
     /// A parse judged against the rules as they are now.
     pub fn parsed(&self, parsed: &Parsed) -> Result<(), Refused> {
         match parsed {
-            Err(sql::Unparsed(why)) => Err(Refused {
-                rule: "unparsed",
-                message: format!("PostgreSQL's grammar does not parse it ({why})"),
-                kinds: Vec::new(),
-                tables: Vec::new(),
-                functions: Vec::new(),
-            }),
+            Err(sql::Unparsed(why)) => Err(Refused::plain(
+                "unparsed",
+                format!("PostgreSQL's grammar does not parse it ({why})"),
+            )),
             Ok(shape) => sql::judge(&self.policy, shape).map_err(|r| Refused {
                 rule: r.rule,
                 message: r.message,

@@ -174,15 +174,9 @@ impl Tracker {
             // to refuse, and the transcript records what the server said.
             Err(_) => match t {
                 b'Q' | b'P' | b'B' | b'F' => {
-                    let refused = Refused {
-                        rule: "unparsed",
-                        message: "the relay cannot read this message".into(),
-                        kinds: Vec::new(),
-                        tables: Vec::new(),
-                        functions: Vec::new(),
-                    };
+                    let refused = Refused::plain("unparsed", "the relay cannot read this message");
                     let st = self.statement(Protocol::Simple, "(a message the relay cannot read)");
-                    self.refuse(st, refused, None, t)
+                    Some(self.refuse(st, refused, None, t))
                 }
                 _ => None,
             },
@@ -191,13 +185,7 @@ impl Tracker {
 
     /// Records a refusal and queues its answer: a Query's or function call's as the
     /// Query's, a Parse's or Bind's as the extended protocol's. `sql` is the text judged.
-    fn refuse(
-        &mut self,
-        mut st: Statement,
-        refused: Refused,
-        sql: Option<&str>,
-        t: u8,
-    ) -> Option<Vec<u8>> {
+    fn refuse(&mut self, mut st: Statement, refused: Refused, sql: Option<&str>, t: u8) -> Vec<u8> {
         st.refused = Some(refused.rule.to_string());
         self.refusals.push(Refusal {
             protocol: st.protocol.unwrap_or(Protocol::Simple),
@@ -207,25 +195,27 @@ impl Tracker {
             }),
             refused: refused.clone(),
         });
-        let refused = Some(Box::new(refused));
+        let refused = Box::new(refused);
         let at = Instant::now();
-        Some(match t {
+        match t {
             b'Q' => {
+                let refused = Some(refused);
                 self.pending.push_back(Pending::Simple { st, at, refused });
                 judge::refused_query()
             }
             b'F' => {
+                let refused = Some(refused);
                 self.pending
                     .push_back(Pending::Function { st, at, refused });
                 judge::refused_query()
             }
             _ => {
-                let refused = refused?;
                 self.pending.push_back(Pending::Refused { st, refused });
-                // Unreadable: a Parse of the unnamed statement that cannot succeed.
+                // (The caller's Parse or Bind in its place; for one it cannot read, a
+                // Parse of the unnamed statement, which cannot succeed.)
                 judge::refused_parse("")
             }
-        })
+        }
     }
 
     /// The refusals since the last call, for the audit.
@@ -245,7 +235,7 @@ impl Tracker {
                 let st = self.statement(Protocol::Simple, sql);
                 let (_, verdict) = self.judge.text(sql);
                 if let Err(r) = verdict {
-                    return Ok(self.refuse(st, r, Some(sql), t));
+                    return Ok(Some(self.refuse(st, r, Some(sql), t)));
                 }
                 self.pending.push_back(Pending::Simple {
                     st,
@@ -265,15 +255,12 @@ impl Tracker {
                     && self.statements.len() >= MAX_NAMED
                     && !self.statements.contains_key(&name)
                 {
-                    verdict = Err(Refused {
-                        rule: "limit",
-                        message: format!(
+                    verdict = Err(Refused::plain(
+                        "limit",
+                        format!(
                             "a session holds at most {MAX_NAMED} prepared statements: close some"
                         ),
-                        kinds: Vec::new(),
-                        tables: Vec::new(),
-                        functions: Vec::new(),
-                    });
+                    ));
                 }
                 if let Err(r) = verdict {
                     let mut st = self.statement(Protocol::Extended, &sql);
@@ -283,8 +270,8 @@ impl Tracker {
                     if name.is_empty() {
                         self.statements.remove("");
                     }
-                    let instead = self.refuse(st, r, Some(&sql), t);
-                    return Ok(instead.map(|_| judge::refused_parse(&name)));
+                    self.refuse(st, r, Some(&sql), t);
+                    return Ok(Some(judge::refused_parse(&name)));
                 }
                 self.pending.push_back(Pending::Parse(name.clone()));
                 self.remember_statement(name, sql, types, parsed);
@@ -302,8 +289,8 @@ impl Tracker {
                     let mut st = self.statement(Protocol::Extended, &sql);
                     st.statement = (!name.is_empty()).then(|| name.clone());
                     self.portals.remove(&portal);
-                    let instead = self.refuse(st, r, Some(&sql), t);
-                    return Ok(instead.map(|_| judge::refused_bind(&portal, &name)));
+                    self.refuse(st, r, Some(&sql), t);
+                    return Ok(Some(judge::refused_bind(&portal, &name)));
                 }
                 let formats: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
                 let n = f.i16()?;
@@ -396,7 +383,7 @@ impl Tracker {
                     tables: Vec::new(),
                     functions: vec![format!("oid {oid}")],
                 };
-                return Ok(self.refuse(st, r, None, t));
+                return Ok(Some(self.refuse(st, r, None, t)));
             }
             b'd' => self.copy_in += body.len() as u64,
             _ => {}
