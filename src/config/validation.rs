@@ -290,6 +290,14 @@ impl Config {
                     check_nonzero(&format!("{key}.pending_ttl"), ttl)?;
                 }
                 check_sql_policy(&format!("{key}.sql"), &role.sql)?;
+                let relayed = r.kind == super::ResourceKind::Postgres
+                    && self.db_access(r) == super::DbAccess::Relay;
+                if role.sql != crate::config::SqlPolicy::default() && !relayed {
+                    return Err(invalid(
+                        format!("{key}.sql"),
+                        "statement rules hold only on a PostgreSQL resource reached through the relay ([relay.postgres], access = \"relay\"); here nothing would enforce them",
+                    ));
+                }
             }
             if let Some(addr) = &r.address
                 && addr
@@ -509,6 +517,11 @@ mod tests {
                 "min_approvals = 1",
                 "min_approvals = 1\nsql = { deny = [\"DELET\"] }",
                 "resources[0].roles[0].sql.deny[0]",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { deny = [\"DROP\"] }",
+                "resources[0].roles[0].sql",
             ),
             (
                 "min_approvals = 1",

@@ -642,6 +642,47 @@ const UNSAFE_ENCODINGS: &[&str] = &[
     "johab",
 ];
 
+/// A role's statement rules in plain words, as the Policy page shows them; what holds
+/// for every role comes last.
+pub fn in_words(p: &SqlPolicy) -> Vec<String> {
+    let mut words = Vec::new();
+    if p.read_only {
+        words.push(
+            "read-only: only what cannot write, and the session is read-only at the database too"
+                .to_string(),
+        );
+    }
+    if !p.deny.is_empty() {
+        words.push(format!("refused: {}", p.deny.join(", ")));
+    }
+    if !p.deny_tables.is_empty() {
+        words.push(format!(
+            "tables refused wherever named: {}",
+            p.deny_tables.join(", ")
+        ));
+    }
+    if !p.deny_functions.is_empty() {
+        let calls: Vec<String> = p.deny_functions.iter().map(|f| format!("{f}()")).collect();
+        words.push(format!(
+            "functions refused wherever called: {}",
+            calls.join(", ")
+        ));
+    }
+    if p.require_where {
+        words.push("DELETE and UPDATE need a WHERE".to_string());
+    }
+    words.push(if p.allow_dynamic_sql {
+        "DO blocks and SQL in strings allowed: the relay cannot see what they run".to_string()
+    } else {
+        "DO blocks and SQL in strings refused (the relay cannot see what they run)".to_string()
+    });
+    if let Some(path) = &p.search_path {
+        words.push(format!("search_path fixed to {path}"));
+    }
+    words.push("always refused: changing role or session authorization, changing how the server reads text, text PostgreSQL does not parse, fastpath function calls".to_string());
+    words
+}
+
 /// Whether a client encoding can be read by the relay as the server reads it.
 pub fn safe_client_encoding(name: &str) -> bool {
     let clean: String = name

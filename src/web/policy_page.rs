@@ -12,6 +12,7 @@ use axum::routing::get;
 use super::error::PageError;
 use super::extract::WebUser;
 use super::views::Chrome;
+use crate::config::{Config, DbAccess, ResourceConfig, ResourceKind, RoleConfig};
 use crate::policy::{self, format_duration};
 use crate::state::AppState;
 
@@ -31,6 +32,8 @@ pub struct PolicyRowVm {
     pub ticket: bool,
     pub pending_ttl: String,
     pub you_may_request: bool,
+    /// What a grant of it reaches and what holds on the way, in plain words.
+    pub grants: Vec<String>,
 }
 
 #[derive(Template, WebTemplate)]
@@ -62,6 +65,7 @@ pub async fn policy(
                 ticket: role.require_ticket,
                 pending_ttl: format_duration(state.config.pending_ttl(role)),
                 you_may_request: policy::may_request(&user.actor, role),
+                grants: grants_in_words(&state.config, r, role),
             });
         }
     }
@@ -69,4 +73,24 @@ pub async fn policy(
         chrome: Chrome::of(&state, &user).await?,
         rows,
     })
+}
+
+/// What a role grants, and on a relayed database what its statements are held to.
+fn grants_in_words(config: &Config, r: &ResourceConfig, role: &RoleConfig) -> Vec<String> {
+    match r.kind {
+        ResourceKind::Ssh => vec![format!("SSH as {}", role.principals.join(", "))],
+        ResourceKind::Postgres => {
+            let mut words = vec![format!("database roles: {}", role.db_roles.join(", "))];
+            if config.db_access(r) == DbAccess::Relay {
+                words.push("only through the relay; every statement judged and recorded".into());
+                words.extend(policy::sql::in_words(&role.sql));
+            } else {
+                words.push(
+                    "direct: a password is handed out; statements are neither judged nor recorded"
+                        .into(),
+                );
+            }
+            words
+        }
+    }
 }

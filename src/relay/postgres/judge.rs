@@ -62,7 +62,10 @@ impl Shapes {
 #[derive(Debug, Clone)]
 pub struct Refused {
     pub rule: &'static str,
-    pub message: String,
+    /// Why, in words that hold nothing of the statement's text (audited).
+    pub message: Box<str>,
+    /// What only the client is told: the parser's own words, which can quote the text.
+    pub detail: Option<Box<str>>,
     pub kinds: Vec<String>,
     pub tables: Vec<String>,
     pub functions: Vec<String>,
@@ -70,10 +73,11 @@ pub struct Refused {
 
 impl Refused {
     /// A refusal by a rule that is not about what the statement names.
-    pub fn plain(rule: &'static str, message: impl Into<String>) -> Refused {
+    pub fn plain(rule: &'static str, message: impl Into<Box<str>>) -> Refused {
         Refused {
             rule,
             message: message.into(),
+            detail: None,
             kinds: Vec::new(),
             tables: Vec::new(),
             functions: Vec::new(),
@@ -85,10 +89,16 @@ impl Refused {
         wire::error_response(
             "ERROR",
             "42501",
-            &format!(
-                "twokey refused this statement ({}): {}",
-                self.rule, self.message
-            ),
+            &match &self.detail {
+                None => format!(
+                    "twokey refused this statement ({}): {}",
+                    self.rule, self.message
+                ),
+                Some(d) => format!(
+                    "twokey refused this statement ({}): {}: {d}",
+                    self.rule, self.message
+                ),
+            },
             Some("the role of your grant does not allow it; ask for a role that does"),
         )
     }
@@ -128,13 +138,14 @@ impl Judge {
     /// A parse judged against the rules as they are now.
     pub fn parsed(&self, parsed: &Parsed) -> Result<(), Refused> {
         match parsed {
-            Err(sql::Unparsed(why)) => Err(Refused::plain(
-                "unparsed",
-                format!("PostgreSQL's grammar does not parse it ({why})"),
-            )),
+            Err(sql::Unparsed(why)) => Err(Refused {
+                detail: Some(why.as_str().into()),
+                ..Refused::plain("unparsed", "PostgreSQL's grammar does not parse it")
+            }),
             Ok(shape) => sql::judge(&self.policy, shape).map_err(|r| Refused {
                 rule: r.rule,
-                message: r.message,
+                message: r.message.into(),
+                detail: None,
                 kinds: shape.kinds().into_iter().map(str::to_string).collect(),
                 tables: shape
                     .statements
@@ -210,8 +221,13 @@ mod tests {
         let r = v.unwrap_err();
         assert_eq!(r.rule, "role escape");
         assert_eq!(r.kinds, ["SELECT", "SET"]);
-        let (_, v) = judge.text("selec 1");
-        assert_eq!(v.unwrap_err().rule, "unparsed");
+        // The parser's words quote the text: the client reads them, the audit does not.
+        let (_, v) = judge.text("alter role x password 'hunter2");
+        let r = v.unwrap_err();
+        assert_eq!(r.rule, "unparsed");
+        assert!(!r.message.contains("hunter2"), "{}", r.message);
+        let (_, _, told) = wire::error_fields(&r.error_response()[5..]);
+        assert!(told.contains("unterminated quoted string"), "{told}");
     }
 
     #[test]

@@ -598,6 +598,11 @@ impl Pump {
                 .unwrap_or_default();
             (ready, terminate, refusals)
         };
+        // Audited before the refusal can reach the client: whoever is told of it can
+        // find it in the audit.
+        for r in refusals {
+            self.audit_refusal(r).await;
+        }
         if ready > 0 {
             let written = if replaced.is_empty() {
                 self.to.write_all(&self.buf[..ready]).await
@@ -624,9 +629,6 @@ impl Pump {
                 .last
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
             self.buf.drain(..ready);
-        }
-        for r in refusals {
-            self.audit_refusal(r).await;
         }
         Ok(terminate)
     }

@@ -377,11 +377,11 @@ impl Tracker {
                     &format!("(function call, oid {oid})"),
                 );
                 let r = Refused {
-                    rule: "function call",
-                    message: "a function call by OID (the protocol's fastpath) is refused: nothing says which function it is; call it in a statement".into(),
-                    kinds: Vec::new(),
-                    tables: Vec::new(),
                     functions: vec![format!("oid {oid}")],
+                    ..Refused::plain(
+                        "function call",
+                        "a function call by OID (the protocol's fastpath) is refused: nothing says which function it is; call it in a statement",
+                    )
                 };
                 return Ok(Some(self.refuse(st, r, None, t)));
             }

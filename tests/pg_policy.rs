@@ -1,0 +1,709 @@
+//! The role's SQL rules on the data path, against a real PostgreSQL through the relay as
+//! the README sets it up (TLS both sides, the non-superuser admin making the grant's
+//! role). The grant's database role could do everything tried here: each attempt is
+//! also run under a role with no rules, where PostgreSQL executes it (inside a
+//! transaction rolled back), so a refusal is the relay's, not the server's permissions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::postgres::Version;
+use common::psql::{self as client, eventually, ok, refused};
+use common::relay_pg::{ALICE, BOB, Setup, setup_on};
+use reqwest::StatusCode;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgConnection;
+use twokey::config::SqlPolicy;
+
+/// The grant's database role: owns `victims`, reads `secrets`, may create in public.
+fn writer_sql(version: Version) -> Vec<(&'static str, String)> {
+    let admin_grant = match version {
+        // On 15 CREATEROLE may grant any role that is not a superuser's.
+        Version::Pg15 => String::new(),
+        Version::Pg17 => {
+            "GRANT writer TO twokey WITH ADMIN OPTION, INHERIT FALSE, SET FALSE;".to_string()
+        }
+    };
+    vec![
+        (
+            "postgres",
+            format!("CREATE ROLE writer NOLOGIN; {admin_grant}"),
+        ),
+        (
+            "app",
+            "CREATE TABLE victims (id int); INSERT INTO victims SELECT generate_series(1, 5);
+             ALTER TABLE victims OWNER TO writer;
+             GRANT USAGE, CREATE ON SCHEMA public TO writer;
+             GRANT SELECT ON items, secrets TO writer;
+             CREATE SCHEMA shadow; CREATE TABLE shadow.items (id int, name text);
+             INSERT INTO shadow.items VALUES (1, 'shadowed');
+             GRANT USAGE ON SCHEMA shadow TO writer; GRANT SELECT ON shadow.items TO writer;
+             CREATE FUNCTION public.bump() RETURNS int LANGUAGE sql
+               AS 'INSERT INTO victims VALUES (100) RETURNING 1';
+             ALTER FUNCTION public.bump() OWNER TO writer;"
+                .to_string(),
+        ),
+    ]
+}
+
+/// demo-db with role `read` under `rules`, and role `open` (no rules at all) beside it,
+/// both as `writer`.
+async fn setup(version: Version, rules: SqlPolicy) -> Setup {
+    let s = setup_on(version, move |c| {
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.roles[0].db_roles = vec!["writer".into()];
+        db.roles[0].sql = rules;
+        let mut open = db.roles[0].clone();
+        open.name = "open".into();
+        open.sql = SqlPolicy {
+            require_where: false,
+            allow_dynamic_sql: true,
+            ..SqlPolicy::default()
+        };
+        db.roles.push(open);
+    })
+    .await;
+    for (db, sql) in writer_sql(version) {
+        s.cluster.admin(db, &sql);
+    }
+    s
+}
+
+/// Alice asks for `role` on demo-db, Bob approves; her relay password for it.
+async fn password_for(s: &Setup, role: &str) -> String {
+    let id = s
+        .app
+        .api(ALICE)
+        .await
+        .file("demo-db", role, "1h", None)
+        .await;
+    let (st, r) = s.app.api(BOB).await.act(&id, "approve").await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    // The relay checks a login against the user's newest relay password on the
+    // resource; the test's clock stands still unless moved.
+    s.app.clock.advance(chrono::Duration::seconds(1));
+    let (st, r) = s
+        .app
+        .api(ALICE)
+        .await
+        .post(&format!("/requests/{id}/relay-login"), json!({}))
+        .await;
+    assert!(st.is_success(), "{st}: {r}");
+    r["password"].as_str().unwrap().to_string()
+}
+
+async fn connect(s: &Setup, password: &str) -> PgConnection {
+    sqlx::ConnectOptions::connect(&s.sqlx(password))
+        .await
+        .unwrap()
+}
+
+/// The server's (or the relay's) error for a simple Query: (SQLSTATE, message).
+async fn simple(conn: &mut PgConnection, sql: &str) -> Result<(), (String, String)> {
+    sqlx::raw_sql(sql)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(database_error)
+}
+
+#[track_caller]
+fn database_error(e: sqlx::Error) -> (String, String) {
+    match e {
+        sqlx::Error::Database(d) => (
+            d.code().map(|c| c.to_string()).unwrap_or_default(),
+            d.message().to_string(),
+        ),
+        other => panic!("not an error from the server: {other}"),
+    }
+}
+
+/// What the role without rules gets for `sql`: PostgreSQL runs it (rolled back), or
+/// PostgreSQL itself refuses it, or the relay refuses it for every role.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unruled {
+    Runs,
+    ServerRefuses,
+    AlwaysRefused,
+}
+
+/// `(sql, rule the role with rules is refused by, what the role without rules gets)`.
+const ATTEMPTS: &[(&str, &str, Unruled)] = &[
+    // DROP, however it is spelled.
+    ("drop table victims", "deny", Unruled::Runs),
+    ("DROP TABLE victims", "deny", Unruled::Runs),
+    ("dRoP tAbLe \"victims\"", "deny", Unruled::Runs),
+    ("drop/* a comment */table/**/victims", "deny", Unruled::Runs),
+    (
+        "drop -- a line comment\n table victims",
+        "deny",
+        Unruled::Runs,
+    ),
+    ("drop table public.victims", "deny", Unruled::Runs),
+    ("drop table U&\"\\0076ictims\"", "deny", Unruled::Runs),
+    (
+        "drop table if exists nothing_here, victims",
+        "deny",
+        Unruled::Runs,
+    ),
+    // Stacked behind something harmless.
+    ("select 1; drop table victims", "deny", Unruled::Runs),
+    ("select 1;; ;drop table victims;", "deny", Unruled::Runs),
+    // A string that ends sooner than a regular expression thinks (standard strings:
+    // a backslash is a plain character), and a dollar quote holding `$$`.
+    (
+        "select '\\'; drop table victims; --'",
+        "deny",
+        Unruled::Runs,
+    ),
+    (
+        "select $a$ $$ $a$; drop table victims",
+        "deny",
+        Unruled::Runs,
+    ),
+    // A comment inside a keyword: PostgreSQL does not parse it either.
+    ("dr/**/op table victims", "unparsed", Unruled::AlwaysRefused),
+    ("truncate victims", "deny", Unruled::Runs),
+    (
+        "TRUNCATE ONLY public.victims RESTART IDENTITY",
+        "deny",
+        Unruled::Runs,
+    ),
+    (
+        "alter table victims add column x int",
+        "deny",
+        Unruled::Runs,
+    ),
+    ("grant select on victims to public", "deny", Unruled::Runs),
+    (
+        "create function f() returns int language sql begin atomic select 1; end",
+        "deny",
+        Unruled::Runs,
+    ),
+    // DELETE and UPDATE without WHERE, however they are wrapped.
+    ("delete from victims", "require_where", Unruled::Runs),
+    (
+        "DELETE FROM victims -- where id = 1",
+        "require_where",
+        Unruled::Runs,
+    ),
+    ("update victims set id = 0", "require_where", Unruled::Runs),
+    (
+        "with d as (delete from victims returning *) select count(*) from d",
+        "require_where",
+        Unruled::Runs,
+    ),
+    (
+        "explain analyze delete from victims",
+        "require_where",
+        Unruled::Runs,
+    ),
+    (
+        "select 1 where exists (select 1); update victims set id = id + 1",
+        "require_where",
+        Unruled::Runs,
+    ),
+    // SQL the parse cannot see into.
+    (
+        "do $$ begin execute 'drop table victims'; end $$",
+        "dynamic SQL",
+        Unruled::Runs,
+    ),
+    (
+        "do language plpgsql $x$ begin execute E'dr\\x6fp table victims'; end $x$",
+        "dynamic SQL",
+        Unruled::Runs,
+    ),
+    (
+        "create function g() returns int language sql as 'delete from victims; select 1'",
+        "dynamic SQL",
+        Unruled::Runs,
+    ),
+    (
+        "select query_to_xml('select id from victims', true, true, '')",
+        "dynamic SQL",
+        Unruled::Runs,
+    ),
+    // A table refused wherever it is named.
+    ("select * from secrets", "deny_tables", Unruled::Runs),
+    ("SELECT v FROM \"secrets\"", "deny_tables", Unruled::Runs),
+    ("select * from public.secrets", "deny_tables", Unruled::Runs),
+    (
+        "select * from U&\"secr\\0065ts\"",
+        "deny_tables",
+        Unruled::Runs,
+    ),
+    ("table secrets", "deny_tables", Unruled::Runs),
+    (
+        "select * from (select v from secrets) s",
+        "deny_tables",
+        Unruled::Runs,
+    ),
+    (
+        "with s as (select v from secrets) select * from s",
+        "deny_tables",
+        Unruled::Runs,
+    ),
+    (
+        "select (select v from secrets limit 1) as harmless",
+        "deny_tables",
+        Unruled::Runs,
+    ),
+    (
+        "select name from items where name in (select v from secrets)",
+        "deny_tables",
+        Unruled::Runs,
+    ),
+    (
+        "select * from items, lateral (select v from secrets) x",
+        "deny_tables",
+        Unruled::Runs,
+    ),
+    // A function refused wherever it is called.
+    (
+        "select pg_terminate_backend(0)",
+        "deny_functions",
+        Unruled::Runs,
+    ),
+    (
+        "select PG_CATALOG.\"pg_terminate_backend\"(0)",
+        "deny_functions",
+        Unruled::Runs,
+    ),
+    (
+        "select * from pg_terminate_backend(0)",
+        "deny_functions",
+        Unruled::Runs,
+    ),
+    (
+        "select pg_read_file('/etc/hostname')",
+        "deny_functions",
+        Unruled::ServerRefuses,
+    ),
+    // COPY to a program or a file (the server's own permission refuses it too).
+    (
+        "copy victims to program 'id'",
+        "deny",
+        Unruled::ServerRefuses,
+    ),
+    (
+        "copy victims from '/etc/hostname'",
+        "deny",
+        Unruled::ServerRefuses,
+    ),
+    // Leaving the grant's role, for every role.
+    ("set role writer", "role escape", Unruled::AlwaysRefused),
+    (
+        "SET LOCAL ROLE writer",
+        "role escape",
+        Unruled::AlwaysRefused,
+    ),
+    (
+        "set session authorization default",
+        "role escape",
+        Unruled::AlwaysRefused,
+    ),
+    ("reset role", "role escape", Unruled::AlwaysRefused),
+    (
+        "select set_config('role', 'writer', false)",
+        "role escape",
+        Unruled::AlwaysRefused,
+    ),
+    (
+        "select set_config(lower('ROLE'), 'writer', false)",
+        "role escape",
+        Unruled::AlwaysRefused,
+    ),
+    (
+        "alter role current_user set search_path = shadow",
+        "role escape",
+        Unruled::AlwaysRefused,
+    ),
+    // Changing how the server reads what the relay judged.
+    (
+        "set standard_conforming_strings = off",
+        "parser safety",
+        Unruled::AlwaysRefused,
+    ),
+    (
+        "set client_encoding = 'SJIS'",
+        "parser safety",
+        Unruled::AlwaysRefused,
+    ),
+    ("set names 'GBK'", "parser safety", Unruled::AlwaysRefused),
+    // Text the server's grammar refuses: refused, never passed on.
+    ("selec 1", "unparsed", Unruled::AlwaysRefused),
+    (
+        "alter role x password 'canary-secret",
+        "unparsed",
+        Unruled::AlwaysRefused,
+    ),
+];
+
+/// What the role with rules runs: the same words as above, where the server reads
+/// them as something harmless.
+const ADMITTED: &[&str] = &[
+    "select count(*) from victims",
+    "select E'\\'; drop table victims; --'",
+    "select $$; drop table victims; $$",
+    "select 'drop table victims'",
+    "-- drop table victims\nselect 1",
+    "select name from items where name = 'secrets'",
+    "delete from victims where id = 99",
+    "update victims set id = id where false",
+    "set statement_timeout = 5000",
+    "set search_path = public",
+    "select set_config('application_name', 'x', false)",
+];
+
+fn rules() -> SqlPolicy {
+    SqlPolicy {
+        deny: [
+            "DROP",
+            "TRUNCATE",
+            "ALTER",
+            "GRANT",
+            "CREATE FUNCTION",
+            "COPY PROGRAM",
+            "COPY FILE",
+        ]
+        .map(String::from)
+        .to_vec(),
+        deny_tables: vec!["secrets".into()],
+        deny_functions: vec!["pg_read_file".into(), "pg_terminate_backend".into()],
+        ..SqlPolicy::default()
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// Every spelling of a refused statement that PostgreSQL would execute is refused with
+/// its rule; the session goes on; nothing it tried happened; each refusal is audited
+/// by rule and hash (never its text) and is in the transcript.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_refused_statement_is_refused_by_its_rule() {
+    spellings(Version::Pg15).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_postgresql_17() {
+    spellings(Version::Pg17).await
+}
+
+async fn spellings(version: Version) {
+    let s = setup(version, rules()).await;
+    // Without rules, PostgreSQL does as the table says.
+    let mut open = connect(&s, &password_for(&s, "open").await).await;
+    for &(sql, rule, unruled) in ATTEMPTS {
+        simple(&mut open, "begin").await.unwrap();
+        let got = simple(&mut open, sql).await;
+        simple(&mut open, "rollback").await.unwrap();
+        match (unruled, got) {
+            (Unruled::Runs, Ok(())) => {}
+            (Unruled::ServerRefuses, Err((_, m))) if !m.starts_with("twokey") => {}
+            (Unruled::AlwaysRefused, Err((code, m))) if code == "42501" => {
+                assert!(m.contains(&format!("({rule})")), "{sql}: {m}");
+            }
+            (_, got) => panic!("{sql} without rules: expected {unruled:?}, got {got:?}"),
+        }
+    }
+    sqlx::Connection::close(open).await.unwrap();
+
+    let pw = password_for(&s, "read").await;
+    let mut conn = connect(&s, &pw).await;
+    for &(sql, rule, _) in ATTEMPTS {
+        let (code, message) = simple(&mut conn, sql)
+            .await
+            .expect_err(&format!("{sql} should be refused"));
+        assert_eq!(code, "42501", "{sql}: {message}");
+        assert!(
+            message.starts_with(&format!("twokey refused this statement ({rule}): ")),
+            "{sql}: {message}"
+        );
+    }
+    for sql in ADMITTED {
+        simple(&mut conn, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql} should run: {e:?}"));
+    }
+    // The server read the admitted strings as the relay did.
+    let v: String = sqlx::query_scalar("select E'\\'; drop table victims; --'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "'; drop table victims; --");
+
+    // The extended protocol: refused at Parse (named and unnamed statements), and the
+    // session's prepared statements go on working.
+    for (sql, rule) in [
+        ("delete from victims", "require_where"),
+        ("select v from secrets where v <> $1", "deny_tables"),
+        ("drop table victims", "deny"),
+    ] {
+        let mut q = sqlx::query(sql);
+        if sql.contains("$1") {
+            q = q.bind("x");
+        }
+        let (code, m) = database_error(q.execute(&mut conn).await.unwrap_err());
+        assert_eq!(code, "42501");
+        assert!(m.contains(&format!("({rule})")), "{sql}: {m}");
+    }
+    let n: i64 = sqlx::query_scalar("select count(*) from victims where id > $1")
+        .bind(0)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+
+    // A refusal fails the transaction it is in, as the server's own error would.
+    simple(&mut conn, "begin; insert into victims values (7)")
+        .await
+        .unwrap();
+    simple(&mut conn, "truncate victims").await.unwrap_err();
+    let (code, _) = simple(&mut conn, "select 1").await.unwrap_err();
+    assert_eq!(code, "25P02", "the transaction is aborted");
+    simple(&mut conn, "commit").await.unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+
+    // Nothing tried happened.
+    assert_eq!(
+        s.cluster
+            .admin("app", "select count(*), sum(id) from victims"),
+        "5|15"
+    );
+    assert_eq!(
+        s.cluster.admin(
+            "app",
+            "select count(*) from pg_proc where proname in ('f', 'g')"
+        ),
+        "0"
+    );
+
+    // Audited by rule and hash, never by text; and in the transcript.
+    eventually("the sessions to close", async || {
+        let all = s.sessions().await;
+        all.len() == 2 && all.iter().all(|x| x.ended_at.is_some())
+    })
+    .await;
+    let mut events = twokey::audit::recent(&s.app.state().db, None, 1000)
+        .await
+        .unwrap();
+    events.sort_by_key(|e| e.seq);
+    let refused: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| e.action == "statement.refused")
+        .map(|e| {
+            assert_eq!(e.actor, "relay");
+            for text in ["victims;", "canary", "/etc/hostname", "writer'", "GBK"] {
+                assert!(!e.details.contains(text), "{text} in {}", e.details);
+            }
+            serde_json::from_str(&e.details).unwrap()
+        })
+        .collect();
+    let always = ATTEMPTS
+        .iter()
+        .filter(|a| a.2 == Unruled::AlwaysRefused)
+        .count();
+    assert_eq!(refused.len(), always + ATTEMPTS.len() + 3 + 1);
+    let ruled = &refused[always..];
+    for (e, &(sql, rule, _)) in ruled.iter().zip(ATTEMPTS) {
+        assert_eq!(e["rule"], rule, "{sql}: {e}");
+        assert_eq!(e["protocol"], "simple", "{sql}: {e}");
+        assert_eq!(e["sql_sha256"], sha256_hex(sql), "{sql}: {e}");
+    }
+    let drop = &ruled[0];
+    assert_eq!(drop["kinds"], json!(["DROP TABLE"]));
+    assert_eq!(drop["tables"], json!(["victims"]));
+    assert_eq!(ruled[ATTEMPTS.len()]["protocol"], "extended");
+    let sessions = s.sessions().await;
+    let mut refused_in_transcripts = 0;
+    for row in sessions {
+        let (_, entries) =
+            twokey::recording::transcript::read(std::path::Path::new(&row.recording)).unwrap();
+        for e in entries {
+            if let twokey::recording::transcript::Entry::Statement(st) = e
+                && st.sql == "drop table victims"
+                && st.refused.as_deref() == Some("deny")
+            {
+                refused_in_transcripts += 1;
+            }
+        }
+    }
+    // Once by Query, once by Parse.
+    assert_eq!(refused_in_transcripts, 2);
+    s.app.assert_chain_ok().await;
+}
+
+/// A read-only role: refused what writes, and the session is read-only at the server
+/// too, so a function that writes behind a SELECT is stopped there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_role_is_read_only_at_the_server_too() {
+    let s = setup(
+        Version::Pg17,
+        SqlPolicy {
+            read_only: true,
+            ..SqlPolicy::default()
+        },
+    )
+    .await;
+    let mut conn = connect(&s, &password_for(&s, "read").await).await;
+    let on: String = sqlx::query_scalar("show default_transaction_read_only")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(on, "on");
+    for (sql, code) in [
+        ("insert into victims values (6)", "42501"),
+        ("set default_transaction_read_only = off", "42501"),
+        ("begin read write", "42501"),
+        ("select * from victims for update", "42501"),
+        // What the parse cannot know writes: the server refuses it.
+        ("select bump()", "25006"),
+    ] {
+        let (got, m) = simple(&mut conn, sql).await.unwrap_err();
+        assert_eq!(got, code, "{sql}: {m}");
+    }
+    let n: i64 = sqlx::query_scalar("select count(*) from victims")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+}
+
+/// A fixed search_path: the session has it, and no way of changing it is let through,
+/// so an unqualified name means what the role's rules meant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_search_path_holds() {
+    let s = setup(
+        Version::Pg15,
+        SqlPolicy {
+            search_path: Some("public".into()),
+            deny_tables: vec!["shadow.*".into()],
+            ..SqlPolicy::default()
+        },
+    )
+    .await;
+    let mut conn = connect(&s, &password_for(&s, "read").await).await;
+    let path: String = sqlx::query_scalar("show search_path")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(path, "public");
+    for sql in [
+        "set search_path = shadow",
+        "SET SEARCH_PATH TO shadow, public",
+        "select set_config('search_path', 'shadow', false)",
+        "select * from shadow.items",
+    ] {
+        let (code, m) = simple(&mut conn, sql).await.unwrap_err();
+        assert_eq!(code, "42501", "{sql}: {m}");
+    }
+    let names: Vec<String> = sqlx::query_scalar("select name from items order by id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(names, ["a", "b", "c"]);
+}
+
+/// An encoding whose characters can hide a quote from the relay is refused at the
+/// start, with what to use instead; psql's own `\encoding` is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_client_encoding_is_refused() {
+    let s = setup(Version::Pg15, rules()).await;
+    let pw = password_for(&s, "read").await;
+    let mut c = s.psql_cmd(&pw, &["-c", "select 1"]);
+    c.env("PGCLIENTENCODING", "SJIS");
+    let err = refused(&client::output(c).await);
+    assert!(
+        err.contains("the client encoding \"SJIS\" is not allowed through the relay")
+            && err.contains("use UTF8"),
+        "{err}"
+    );
+    // psql reports the failed SET and goes on in UTF8.
+    let out = client::output(s.psql_cmd(
+        &pw,
+        &["-c", "\\encoding BIG5", "-c", "show client_encoding"],
+    ))
+    .await;
+    assert_eq!(ok(&out), "UTF8");
+    let refusals = twokey::audit::recent(&s.app.state().db, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "statement.refused" && e.details.contains("parser safety"))
+        .count();
+    assert_eq!(refusals, 1);
+    let mut c = s.psql_cmd(&pw, &["-c", "select 2"]);
+    c.env("PGCLIENTENCODING", "UTF8");
+    assert_eq!(ok(&client::output(c).await), "2");
+}
+
+/// psql as an engineer sees it: the refusal names the rule with a hint, and the
+/// session goes on to the next statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_shows_the_refusal_and_goes_on() {
+    let s = setup(Version::Pg15, rules()).await;
+    let pw = password_for(&s, "read").await;
+    let script = s.files.path().join("session.sql");
+    std::fs::write(
+        &script,
+        "select 1;\ndrop table victims;\nselect count(*) from victims;\n",
+    )
+    .unwrap();
+    let mut c = s.psql_cmd(&pw, &["-v", "ON_ERROR_STOP=0", "-f"]);
+    c.arg(&script);
+    let out = client::output(c).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["1", "5"], "{stderr}");
+    assert!(
+        stderr.contains(
+            "ERROR:  twokey refused this statement (deny): DROP TABLE is not allowed for this role"
+        ) && stderr.contains("HINT:  the role of your grant does not allow it"),
+        "{stderr}"
+    );
+    // pgbench's pipeline: the refusal ends the pipeline's implicit transaction, so the
+    // INSERT before it is undone as on any error.
+    let pipeline = s.files.path().join("pipeline.sql");
+    std::fs::write(
+        &pipeline,
+        "\\startpipeline\ninsert into victims values (42);\ndrop table victims;\n\\endpipeline\n",
+    )
+    .unwrap();
+    let mut c = Command::new("pgbench");
+    c.args(["-n", "-M", "prepared", "-t", "1", "-c", "1", "-f"])
+        .arg(&pipeline)
+        .arg(s.conninfo(ALICE, "demo-db", "verify-full"))
+        .env("PGPASSWORD", &pw);
+    let out = client::output(c).await;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("twokey refused this statement (deny)"),
+        "{text}"
+    );
+    assert_eq!(s.cluster.admin("app", "select count(*) from victims"), "5");
+    // The Policy page says what the role is held to.
+    let (st, html) = s.app.browser(ALICE).await.get("/policy").await;
+    assert_eq!(st, StatusCode::OK);
+    for words in [
+        "database roles: writer",
+        "only through the relay; every statement judged and recorded",
+        "refused: DROP, TRUNCATE, ALTER, GRANT, CREATE FUNCTION, COPY PROGRAM, COPY FILE",
+        "tables refused wherever named: secrets",
+        "functions refused wherever called: pg_read_file(), pg_terminate_backend()",
+        "DELETE and UPDATE need a WHERE",
+        "DO blocks and SQL in strings refused",
+        "DO blocks and SQL in strings allowed",
+    ] {
+        assert!(html.contains(words), "{words} not in {html}");
+    }
+}
