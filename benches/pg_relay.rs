@@ -266,6 +266,23 @@ async fn main() {
     )];
     role.connection_limit = (idle + 50) as i32;
     role.min_approvals = 1;
+    // Rules of the kind a team writes, so each statement is held to several.
+    role.sql = twokey::config::SqlPolicy {
+        deny: [
+            "DROP",
+            "TRUNCATE",
+            "ALTER",
+            "GRANT",
+            "COPY PROGRAM",
+            "COPY FILE",
+        ]
+        .map(String::from)
+        .to_vec(),
+        deny_tables: vec!["secrets".into(), "audit.*".into()],
+        deny_functions: vec!["pg_read_file".into(), "lo_export".into(), "dblink".into()],
+        search_path: Some("public".into()),
+        ..Default::default()
+    };
     config.validate().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = twokey::server::start(config, Arc::new(SystemClock), listener)
@@ -531,7 +548,43 @@ logfile = {d}/pgbouncer.log
         );
     }
 
+    judging_cost(&legs[2], secs);
+
     let _ = bouncer.kill();
     let _ = bouncer.wait();
     server.stop().await;
+}
+
+/// Statements per second through the relay with the role's rules judged and with
+/// judging switched off (the `bench-unjudged` feature), alternating so the machine's
+/// drift falls on both alike.
+#[cfg(feature = "bench-unjudged")]
+fn judging_cost(relay: &Leg, secs: u64) {
+    use std::sync::atomic::Ordering;
+    use twokey::relay::postgres::judge::UNJUDGED;
+    println!(
+        "statement rules on vs off, through the relay (pgbench -n -c 16 -j 2 -T {secs}, two runs each, alternating)"
+    );
+    for (mode, args) in [
+        ("-S (simple)", &["-S"][..]),
+        ("-S -M prepared", &["-S", "-M", "prepared"][..]),
+    ] {
+        let (mut on, mut off) = (0.0, 0.0);
+        for _ in 0..2 {
+            UNJUDGED.store(false, Ordering::Relaxed);
+            on += tokio::task::block_in_place(|| pgbench(relay, args, secs)) / 2.0;
+            UNJUDGED.store(true, Ordering::Relaxed);
+            off += tokio::task::block_in_place(|| pgbench(relay, args, secs)) / 2.0;
+        }
+        UNJUDGED.store(false, Ordering::Relaxed);
+        println!(
+            "  {mode:<16} rules on {on:>9.0} tps, off {off:>9.0} tps: on / off {:.3}×",
+            on / off
+        );
+    }
+}
+
+#[cfg(not(feature = "bench-unjudged"))]
+fn judging_cost(_: &Leg, _: u64) {
+    println!("statement rules on vs off: cargo bench --bench pg_relay --features bench-unjudged");
 }

@@ -24,4 +24,4 @@ kill $pid
 cargo bench --locked --quiet --bench approval_latency
 cargo bench --locked --quiet --bench ssh_certificates
 cargo bench --locked --quiet --bench relay
-cargo bench --locked --quiet --bench pg_relay
+cargo bench --locked --quiet --bench pg_relay --features bench-unjudged

@@ -72,6 +72,10 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         refusals: Default::default(),
         shapes: Arc::default(),
     });
+    #[cfg(feature = "bench-unjudged")]
+    tracing::warn!(
+        "built with the bench-unjudged feature: for benchmarks only, never deploy this build"
+    );
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(c) => c,
