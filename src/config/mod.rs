@@ -35,7 +35,10 @@ pub use relay::{
     DEFAULT_MAX_PG_MESSAGE_BYTES, DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES,
     RelayConfig, RelayPostgresConfig,
 };
-pub use resources::{DbAccess, PolicyConfig, ResourceConfig, ResourceKind, RoleConfig, SqlPolicy};
+pub use resources::{
+    DbAccess, MaskMethod, MaskRule, PolicyConfig, ResourceConfig, ResourceKind, RoleConfig,
+    SqlPolicy,
+};
 pub use secret::Secret;
 pub use server::ServerConfig;
 

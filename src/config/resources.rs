@@ -215,6 +215,34 @@ pub struct SqlPolicy {
     pub allow_dynamic_sql: bool,
     /// Fixes the session's search_path (the client's and `SET search_path` are refused).
     pub search_path: Option<String>,
+    /// Columns whose values never reach the client (nor the transcript) as they are.
+    pub mask: Vec<MaskRule>,
+}
+
+/// One masking rule: a column by table, or every column whose name matches.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MaskRule {
+    /// `"table.column"` (any schema) or `"schema.table.column"`.
+    pub column: Option<String>,
+    /// A column-name pattern, `*` for any run of characters: `"*ssn*"`, `"card_*"`.
+    pub name: Option<String>,
+    #[serde(default)]
+    pub method: MaskMethod,
+}
+
+/// How a masked value is shown.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskMethod {
+    /// `****`.
+    #[default]
+    Full,
+    /// `****` and the last four characters.
+    Last4,
+    /// A keyed hash, the same for the same value (so rows can still be told apart
+    /// and joined by eye), not reversible without twokey's key.
+    Hash,
 }
 
 impl Default for SqlPolicy {
@@ -227,6 +255,7 @@ impl Default for SqlPolicy {
             require_where: true,
             allow_dynamic_sql: false,
             search_path: None,
+            mask: Vec::new(),
         }
     }
 }

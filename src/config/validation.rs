@@ -443,6 +443,39 @@ fn check_sql_policy(key: &str, p: &crate::config::SqlPolicy) -> Result<(), Confi
             ));
         }
     }
+    for (i, m) in p.mask.iter().enumerate() {
+        let k = format!("{key}.mask[{i}]");
+        match (&m.column, &m.name) {
+            (Some(c), None) => {
+                let parts: Vec<&str> = c.split('.').collect();
+                if !(2..=3).contains(&parts.len()) || !parts.iter().all(|s| ident(s)) {
+                    return Err(invalid(
+                        format!("{k}.column"),
+                        format!("{c:?} must be \"table.column\" or \"schema.table.column\""),
+                    ));
+                }
+            }
+            (None, Some(n)) => {
+                let ok = n.chars().any(|c| c != '*')
+                    && n.chars()
+                        .all(|c| c == '*' || c.is_ascii_alphanumeric() || c == '_' || c == '$');
+                if !ok {
+                    return Err(invalid(
+                        format!("{k}.name"),
+                        format!(
+                            "{n:?} must be a column name, `*` standing for any characters, e.g. \"*ssn*\""
+                        ),
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    k,
+                    "give either column = \"table.column\" or name = \"pattern\"",
+                ));
+            }
+        }
+    }
     if let Some(path) = &p.search_path
         && (path.trim().is_empty() || !path.split(',').all(|s| ident(s.trim().trim_matches('"'))))
     {
@@ -522,6 +555,21 @@ mod tests {
                 "min_approvals = 1",
                 "min_approvals = 1\nsql = { deny = [\"DROP\"] }",
                 "resources[0].roles[0].sql",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { mask = [{ column = \"ssn\" }] }",
+                "resources[0].roles[0].sql.mask[0].column",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { mask = [{ name = \"**\" }] }",
+                "resources[0].roles[0].sql.mask[0].name",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { mask = [{ column = \"t.c\", name = \"c\" }] }",
+                "resources[0].roles[0].sql.mask[0]",
             ),
             (
                 "min_approvals = 1",

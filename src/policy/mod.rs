@@ -10,6 +10,7 @@ use std::time::Duration;
 pub use crate::config::parse_duration;
 use crate::config::{Config, ConfigError, RoleConfig, invalid};
 
+pub mod masking;
 pub mod sql;
 pub mod status;
 

@@ -56,6 +56,12 @@ pub struct StatementShape {
     /// SQL the parse cannot see into: `DO`, a function body in a string, a function that
     /// runs SQL text or reads tables it is given by name.
     pub dynamic: Vec<String>,
+    /// Every column reference and where it sits (for masking, [`super::masking`]).
+    pub columns: BTreeSet<super::masking::ColumnUse>,
+    /// Table aliases: alias → table, lowercase.
+    pub aliases: std::collections::BTreeMap<String, String>,
+    /// Some alias list renames columns (`s(a, b)`, `WITH c(a) AS …`).
+    pub renames: bool,
 }
 
 /// A setting changed by a statement.
@@ -119,6 +125,7 @@ impl Shape {
                         let mut s = StatementShape::default();
                         if let Some(stmt) = raw.get("stmt") {
                             walk(stmt, &mut s);
+                            super::masking::uses(stmt.get("node").unwrap_or(stmt), &mut s);
                         }
                         s
                     })
