@@ -707,3 +707,154 @@ async fn psql_shows_the_refusal_and_goes_on() {
         assert!(html.contains(words), "{words} not in {html}");
     }
 }
+
+/// Masked columns through the relay: by the column's origin (so aliases, subqueries and
+/// CTEs do not help), by name pattern, in text and binary results, through a view, in an
+/// error's DETAIL and in the transcript; what would compute on a masked value is
+/// refused. Without masks the same role's statements return the real values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_columns_stay_masked() {
+    use twokey::config::{MaskMethod, MaskRule};
+    let rule = |column: Option<&str>, name: Option<&str>, method| MaskRule {
+        column: column.map(str::to_string),
+        name: name.map(str::to_string),
+        method,
+    };
+    let s = setup(
+        Version::Pg15,
+        SqlPolicy {
+            mask: vec![
+                rule(Some("people.ssn"), None, MaskMethod::Last4),
+                rule(None, Some("*card*"), MaskMethod::Hash),
+                rule(Some("public.people.salary"), None, MaskMethod::Full),
+            ],
+            ..SqlPolicy::default()
+        },
+    )
+    .await;
+    s.cluster.admin(
+        "app",
+        "CREATE TABLE people (id int, name text, ssn text UNIQUE, card text, salary int);
+         INSERT INTO people VALUES (1, 'ann', '123-45-6789', '4111111111111111', 1000),
+                                   (2, 'bob', '987-65-4321', '5500000000000004', 2000);
+         GRANT SELECT, INSERT ON people TO writer;
+         CREATE VIEW people_v AS SELECT id, upper(ssn) AS shout FROM people;
+         GRANT SELECT ON people_v TO writer;",
+    );
+    // Without masks: the real values.
+    let mut open = connect(&s, &password_for(&s, "open").await).await;
+    let real: String = sqlx::query_scalar("select ssn from people where id = 1")
+        .fetch_one(&mut open)
+        .await
+        .unwrap();
+    assert_eq!(real, "123-45-6789");
+    sqlx::Connection::close(open).await.unwrap();
+
+    let pw = password_for(&s, "read").await;
+    // psql: text results.
+    let shown = ok(&s
+        .psql(
+            &pw,
+            "select id, name, ssn, card, salary from people order by id",
+        )
+        .await);
+    let rows: Vec<Vec<&str>> = shown.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows[0][..3], ["1", "ann", "****6789"], "{shown}");
+    assert_eq!(rows[1][2], "****4321");
+    assert!(
+        rows[0][3].starts_with("h:") && rows[0][3] != rows[1][3],
+        "{shown}"
+    );
+    assert_eq!(rows[0][4], "", "a masked number is NULL");
+    for sql in [
+        "select ssn as x from people where id = 1",
+        "select p.ssn as \"SSN\" from people p where id = 1",
+        "select s.ssn from (select id, ssn from people) s where s.id = 1",
+        "with c as (select id, ssn from people) select ssn from c where id = 1",
+        "select * from (select * from people) s where id = 1",
+    ] {
+        let out = ok(&s.psql(&pw, sql).await);
+        assert!(
+            out.contains("****6789") && !out.contains("123-45"),
+            "{sql}: {out}"
+        );
+    }
+    // A driver: binary results, prepared statements, the same masks and hashes.
+    let mut conn = connect(&s, &pw).await;
+    let (ssn, card, salary): (String, String, Option<i32>) =
+        sqlx::query_as("select ssn as x, card, salary from people where id = $1")
+            .bind(1)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!((ssn.as_str(), salary), ("****6789", None));
+    assert_eq!(card, rows[0][3], "the hash is the same in text and binary");
+    // A view reading a masked column is masked whole (the catalog says which columns
+    // a view reads, not which of its own each becomes).
+    let (id, shout): (Option<i32>, String) = sqlx::query_as("select id, shout from people_v")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((id, shout.as_str()), (None, "****"));
+    // What would compute on, compare or carry a masked value is refused.
+    for sql in [
+        "select lower(ssn) from people",
+        "select ssn::text from people",
+        "select substr(ssn, 1, 3) from people",
+        "select id from people where ssn like '1%'",
+        "select id from people order by ssn",
+        "with c as (select lower(ssn) l from people) select l from c",
+        "select x from (select ssn as x from people) s",
+        "select to_json(p) from people p",
+        "select (select ssn from people limit 1)",
+        "copy people to stdout",
+        "select md5(card) from people",
+        "select id from people_v where shout like '1%'",
+    ] {
+        let (code, m) = simple(&mut conn, sql).await.unwrap_err();
+        assert_eq!(code, "42501", "{sql}: {m}");
+        assert!(m.contains("(mask)"), "{sql}: {m}");
+    }
+    // An error's DETAIL would quote the value: withheld.
+    let e = sqlx::raw_sql("insert into people (id, ssn) values (9, '123-45-6789')")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let d = e.as_database_error().unwrap();
+    assert_eq!(d.code().as_deref(), Some("23505"));
+    let pg = d
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .unwrap();
+    assert!(
+        pg.detail()
+            .is_some_and(|d| d.contains("withheld") && !d.contains("6789")),
+        "{:?}",
+        pg.detail()
+    );
+    sqlx::Connection::close(conn).await.unwrap();
+
+    // Nothing unmasked in the masked sessions' transcripts, nor in the audit.
+    eventually("the sessions to close", async || {
+        let all = s.sessions().await;
+        all.len() == 8 && all.iter().all(|x| x.ended_at.is_some())
+    })
+    .await;
+    let mut sessions = s.sessions().await;
+    sessions.sort_by_key(|x| x.started_at);
+    for row in &sessions[1..] {
+        let text = std::fs::read_to_string(&row.recording).unwrap();
+        assert!(text.contains("****6789"), "{text}");
+        for real in ["123-45-6789", "4111111111111111", "987-65-4321", "1000"] {
+            assert!(
+                !text.contains(&format!("\"{real}\"")),
+                "{real} in the transcript"
+            );
+        }
+    }
+    for e in twokey::audit::recent(&s.app.state().db, None, 1000)
+        .await
+        .unwrap()
+    {
+        assert!(!e.details.contains("6789"), "{}", e.details);
+    }
+}

@@ -686,6 +686,29 @@ pub fn in_words(p: &SqlPolicy) -> Vec<String> {
     if let Some(path) = &p.search_path {
         words.push(format!("search_path fixed to {path}"));
     }
+    if !p.mask.is_empty() {
+        let rules: Vec<String> = p
+            .mask
+            .iter()
+            .map(|m| {
+                let what = match (&m.column, &m.name) {
+                    (Some(c), _) => c.clone(),
+                    (None, Some(n)) => format!("columns named {n}"),
+                    _ => String::new(),
+                };
+                let how = match m.method {
+                    crate::config::MaskMethod::Full => "hidden",
+                    crate::config::MaskMethod::Last4 => "last 4 shown",
+                    crate::config::MaskMethod::Hash => "hashed",
+                };
+                format!("{what} ({how})")
+            })
+            .collect();
+        words.push(format!(
+            "masked: {}; views reading them masked whole",
+            rules.join(", ")
+        ));
+    }
     words.push("always refused: changing role or session authorization, changing how the server reads text, text PostgreSQL does not parse, fastpath function calls".to_string());
     words
 }

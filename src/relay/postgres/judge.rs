@@ -116,6 +116,8 @@ pub struct Judge {
     policy: Arc<SqlPolicy>,
     dialect: Dialect,
     shapes: Arc<Shapes>,
+    /// What the role masks, once resolved for the session.
+    masks: Option<Arc<super::mask::Masks>>,
 }
 
 impl Judge {
@@ -124,7 +126,13 @@ impl Judge {
             policy,
             dialect: Dialect::default(),
             shapes,
+            masks: None,
         }
+    }
+
+    /// From now on, statements that could show a masked value unmasked are refused.
+    pub fn set_masks(&mut self, masks: Arc<super::mask::Masks>) {
+        self.masks = Some(masks);
     }
 
     /// Follows what the server says it is (its `standard_conforming_strings`).
@@ -152,29 +160,37 @@ impl Judge {
                 detail: Some(why.as_str().into()),
                 ..Refused::plain("unparsed", "PostgreSQL's grammar does not parse it")
             }),
-            Ok(shape) => sql::judge(&self.policy, shape).map_err(|r| Refused {
-                rule: r.rule,
-                message: r.message.into(),
-                detail: None,
-                kinds: shape.kinds().into_iter().map(str::to_string).collect(),
-                tables: shape
-                    .statements
-                    .iter()
-                    .flat_map(|s| s.tables.iter())
-                    .map(|(schema, t)| {
-                        if schema.is_empty() {
-                            t.clone()
-                        } else {
-                            format!("{schema}.{t}")
-                        }
-                    })
-                    .collect(),
-                functions: shape
-                    .statements
-                    .iter()
-                    .flat_map(|s| s.functions.iter().cloned())
-                    .collect(),
-            }),
+            Ok(shape) => sql::judge(&self.policy, shape)
+                .and_then(|()| match &self.masks {
+                    Some(m) => shape
+                        .statements
+                        .iter()
+                        .try_for_each(|st| crate::policy::masking::judge(&m.names, st)),
+                    None => Ok(()),
+                })
+                .map_err(|r| Refused {
+                    rule: r.rule,
+                    message: r.message.into(),
+                    detail: None,
+                    kinds: shape.kinds().into_iter().map(str::to_string).collect(),
+                    tables: shape
+                        .statements
+                        .iter()
+                        .flat_map(|s| s.tables.iter())
+                        .map(|(schema, t)| {
+                            if schema.is_empty() {
+                                t.clone()
+                            } else {
+                                format!("{schema}.{t}")
+                            }
+                        })
+                        .collect(),
+                    functions: shape
+                        .statements
+                        .iter()
+                        .flat_map(|s| s.functions.iter().cloned())
+                        .collect(),
+                }),
         }
     }
 }

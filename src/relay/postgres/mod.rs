@@ -25,6 +25,7 @@
 
 pub mod cancel;
 pub mod judge;
+pub mod mask;
 pub mod scram;
 mod session;
 pub mod startup;
@@ -51,6 +52,9 @@ pub struct PgRelay {
     pub(crate) refusals: crate::relay::limits::RefusalLog,
     /// Statements parsed, by text, for every session's judge.
     pub(crate) shapes: Arc<judge::Shapes>,
+    /// The key of the `hash` mask method, when some role masks; `None` if it could
+    /// not be read, and then those roles' sessions are refused.
+    pub(crate) mask_key: Option<[u8; 32]>,
 }
 
 /// Accepts connections within the limits (total, per address) before any TLS, and
@@ -60,6 +64,19 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         return;
     };
     let limits = state.config.relay.clone().unwrap_or_default();
+    let masks = state
+        .config
+        .resources
+        .iter()
+        .flat_map(|r| r.roles.iter())
+        .any(|role| !role.sql.mask.is_empty());
+    let mask_key = if masks {
+        mask::load_or_create_key(&state.config.server.data_dir)
+            .map_err(|e| tracing::error!(error = %e, "postgres relay: no mask key; sessions of roles that mask are refused"))
+            .ok()
+    } else {
+        None
+    };
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let per_address = Arc::new(PerAddress::default());
     let max_per_ip = limits.max_connections_per_ip;
@@ -71,6 +88,7 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         upstreams: upstream::Upstreams::default(),
         refusals: Default::default(),
         shapes: Arc::default(),
+        mask_key,
     });
     #[cfg(feature = "bench-unjudged")]
     tracing::warn!(

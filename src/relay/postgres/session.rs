@@ -328,7 +328,9 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
     )));
     let counters = Arc::new(Counters::default());
     let max = relay.pg.max_message_bytes as usize;
-    let reason = match upstream::connect(
+    let masking = !role.sql.mask.is_empty();
+    let catalog = masking.then(|| super::mask::catalog_query(&role.sql.mask));
+    let connected = upstream::connect(
         state,
         &relay.upstreams,
         &grant,
@@ -337,8 +339,32 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
         &upstream_parameters(startup, &role.sql),
         max,
     )
-    .await
-    {
+    .await;
+    let connected = match (connected, &catalog) {
+        (Ok(mut up), Some(q)) => upstream::catalog_rows(&mut up, q, max).await.map(|rows| {
+            up.catalog = rows;
+            up
+        }),
+        (c, _) => c,
+    };
+    // Fail closed: a role that masks is relayed only with its masks in place.
+    let connected = connected.and_then(|up| {
+        if masking {
+            let unmasked = || upstream::Failed {
+                code: "58000".into(),
+                text: "twokey cannot mask this role's columns right now".into(),
+            };
+            let key = relay.mask_key.ok_or_else(unmasked)?;
+            let mut t = tracker.lock().map_err(|_| unmasked())?;
+            t.set_masks(Arc::new(super::mask::Masks::resolve(
+                &role.sql.mask,
+                &up.catalog,
+                key,
+            )));
+        }
+        Ok(up)
+    });
+    let reason = match connected {
         Err(f) => {
             fatal(&mut stream, &f.code, &f.text, None).await;
             format!("failed: {}", f.text)
@@ -575,10 +601,10 @@ impl Pump {
         let way = self.way;
         let mut replaced: Vec<(usize, usize, Vec<u8>)> = Vec::new();
         let (ready, terminate, refusals) = {
-            // One lock for the batch. A poisoned tracker cannot judge: nothing more
-            // goes to the target.
+            // One lock for the batch. A poisoned tracker can neither judge nor mask:
+            // nothing more goes either way.
             let mut tracker = self.tracker.lock().ok();
-            if tracker.is_none() && way == Way::ToTarget {
+            if tracker.is_none() {
                 return Err(PassError::Closed);
             }
             let (ready, terminate) =

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::judge::{self, Judge, Parsed, Refused};
+use super::mask::{self, Masks};
 use super::wire::{Fields, error_fields};
+use crate::config::MaskMethod;
 use crate::recording::transcript::{Entry, Protocol, Statement, StatementError, Transcript};
 
 /// Prepared statements (and portals) remembered by name: past this a new prepared
@@ -69,8 +71,8 @@ pub struct Refusal {
     pub refused: Refused,
 }
 
-/// A prepared statement's result columns: names and type OIDs.
-type Described = (Vec<String>, Vec<u32>);
+/// A prepared statement's result columns: names, type OIDs, and each one's mask.
+type Described = (Vec<String>, Vec<u32>, Vec<Option<MaskMethod>>);
 
 /// A prepared statement: its text, parameter types, and result columns once described.
 struct Prepared {
@@ -107,6 +109,9 @@ pub struct Tracker {
     columns: Vec<String>,
     column_binary: Vec<bool>,
     column_types: Vec<u32>,
+    /// Each column's mask, when the role masks.
+    column_masks: Vec<Option<MaskMethod>>,
+    masks: Option<Arc<Masks>>,
     rows: Vec<Vec<Option<String>>>,
     row_count: u64,
     copy_in: u64,
@@ -132,6 +137,8 @@ impl Tracker {
             columns: Vec::new(),
             column_binary: Vec::new(),
             column_types: Vec::new(),
+            column_masks: Vec::new(),
+            masks: None,
             rows: Vec::new(),
             row_count: 0,
             copy_in: 0,
@@ -421,6 +428,21 @@ impl Tracker {
     /// A message from the server, before it goes on to the client: what goes in its
     /// place (the refusal, in the place of the server's rejection of what stood in for
     /// a refused statement).
+    /// The role's masks, resolved for this session: applied to every result from now
+    /// on, and the judge refuses what could show a masked value otherwise.
+    pub fn set_masks(&mut self, masks: Arc<Masks>) {
+        self.judge.set_masks(masks.clone());
+        self.masks = Some(masks);
+    }
+
+    /// Each column's mask, from (name, table OID, column number).
+    fn mask_plan(&self, columns: &[(String, u32, i16)]) -> Vec<Option<MaskMethod>> {
+        self.masks
+            .as_ref()
+            .map(|m| m.plan(columns))
+            .unwrap_or_default()
+    }
+
     pub fn from_server(&mut self, t: u8, body: &[u8]) -> Option<Vec<u8>> {
         if t == b'E' {
             let refused = match self.pending.front() {
@@ -441,11 +463,29 @@ impl Tracker {
                 return Some(instead);
             }
         }
-        let _ = self.server_message(t, body);
-        None
+        if (t == b'E' || t == b'N')
+            && self.masks.is_some()
+            && let Some(instead) = mask::without_detail(t, body)
+        {
+            let _ = self.server_message(t, &instead[5..]);
+            return Some(instead);
+        }
+        match self.server_message(t, body) {
+            Ok(instead) => instead,
+            // A row the relay cannot read is not passed on where it masks: an empty row.
+            Err(_) if t == b'D' && self.masks.is_some() => {
+                Some(super::wire::message(b'D', &0i16.to_be_bytes()))
+            }
+            Err(_) => None,
+        }
     }
 
-    fn server_message(&mut self, t: u8, body: &[u8]) -> Result<(), super::wire::WireError> {
+    /// Follows one server message; the message to send instead, if it must change.
+    fn server_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+    ) -> Result<Option<Vec<u8>>, super::wire::WireError> {
         match t {
             b'1' => {
                 if let Some(Pending::Parse(_)) = self.pending.front() {
@@ -462,42 +502,53 @@ impl Tracker {
             b'n' => self.described_now = None,
             b'T' if self.described_now.is_some() => {
                 let mut f = Fields::new(body);
-                let (mut names, mut types) = (Vec::new(), Vec::new());
+                let (mut names, mut types, mut origins) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..f.i16()? {
-                    names.push(f.cstr()?.to_string());
-                    f.take(6)?;
+                    let name = f.cstr()?.to_string();
+                    origins.push((name.clone(), f.u32()?, f.i16()?));
+                    names.push(name);
                     types.push(f.u32()?);
                     f.take(8)?;
                 }
+                let plan = self.mask_plan(&origins);
                 if let Some(name) = self.described_now.take()
                     && let Some(p) = self.statements.get_mut(&name)
                 {
-                    p.described = Some((names, types));
+                    p.described = Some((names, types, plan));
                 }
             }
             b'T' => {
-                let mut f = Fields::new(body);
-                let n = f.i16()?;
+                // Read whole before anything is kept: a RowDescription the relay cannot
+                // read leaves no columns, and then where the role masks nothing is shown.
                 self.columns.clear();
                 self.column_binary.clear();
                 self.column_types.clear();
+                self.column_masks.clear();
                 let binary = match self.pending.front() {
                     Some(Pending::Execute { binary, .. }) => binary.clone(),
                     _ => Vec::new(),
                 };
+                let mut f = Fields::new(body);
+                let n = f.i16()?;
+                let (mut names, mut types, mut formats, mut origins) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for i in 0..n {
-                    self.columns.push(f.cstr()?.to_string());
-                    f.take(6)?;
-                    self.column_types.push(f.u32()?);
-                    f.take(8)?;
+                    let name = f.cstr()?.to_string();
+                    origins.push((name.clone(), f.u32()?, f.i16()?));
+                    names.push(name);
+                    types.push(f.u32()?);
+                    f.take(6)?; // type size, type modifier
                     let format = f.i16()?;
-                    let b = match binary.len() {
+                    formats.push(match binary.len() {
                         0 => format == 1,
                         1 => binary[0],
                         _ => binary.get(i as usize).copied().unwrap_or(false),
-                    };
-                    self.column_binary.push(b);
+                    });
                 }
+                self.column_masks = self.mask_plan(&origins);
+                self.columns = names;
+                self.column_types = types;
+                self.column_binary = formats;
             }
             b'D' => {
                 self.row_count += 1;
@@ -519,9 +570,10 @@ impl Tracker {
                             .map(|d| (d, binary.clone())),
                         _ => None,
                     };
-                    if let Some(((names, types), binary)) = described {
+                    if let Some(((names, types, plan), binary)) = described {
                         self.columns = names.clone();
                         self.column_types = types.clone();
+                        self.column_masks = plan;
                         self.column_binary = (0..names.len())
                             .map(|i| match binary.len() {
                                 0 => false,
@@ -531,6 +583,19 @@ impl Tracker {
                             .collect();
                     }
                 }
+                let masked = match &self.masks {
+                    // Rows nothing described: the relay cannot tell which column is
+                    // which, so where the role masks, none is shown.
+                    Some(m) if self.columns.is_empty() => {
+                        let n = Fields::new(body).i16()?.max(0) as usize;
+                        Some(m.data_row(&vec![Some(MaskMethod::Full); n], &[], body)?)
+                    }
+                    Some(m) if self.column_masks.iter().any(Option::is_some) => {
+                        Some(m.data_row(&self.column_masks, &self.column_types, body)?)
+                    }
+                    _ => None,
+                };
+                let body = masked.as_ref().map_or(body, |m| &m[5..]);
                 if self.rows.len() < self.rows_cap {
                     let mut f = Fields::new(body);
                     let n = f.i16()?;
@@ -542,6 +607,7 @@ impl Tracker {
                     }
                     self.rows.push(row);
                 }
+                return Ok(masked);
             }
             b'd' => self.copy_out += body.len() as u64,
             b'C' => {
@@ -581,7 +647,7 @@ impl Tracker {
             }
             _ => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The front statement's outcome (for a Query, one of its statements').
@@ -639,6 +705,7 @@ impl Tracker {
         self.columns.clear();
         self.column_binary.clear();
         self.column_types.clear();
+        self.column_masks.clear();
         self.rows.clear();
         self.row_count = 0;
         self.copy_in = 0;

@@ -87,6 +87,8 @@ pub struct Connected {
     pub port: u16,
     pub database: String,
     pub role: String,
+    /// The rows of the relay's own catalog query, run before the client is let in.
+    pub catalog: Vec<Vec<Option<String>>>,
 }
 
 /// Why the target could not be reached or logged in to, in words for the engineer.
@@ -247,6 +249,7 @@ async fn login_once(
                     port: login.port,
                     database: login.database.clone(),
                     role: login.role.clone(),
+                    catalog: Vec::new(),
                 });
             }
             b'v' => {}
@@ -260,6 +263,51 @@ async fn login_once(
                 ));
             }
         }
+    }
+}
+
+/// Runs the relay's own query on a fresh login, before the client is let in: its
+/// rows as text. Any error fails the session (fail closed: the client is told).
+pub async fn catalog_rows(
+    c: &mut Connected,
+    query: &str,
+    max_message: usize,
+) -> Result<Vec<Vec<Option<String>>>, Failed> {
+    let mut q = query.as_bytes().to_vec();
+    q.push(0);
+    c.stream
+        .write_all(&wire::message(b'Q', &q))
+        .await
+        .map_err(|e| failed("08006", format!("the connection to the target failed: {e}")))?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let (t, body) = wire::read_message(&mut c.stream, &mut c.buf, max_message)
+            .await
+            .map_err(|e| failed("08006", format!("the target's answer: {e}")))?;
+        match t {
+            b'D' => {
+                let mut f = wire::Fields::new(&body);
+                let n = f.i16().map_err(|e| failed("08P01", e.to_string()))?;
+                let mut row = Vec::new();
+                for _ in 0..n {
+                    let v = f.value().map_err(|e| failed("08P01", e.to_string()))?;
+                    row.push(v.map(|v| String::from_utf8_lossy(v).to_string()));
+                }
+                rows.push(row);
+            }
+            b'E' => error = Some(wire::error_fields(&body).2),
+            b'S' => c.greeting.extend_from_slice(&wire::message(t, &body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(failed(
+            "58000",
+            format!("twokey could not read which columns this role masks: {e}"),
+        )),
+        None => Ok(rows),
     }
 }
 
