@@ -810,6 +810,7 @@ async fn masked_columns_stay_masked() {
         "copy people to stdout",
         "select md5(card) from people",
         "select id from people_v where shout like '1%'",
+        "select ssn, id from people order by 1",
     ] {
         let (code, m) = simple(&mut conn, sql).await.unwrap_err();
         assert_eq!(code, "42501", "{sql}: {m}");

@@ -128,6 +128,11 @@ fn select_stmt(n: &Value, place: Place, exists: bool, s: &mut StatementShape) {
             "with_clause" => with_clause(child, nested(place), s),
             "target_list" if !exists => targets(child, place, s),
             "target_list" => {}
+            // ORDER BY 1, GROUP BY 1, DISTINCT ON (1): by a result column's position.
+            "sort_clause" | "group_clause" | "distinct_clause" if positional(child) => {
+                s.positional = true;
+                any(child, Place::Inside, s);
+            }
             "from_clause" => {
                 for item in child.as_array().into_iter().flatten() {
                     from_item(item, place, s);
@@ -136,6 +141,18 @@ fn select_stmt(n: &Value, place: Place, exists: bool, s: &mut StatementShape) {
             _ => any(child, Place::Inside, s),
         }
     }
+}
+
+/// Whether a clause names a result column by its position (an integer constant).
+fn positional(clause: &Value) -> bool {
+    clause.as_array().into_iter().flatten().any(|item| {
+        let inner = item
+            .pointer("/node/SortBy/node")
+            .or_else(|| item.get("node"))
+            .unwrap_or(item);
+        inner.pointer("/AConst/val/Ival").is_some()
+            || inner.pointer("/node/AConst/val/Ival").is_some()
+    })
 }
 
 fn with_clause(w: &Value, place: Place, s: &mut StatementShape) {
@@ -316,6 +333,20 @@ pub fn judge(masked: &MaskedNames, s: &StatementShape) -> Result<(), Refusal> {
         masked.tables.contains(&name) && tables.contains(&name)
             || aliases_to(&s.aliases, &name).is_some_and(|t| masked.tables.contains(t))
     };
+    if let Some(d) = s.dynamic.first() {
+        return refuse(format!(
+            "{d} is refused for a role that masks: the relay cannot see which columns the SQL it runs reads"
+        ));
+    }
+    let shows_masked = s
+        .columns
+        .iter()
+        .any(|u| u.place != Place::Inside && (u.star || masked.masks(&u.name, &tables)));
+    if s.positional && shows_masked && !masked_tables.is_empty() {
+        return refuse(
+            "ordering, grouping or DISTINCT ON by a column's position is refused where masked columns are shown: the order would tell their values apart; name the column".into(),
+        );
+    }
     if !masked_tables.is_empty() {
         if let Some(k) = s.kinds.iter().find(|k| k.starts_with("COPY TO")) {
             return refuse(format!(
@@ -400,6 +431,8 @@ mod tests {
             "select card_number from payments",
             "select ssn from orders", // another table's ssn
             "select count(*) from people",
+            "select id, ssn from people order by id",
+            "select name from people order by 1",
             "select 1",
         ] {
             assert_eq!(verdict(sql), Ok(()), "{sql}");
@@ -424,6 +457,10 @@ mod tests {
             "select count(*) from people group by ssn",
             "select id from people join orders on orders.ssn = people.ssn",
             "select ssn from people union select 'x'",
+            "select ssn, id from people order by 1",
+            "select * from people order by 2 desc",
+            "select distinct on (1) ssn from people",
+            "do $$ begin perform 1; end $$",
             "select to_json(p) from people p",
             "select p from people p",
             "select row_to_json(people.*) from people",

@@ -62,6 +62,8 @@ pub struct StatementShape {
     pub aliases: std::collections::BTreeMap<String, String>,
     /// Some alias list renames columns (`s(a, b)`, `WITH c(a) AS …`).
     pub renames: bool,
+    /// Orders, groups or picks DISTINCT ON by a result column's position.
+    pub positional: bool,
 }
 
 /// A setting changed by a statement.
