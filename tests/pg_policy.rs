@@ -811,6 +811,12 @@ async fn masked_columns_stay_masked() {
         "select md5(card) from people",
         "select id from people_v where shout like '1%'",
         "select ssn, id from people order by 1",
+        "select p.to_jsonb from people p",
+        "select s::text from (select ssn from people) s",
+        "select ssn from people full join people x using (ssn)",
+        "select id from people p where exists (select generate_series(1, (p.ssn like '12%')::int))",
+        "select most_common_vals::text from pg_stats where tablename = 'people'",
+        "select distinct ssn, id from people",
     ] {
         let (code, m) = simple(&mut conn, sql).await.unwrap_err();
         assert_eq!(code, "42501", "{sql}: {m}");

@@ -42,6 +42,8 @@ pub struct ColumnUse {
     pub star: bool,
     /// One name alone: a column, or a whole row of the table of that name or alias.
     pub single: bool,
+    /// The name before the last, lowercase ("" when none): `p` of `p.ssn`.
+    pub qualifier: String,
 }
 
 /// What a role masks, as a parse can match it: columns by table, column-name
@@ -55,6 +57,9 @@ pub struct MaskedNames {
     /// Tables holding a masked column, lowercase (the column rules' and those found
     /// in the database for the patterns).
     pub tables: BTreeSet<String>,
+    /// Every column of those tables, (table, column), lowercase: `p.f` where `f` is not
+    /// one of them is PostgreSQL's `f(p)`, a function of the whole row.
+    pub known: BTreeSet<(String, String)>,
 }
 
 impl MaskedNames {
@@ -127,9 +132,27 @@ fn select_stmt(n: &Value, place: Place, exists: bool, s: &mut StatementShape) {
             }
             "with_clause" => with_clause(child, nested(place), s),
             "target_list" if !exists => targets(child, place, s),
-            "target_list" => {}
+            // EXISTS reads no column of its rows, but PostgreSQL keeps a target list with
+            // aggregates or set-returning functions, and it runs.
+            "target_list" => {
+                for t in child.as_array().into_iter().flatten() {
+                    let star = t
+                        .pointer("/node/ResTarget/val/node/ColumnRef/fields")
+                        .and_then(Value::as_array)
+                        .and_then(|f| f.last())
+                        .is_some_and(|f| f.pointer("/node/AStar").is_some());
+                    if !star {
+                        any(t, Place::Inside, s);
+                    }
+                }
+            }
             // ORDER BY 1, GROUP BY 1, DISTINCT ON (1): by a result column's position.
             "sort_clause" | "group_clause" | "distinct_clause" if positional(child) => {
+                s.positional = true;
+                any(child, Place::Inside, s);
+            }
+            // Plain DISTINCT may sort its rows by every column.
+            "distinct_clause" if child.as_array().is_some_and(|a| !a.is_empty()) => {
                 s.positional = true;
                 any(child, Place::Inside, s);
             }
@@ -152,6 +175,8 @@ fn positional(clause: &Value) -> bool {
             .unwrap_or(item);
         inner.pointer("/AConst/val/Ival").is_some()
             || inner.pointer("/node/AConst/val/Ival").is_some()
+            // ROLLUP, CUBE, GROUPING SETS: positions inside count too.
+            || inner.pointer("/GroupingSet/content").is_some_and(positional)
     })
 }
 
@@ -166,6 +191,9 @@ fn with_clause(w: &Value, place: Place, s: &mut StatementShape) {
             any(cte, Place::Inside, s);
             continue;
         };
+        if let Some(name) = c.get("ctename").and_then(Value::as_str) {
+            s.row_sources.insert(name.to_ascii_lowercase());
+        }
         if c.get("aliascolnames")
             .and_then(Value::as_array)
             .is_some_and(|a| !a.is_empty())
@@ -189,6 +217,13 @@ fn targets(list: &Value, place: Place, s: &mut StatementShape) {
             .get("name")
             .and_then(Value::as_str)
             .is_some_and(|n| !n.is_empty());
+        if let Some(n) = rt
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            s.output_names.insert(n.to_ascii_lowercase());
+        }
         match rt.pointer("/val/node/ColumnRef") {
             Some(c) if place != Place::Inside => {
                 column_ref(c, place, renamed && place == Place::Nested, s)
@@ -202,20 +237,55 @@ fn from_item(item: &Value, place: Place, s: &mut StatementShape) {
     let node = item.get("node").unwrap_or(item);
     if let Some(sub) = node.get("RangeSubselect") {
         alias(sub.get("alias"), s);
+        row_source(sub.get("alias"), s);
         match sub.pointer("/subquery/node/SelectStmt") {
             Some(q) => select_stmt(q, nested(place), false, s),
             None => any(sub, Place::Inside, s),
         }
     } else if let Some(j) = node.get("JoinExpr") {
         alias(j.get("alias"), s);
+        row_source(j.get("alias"), s);
+        if j.get("is_natural").and_then(Value::as_bool) == Some(true) {
+            s.natural = true;
+        }
         for (k, child) in j.as_object().into_iter().flatten() {
             match k.as_str() {
                 "larg" | "rarg" => from_item(child, place, s),
+                // USING (a, b): names of columns compared, and merged into one.
+                "using_clause" => {
+                    for n in child.as_array().into_iter().flatten() {
+                        if let Some(name) = n.pointer("/node/String/sval").and_then(Value::as_str) {
+                            s.columns.insert(ColumnUse {
+                                name: name.to_string(),
+                                place: Place::Inside,
+                                renamed: false,
+                                star: false,
+                                single: true,
+                                qualifier: String::new(),
+                            });
+                        }
+                    }
+                }
                 _ => any(child, Place::Inside, s),
             }
         }
     } else {
+        if let Some(f) = node.get("RangeFunction") {
+            row_source(f.get("alias"), s);
+        }
         any(item, Place::Inside, s);
+    }
+}
+
+/// A FROM item's own name (a subquery's, a join's, a function's): its whole row can be
+/// named as one value.
+fn row_source(a: Option<&Value>, s: &mut StatementShape) {
+    if let Some(name) = a
+        .and_then(|a| a.get("aliasname"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    {
+        s.row_sources.insert(name.to_ascii_lowercase());
     }
 }
 
@@ -243,6 +313,12 @@ fn column_ref(c: &Value, place: Place, renamed: bool, s: &mut StatementShape) {
     let star = fields
         .last()
         .is_some_and(|f| f.pointer("/node/AStar").is_some());
+    let qualifier = fields
+        .len()
+        .checked_sub(2)
+        .and_then(|i| name(fields[i]))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let used = if star {
         ColumnUse {
             name: fields
@@ -254,6 +330,7 @@ fn column_ref(c: &Value, place: Place, renamed: bool, s: &mut StatementShape) {
             renamed,
             star: true,
             single: false,
+            qualifier,
         }
     } else {
         ColumnUse {
@@ -262,6 +339,7 @@ fn column_ref(c: &Value, place: Place, renamed: bool, s: &mut StatementShape) {
             renamed,
             star: false,
             single: fields.len() == 1,
+            qualifier,
         }
     };
     s.columns.insert(used);
@@ -333,6 +411,26 @@ pub fn judge(masked: &MaskedNames, s: &StatementShape) -> Result<(), Refusal> {
         masked.tables.contains(&name) && tables.contains(&name)
             || aliases_to(&s.aliases, &name).is_some_and(|t| masked.tables.contains(t))
     };
+    if !masked_tables.is_empty() || !masked.patterns.is_empty() {
+        if let Some((_, t)) = s.tables.iter().find(|(_, t)| {
+            let t = t.to_ascii_lowercase();
+            t.starts_with("pg_stat") && (t.contains("statistic") || t.starts_with("pg_stats"))
+        }) {
+            return refuse(format!(
+                "{t} is refused for a role that masks: the planner's statistics hold sample values of every column"
+            ));
+        }
+        if s.kinds.iter().any(|k| k == "LISTEN") {
+            return refuse(
+                "LISTEN is refused for a role that masks: a notification's payload has no columns to mask".into(),
+            );
+        }
+    }
+    if s.natural && !masked_tables.is_empty() {
+        return refuse(
+            "NATURAL JOIN is refused in a statement reading masked columns: it compares and merges columns unseen; join ON named columns".into(),
+        );
+    }
     if let Some(d) = s.dynamic.first() {
         return refuse(format!(
             "{d} is refused for a role that masks: the relay cannot see which columns the SQL it runs reads"
@@ -367,6 +465,38 @@ pub fn judge(masked: &MaskedNames, s: &StatementShape) -> Result<(), Refusal> {
                 );
             }
             continue;
+        }
+        if u.single
+            && !masked_tables.is_empty()
+            && s.row_sources.contains(&u.name.to_ascii_lowercase())
+        {
+            return refuse(format!(
+                "the whole row of {} is refused: it holds columns the relay could not mask; select its columns by name",
+                u.name
+            ));
+        }
+        // `p.f` where `p` holds masked columns and `f` is none of its columns is
+        // PostgreSQL's `f(p)`: a function of the whole row.
+        if !u.single && !u.qualifier.is_empty() && !masked_tables.is_empty() {
+            let holder = aliases_to(&s.aliases, &u.qualifier)
+                .cloned()
+                .or_else(|| tables.contains(&u.qualifier).then(|| u.qualifier.clone()));
+            let name = u.name.to_ascii_lowercase();
+            let known = match holder {
+                Some(t) if masked.tables.contains(&t) => masked.known.contains(&(t, name)),
+                Some(_) => true,
+                // A subquery's, CTE's or join's row: a column of a masked table, or a
+                // name the statement gives a result column.
+                None => {
+                    masked.known.iter().any(|(_, c)| *c == name) || s.output_names.contains(&name)
+                }
+            };
+            if !known {
+                return refuse(format!(
+                    "{}.{} is refused: it is not a column there, so PostgreSQL would read it as {}({}), a function of a row with masked columns",
+                    u.qualifier, u.name, u.name, u.qualifier
+                ));
+            }
         }
         if u.single && whole_row(&u.name) {
             return refuse(format!(
@@ -406,6 +536,15 @@ mod tests {
             columns: vec![("people".into(), "ssn".into())],
             patterns: vec!["*card*".into()],
             tables: ["people".to_string(), "payments".to_string()].into(),
+            known: [
+                ("people", "id"),
+                ("people", "name"),
+                ("people", "ssn"),
+                ("payments", "id"),
+                ("payments", "card_number"),
+            ]
+            .map(|(t, c)| (t.to_string(), c.to_string()))
+            .into(),
         }
     }
 
@@ -432,6 +571,11 @@ mod tests {
             "select ssn from orders", // another table's ssn
             "select count(*) from people",
             "select id, ssn from people order by id",
+            "select p.ssn, p.id from people p",
+            "select s.id, s.x from (select id, lower(name) as x from people) s",
+            "select id from people p where exists (select * from payments where payments.id = p.id)",
+            "select o.total from orders o",
+            "select ssn from people join orders using (id)",
             "select name from people order by 1",
             "select 1",
         ] {
@@ -458,6 +602,22 @@ mod tests {
             "select id from people join orders on orders.ssn = people.ssn",
             "select ssn from people union select 'x'",
             "select ssn, id from people order by 1",
+            "select p.to_jsonb from people p",
+            "select people.row_to_json from people",
+            "select p.text from people p",
+            "select s::text from (select ssn from people) s",
+            "with c as (select ssn from people) select to_json(c) from c",
+            "select (s).ssn from (select ssn from people) s",
+            "select j from (people p join orders o on true) j",
+            "select s.to_json from (select ssn from people) s",
+            "select ssn from people full join people x using (ssn)",
+            "select * from people natural full join people",
+            "select id from people p where exists (select generate_series(1, (p.ssn like '12%')::int))",
+            "select id from people p where exists (select max(1/((p.ssn like '1%')::int - 1)))",
+            "select most_common_vals from pg_stats where tablename = 'people'",
+            "select ssn, id from people group by rollup(1, 2)",
+            "select distinct ssn, id from people",
+            "listen people_changes",
             "select * from people order by 2 desc",
             "select distinct on (1) ssn from people",
             "do $$ begin perform 1; end $$",

@@ -64,6 +64,12 @@ pub struct StatementShape {
     pub renames: bool,
     /// Orders, groups or picks DISTINCT ON by a result column's position.
     pub positional: bool,
+    /// Names of FROM items other than tables (subqueries, CTEs, joins, functions).
+    pub row_sources: BTreeSet<String>,
+    /// Names given to result columns (`AS x`), lowercase.
+    pub output_names: BTreeSet<String>,
+    /// Some join is NATURAL.
+    pub natural: bool,
 }
 
 /// A setting changed by a statement.

@@ -69,8 +69,10 @@ fn quoted(s: &str) -> String {
 }
 
 /// The catalog query that finds the columns a role's rules name: (table OID, column
-/// number, schema, table, column, whether a view's), one row each, and every column of
-/// every view that reads one. Names are validated identifiers.
+/// number, schema, table, column, whether a view's, masked), one row each, and every
+/// column of every view that reads one; then every other column of those tables and
+/// views (masked false), so the parse knows their columns. Names are validated
+/// identifiers.
 pub fn catalog_query(rules: &[MaskRule]) -> String {
     let mut conditions = Vec::new();
     for r in rules {
@@ -128,7 +130,10 @@ pub fn catalog_query(rules: &[MaskRule]) -> String {
          JOIN pg_catalog.pg_class v ON v.oid = r.ev_class AND v.oid <> m.oid \
          JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace \
          JOIN pg_catalog.pg_attribute va ON va.attrelid = v.oid AND va.attnum > 0 AND NOT va.attisdropped\
-         ) SELECT oid::int8, attnum, nspname, relname, attname, derived FROM masked",
+         ) SELECT oid::int8, attnum, nspname, relname, attname, derived, true FROM masked \
+         UNION ALL SELECT a.attrelid::int8, a.attnum, '', c.relname::text, a.attname::text, false, false \
+         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+         WHERE a.attrelid IN (SELECT oid FROM masked) AND a.attnum > 0 AND NOT a.attisdropped",
         conditions.join(" OR ")
     )
 }
@@ -164,12 +169,17 @@ impl Masks {
         let mut by_origin = HashMap::new();
         let mut tables = BTreeSet::new();
         let mut view_columns = Vec::new();
+        let mut known = BTreeSet::new();
         for row in rows {
             let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
             let (Ok(oid), Ok(attnum)) = (get(0).parse::<u32>(), get(1).parse::<i16>()) else {
                 continue;
             };
             let (schema, table, column) = (get(2), get(3), get(4));
+            known.insert((table.to_ascii_lowercase(), column.to_ascii_lowercase()));
+            if get(6) == "f" {
+                continue;
+            }
             let derived = get(5) == "t";
             let method =
                 rule_for(rules, &schema, &table, &column).or(derived.then_some(MaskMethod::Full));
@@ -201,6 +211,7 @@ impl Masks {
                 columns,
                 patterns: patterns.iter().map(|(p, _)| p.clone()).collect(),
                 tables,
+                known,
             },
             patterns,
             key,
@@ -217,7 +228,12 @@ impl Masks {
                     self.patterns
                         .iter()
                         .find(|(p, _)| glob(p, &name))
-                        .map(|(_, m)| *m)
+                        // Matched by name alone, the value may be the client's own: a
+                        // hash of it would let guesses be checked against real hashes.
+                        .map(|(_, m)| match m {
+                            MaskMethod::Hash => MaskMethod::Full,
+                            other => *other,
+                        })
                 })
             })
             .collect()
@@ -355,8 +371,9 @@ mod tests {
     #[test]
     fn columns_are_masked_by_origin_and_by_name_and_values_by_method() {
         let catalog = vec![
-            ["16384", "2", "public", "people", "ssn"],
-            ["16390", "3", "public", "payments", "card_no"],
+            ["16384", "2", "public", "people", "ssn", "f", "t"],
+            ["16390", "3", "public", "payments", "card_no", "f", "t"],
+            ["16384", "1", "", "people", "id", "f", "f"],
         ]
         .into_iter()
         .map(|r| r.into_iter().map(|s| Some(s.to_string())).collect())
@@ -366,9 +383,15 @@ mod tests {
         let plan = m.plan(&[
             ("x".into(), 16384, 2),
             ("id".into(), 16384, 1),
-            ("my_card".into(), 0, 0),
+            ("cc".into(), 16390, 3),
             ("n".into(), 16384, 2),
         ]);
+        assert!(m.names.known.contains(&("people".into(), "id".into())));
+        // By name alone, never a hash.
+        assert_eq!(
+            m.plan(&[("my_card".into(), 0, 0)]),
+            [Some(MaskMethod::Full)]
+        );
         assert_eq!(
             plan,
             [

@@ -47,6 +47,9 @@ enum Pending {
         binary: Vec<bool>,
         /// The statement's result columns, as its Describe said: (names, types).
         described: Option<Described>,
+        /// The portal it runs, and which Bind made it (a Describe of the portal may
+        /// answer after the Execute was sent).
+        portal: (String, u64),
     },
     Function {
         st: Statement,
@@ -71,6 +74,9 @@ pub struct Refusal {
     pub refused: Refused,
 }
 
+/// What a Describe asks about: a statement (true) or a portal, its name and generation.
+type Described_ = (bool, String, u64);
+
 /// A prepared statement's result columns: names, type OIDs, and each one's mask.
 type Described = (Vec<String>, Vec<u32>, Vec<Option<MaskMethod>>);
 
@@ -81,6 +87,8 @@ struct Prepared {
     described: Option<Described>,
     /// Its parse, judged again at each Bind against the rules as they are then.
     parsed: Arc<Parsed>,
+    /// Which Parse made it: a Describe's answer is kept only for the statement it asked about.
+    generation: u64,
 }
 
 struct Portal {
@@ -90,6 +98,7 @@ struct Portal {
     /// Whether each result column comes back binary (Bind's result formats).
     binary: Vec<bool>,
     described: Option<Described>,
+    generation: u64,
 }
 
 /// The session's transcript and what it needs to follow the conversation.
@@ -102,8 +111,14 @@ pub struct Tracker {
     pending: VecDeque<Pending>,
     statements: HashMap<String, Prepared>,
     /// Statements whose Describe is on its way back, and the one being answered.
-    describing: VecDeque<String>,
-    described_now: Option<String>,
+    /// Each Describe on its way: what it asks about (a statement or portal, by name
+    /// and generation) and how many Syncs and Queries went before it.
+    describing: VecDeque<(Described_, u64)>,
+    described_now: Option<Described_>,
+    /// Generations handed out; Syncs and Queries sent; ReadyForQuery received.
+    generations: u64,
+    syncs_sent: u64,
+    readies: u64,
     portals: HashMap<String, Portal>,
     /// The result being received: its columns and whether each is binary.
     columns: Vec<String>,
@@ -132,6 +147,9 @@ impl Tracker {
             pending: VecDeque::new(),
             statements: HashMap::new(),
             describing: VecDeque::new(),
+            generations: 0,
+            syncs_sent: 0,
+            readies: 0,
             described_now: None,
             portals: HashMap::new(),
             columns: Vec::new(),
@@ -235,6 +253,10 @@ impl Tracker {
         t: u8,
         body: &[u8],
     ) -> Result<Option<Vec<u8>>, super::wire::WireError> {
+        if matches!(t, b'Q' | b'F') {
+            // Each ends in a ReadyForQuery, as a Sync does.
+            self.syncs_sent += 1;
+        }
         let mut f = Fields::new(body);
         match t {
             b'Q' => {
@@ -331,17 +353,18 @@ impl Tracker {
                         params,
                         binary,
                         described,
+                        generation: 0,
                     },
                 );
             }
             b'E' => {
                 let portal = f.cstr()?;
-                let (mut st, binary, described) = match self.portals.get(portal) {
+                let (mut st, binary, described, generation) = match self.portals.get(portal) {
                     Some(p) => {
                         let mut st = self.statement(Protocol::Extended, &p.sql);
                         st.statement = p.statement.clone();
                         st.params = p.params.clone();
-                        (st, p.binary.clone(), p.described.clone())
+                        (st, p.binary.clone(), p.described.clone(), p.generation)
                     }
                     None => (
                         self.statement(
@@ -350,6 +373,7 @@ impl Tracker {
                         ),
                         Vec::new(),
                         None,
+                        u64::MAX,
                     ),
                 };
                 st.protocol = Some(Protocol::Extended);
@@ -358,15 +382,29 @@ impl Tracker {
                     at: Instant::now(),
                     binary,
                     described,
+                    portal: (portal.to_string(), generation),
                 });
             }
-            b'S' => self.pending.push_back(Pending::Sync),
+            b'S' => {
+                self.syncs_sent += 1;
+                self.pending.push_back(Pending::Sync);
+            }
             b'D' => {
                 let kind = f.u8()?;
                 let name = f.cstr()?;
-                if kind == b'S' {
-                    self.describing.push_back(name.to_string());
-                }
+                let generation = if kind == b'S' {
+                    self.statements.get(name).map(|p| p.generation)
+                } else {
+                    self.portals.get(name).map(|p| p.generation)
+                };
+                self.describing.push_back((
+                    (
+                        kind == b'S',
+                        name.to_string(),
+                        generation.unwrap_or(u64::MAX),
+                    ),
+                    self.syncs_sent,
+                ));
             }
             b'C' => {
                 let kind = f.u8()?;
@@ -412,11 +450,15 @@ impl Tracker {
                 types,
                 described: None,
                 parsed,
+                generation: self.generations,
             },
         );
+        self.generations += 1;
     }
 
-    fn remember_portal(&mut self, name: String, p: Portal) {
+    fn remember_portal(&mut self, name: String, mut p: Portal) {
+        p.generation = self.generations;
+        self.generations += 1;
         if self.portals.len() >= MAX_NAMED && !self.portals.contains_key(&name) {
             // Named portals live until their transaction ends; a client holding this
             // many is not a person at a prompt. Forget them all but this one.
@@ -498,8 +540,11 @@ impl Tracker {
                 self.judge.server_parameter(name, value);
             }
             // A statement's Describe is answered ParameterDescription, then its columns.
-            b't' => self.described_now = self.describing.pop_front(),
-            b'n' => self.described_now = None,
+            b't' => self.described_now = self.describing.pop_front().map(|(d, _)| d),
+            // NoData answers a Describe: of a statement after its 't', else of a portal.
+            b'n' if self.described_now.take().is_none() => {
+                self.describing.pop_front();
+            }
             b'T' if self.described_now.is_some() => {
                 let mut f = Fields::new(body);
                 let (mut names, mut types, mut origins) = (Vec::new(), Vec::new(), Vec::new());
@@ -511,8 +556,9 @@ impl Tracker {
                     f.take(8)?;
                 }
                 let plan = self.mask_plan(&origins);
-                if let Some(name) = self.described_now.take()
+                if let Some((_, name, generation)) = self.described_now.take()
                     && let Some(p) = self.statements.get_mut(&name)
+                    && p.generation == generation
                 {
                     p.described = Some((names, types, plan));
                 }
@@ -546,6 +592,15 @@ impl Tracker {
                     });
                 }
                 self.column_masks = self.mask_plan(&origins);
+                // Not a Query's result: the answer to a portal's Describe, kept on the
+                // portal it asked about.
+                if !matches!(self.pending.front(), Some(Pending::Simple { .. }))
+                    && let Some(((false, name, generation), _)) = self.describing.pop_front()
+                    && let Some(p) = self.portals.get_mut(&name)
+                    && p.generation == generation
+                {
+                    p.described = Some((names.clone(), types.clone(), self.column_masks.clone()));
+                }
                 self.columns = names;
                 self.column_types = types;
                 self.column_binary = formats;
@@ -584,16 +639,43 @@ impl Tracker {
                     }
                 }
                 let masked = match &self.masks {
-                    // Rows nothing described: the relay cannot tell which column is
-                    // which, so where the role masks, none is shown.
-                    Some(m) if self.columns.is_empty() => {
+                    None => None,
+                    Some(m) => {
+                        // Masks only by a description known to be this result's: a
+                        // Query's own, or the one taken for this Execute's statement or
+                        // portal (of the same Parse or Bind). Without one, and for any
+                        // column past it, nothing is shown.
+                        let known = match self.pending.front() {
+                            Some(Pending::Simple { .. }) => {
+                                Some((self.column_masks.clone(), self.column_types.clone()))
+                            }
+                            Some(Pending::Execute {
+                                described, portal, ..
+                            }) => described
+                                .clone()
+                                .or_else(|| {
+                                    self.portals
+                                        .get(&portal.0)
+                                        .filter(|p| p.generation == portal.1)
+                                        .and_then(|p| p.described.clone())
+                                })
+                                .map(|(_, types, plan)| (plan, types)),
+                            _ => None,
+                        };
                         let n = Fields::new(body).i16()?.max(0) as usize;
-                        Some(m.data_row(&vec![Some(MaskMethod::Full); n], &[], body)?)
+                        let (plan, types) = known.unwrap_or_default();
+                        let plan: Vec<Option<MaskMethod>> = (0..n)
+                            .map(|i| match plan.get(i) {
+                                Some(p) => *p,
+                                None => Some(MaskMethod::Full),
+                            })
+                            .collect();
+                        if plan.iter().any(Option::is_some) {
+                            Some(m.data_row(&plan, &types, body)?)
+                        } else {
+                            None
+                        }
                     }
-                    Some(m) if self.column_masks.iter().any(Option::is_some) => {
-                        Some(m.data_row(&self.column_masks, &self.column_types, body)?)
-                    }
-                    _ => None,
                 };
                 let body = masked.as_ref().map_or(body, |m| &m[5..]);
                 if self.rows.len() < self.rows_cap {
@@ -754,7 +836,11 @@ impl Tracker {
             }
         }
         self.simple_index = 0;
-        self.describing.clear();
+        // Describes of this Sync's (or Query's) cycle that were never answered (skipped
+        // after an error) are dropped; later cycles' stay.
+        self.readies += 1;
+        let done = self.readies;
+        self.describing.retain(|(_, cycle)| *cycle >= done);
         self.described_now = None;
         self.reset_result();
         self.transcript.flush_if_due();
