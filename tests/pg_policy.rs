@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::postgres::Version;
 use common::psql::{self as client, eventually, ok, refused};
-use common::relay_pg::{ALICE, BOB, Setup, setup_on};
+use common::relay_pg::{ALICE, BOB, Setup, relay_password, setup_on};
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -89,14 +89,7 @@ async fn password_for(s: &Setup, role: &str) -> String {
     // The relay checks a login against the user's newest relay password on the
     // resource; the test's clock stands still unless moved.
     s.app.clock.advance(chrono::Duration::seconds(1));
-    let (st, r) = s
-        .app
-        .api(ALICE)
-        .await
-        .post(&format!("/requests/{id}/relay-login"), json!({}))
-        .await;
-    assert!(st.is_success(), "{st}: {r}");
-    r["password"].as_str().unwrap().to_string()
+    relay_password(&s.app, &id).await
 }
 
 async fn connect(s: &Setup, password: &str) -> PgConnection {

@@ -13,7 +13,7 @@
 //! [`uses`] records, for each statement, every column reference and where it sits;
 //! [`judge`] holds them against a role's masked names. Pure: no I/O.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde_json::Value;
 
@@ -409,7 +409,9 @@ pub fn judge(masked: &MaskedNames, s: &StatementShape) -> Result<(), Refusal> {
     let whole_row = |name: &str| {
         let name = name.to_ascii_lowercase();
         masked.tables.contains(&name) && tables.contains(&name)
-            || aliases_to(&s.aliases, &name).is_some_and(|t| masked.tables.contains(t))
+            || s.aliases
+                .get(&name)
+                .is_some_and(|t| masked.tables.contains(t))
     };
     if !masked_tables.is_empty() || !masked.patterns.is_empty() {
         if let Some((_, t)) = s.tables.iter().find(|(_, t)| {
@@ -478,7 +480,9 @@ pub fn judge(masked: &MaskedNames, s: &StatementShape) -> Result<(), Refusal> {
         // `p.f` where `p` holds masked columns and `f` is none of its columns is
         // PostgreSQL's `f(p)`: a function of the whole row.
         if !u.single && !u.qualifier.is_empty() && !masked_tables.is_empty() {
-            let holder = aliases_to(&s.aliases, &u.qualifier)
+            let holder = s
+                .aliases
+                .get(&u.qualifier)
                 .cloned()
                 .or_else(|| tables.contains(&u.qualifier).then(|| u.qualifier.clone()));
             let name = u.name.to_ascii_lowercase();
@@ -520,10 +524,6 @@ pub fn judge(masked: &MaskedNames, s: &StatementShape) -> Result<(), Refusal> {
         }
     }
     Ok(())
-}
-
-fn aliases_to<'a>(aliases: &'a BTreeMap<String, String>, name: &str) -> Option<&'a String> {
-    aliases.get(name)
 }
 
 #[cfg(test)]

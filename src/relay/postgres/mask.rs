@@ -267,7 +267,8 @@ impl Masks {
         Some(shown.into_bytes())
     }
 
-    /// A DataRow with the masked columns' values replaced: the whole message.
+    /// A DataRow with the masked columns' values replaced (and any past the plan's
+    /// end): the whole message.
     pub fn data_row(
         &self,
         plan: &[Option<MaskMethod>],
@@ -280,7 +281,12 @@ impl Masks {
         out.extend_from_slice(&n.to_be_bytes());
         for i in 0..n.max(0) as usize {
             let v = f.value()?;
-            let v = match (v, plan.get(i).copied().flatten()) {
+            // A column past the plan is one the relay cannot place: not shown.
+            let method = match plan.get(i) {
+                Some(m) => *m,
+                None => Some(MaskMethod::Full),
+            };
+            let v = match (v, method) {
                 (Some(v), Some(m)) => self.value(m, types.get(i).copied().unwrap_or(0), v),
                 (v, None) => v.map(<[u8]>::to_vec),
                 (None, Some(_)) => None,

@@ -75,7 +75,7 @@ pub struct Refusal {
 }
 
 /// What a Describe asks about: a statement (true) or a portal, its name and generation.
-type Described_ = (bool, String, u64);
+type Asked = (bool, String, u64);
 
 /// A prepared statement's result columns: names, type OIDs, and each one's mask.
 type Described = (Vec<String>, Vec<u32>, Vec<Option<MaskMethod>>);
@@ -113,8 +113,8 @@ pub struct Tracker {
     /// Statements whose Describe is on its way back, and the one being answered.
     /// Each Describe on its way: what it asks about (a statement or portal, by name
     /// and generation) and how many Syncs and Queries went before it.
-    describing: VecDeque<(Described_, u64)>,
-    described_now: Option<Described_>,
+    describing: VecDeque<(Asked, u64)>,
+    described_now: Option<Asked>,
     /// Generations handed out; Syncs and Queries sent; ReadyForQuery received.
     generations: u64,
     syncs_sent: u64,
@@ -645,33 +645,28 @@ impl Tracker {
                         // Query's own, or the one taken for this Execute's statement or
                         // portal (of the same Parse or Bind). Without one, and for any
                         // column past it, nothing is shown.
-                        let known = match self.pending.front() {
-                            Some(Pending::Simple { .. }) => {
-                                Some((self.column_masks.clone(), self.column_types.clone()))
-                            }
-                            Some(Pending::Execute {
-                                described, portal, ..
-                            }) => described
-                                .clone()
-                                .or_else(|| {
-                                    self.portals
-                                        .get(&portal.0)
-                                        .filter(|p| p.generation == portal.1)
-                                        .and_then(|p| p.described.clone())
-                                })
-                                .map(|(_, types, plan)| (plan, types)),
-                            _ => None,
-                        };
+                        let known: Option<(&[Option<MaskMethod>], &[u32])> =
+                            match self.pending.front() {
+                                Some(Pending::Simple { .. }) => {
+                                    Some((&self.column_masks, &self.column_types))
+                                }
+                                Some(Pending::Execute {
+                                    described, portal, ..
+                                }) => described
+                                    .as_ref()
+                                    .or_else(|| {
+                                        self.portals
+                                            .get(&portal.0)
+                                            .filter(|p| p.generation == portal.1)
+                                            .and_then(|p| p.described.as_ref())
+                                    })
+                                    .map(|(_, types, plan)| (plan.as_slice(), types.as_slice())),
+                                _ => None,
+                            };
                         let n = Fields::new(body).i16()?.max(0) as usize;
-                        let (plan, types) = known.unwrap_or_default();
-                        let plan: Vec<Option<MaskMethod>> = (0..n)
-                            .map(|i| match plan.get(i) {
-                                Some(p) => *p,
-                                None => Some(MaskMethod::Full),
-                            })
-                            .collect();
-                        if plan.iter().any(Option::is_some) {
-                            Some(m.data_row(&plan, &types, body)?)
+                        let (plan, types) = known.unwrap_or((&[], &[]));
+                        if plan.len() < n || plan.iter().any(Option::is_some) {
+                            Some(m.data_row(plan, types, body)?)
                         } else {
                             None
                         }
