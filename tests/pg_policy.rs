@@ -858,3 +858,31 @@ async fn masked_columns_stay_masked() {
         assert!(!e.details.contains("6789"), "{}", e.details);
     }
 }
+
+/// Fail closed: a role that masks gets no session when its masks cannot be applied
+/// (here the mask key is unreadable), and says so in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_masks_gets_no_session_without_its_masks() {
+    let s = setup_on(Version::Pg15, |c| {
+        std::fs::create_dir_all(&c.server.data_dir).unwrap();
+        std::fs::write(c.server.data_dir.join("relay_mask_key"), "not a key").unwrap();
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.roles[0].sql.mask = vec![twokey::config::MaskRule {
+            column: Some("secrets.v".into()),
+            name: None,
+            method: twokey::config::MaskMethod::Full,
+        }];
+    })
+    .await;
+    let id = common::relay_pg::granted(&s.app).await;
+    let pw = relay_password(&s.app, &id).await;
+    let err = refused(&s.psql(&pw, "select 1").await);
+    assert!(
+        err.contains("twokey cannot mask this role's columns right now"),
+        "{err}"
+    );
+}
