@@ -189,7 +189,8 @@ pub async fn start(
     })
 }
 
-/// One pass of the sweeper: expire requests, end grants, checkpoint the audit chain when
+/// One pass of the sweeper: expire requests, end grants, end held actions left by a
+/// relay that is gone, checkpoint the audit chain when
 /// due, delete expired browser sessions.
 async fn sweep(state: &AppState, sessions: &SessionStore) {
     match access::sweep(state).await {
@@ -202,6 +203,11 @@ async fn sweep(state: &AppState, sessions: &SessionStore) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
+    }
+    match access::held::sweep(state).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(ended = n, "held actions swept"),
+        Err(e) => tracing::warn!(error = %e, "held action sweep failed; will retry"),
     }
     // Periodic checkpoints ride on the sweeper (audit.checkpoint_interval).
     if let Err(e) = crate::audit::signing::checkpoint_if_due(state).await {

@@ -12,6 +12,7 @@
 
 mod decide;
 mod grants;
+pub mod held;
 pub mod ssh;
 
 pub use decide::*;

@@ -36,8 +36,8 @@ pub use relay::{
     RelayConfig, RelayPostgresConfig,
 };
 pub use resources::{
-    DbAccess, MaskMethod, MaskRule, PolicyConfig, ResourceConfig, ResourceKind, RoleConfig,
-    SqlPolicy,
+    DbAccess, MaskMethod, MaskRule, PolicyConfig, ResourceConfig, ResourceKind, ReviewPolicy,
+    RoleConfig, SqlPolicy,
 };
 pub use secret::Secret;
 pub use server::ServerConfig;

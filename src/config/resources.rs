@@ -183,6 +183,13 @@ pub struct RoleConfig {
     /// `["rm -rf *", "shutdown*"]`. Interactive shells cannot be held to this.
     #[serde(default)]
     pub blocked_commands: Vec<String>,
+    /// SSH relay: exec commands held until another person approves that exact
+    /// command (`*` matches anything), e.g. `["systemctl restart *"]`.
+    #[serde(default)]
+    pub review_commands: Vec<String>,
+    /// How a held action (a statement or command held for review) is approved.
+    #[serde(default)]
+    pub review: ReviewPolicy,
     /// PostgreSQL relay: how many rows of each result the session's transcript keeps
     /// (the count of all rows is always kept).
     #[serde(default = "default_transcript_rows")]
@@ -217,6 +224,33 @@ pub struct SqlPolicy {
     pub search_path: Option<String>,
     /// Columns whose values never reach the client (nor the transcript) as they are.
     pub mask: Vec<MaskRule>,
+    /// Statement kinds held until another person approves that exact statement, by
+    /// their first words as in `deny`: `"DELETE"`, `"UPDATE"`, `"ALTER TABLE"`.
+    pub review: Vec<String>,
+    /// Tables whose every statement is held for approval, written as in `deny_tables`.
+    pub review_tables: Vec<String>,
+}
+
+/// How the role's held actions are decided: by its approver groups, as its requests
+/// are, by this many distinct people (never the one who sent it), within `wait`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReviewPolicy {
+    /// Distinct approvers a held action needs (default: the role's `min_approvals`).
+    pub approvals: Option<u32>,
+    /// How long the engineer's statement or command waits for its decision before it
+    /// is refused (default `"10m"`, at most `"1h"`).
+    #[serde(with = "duration_setting")]
+    pub wait: Duration,
+}
+
+impl Default for ReviewPolicy {
+    fn default() -> Self {
+        ReviewPolicy {
+            approvals: None,
+            wait: Duration::from_secs(600),
+        }
+    }
 }
 
 /// One masking rule: a column by table, or every column whose name matches.
@@ -256,6 +290,8 @@ impl Default for SqlPolicy {
             allow_dynamic_sql: false,
             search_path: None,
             mask: Vec::new(),
+            review: Vec::new(),
+            review_tables: Vec::new(),
         }
     }
 }

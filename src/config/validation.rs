@@ -290,6 +290,7 @@ impl Config {
                     check_nonzero(&format!("{key}.pending_ttl"), ttl)?;
                 }
                 check_sql_policy(&format!("{key}.sql"), &role.sql)?;
+                check_review(&key, r, role)?;
                 let relayed = r.kind == super::ResourceKind::Postgres
                     && self.db_access(r) == super::DbAccess::Relay;
                 if role.sql != crate::config::SqlPolicy::default() && !relayed {
@@ -389,9 +390,61 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
 
 /// A role's statement rules: each names something the relay can match, so a typo is
 /// an error at start, not a rule that silently never applies.
+/// A role's held actions: a wait that a person at a prompt can sit through, a count
+/// its approver groups can meet, and review rules only where a relay enforces them.
+fn check_review(
+    key: &str,
+    r: &super::ResourceConfig,
+    role: &crate::config::RoleConfig,
+) -> Result<(), ConfigError> {
+    let wait = role.review.wait;
+    if wait.is_zero() || wait > std::time::Duration::from_secs(3600) {
+        return Err(invalid(
+            format!("{key}.review.wait"),
+            "must be more than 0 and at most 1h: the engineer's client waits that long",
+        ));
+    }
+    if let Some(n) = role.review.approvals {
+        if n == 0 {
+            return Err(invalid(
+                format!("{key}.review.approvals"),
+                "must be at least 1: a held action is decided by someone other than its sender",
+            ));
+        }
+        if role.all_groups && (n as usize) < role.approver_groups.len() {
+            return Err(invalid(
+                format!("{key}.review.approvals"),
+                format!(
+                    "all_groups needs one approver per group, so review.approvals must be at least {}",
+                    role.approver_groups.len()
+                ),
+            ));
+        }
+    }
+    if !role.review_commands.is_empty() && r.kind != super::ResourceKind::Ssh {
+        return Err(invalid(
+            format!("{key}.review_commands"),
+            "holds SSH exec commands: only an SSH resource has them (for PostgreSQL use sql.review)",
+        ));
+    }
+    for (i, c) in role.review_commands.iter().enumerate() {
+        if c.trim().is_empty() || c.trim() == "*" {
+            return Err(invalid(
+                format!("{key}.review_commands[{i}]"),
+                "must name a command (`*` alone would hold everything: use a role without exec instead)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_sql_policy(key: &str, p: &crate::config::SqlPolicy) -> Result<(), ConfigError> {
     use crate::policy::sql::STATEMENT_VERBS;
-    for (i, rule) in p.deny.iter().enumerate() {
+    let kinds = p.deny.iter().map(|r| ("deny", r));
+    for (i, (field, rule)) in kinds
+        .enumerate()
+        .chain(p.review.iter().map(|r| ("review", r)).enumerate())
+    {
         let first = rule
             .split_whitespace()
             .next()
@@ -402,7 +455,7 @@ fn check_sql_policy(key: &str, p: &crate::config::SqlPolicy) -> Result<(), Confi
             .all(|w| w.chars().all(|c| c.is_ascii_alphabetic()));
         if !STATEMENT_VERBS.contains(&first.as_str()) || !words_ok {
             return Err(invalid(
-                format!("{key}.deny[{i}]"),
+                format!("{key}.{field}[{i}]"),
                 format!(
                     "{rule:?} is not a statement kind: start with one of {}, e.g. \"DROP\", \"COPY PROGRAM\", \"CREATE FUNCTION\"",
                     STATEMENT_VERBS.join(", ")
@@ -415,8 +468,14 @@ fn check_sql_policy(key: &str, p: &crate::config::SqlPolicy) -> Result<(), Confi
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
     };
-    for (i, rule) in p.deny_tables.iter().enumerate() {
-        let k = format!("{key}.deny_tables[{i}]");
+    let tables = p.deny_tables.iter().map(|r| ("deny_tables", r));
+    for (i, (field, rule)) in tables.enumerate().chain(
+        p.review_tables
+            .iter()
+            .map(|r| ("review_tables", r))
+            .enumerate(),
+    ) {
+        let k = format!("{key}.{field}[{i}]");
         let ok = match rule.split_once('.') {
             None => ident(rule),
             Some((schema, "*")) => ident(schema),

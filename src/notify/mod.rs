@@ -18,7 +18,7 @@ use crate::clock::from_millis;
 use crate::error::{Error, Result};
 use crate::policy::{Decision, OutboxStatus, RequestStatus, format_duration};
 use crate::state::AppState;
-use crate::store::{self, OutboxRow, RequestRow};
+use crate::store::{self, HeldRow, OutboxRow, RequestRow};
 
 pub mod email;
 pub mod slack;
@@ -63,6 +63,59 @@ struct OutcomeHtml<'a> {
     r: &'a MailVm,
 }
 
+#[derive(Template)]
+#[template(path = "email/held_needed.txt")]
+struct HeldText<'a> {
+    h: &'a HeldVm,
+}
+
+#[derive(Template)]
+#[template(path = "email/held_needed.html")]
+struct HeldHtml<'a> {
+    h: &'a HeldVm,
+}
+
+/// What a message says about a held action: never its text or parameters, which an
+/// approver reads only on its page, signed in.
+pub struct HeldVm {
+    pub requester: String,
+    pub resource: String,
+    pub role: String,
+    /// "statement" or "command".
+    pub what: &'static str,
+    pub why: String,
+    /// Its parse in words, e.g. "DELETE on orders".
+    pub parse: String,
+    pub until: String,
+    pub url: String,
+}
+
+impl HeldVm {
+    pub fn of(state: &AppState, h: &HeldRow) -> HeldVm {
+        let p = h.parse();
+        let mut parse = p.kinds.join(", ");
+        if !p.tables.is_empty() {
+            parse = format!("{parse} on {}", p.tables.join(", "));
+        }
+        HeldVm {
+            requester: h.requester_email.clone(),
+            resource: h.resource.clone(),
+            role: h.role.clone(),
+            what: if h.protocol == "ssh" {
+                "command"
+            } else {
+                "statement"
+            },
+            why: h.why.clone(),
+            parse,
+            until: from_millis(h.expires_at)
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string(),
+            url: format!("{}/held/{}", state.config.public_url(), h.id),
+        }
+    }
+}
+
 /// What a message says about a request.
 pub struct MailVm {
     pub requester: String,
@@ -103,6 +156,23 @@ fn render<T: Template>(t: T) -> Result<String> {
 /// approval request for a request already decided).
 async fn compose(state: &AppState, row: &OutboxRow) -> Result<Option<Email>> {
     let mut conn = state.db.acquire().await?;
+    if row.kind == "held_needed" {
+        let Some(h) = store::get_held(&mut conn, &row.held_id).await? else {
+            return Ok(None);
+        };
+        if h.status != crate::policy::HeldStatus::Pending || h.expires_at <= state.now_ms() {
+            return Ok(None);
+        }
+        let m = HeldVm::of(state, &h);
+        return Ok(Some(Email {
+            subject: format!(
+                "Review a {} by {} on {}? (waits until {})",
+                m.what, m.requester, m.resource, m.until
+            ),
+            text: render(HeldText { h: &m })?,
+            html: render(HeldHtml { h: &m })?,
+        }));
+    }
     let Some(req) = store::get_request(&mut conn, &row.request_id).await? else {
         return Ok(None);
     };
@@ -344,6 +414,49 @@ pub async fn enqueue_for(
     if let Some(slack) = &state.slack {
         // One message per request in the channel, updated in place with the outcome.
         store::enqueue(conn, &req.id, kind, "slack", None, slack.channel(), now).await?;
+    }
+    Ok(())
+}
+
+/// Queues the messages a held action causes, inside its filing's transaction: each of
+/// the role's approvers (never its sender) by email, and the Slack channel.
+pub async fn enqueue_held(
+    state: &AppState,
+    conn: &mut store::Conn,
+    h: &HeldRow,
+    role: &crate::config::RoleConfig,
+    now: i64,
+) -> Result<()> {
+    let kind = "held_needed";
+    if state.mailer.is_some() {
+        for (id, email) in
+            store::users_in_groups(conn, &role.approver_groups, &h.requester_id).await?
+        {
+            store::enqueue_about(
+                conn,
+                &h.request_id,
+                &h.id,
+                kind,
+                "email",
+                Some(&id),
+                &email,
+                now,
+            )
+            .await?;
+        }
+    }
+    if let Some(slack) = &state.slack {
+        store::enqueue_about(
+            conn,
+            &h.request_id,
+            &h.id,
+            kind,
+            "slack",
+            None,
+            slack.channel(),
+            now,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -15,8 +15,8 @@ pub mod sql;
 pub mod status;
 
 pub use status::{
-    DbCredentialState, Decision, GrantStatus, HostKeyStatus, OutboxStatus, RequestStatus,
-    UnknownStatus,
+    DbCredentialState, Decision, GrantStatus, HeldStatus, HostKeyStatus, OutboxStatus,
+    RequestStatus, UnknownStatus,
 };
 
 /// The shortest grant anyone may ask for.
@@ -138,8 +138,23 @@ pub struct CountedApproval<'a> {
 
 /// Is the role's approval rule met by these approvals? Distinct humans count once.
 pub fn rule_met(role: &RoleConfig, approvals: &[CountedApproval<'_>]) -> bool {
+    rule_met_by(role, role.min_approvals, approvals)
+}
+
+/// How many distinct people must approve one of the role's held actions.
+pub fn review_approvals(role: &RoleConfig) -> u32 {
+    role.review.approvals.unwrap_or(role.min_approvals)
+}
+
+/// Is the role's rule for a held action met: [`review_approvals`] distinct people, and
+/// every approver group when the role says all groups?
+pub fn held_rule_met(role: &RoleConfig, approvals: &[CountedApproval<'_>]) -> bool {
+    rule_met_by(role, review_approvals(role), approvals)
+}
+
+fn rule_met_by(role: &RoleConfig, needed: u32, approvals: &[CountedApproval<'_>]) -> bool {
     let approvers: BTreeSet<&str> = approvals.iter().map(|a| a.approver_id).collect();
-    if approvers.len() < role.min_approvals as usize {
+    if approvers.len() < needed as usize {
         return false;
     }
     if role.all_groups {
@@ -331,6 +346,8 @@ mod tests {
             db_grants: vec![],
             connection_limit: 5,
             blocked_commands: vec![],
+            review_commands: vec![],
+            review: Default::default(),
             transcript_rows: 20,
             sql: Default::default(),
         }

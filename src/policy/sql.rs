@@ -898,6 +898,18 @@ fn judge_one(policy: &SqlPolicy, s: &StatementShape) -> Result<(), Refusal> {
             format!("{f}() is not allowed for this role (deny_functions)"),
         );
     }
+    // What is held for review must be held where it runs: a statement that keeps one
+    // for later (PREPARE, a rule, a function body) would let it run unheld.
+    if let Some(outer) = s.kinds.first().filter(|k| DEFERS.contains(&k.as_str()))
+        && let Some(why) = review_one(policy, s)
+    {
+        return refuse(
+            "review",
+            format!(
+                "{outer} of a statement that is held for review is refused ({why}): send the statement itself, and it waits for approval"
+            ),
+        );
+    }
     if policy.require_where
         && let Some(k) = s.unbounded.first()
     {
@@ -907,6 +919,47 @@ fn judge_one(policy: &SqlPolicy, s: &StatementShape) -> Result<(), Refusal> {
         );
     }
     Ok(())
+}
+
+/// Statements that keep the statements nested in them to run later, unseen by the
+/// relay when they do (`EXECUTE p`, a rule firing, a function called).
+const DEFERS: &[&str] = &[
+    "PREPARE",
+    "CREATE RULE",
+    "CREATE FUNCTION",
+    "CREATE PROCEDURE",
+];
+
+/// Why the role holds this statement for another person's approval (its `review` and
+/// `review_tables` rules), or `None` when it runs as it is. Asked only of a statement
+/// [`judge`] let through.
+pub fn review(policy: &SqlPolicy, shape: &Shape) -> Option<String> {
+    shape.statements.iter().find_map(|s| review_one(policy, s))
+}
+
+fn review_one(policy: &SqlPolicy, s: &StatementShape) -> Option<String> {
+    for kind in &s.kinds {
+        if let Some(rule) = policy.review.iter().find(|r| kind_matches(kind, r)) {
+            return Some(format!("{kind} is held for review (review = {rule:?})"));
+        }
+    }
+    for (schema, table) in &s.tables {
+        if let Some(rule) = policy
+            .review_tables
+            .iter()
+            .find(|r| table_matches(schema, table, r, policy.search_path.as_deref()))
+        {
+            let named = if schema.is_empty() {
+                table.clone()
+            } else {
+                format!("{schema}.{table}")
+            };
+            return Some(format!(
+                "{named} is held for review (review_tables = {rule:?})"
+            ));
+        }
+    }
+    None
 }
 
 fn is_on(v: Option<&str>) -> bool {
@@ -979,6 +1032,53 @@ mod tests {
         for sql in run {
             assert_eq!(verdict(p, sql), Ok(()), "{sql} should run");
         }
+    }
+
+    #[test]
+    fn review_holds_by_kind_and_table_wherever_they_are_and_refuses_deferring_them() {
+        let p = policy(|p| {
+            p.review = vec!["DELETE".into(), "ALTER TABLE".into()];
+            p.review_tables = vec!["public.payments".into()];
+        });
+        let held = |sql: &str| review(&p, &shape(sql));
+        for sql in [
+            "delete from t where id = 1",
+            "DeLeTe /* x */ FROM t WHERE id = 1",
+            "with d as (delete from t where id = 1 returning *) select * from d",
+            "explain analyze delete from t where id = 1",
+            "select 1; delete from t where id = 2",
+            "alter table t add column c int",
+            "select * from payments",
+            "update public.payments set x = 1 where id = 1",
+            "select * from (select * from \"payments\") s",
+        ] {
+            assert!(held(sql).is_some(), "{sql} should be held");
+            assert_eq!(verdict(&p, sql), Ok(()), "{sql} is held, not refused");
+        }
+        assert_eq!(
+            held("delete from t where id = 1").as_deref(),
+            Some("DELETE is held for review (review = \"DELETE\")")
+        );
+        for sql in [
+            "select 1",
+            "update t set x = 1 where id = 1",
+            "alter index i rename to j",
+            "select * from other.payments",
+            "insert into t values (1)",
+        ] {
+            assert_eq!(held(sql), None, "{sql} runs unheld");
+        }
+        verdicts(
+            &p,
+            Some("review"),
+            &[
+                "prepare p as delete from t where id = 1",
+                "prepare p as select * from payments",
+                "create rule r as on insert to t do also delete from u where id = 1",
+                "create function f() returns void language sql begin atomic delete from t where id = 1; end",
+            ],
+            &["prepare p as select 1", "execute p"],
+        );
     }
 
     #[test]

@@ -162,6 +162,20 @@ status! {
     }
 }
 
+status! {
+    /// A held action: waiting for its decision, approved (the relay runs it next),
+    /// then run once; or refused for good: denied, not decided within the role's
+    /// review wait, or withdrawn because its session ended first.
+    HeldStatus, "held action status", {
+        Pending => "pending",
+        Approved => "approved",
+        Denied => "denied",
+        Expired => "expired",
+        Withdrawn => "withdrawn",
+        Ran => "ran",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

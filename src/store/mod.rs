@@ -5,6 +5,7 @@
 //! - [`tokens`]: API tokens and CLI sign-in codes;
 //! - [`requests`]: access requests and their approvals;
 //! - [`grants`]: grants and what makes one live;
+//! - [`held`]: held actions and the decisions on them;
 //! - [`outbox`]: the outbox, action tokens, the dev mailbox, Slack message refs;
 //! - [`slack`]: Slack account links, link tokens, the interaction replay guard;
 //! - [`credentials`]: SSH certificates and database logins;
@@ -31,6 +32,7 @@ use crate::error::Result;
 
 pub mod credentials;
 pub mod grants;
+pub mod held;
 pub mod host_keys;
 pub mod outbox;
 pub mod relay_logins;
@@ -42,6 +44,7 @@ pub mod users;
 
 pub use credentials::*;
 pub use grants::*;
+pub use held::*;
 pub use host_keys::*;
 pub use outbox::*;
 pub use relay_logins::*;

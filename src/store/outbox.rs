@@ -17,13 +17,40 @@ pub async fn enqueue(
     recipient: &str,
     now: i64,
 ) -> Result<()> {
+    enqueue_about(
+        conn,
+        request_id,
+        "",
+        kind,
+        channel,
+        recipient_id,
+        recipient,
+        now,
+    )
+    .await
+}
+
+/// Queues a message about a held action (`held_id`) of the request's grant, or about
+/// the request itself (`held_id` empty); a duplicate is a no-op.
+#[allow(clippy::too_many_arguments)]
+pub async fn enqueue_about(
+    conn: &mut Conn,
+    request_id: &str,
+    held_id: &str,
+    kind: &str,
+    channel: &str,
+    recipient_id: Option<&str>,
+    recipient: &str,
+    now: i64,
+) -> Result<()> {
     sqlx::query(
-        "INSERT INTO outbox (id, request_id, kind, channel, recipient_id, recipient, next_attempt_at, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (request_id, kind, channel, recipient) DO NOTHING",
+        "INSERT INTO outbox (id, request_id, held_id, kind, channel, recipient_id, recipient, next_attempt_at, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (request_id, held_id, kind, channel, recipient) DO NOTHING",
     )
     .bind(new_id())
     .bind(request_id)
+    .bind(held_id)
     .bind(kind)
     .bind(channel)
     .bind(recipient_id)
@@ -39,6 +66,8 @@ pub async fn enqueue(
 pub struct OutboxRow {
     pub id: String,
     pub request_id: String,
+    /// The held action the message is about; empty for the request itself.
+    pub held_id: String,
     pub kind: String,
     pub channel: String,
     pub recipient_id: Option<String>,
@@ -51,7 +80,7 @@ pub struct OutboxRow {
 }
 
 const OUTBOX_COLUMNS: &str =
-    "id, request_id, kind, channel, recipient_id, recipient, status, attempts,
+    "id, request_id, held_id, kind, channel, recipient_id, recipient, status, attempts,
      next_attempt_at, last_error, sent_at FROM outbox";
 
 pub async fn due_outbox(db: &Db, now: i64, limit: i64) -> Result<Vec<OutboxRow>> {

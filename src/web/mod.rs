@@ -32,6 +32,7 @@ pub mod db_session;
 pub mod error;
 pub mod extract;
 pub mod grants;
+pub mod held;
 pub mod host_keys;
 pub mod limit;
 pub mod links;
@@ -101,6 +102,7 @@ pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
         .merge(requests::router())
         .merge(grants::router())
         .merge(sessions::router())
+        .merge(held::router())
         .merge(audit_log::router())
         .merge(policy_page::router())
         .fallback(views::not_found)

@@ -18,7 +18,7 @@ pub use client::{Slack, response_url_allowed};
 
 use crate::error::{Error, Result};
 use crate::policy::format_duration;
-use crate::policy::{Decision, GrantStatus, OutboxStatus, RequestStatus};
+use crate::policy::{Decision, GrantStatus, HeldStatus, OutboxStatus, RequestStatus};
 use crate::state::AppState;
 use crate::store::{self, OutboxRow, RequestRow};
 
@@ -109,6 +109,54 @@ impl Slack {
         Ok((text, Value::Array(blocks)))
     }
 
+    /// Posts a held action that waits for review, with its buttons: who, where, why,
+    /// its parse and until when; never its text or parameters (the page shows them to
+    /// a signed-in approver). False when it no longer waits.
+    pub async fn post_held(&self, state: &AppState, held_id: &str) -> Result<bool> {
+        let mut conn = state.db.acquire().await?;
+        let Some(h) = store::get_held(&mut conn, held_id).await? else {
+            return Ok(false);
+        };
+        drop(conn);
+        if h.status != HeldStatus::Pending || h.expires_at <= state.now_ms() {
+            return Ok(false);
+        }
+        let m = crate::notify::HeldVm::of(state, &h);
+        let text = format!(
+            "{} sent a {} on {} that waits for review",
+            m.requester, m.what, m.resource
+        );
+        let mut summary = format!(
+            "*{}* sent a {} on *{}* ({}) that waits for review: {}",
+            escape(&m.requester),
+            m.what,
+            escape(&m.resource),
+            escape(&m.role),
+            escape(&m.why)
+        );
+        if !m.parse.is_empty() {
+            summary.push_str(&format!("\nIt is: {}", escape(&m.parse)));
+        }
+        summary.push_str(&format!("\nWaits until {}", m.until));
+        let blocks = json!([
+            {"type": "section", "text": {"type": "mrkdwn", "text": summary}},
+            {"type": "actions", "block_id": "twokey_held", "elements": [
+                {"type": "button", "action_id": "held_approve", "style": "primary",
+                 "text": {"type": "plain_text", "text": "Approve"}, "value": h.id},
+                {"type": "button", "action_id": "held_deny", "style": "danger",
+                 "text": {"type": "plain_text", "text": "Deny"}, "value": h.id},
+            ]},
+            {"type": "context", "elements": [{"type": "mrkdwn",
+             "text": format!("<{}|Read it and the session so far in twokey>", m.url)}]},
+        ]);
+        self.api(
+            "chat.postMessage",
+            json!({"channel": self.channel, "text": text, "blocks": blocks}),
+        )
+        .await?;
+        Ok(true)
+    }
+
     /// Posts a new request, or brings its message up to date.
     pub async fn sync(&self, state: &AppState, request_id: &str) -> Result<bool> {
         let mut conn = state.db.acquire().await?;
@@ -150,7 +198,11 @@ impl Slack {
 
 /// Delivers a Slack outbox row: the first posts the message, later ones update it.
 pub async fn deliver(state: &AppState, slack: &Slack, row: &OutboxRow) -> Result<bool> {
-    let done = slack.sync(state, &row.request_id).await?;
+    let done = if row.kind == "held_needed" {
+        slack.post_held(state, &row.held_id).await?
+    } else {
+        slack.sync(state, &row.request_id).await?
+    };
     let mut conn = state.db.acquire().await?;
     store::finish_outbox(
         &mut conn,

@@ -66,9 +66,36 @@ pub struct Refused {
     pub message: Box<str>,
     /// What only the client is told: the parser's own words, which can quote the text.
     pub detail: Option<Box<str>>,
+    /// What the client is told to do next.
+    pub hint: Hint,
     pub kinds: Vec<String>,
     pub tables: Vec<String>,
-    pub functions: Vec<String>,
+    pub functions: Box<[String]>,
+}
+
+/// The hint of a refusal: what the engineer can do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    /// The role's rules refuse it.
+    AskForRole,
+    /// Held for review and not approved (denied, not decided in time).
+    NotApproved,
+    /// Held for review, and twokey could not file or run it.
+    NotRun,
+}
+
+impl Hint {
+    pub fn words(self) -> &'static str {
+        match self {
+            Hint::AskForRole => {
+                "the role of your grant does not allow it; ask for a role that does"
+            }
+            Hint::NotApproved => {
+                "it did not run; send it again when an approver can say yes, or send something they can approve"
+            }
+            Hint::NotRun => "it did not run; try again in a moment",
+        }
+    }
 }
 
 impl Refused {
@@ -78,9 +105,10 @@ impl Refused {
             rule,
             message: message.into(),
             detail: None,
+            hint: Hint::AskForRole,
             kinds: Vec::new(),
             tables: Vec::new(),
-            functions: Vec::new(),
+            functions: Box::default(),
         }
     }
 
@@ -99,7 +127,7 @@ impl Refused {
                     self.rule, self.message
                 ),
             },
-            Some("the role of your grant does not allow it; ask for a role that does"),
+            Some(self.hint.words()),
         )
     }
 }
@@ -172,19 +200,9 @@ impl Judge {
                     rule: r.rule,
                     message: r.message.into(),
                     detail: None,
+                    hint: Hint::AskForRole,
                     kinds: shape.kinds().into_iter().map(str::to_string).collect(),
-                    tables: shape
-                        .statements
-                        .iter()
-                        .flat_map(|s| s.tables.iter())
-                        .map(|(schema, t)| {
-                            if schema.is_empty() {
-                                t.clone()
-                            } else {
-                                format!("{schema}.{t}")
-                            }
-                        })
-                        .collect(),
+                    tables: tables_of(shape),
                     functions: shape
                         .statements
                         .iter()
@@ -194,6 +212,60 @@ impl Judge {
         }
     }
 }
+
+/// Why the role holds a statement for review, and what it is: kinds and tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Review {
+    pub why: String,
+    pub kinds: Vec<String>,
+    pub tables: Vec<String>,
+}
+
+impl Judge {
+    /// Whether the role holds a statement its rules let through for another person's
+    /// approval, and why.
+    pub fn review(&self, parsed: &Parsed) -> Option<Review> {
+        #[cfg(feature = "bench-unjudged")]
+        if UNJUDGED.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let shape = parsed.as_ref().ok()?;
+        let why = sql::review(&self.policy, shape)?;
+        Some(Review {
+            why,
+            kinds: shape.kinds().into_iter().map(str::to_string).collect(),
+            tables: tables_of(shape),
+        })
+    }
+}
+
+fn tables_of(shape: &Shape) -> Vec<String> {
+    shape
+        .statements
+        .iter()
+        .flat_map(|s| s.tables.iter())
+        .map(|(schema, t)| {
+            if schema.is_empty() {
+                t.clone()
+            } else {
+                format!("{schema}.{t}")
+            }
+        })
+        .collect()
+}
+
+/// The Execute that takes a refused Execute's place: of a portal no client can have
+/// named (a control character in its name), so the server answers that it does not
+/// exist, having run nothing.
+pub fn refused_execute() -> Vec<u8> {
+    let mut b = REFUSED_PORTAL.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(&0i32.to_be_bytes());
+    wire::message(b'E', &b)
+}
+
+/// A portal name the relay never lets a client Bind (see [`refused_execute`]).
+pub const REFUSED_PORTAL: &str = "twokey refused\u{1}";
 
 /// The Query that takes a refused Query's (or function call's) place.
 pub fn refused_query() -> Vec<u8> {

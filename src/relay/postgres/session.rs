@@ -23,18 +23,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use super::PgRelay;
 use super::cancel::{CancelKeys, Upstream};
 use super::judge::Judge;
+use super::judge::{Hint, Refused};
 use super::scram::Verifier;
 use super::startup::{self, Begun, fatal};
 use super::tls::PgStream;
-use super::tracker::{Refusal, Tracker};
+use super::tracker::{Hold, Refusal, Tracker};
 use super::upstream;
 use super::wire::{self, WireError};
 use crate::config::DbAccess;
+use crate::policy::{Decision, HeldStatus};
 use crate::recording::transcript::{self, Header, Transcript};
 use crate::relay::admission::{self, Presented};
 use crate::relay::lifecycle::{self, audit};
 use crate::relay::live::{Cut, Registered};
 use crate::store;
+
+/// A held statement refused: its rule is `review`, and the hint says it did not run.
+fn held_refusal(message: impl Into<Box<str>>, hint: Hint) -> Refused {
+    Refused {
+        hint,
+        ..Refused::plain("review", message)
+    }
+}
 
 /// What the engineer is told when a password does not verify, whatever the reason (no
 /// such user, no relay password, a wrong one): nothing here tells a stranger who has a
@@ -379,10 +389,16 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
                 &tracker,
                 &counters,
                 &cut,
+                &grant,
             )
             .await
         }
     };
+    // A statement still held (or approved, not yet run) when its session ended never
+    // runs: withdrawn now, with the session's end as the reason.
+    if let Err(e) = crate::access::held::withdraw_session(state, &session_id, &reason).await {
+        tracing::warn!(error = %e, session = %session_id, "postgres relay: cannot withdraw the session's held statements; the sweeper will");
+    }
     let finished = match tracker.lock() {
         Ok(mut t) => {
             if reason != "closed" {
@@ -448,6 +464,7 @@ async fn relay_session(
     tracker: &Arc<std::sync::Mutex<Tracker>>,
     counters: &Arc<Counters>,
     cut: &Arc<Cut>,
+    grant: &store::GrantRow,
 ) -> String {
     let (pid, secret, _key) = CancelKeys::register(
         &relay.keys,
@@ -465,6 +482,7 @@ async fn relay_session(
     if let Ok(mut t) = tracker.lock() {
         let _ = scan(&up.greeting, usize::MAX, false, |typ, _, body| {
             t.from_server(typ, body);
+            true
         });
     }
     // AuthenticationOk, the server's parameters, the relay's own key, ReadyForQuery.
@@ -479,6 +497,10 @@ async fn relay_session(
     let (client_r, client_w) = tokio::io::split(client);
     let (up_r, up_w) = tokio::io::split(up.stream);
     let started = Instant::now();
+    // What the relay itself tells the client (where a held statement waits), written
+    // by the direction that owns the client's writing half, between two messages.
+    let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
+    let grant = Arc::new(grant.clone());
     let pump = |way, from, first: BytesMut, to| Pump {
         relay: relay.clone(),
         session: session_id.to_string(),
@@ -491,6 +513,9 @@ async fn relay_session(
         counters: counters.clone(),
         started,
         max,
+        grant: grant.clone(),
+        cut: cut.clone(),
+        notices: notices.clone(),
     };
     let c2u = tokio::spawn(client_to_target(
         pump(Way::ToTarget, client_r, client_buf, up_w),
@@ -499,6 +524,7 @@ async fn relay_session(
     let u2c = tokio::spawn(target_to_client(
         pump(Way::ToClient, up_r, up.buf, client_w),
         cut.clone(),
+        notices_rx,
     ));
     let idle = relay.limits.idle_timeout;
     let watch_idle = {
@@ -584,6 +610,9 @@ struct Pump {
     counters: Arc<Counters>,
     started: Instant,
     max: usize,
+    grant: Arc<store::GrantRow>,
+    cut: Arc<Cut>,
+    notices: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 }
 
 /// Why a [`Pump::pass`] could not pass on what it read.
@@ -592,14 +621,33 @@ enum PassError {
     Bad(WireError),
     /// The receiving side is gone.
     Closed,
+    /// The client left while its statement was held.
+    Left,
 }
+
+/// How often a held statement's decision is looked for.
+const HELD_CHECK: Duration = Duration::from_millis(200);
 
 impl Pump {
     /// Passes on every complete message buffered, each shown to the tracker first;
     /// whether one was the client's Terminate (nothing after it goes on).
     async fn pass(&mut self) -> Result<bool, PassError> {
+        loop {
+            let (terminate, held) = self.pass_batch().await?;
+            match held {
+                None => return Ok(terminate),
+                // What was before it has gone on; it and what follows wait for its
+                // ruling, then are passed again.
+                Some(hold) => self.review(hold).await?,
+            }
+        }
+    }
+
+    /// Passes on the complete messages buffered, up to a held statement if one is.
+    async fn pass_batch(&mut self) -> Result<(bool, Option<Hold>), PassError> {
         let way = self.way;
         let mut replaced: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+        let mut held = None;
         let (ready, terminate, refusals) = {
             // One lock for the batch. A poisoned tracker can neither judge nor mask:
             // nothing more goes either way.
@@ -609,13 +657,23 @@ impl Pump {
             }
             let (ready, terminate) =
                 scan(&self.buf, self.max, way == Way::ToTarget, |t, at, body| {
-                    let instead = tracker.as_mut().and_then(|tr| match way {
+                    let Some(tr) = tracker.as_mut() else {
+                        return false;
+                    };
+                    let instead = match way {
                         Way::ToTarget => tr.from_client(t, body),
                         Way::ToClient => tr.from_server(t, body),
-                    });
+                    };
+                    if way == Way::ToTarget
+                        && let Some(h) = tr.take_hold()
+                    {
+                        held = Some(h);
+                        return false;
+                    }
                     if let Some(m) = instead {
                         replaced.push((at, at + 5 + body.len(), m));
                     }
+                    true
                 })
                 .map_err(PassError::Bad)?;
             let refusals = tracker
@@ -656,7 +714,180 @@ impl Pump {
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
             self.buf.drain(..ready);
         }
-        Ok(terminate)
+        Ok((terminate, held))
+    }
+
+    /// A held statement: filed for review, the client told where it waits, and waited
+    /// on until it is decided, its wait runs out, the session is cut or the client
+    /// leaves. The tracker is then told what becomes of it, and it is passed again:
+    /// approved (and claimed, so it runs once), it goes on as it was; else it is
+    /// refused, with who or why.
+    async fn review(&mut self, hold: Hold) -> Result<(), PassError> {
+        let state = self.relay.state.clone();
+        let note = |t: &Arc<std::sync::Mutex<Tracker>>, text: &str| {
+            if let Ok(mut t) = t.lock() {
+                t.note(text);
+            }
+        };
+        let filed = crate::access::held::file(
+            &state,
+            &crate::access::held::Filing {
+                session_id: &self.session,
+                grant: &self.grant,
+                protocol: "postgres",
+                action: &hold.sql,
+                params: &hold.params,
+                action_sha256: &hold.sha256,
+                parse: &store::HeldParse {
+                    kinds: hold.review.kinds.clone(),
+                    tables: hold.review.tables.clone(),
+                },
+                why: &hold.review.why,
+            },
+        )
+        .await;
+        let held = match filed {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, session = %self.session, "postgres relay: a held statement could not be filed; it is refused");
+                let r = held_refusal(
+                    "twokey could not file it for review right now",
+                    Hint::NotRun,
+                );
+                self.rule(&hold, Some(r));
+                return Ok(());
+            }
+        };
+        note(
+            &self.tracker,
+            &format!("held for review ({}): {}", held.id, hold.review.why),
+        );
+        // Its approvers read the session so far from the transcript.
+        if let Ok(mut t) = self.tracker.lock() {
+            t.transcript.flush();
+        }
+        let url = format!("{}/held/{}", state.config.public_url(), held.id);
+        let until = crate::clock::from_millis(held.expires_at).format("%H:%M:%S UTC");
+        let approvers = state
+            .config
+            .role(&held.resource, &held.role)
+            .map(|(_, r)| r.approver_groups.join(", "))
+            .unwrap_or_default();
+        self.tell(&format!(
+            "twokey holds this statement for review: {}. It runs once {} of {} approve it (not you); it waits until {until}: {url}",
+            hold.review.why, held.required_approvals, approvers
+        ));
+        let mut tick = tokio::time::interval(HELD_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let room = self.buf.len() < self.max;
+            tokio::select! {
+                _ = tick.tick() => {}
+                more = self.read(), if room => {
+                    if more {
+                        continue;
+                    }
+                    let _ = crate::access::held::end(&state, &held.id, HeldStatus::Withdrawn, "the client left while it waited").await;
+                    return Err(PassError::Left);
+                }
+            }
+            if let Some(reason) = self.cut.reason() {
+                let _ = crate::access::held::end(
+                    &state,
+                    &held.id,
+                    HeldStatus::Withdrawn,
+                    &format!("its session ended: {reason}"),
+                )
+                .await;
+                // The other direction tells the client of the cut and ends the session.
+                std::future::pending::<()>().await;
+            }
+            let (status, decisions) = match crate::access::held::standing(&state, &held.id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, held = %held.id, "postgres relay: cannot read a held statement's decision; will retry");
+                    continue;
+                }
+            };
+            let who = |d: Decision| {
+                decisions
+                    .iter()
+                    .filter(|a| a.decision == d)
+                    .map(|a| match &a.comment {
+                        Some(c) => format!("{} ({c})", a.approver_email),
+                        None => a.approver_email.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let refused = match status {
+                HeldStatus::Pending => continue,
+                HeldStatus::Approved => {
+                    match crate::access::held::claim_run(&state, &held.id).await {
+                        Ok(true) => {
+                            let by = who(Decision::Approve);
+                            note(
+                                &self.tracker,
+                                &format!("approved by {by}; run once ({})", held.id),
+                            );
+                            self.tell(&format!("approved by {by}: twokey runs it now, once"));
+                            None
+                        }
+                        Ok(false) => Some(held_refusal(
+                            "it was approved, but its grant is no longer live",
+                            Hint::NotRun,
+                        )),
+                        Err(e) => {
+                            tracing::warn!(error = %e, held = %held.id, "postgres relay: cannot claim an approved statement; will retry");
+                            continue;
+                        }
+                    }
+                }
+                HeldStatus::Denied => Some(held_refusal(
+                    format!("denied by {}", who(Decision::Deny)),
+                    Hint::NotApproved,
+                )),
+                HeldStatus::Expired => {
+                    let _ = crate::access::held::end(
+                        &state,
+                        &held.id,
+                        HeldStatus::Expired,
+                        "not decided within the role's review wait",
+                    )
+                    .await;
+                    Some(held_refusal(
+                        format!("not approved by {until}"),
+                        Hint::NotApproved,
+                    ))
+                }
+                HeldStatus::Withdrawn | HeldStatus::Ran => Some(held_refusal(
+                    format!("it is {status} and cannot run again"),
+                    Hint::NotRun,
+                )),
+            };
+            if let Some(r) = &refused {
+                note(
+                    &self.tracker,
+                    &format!("held statement refused ({}): {}", held.id, r.message),
+                );
+            }
+            self.rule(&hold, refused);
+            return Ok(());
+        }
+    }
+
+    /// Tells the tracker what becomes of the held statement.
+    fn rule(&self, hold: &Hold, refused: Option<Refused>) {
+        if let Ok(mut t) = self.tracker.lock() {
+            t.rule(hold.sha256.clone(), refused);
+        }
+    }
+
+    /// A NoticeResponse to the client, from the relay itself.
+    fn tell(&self, text: &str) {
+        let _ = self
+            .notices
+            .send(wire::notice_or_error(b'N', "NOTICE", "00000", text, None));
     }
 
     /// A refused statement, audited (the first [`AUDITED_REFUSALS`] of a session; the
@@ -712,6 +943,11 @@ async fn client_to_target(mut p: Pump, cut: Arc<Cut>) -> Stop {
             Err(PassError::Closed) => {
                 return Stop::Failed("the target closed the connection".into());
             }
+            Err(PassError::Left) => {
+                let _ = p.to.write_all(&wire::message(b'X', b"")).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
+                return Stop::Closed;
+            }
             Err(PassError::Bad(e)) => {
                 // Told to the client by the other direction, which owns its writing
                 // half: as a cut, between two of the target's messages. The cut comes
@@ -732,17 +968,22 @@ async fn client_to_target(mut p: Pump, cut: Arc<Cut>) -> Stop {
 }
 
 /// Target → client; a cut is told to the client between two messages.
-async fn target_to_client(mut p: Pump, cut: Arc<Cut>) -> Stop {
+async fn target_to_client(
+    mut p: Pump,
+    cut: Arc<Cut>,
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) -> Stop {
     enum Next {
         Cut(String),
         Read(bool),
+        Notice(Vec<u8>),
     }
     let cut_wait = cut.wait();
     tokio::pin!(cut_wait);
     loop {
         match p.pass().await {
             Ok(_) => {}
-            Err(PassError::Closed) => return Stop::Closed,
+            Err(PassError::Closed | PassError::Left) => return Stop::Closed,
             Err(PassError::Bad(e)) => {
                 fatal(&mut p.to, "08P01", &format!("the target sent {e}"), None).await;
                 return Stop::Failed(format!("the target sent {e}"));
@@ -751,10 +992,17 @@ async fn target_to_client(mut p: Pump, cut: Arc<Cut>) -> Stop {
         let next = tokio::select! {
             biased;
             reason = &mut cut_wait => Next::Cut(reason),
+            Some(n) = notices.recv() => Next::Notice(n),
             more = p.read() => Next::Read(more),
         };
         match next {
             Next::Read(true) => {}
+            // Between two of the server's messages: what was read is framed by pass.
+            Next::Notice(n) => {
+                if p.to.write_all(&n).await.is_err() || p.to.flush().await.is_err() {
+                    return Stop::Closed;
+                }
+            }
             Next::Read(false) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
                 return Stop::Failed("the target closed the connection".into());
@@ -780,11 +1028,14 @@ fn scan(
     buf: &[u8],
     max: usize,
     terminate: bool,
-    mut see: impl FnMut(u8, usize, &[u8]),
+    mut see: impl FnMut(u8, usize, &[u8]) -> bool,
 ) -> Result<(usize, bool), WireError> {
     let mut at = 0;
     while let Some((t, total)) = wire::frame(&buf[at..], max)? {
-        see(t, at, &buf[at + 5..at + total]);
+        // Told to stop: this message and what follows stay where they are.
+        if !see(t, at, &buf[at + 5..at + total]) {
+            return Ok((at, false));
+        }
         at += total;
         if terminate && t == b'X' {
             return Ok((at, true));

@@ -74,6 +74,25 @@ pub struct Refusal {
     pub refused: Refused,
 }
 
+/// A statement held for review, as its approvers see it, with the hash that binds
+/// their decision to what the relay holds.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub sql: String,
+    pub params: Vec<Option<String>>,
+    pub review: judge::Review,
+    /// SHA-256 (hex) of the text, and of the parameters for an Execute.
+    pub sha256: String,
+}
+
+/// What becomes of a held message when the relay passes it again.
+enum Ruling {
+    /// Approved and claimed: it goes on, once.
+    Run,
+    /// Denied, not decided in time, or not filed: refused.
+    Refuse(Box<Refused>),
+}
+
 /// What a Describe asks about: a statement (true) or a portal, its name and generation.
 type Asked = (bool, String, u64);
 
@@ -135,6 +154,13 @@ pub struct Tracker {
     simple_index: usize,
     /// After an extended-protocol error, until Sync: what arrives is skipped.
     skipping: bool,
+    /// A statement just held ([`Tracker::take_hold`]), and whether one waits.
+    hold: Option<Hold>,
+    holding: bool,
+    /// The ruling on the held statement, by its hash, for when it is passed again.
+    ruling: Option<(String, Ruling)>,
+    /// The held statement being passed again is refused.
+    forced: Option<Box<Refused>>,
 }
 
 impl Tracker {
@@ -163,12 +189,79 @@ impl Tracker {
             copy_out: 0,
             simple_index: 0,
             skipping: false,
+            hold: None,
+            holding: false,
+            ruling: None,
+            forced: None,
         }
     }
 
     /// Whether a statement is waiting for its outcome (the session is not idle).
     pub fn busy(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.holding
+    }
+
+    /// The statement the last message was held for, if it was: it has not gone on, and
+    /// nothing after it may until [`Tracker::rule`] says what becomes of it.
+    pub fn take_hold(&mut self) -> Option<Hold> {
+        self.hold.take()
+    }
+
+    /// What becomes of the held statement (by its hash) when its message is passed
+    /// again: it runs (`None`), or is refused.
+    pub fn rule(&mut self, sha256: String, refused: Option<Refused>) {
+        self.holding = false;
+        self.ruling = Some((
+            sha256,
+            match refused {
+                None => Ruling::Run,
+                Some(r) => Ruling::Refuse(Box::new(r)),
+            },
+        ));
+    }
+
+    /// Whether a Query or Execute is held for review: the role's rules hold what it
+    /// runs, and no ruling on it is waiting. A message the relay cannot read, or one
+    /// its rules refuse, is left to [`Tracker::client_message`].
+    fn held(&mut self, t: u8, body: &[u8]) -> Option<Hold> {
+        let mut f = Fields::new(body);
+        let (sql, params, sha256) = match t {
+            b'Q' => {
+                let sql = f.cstr().ok()?;
+                let (parsed, verdict) = self.judge.text(sql);
+                verdict.ok()?;
+                let review = self.judge.review(&parsed)?;
+                let sha = sha256_hex(&[sql.as_bytes()]);
+                (sql.to_string(), Vec::new(), (sha, review))
+            }
+            b'E' if !self.skipping => {
+                let p = self.portals.get(f.cstr().ok()?)?;
+                let (parsed, _) = self.judge.text(&p.sql);
+                let review = self.judge.review(&parsed)?;
+                let params = serde_json::to_string(&p.params).unwrap_or_default();
+                let sha = sha256_hex(&[p.sql.as_bytes(), &[0], params.as_bytes()]);
+                (p.sql.clone(), p.params.clone(), (sha, review))
+            }
+            _ => return None,
+        };
+        let (sha256, review) = sha256;
+        match self.ruling.take() {
+            Some((s, ruling)) if s == sha256 => {
+                if let Ruling::Refuse(r) = ruling {
+                    self.forced = Some(r);
+                }
+                None
+            }
+            other => {
+                self.ruling = other;
+                Some(Hold {
+                    sql,
+                    params,
+                    review,
+                    sha256,
+                })
+            }
+        }
     }
 
     /// A note in the transcript.
@@ -192,6 +285,13 @@ impl Tracker {
     /// A message from the client, before it goes on to the server: what goes in its
     /// place when it is refused.
     pub fn from_client(&mut self, t: u8, body: &[u8]) -> Option<Vec<u8>> {
+        if matches!(t, b'Q' | b'E')
+            && let Some(h) = self.held(t, body)
+        {
+            self.hold = Some(h);
+            self.holding = true;
+            return None;
+        }
         match self.client_message(t, body) {
             Ok(instead) => instead,
             // A Query, Parse, Bind or function call the relay cannot read is not
@@ -214,10 +314,7 @@ impl Tracker {
         st.refused = Some(refused.rule.to_string());
         self.refusals.push(Refusal {
             protocol: st.protocol.unwrap_or(Protocol::Simple),
-            sha256: sql.map(|s| {
-                use sha2::Digest;
-                hex::encode(sha2::Sha256::digest(s.as_bytes()))
-            }),
+            sha256: sql.map(|s| sha256_hex(&[s.as_bytes()])),
             refused: refused.clone(),
         });
         let refused = Box::new(refused);
@@ -233,6 +330,10 @@ impl Tracker {
                 self.pending
                     .push_back(Pending::Function { st, at, refused });
                 judge::refused_query()
+            }
+            b'E' => {
+                self.pending.push_back(Pending::Refused { st, refused });
+                judge::refused_execute()
             }
             _ => {
                 self.pending.push_back(Pending::Refused { st, refused });
@@ -263,6 +364,10 @@ impl Tracker {
                 let sql = f.cstr()?;
                 let st = self.statement(Protocol::Simple, sql);
                 let (_, verdict) = self.judge.text(sql);
+                let verdict = match self.forced.take() {
+                    Some(r) => Err(*r),
+                    None => verdict,
+                };
                 if let Err(r) = verdict {
                     return Ok(Some(self.refuse(st, r, Some(sql), t)));
                 }
@@ -308,6 +413,13 @@ impl Tracker {
             b'B' => {
                 let portal = f.cstr()?.to_string();
                 let name = f.cstr()?.to_string();
+                // The portal a refused Execute names must never exist.
+                if portal == judge::REFUSED_PORTAL {
+                    let st = self.statement(Protocol::Extended, "(a portal the relay reserves)");
+                    let r = Refused::plain("limit", "this portal name is reserved by twokey");
+                    self.refuse(st, r, None, t);
+                    return Ok(Some(judge::refused_bind(&portal, &name)));
+                }
                 // Judged again: the rules may have changed since its Parse. One the relay
                 // has not seen does not exist at the server either (its Parse failed or
                 // never came), or was made by a PREPARE statement, judged as it ran.
@@ -377,6 +489,10 @@ impl Tracker {
                     ),
                 };
                 st.protocol = Some(Protocol::Extended);
+                if let Some(r) = self.forced.take() {
+                    let sql = st.sql.clone();
+                    return Ok(Some(self.refuse(st, *r, Some(&sql), t)));
+                }
                 self.pending.push_back(Pending::Execute {
                     st,
                     at: Instant::now(),
@@ -422,7 +538,7 @@ impl Tracker {
                     &format!("(function call, oid {oid})"),
                 );
                 let r = Refused {
-                    functions: vec![format!("oid {oid}")],
+                    functions: Box::new([format!("oid {oid}")]),
                     ..Refused::plain(
                         "function call",
                         "a function call by OID (the protocol's fastpath) is refused: nothing says which function it is; call it in a statement",
@@ -884,6 +1000,16 @@ fn binary_as_text(v: &[u8], oid: u32) -> Option<String> {
         }
         _ => return None,
     })
+}
+
+/// SHA-256 (hex) of the parts, in order.
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    hex::encode(h.finalize())
 }
 
 fn cut(s: &str, max: usize) -> String {
