@@ -390,5 +390,85 @@ async fn a_statement_held_when_its_grant_is_revoked_is_withdrawn_and_never_runs(
         told.contains("(review): PREPARE of a statement that is held"),
         "{told}"
     );
+    // Nor prepared through the protocol (Parse, Describe, Sync: not run) and run by
+    // SQL's EXECUTE, which names it: refused, whatever it names.
+    let mut conn: sqlx::postgres::PgConnection =
+        sqlx::ConnectOptions::connect(&s.sqlx(&pw)).await.unwrap();
+    sqlx::Executor::prepare(&mut conn, "delete from victims where id = $1")
+        .await
+        .unwrap();
+    for sql in [
+        "execute sqlx_s_1(1)",
+        "explain analyze execute sqlx_s_1(1)",
+        "create table copied as execute sqlx_s_1(1)",
+    ] {
+        let err = sqlx::raw_sql(sql).execute(&mut conn).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(review): EXECUTE of a prepared statement is refused"),
+            "{sql}: {err}"
+        );
+    }
     assert_eq!(victims(&s), "1,2,3,4,5");
+}
+
+/// Every button of the held-action pages, clicked in headless Chromium by an approver,
+/// with its effect on the waiting psql checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approver_clicks_approve_and_deny_in_chromium_and_psql_gets_the_outcome() {
+    use common::webdriver::Browser;
+    let s = setup(1).await;
+    let pw = password(&s).await;
+    let base = s.app.server.url();
+    let run = psql(&s, &pw, "delete from victims where id = 5");
+    let h = filed(&s, &[]).await;
+
+    let b = Browser::start().await;
+    b.goto(&format!("{base}/login")).await;
+    b.click_and_wait(&format!("button[id='login-{BOB}']")).await;
+    b.click_and_wait("nav a[href='/held']").await;
+    assert!(
+        b.text("#waiting").await.contains("DELETE on victims"),
+        "{}",
+        b.source().await
+    );
+    b.click_and_wait("#waiting a.held-link").await;
+    assert!(b.url().await.ends_with(&format!("/held/{}", h.id)));
+    assert_eq!(b.text("#action").await, "delete from victims where id = 5");
+    assert_eq!(b.text("#status").await, "pending");
+    b.fill("#approve-comment", "go ahead").await;
+    b.click_and_wait("#approve").await;
+    assert!(b.url().await.ends_with(&format!("/held/{}", h.id)));
+    let shown = b.text("#status").await;
+    assert!(shown == "approved" || shown == "ran", "{shown}");
+    assert!(
+        b.text("#decisions")
+            .await
+            .contains("approved by bob@example.com")
+    );
+    assert!(!b.exists("#approve").await, "decided: no more buttons");
+    client::ok(&run.await.unwrap());
+    assert_eq!(victims(&s), "1,2,3,4");
+
+    let run = psql(&s, &pw, "delete from victims where id = 4");
+    let h2 = filed(&s, &[&h.id]).await;
+    b.goto(&format!("{base}/held")).await;
+    assert!(
+        b.exists("#others").await,
+        "the one that ran is listed below"
+    );
+    b.click_and_wait("#waiting a.held-link").await;
+    assert!(b.url().await.ends_with(&format!("/held/{}", h2.id)));
+    b.fill("#deny-comment", "use the batch job").await;
+    b.click_and_wait("#deny").await;
+    assert_eq!(b.text("#status").await, "denied");
+    let told = client::refused(&run.await.unwrap());
+    assert!(
+        told.contains("denied by bob@example.com (use the batch job)"),
+        "{told}"
+    );
+    assert_eq!(victims(&s), "1,2,3,4");
+    b.goto(&format!("{base}/held")).await;
+    assert!(b.exists("#nothing-waiting").await);
+    b.quit().await;
 }

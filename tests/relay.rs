@@ -3242,3 +3242,136 @@ async fn the_end_this_session_now_button_ends_a_live_session_in_chromium() {
     b.quit().await;
     s.app.assert_chain_ok().await;
 }
+
+/// The held commands, newest first.
+async fn held_commands(s: &Setup) -> Vec<twokey::store::HeldRow> {
+    twokey::store::list_held(&s.app.state().db, None, None, 100)
+        .await
+        .unwrap()
+}
+
+/// A signed-in approver's decision on a held command, from its page.
+async fn decide_held(s: &Setup, who: &str, id: &str, action: &str, comment: &str) -> StatusCode {
+    let b = s.app.browser(who).await;
+    let csrf = b.csrf(&format!("/held/{id}")).await;
+    b.post(
+        &format!("/held/{id}/{action}"),
+        &[("csrf", &csrf), ("comment", comment)],
+    )
+    .await
+    .status()
+}
+
+/// ssh running `command` with `stdin`, started now: its output once it ends.
+fn ssh_with_stdin(
+    s: &Setup,
+    cert: &Path,
+    command: &str,
+    stdin: &'static [u8],
+) -> tokio::task::JoinHandle<Output> {
+    let mut c = s.ssh_cmd(cert, "demo-ssh", command);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
+    let s = setup_with(|c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.roles[0].review_commands = vec!["echo held*".into()];
+    })
+    .await;
+    let (_, cert) = s.grant().await;
+    // Not held: runs at once.
+    let (out, _) = text(&s.ssh(&cert, "demo-ssh", "echo free").await);
+    assert_eq!(out.trim(), "free");
+
+    // Held, with input sent (and closed) while it waits: the input reaches it after.
+    let run = ssh_with_stdin(&s, &cert, "echo held-$((6*7)) && cat", b"from-stdin\n");
+    let mut found = Vec::new();
+    for _ in 0..400 {
+        found = held_commands(&s).await;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = found
+        .first()
+        .expect("the command is held within 20 s")
+        .clone();
+    assert_eq!(h.protocol, "ssh");
+    assert_eq!(h.action, "echo held-$((6*7)) && cat");
+    assert_eq!(
+        h.parse().kinds,
+        ["6*7", "echo held-", "cat"],
+        "as the shell splits it"
+    );
+    assert_eq!(
+        h.why,
+        "the command matches \"echo held*\" (review_commands)"
+    );
+    assert!(!s.sshd.log().contains("held-"), "nothing ran yet");
+    assert_eq!(
+        decide_held(&s, ALICE, &h.id, "approve", "").await,
+        StatusCode::FORBIDDEN,
+        "not by its sender"
+    );
+    assert_eq!(
+        decide_held(&s, BOB, &h.id, "approve", "fine").await,
+        StatusCode::SEE_OTHER
+    );
+    let o = run.await.unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out, "held-42\nfrom-stdin\n", "{err}");
+    assert!(
+        err.contains("twokey: this command is held for review: the command matches \"echo held*\"")
+            && err.contains(&format!("/held/{}", h.id))
+            && err.contains("twokey: approved by bob@example.com (fine): running it once"),
+        "{err}"
+    );
+    assert!(o.status.success());
+
+    // Denied: it never runs, and ssh says who denied it.
+    let run = ssh_with_stdin(&s, &cert, "echo held-again", b"");
+    let mut h2 = None;
+    for _ in 0..400 {
+        h2 = held_commands(&s).await.into_iter().find(|x| x.id != h.id);
+        if h2.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h2 = h2.expect("the second command is held within 20 s");
+    assert_eq!(
+        decide_held(&s, BOB, &h2.id, "deny", "not today").await,
+        StatusCode::SEE_OTHER
+    );
+    let o = run.await.unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out, "");
+    assert_eq!(o.status.code(), Some(126));
+    assert!(
+        err.contains(
+            "twokey: the command was denied by bob@example.com (not today); it did not run"
+        ),
+        "{err}"
+    );
+    let ran: Vec<Value> = s.events("held.ran").await;
+    assert_eq!(ran.len(), 1, "ran once, the approved one");
+    assert_eq!(s.events("held.denied").await.len(), 1);
+    s.app.assert_chain_ok().await;
+}

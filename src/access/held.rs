@@ -382,6 +382,10 @@ pub async fn claim_run(state: &AppState, id: &str) -> Result<bool> {
     if !store::claim_held_run(&mut tx, id, now).await? {
         return Ok(false);
     }
+    let sha = store::get_held(&mut tx, id)
+        .await?
+        .map(|h| h.action_sha256)
+        .unwrap_or_default();
     audit::append(
         &mut tx,
         now,
@@ -389,7 +393,8 @@ pub async fn claim_run(state: &AppState, id: &str) -> Result<bool> {
             actor: "relay",
             action: "held.ran",
             subject: id,
-            details: json!({}),
+            // Sent on to the target, once; its outcome is in the session's record.
+            details: json!({ "action_sha256": sha }),
         },
     )
     .await?;

@@ -421,6 +421,14 @@ fn check_review(
             ));
         }
     }
+    if role.sql.allow_dynamic_sql
+        && (!role.sql.review.is_empty() || !role.sql.review_tables.is_empty())
+    {
+        return Err(invalid(
+            format!("{key}.sql.allow_dynamic_sql"),
+            "cannot be true where statements are held for review (sql.review, sql.review_tables): the relay cannot see the statements a DO block or a function body runs, so they would run unheld",
+        ));
+    }
     if !role.review_commands.is_empty() && r.kind != super::ResourceKind::Ssh {
         return Err(invalid(
             format!("{key}.review_commands"),
@@ -644,6 +652,36 @@ mod tests {
                 "min_approvals = 1",
                 "min_approvals = 1\nsql = { search_path = \"app; drop\" }",
                 "resources[0].roles[0].sql.search_path",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { review = [\"DELET\"] }",
+                "resources[0].roles[0].sql.review[0]",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { review_tables = [\"a.b.c\"] }",
+                "resources[0].roles[0].sql.review_tables[0]",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nsql = { review = [\"DELETE\"], allow_dynamic_sql = true }",
+                "resources[0].roles[0].sql.allow_dynamic_sql",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nreview = { wait = \"2h\" }",
+                "resources[0].roles[0].review.wait",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nreview = { approvals = 0 }",
+                "resources[0].roles[0].review.approvals",
+            ),
+            (
+                "min_approvals = 1",
+                "min_approvals = 1\nreview_commands = [\"rm *\"]",
+                "resources[0].roles[0].review_commands",
             ),
         ];
         let base = demo_config_toml("127.0.0.1:8080", Path::new("/tmp/x"));

@@ -898,6 +898,17 @@ fn judge_one(policy: &SqlPolicy, s: &StatementShape) -> Result<(), Refusal> {
             format!("{f}() is not allowed for this role (deny_functions)"),
         );
     }
+    // A prepared statement's text is judged (and held) at its Parse or PREPARE; SQL's
+    // EXECUTE names it, and the relay does not follow the name: where statements are
+    // held, it is refused.
+    if (!policy.review.is_empty() || !policy.review_tables.is_empty())
+        && s.kinds.iter().any(|k| k == "EXECUTE")
+    {
+        return refuse(
+            "review",
+            "EXECUTE of a prepared statement is refused for a role that holds statements for review: send the statement itself (or bind it through the protocol)".into(),
+        );
+    }
     // What is held for review must be held where it runs: a statement that keeps one
     // for later (PREPARE, a rule, a function body) would let it run unheld.
     if let Some(outer) = s.kinds.first().filter(|k| DEFERS.contains(&k.as_str()))
@@ -928,6 +939,8 @@ const DEFERS: &[&str] = &[
     "CREATE RULE",
     "CREATE FUNCTION",
     "CREATE PROCEDURE",
+    "CREATE VIEW",
+    "CREATE MATERIALIZED VIEW",
 ];
 
 /// Why the role holds this statement for another person's approval (its `review` and
@@ -1077,7 +1090,23 @@ mod tests {
                 "create rule r as on insert to t do also delete from u where id = 1",
                 "create function f() returns void language sql begin atomic delete from t where id = 1; end",
             ],
-            &["prepare p as select 1", "execute p"],
+            &["prepare p as select 1"],
+        );
+        for sql in [
+            "execute p",
+            "explain analyze execute p",
+            "create table x as execute p",
+        ] {
+            assert_eq!(verdict(&p, sql), Err("review"), "{sql}");
+            assert_eq!(
+                verdict(&SqlPolicy::default(), sql),
+                Ok(()),
+                "{sql} without review rules"
+            );
+        }
+        assert_eq!(
+            verdict(&p, "create view v as select * from payments"),
+            Err("review")
         );
     }
 

@@ -366,6 +366,25 @@ pub fn read_first(path: &std::path::Path, keep: usize) -> std::io::Result<ReadBa
     Ok(back)
 }
 
+/// The last `keep` entries of a transcript (which may still be written: a line that
+/// does not read, such as one half written, is passed over), and how many came before.
+pub fn read_last(path: &std::path::Path, keep: usize) -> std::io::Result<(Vec<Entry>, u64)> {
+    let f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut last = std::collections::VecDeque::with_capacity(keep + 1);
+    let mut before = 0;
+    for line in f.lines().skip(1) {
+        let Ok(entry) = serde_json::from_str::<Entry>(&line?) else {
+            continue;
+        };
+        last.push_back(entry);
+        if last.len() > keep {
+            last.pop_front();
+            before += 1;
+        }
+    }
+    Ok((last.into(), before))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

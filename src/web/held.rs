@@ -73,10 +73,14 @@ fn vm(v: &HeldView) -> HeldVm {
             "statement"
         },
         action: h.action.clone(),
+        // A value quoted, as SQL writes it; NULL bare, so the two never look alike.
         params: h
             .params()
             .into_iter()
-            .map(|p| p.unwrap_or_else(|| "NULL".into()))
+            .map(|p| match p {
+                Some(v) => format!("'{}'", v.replace('\'', "''")),
+                None => "NULL".into(),
+            })
             .collect(),
         kinds: parse.kinds.join(", "),
         tables: parse.tables.join(", "),
@@ -157,7 +161,7 @@ struct HeldDetailPage {
     own: bool,
     approver_groups: String,
     so_far: Vec<SoFarVm>,
-    /// Statements of the session before those shown.
+    /// Entries of the session's record before those shown.
     earlier: usize,
     so_far_error: String,
 }
@@ -198,16 +202,14 @@ async fn session_so_far(state: &AppState, session_id: &str) -> (Vec<SoFarVm>, us
         Err(e) => return (Vec::new(), 0, e.to_string()),
     };
     let path = std::path::PathBuf::from(&session.recording);
-    let read = tokio::task::spawn_blocking(move || {
-        transcript::read_first(&path, super::db_session::MAX_SHOWN)
-    })
-    .await;
-    let entries = match read {
-        Ok(Ok(r)) => r.entries,
+    let read =
+        tokio::task::spawn_blocking(move || transcript::read_last(&path, SESSION_SHOWN)).await;
+    let (entries, before) = match read {
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => return (Vec::new(), 0, format!("the transcript cannot be read: {e}")),
         Err(e) => return (Vec::new(), 0, e.to_string()),
     };
-    let statements: Vec<SoFarVm> = entries
+    let shown = entries
         .into_iter()
         .filter_map(|e| match e {
             Entry::Statement(s) => Some(SoFarVm {
@@ -228,12 +230,7 @@ async fn session_so_far(state: &AppState, session_id: &str) -> (Vec<SoFarVm>, us
             Entry::Notification { .. } => None,
         })
         .collect();
-    let earlier = statements.len().saturating_sub(SESSION_SHOWN);
-    (
-        statements.into_iter().skip(earlier).collect(),
-        earlier,
-        String::new(),
-    )
+    (shown, before as usize, String::new())
 }
 
 #[derive(Deserialize)]

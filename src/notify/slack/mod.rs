@@ -109,9 +109,9 @@ impl Slack {
         Ok((text, Value::Array(blocks)))
     }
 
-    /// Posts a held action that waits for review, with its buttons: who, where, why,
-    /// its parse and until when; never its text or parameters (the page shows them to
-    /// a signed-in approver). False when it no longer waits.
+    /// Posts a held action that waits for review: who, where, why, its parse and until
+    /// when, and a link to its page, where a signed-in approver reads the text and
+    /// parameters (never in Slack) and decides. False when it no longer waits.
     pub async fn post_held(&self, state: &AppState, held_id: &str) -> Result<bool> {
         let mut conn = state.db.acquire().await?;
         let Some(h) = store::get_held(&mut conn, held_id).await? else {
@@ -140,14 +140,13 @@ impl Slack {
         summary.push_str(&format!("\nWaits until {}", m.until));
         let blocks = json!([
             {"type": "section", "text": {"type": "mrkdwn", "text": summary}},
+            // No decision from Slack: the statement is not in the message, and an
+            // approver decides what they have read, on its page.
             {"type": "actions", "block_id": "twokey_held", "elements": [
-                {"type": "button", "action_id": "held_approve", "style": "primary",
-                 "text": {"type": "plain_text", "text": "Approve"}, "value": h.id},
-                {"type": "button", "action_id": "held_deny", "style": "danger",
-                 "text": {"type": "plain_text", "text": "Deny"}, "value": h.id},
+                {"type": "button", "action_id": "held_open", "style": "primary",
+                 "text": {"type": "plain_text", "text": "Read and decide in twokey"},
+                 "url": m.url},
             ]},
-            {"type": "context", "elements": [{"type": "mrkdwn",
-             "text": format!("<{}|Read it and the session so far in twokey>", m.url)}]},
         ]);
         self.api(
             "chat.postMessage",

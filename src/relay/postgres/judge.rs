@@ -222,6 +222,11 @@ pub struct Review {
 }
 
 impl Judge {
+    /// Whether the role holds any statement for review.
+    pub fn holds_any(&self) -> bool {
+        !self.policy.review.is_empty() || !self.policy.review_tables.is_empty()
+    }
+
     /// Whether the role holds a statement its rules let through for another person's
     /// approval, and why.
     pub fn review(&self, parsed: &Parsed) -> Option<Review> {
@@ -253,19 +258,6 @@ fn tables_of(shape: &Shape) -> Vec<String> {
         })
         .collect()
 }
-
-/// The Execute that takes a refused Execute's place: of a portal no client can have
-/// named (a control character in its name), so the server answers that it does not
-/// exist, having run nothing.
-pub fn refused_execute() -> Vec<u8> {
-    let mut b = REFUSED_PORTAL.as_bytes().to_vec();
-    b.push(0);
-    b.extend_from_slice(&0i32.to_be_bytes());
-    wire::message(b'E', &b)
-}
-
-/// A portal name the relay never lets a client Bind (see [`refused_execute`]).
-pub const REFUSED_PORTAL: &str = "twokey refused\u{1}";
 
 /// The Query that takes a refused Query's (or function call's) place.
 pub fn refused_query() -> Vec<u8> {

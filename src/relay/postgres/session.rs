@@ -802,8 +802,15 @@ impl Pump {
                 // The other direction tells the client of the cut and ends the session.
                 std::future::pending::<()>().await;
             }
-            let (status, decisions) = match crate::access::held::standing(&state, &held.id).await {
-                Ok(s) => s,
+            let mut decisions = Vec::new();
+            let status = match crate::access::held::standing(&state, &held.id).await {
+                Ok((status, d)) => {
+                    decisions = d;
+                    status
+                }
+                // The wait ends at its time even when the store cannot answer (fail
+                // closed: refused).
+                Err(_) if state.now_ms() >= held.expires_at => HeldStatus::Expired,
                 Err(e) => {
                     tracing::warn!(error = %e, held = %held.id, "postgres relay: cannot read a held statement's decision; will retry");
                     continue;
@@ -835,6 +842,10 @@ impl Pump {
                         }
                         Ok(false) => Some(held_refusal(
                             "it was approved, but its grant is no longer live",
+                            Hint::NotRun,
+                        )),
+                        Err(_) if state.now_ms() >= held.expires_at => Some(held_refusal(
+                            "it was approved, but twokey could not record that it runs",
                             Hint::NotRun,
                         )),
                         Err(e) => {

@@ -56,8 +56,15 @@ enum Pending {
         at: Instant,
         refused: Option<Box<Refused>>,
     },
-    /// A Parse, until its ParseComplete (or error): the prepared statement's name.
-    Parse(String),
+    /// A Parse, until its ParseComplete (or error): the prepared statement's name, and
+    /// what the name held before, put back if the server does not take the Parse.
+    Parse(String, Option<Box<Prepared>>),
+    /// A Bind, until its BindComplete (or error): the portal's name, and what it held
+    /// before, put back if the server does not take the Bind. Until then the relay
+    /// goes by the new one, as the server will; a Bind the server refuses or skips
+    /// (a named portal that exists, an error before it) leaves the server's portal as
+    /// it was, and so the relay's.
+    Bind(String, Option<Box<Portal>>),
     /// A Parse or Bind refused: the server rejects what took its place.
     Refused {
         st: Statement,
@@ -100,6 +107,7 @@ type Asked = (bool, String, u64);
 type Described = (Vec<String>, Vec<u32>, Vec<Option<MaskMethod>>);
 
 /// A prepared statement: its text, parameter types, and result columns once described.
+#[derive(Clone)]
 struct Prepared {
     sql: String,
     types: Vec<u32>,
@@ -110,12 +118,15 @@ struct Prepared {
     generation: u64,
 }
 
+#[derive(Clone)]
 struct Portal {
     sql: String,
     statement: Option<String>,
     params: Vec<Option<String>>,
     /// Whether each result column comes back binary (Bind's result formats).
     binary: Vec<bool>,
+    /// Some parameter is longer than the transcript keeps (so it cannot be shown whole).
+    long_params: bool,
     described: Option<Described>,
     generation: u64,
 }
@@ -221,46 +232,87 @@ impl Tracker {
     }
 
     /// Whether a Query or Execute is held for review: the role's rules hold what it
-    /// runs, and no ruling on it is waiting. A message the relay cannot read, or one
-    /// its rules refuse, is left to [`Tracker::client_message`].
+    /// runs. A ruling on the statement held last applies to the next Query or Execute,
+    /// which is that statement passed again (its hash must match, or it is refused). A
+    /// message the relay cannot read, or one its rules refuse, is left to
+    /// [`Tracker::client_message`].
     fn held(&mut self, t: u8, body: &[u8]) -> Option<Hold> {
+        let ruling = self.ruling.take();
         let mut f = Fields::new(body);
-        let (sql, params, sha256) = match t {
-            b'Q' => {
-                let sql = f.cstr().ok()?;
+        let found = match t {
+            b'Q' => f.cstr().ok().and_then(|sql| {
                 let (parsed, verdict) = self.judge.text(sql);
                 verdict.ok()?;
                 let review = self.judge.review(&parsed)?;
-                let sha = sha256_hex(&[sql.as_bytes()]);
-                (sql.to_string(), Vec::new(), (sha, review))
-            }
-            b'E' if !self.skipping => {
-                let p = self.portals.get(f.cstr().ok()?)?;
-                let (parsed, _) = self.judge.text(&p.sql);
-                let review = self.judge.review(&parsed)?;
-                let params = serde_json::to_string(&p.params).unwrap_or_default();
-                let sha = sha256_hex(&[p.sql.as_bytes(), &[0], params.as_bytes()]);
-                (p.sql.clone(), p.params.clone(), (sha, review))
+                Some((
+                    sql.to_string(),
+                    Vec::new(),
+                    sha256_hex(&[sql.as_bytes()]),
+                    review,
+                ))
+            }),
+            b'E' => {
+                let portal = f.cstr().ok()?;
+                match self.portals.get(portal) {
+                    Some(p) => {
+                        let (parsed, _) = self.judge.text(&p.sql);
+                        let review = self.judge.review(&parsed);
+                        if review.is_some() && p.long_params {
+                            self.forced = Some(Box::new(Refused {
+                                hint: judge::Hint::NotRun,
+                                ..Refused::plain(
+                                    "review",
+                                    format!(
+                                        "this statement is held for review, and a parameter of it is too long to show its approvers (at most {} bytes each)",
+                                        MAX_VALUE / 2
+                                    ),
+                                )
+                            }));
+                            return None;
+                        }
+                        review.map(|review| {
+                            let params = serde_json::to_string(&p.params).unwrap_or_default();
+                            let sha = sha256_hex(&[p.sql.as_bytes(), &[0], params.as_bytes()]);
+                            (p.sql.clone(), p.params.clone(), sha, review)
+                        })
+                    }
+                    // A portal the relay did not see made (a cursor) could run anything:
+                    // where statements are held, it is not run unseen.
+                    None if self.judge.holds_any() => {
+                        self.forced = Some(Box::new(Refused::plain(
+                            "review",
+                            "this role holds statements for review, and the relay does not know what this portal runs: bind it again",
+                        )));
+                        return None;
+                    }
+                    None => None,
+                }
             }
             _ => return None,
         };
-        let (sha256, review) = sha256;
-        match self.ruling.take() {
-            Some((s, ruling)) if s == sha256 => {
+        match (ruling, found) {
+            (Some((sha, ruling)), Some((_, _, found_sha, _))) if sha == found_sha => {
                 if let Ruling::Refuse(r) = ruling {
                     self.forced = Some(r);
                 }
                 None
             }
-            other => {
-                self.ruling = other;
-                Some(Hold {
-                    sql,
-                    params,
-                    review,
-                    sha256,
-                })
+            // The message after a ruling is not the statement ruled on: it cannot be
+            // (nothing else comes first), so it is refused, never run unheld.
+            (Some(_), _) => {
+                self.forced = Some(Box::new(Refused::plain(
+                    "review",
+                    "the held statement was not the one the relay ruled on",
+                )));
+                None
             }
+            (None, Some((sql, params, sha256, review))) => Some(Hold {
+                sql,
+                params,
+                review,
+                sha256,
+            }),
+            (None, None) => None,
         }
     }
 
@@ -333,7 +385,8 @@ impl Tracker {
             }
             b'E' => {
                 self.pending.push_back(Pending::Refused { st, refused });
-                judge::refused_execute()
+                // A Bind the server rejects before it touches any portal or statement.
+                judge::refused_bind("", "")
             }
             _ => {
                 self.pending.push_back(Pending::Refused { st, refused });
@@ -407,19 +460,13 @@ impl Tracker {
                     self.refuse(st, r, Some(&sql), t);
                     return Ok(Some(judge::refused_parse(&name)));
                 }
-                self.pending.push_back(Pending::Parse(name.clone()));
+                let before = self.statements.get(&name).cloned().map(Box::new);
+                self.pending.push_back(Pending::Parse(name.clone(), before));
                 self.remember_statement(name, sql, types, parsed);
             }
             b'B' => {
                 let portal = f.cstr()?.to_string();
                 let name = f.cstr()?.to_string();
-                // The portal a refused Execute names must never exist.
-                if portal == judge::REFUSED_PORTAL {
-                    let st = self.statement(Protocol::Extended, "(a portal the relay reserves)");
-                    let r = Refused::plain("limit", "this portal name is reserved by twokey");
-                    self.refuse(st, r, None, t);
-                    return Ok(Some(judge::refused_bind(&portal, &name)));
-                }
                 // Judged again: the rules may have changed since its Parse. One the relay
                 // has not seen does not exist at the server either (its Parse failed or
                 // never came), or was made by a PREPARE statement, judged as it ran.
@@ -441,6 +488,7 @@ impl Tracker {
                     .map(|p| (p.types.clone(), p.described.clone()))
                     .unwrap_or_default();
                 let mut params = Vec::with_capacity(n.max(0) as usize);
+                let mut long_params = false;
                 for i in 0..n {
                     let binary = match formats.len() {
                         0 => false,
@@ -448,7 +496,9 @@ impl Tracker {
                         _ => formats.get(i as usize) == Some(&1),
                     };
                     let oid = types.get(i as usize).copied().unwrap_or(0);
-                    params.push(f.value()?.map(|v| render(v, binary, oid)));
+                    let v = f.value()?;
+                    long_params |= v.is_some_and(|v| v.len() > MAX_VALUE / 2);
+                    params.push(v.map(|v| render(v, binary, oid)));
                 }
                 let results: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
                 let binary = results.iter().map(|&r| r == 1).collect();
@@ -457,13 +507,14 @@ impl Tracker {
                     .get(&name)
                     .map(|p| p.sql.clone())
                     .unwrap_or_default();
-                self.remember_portal(
+                return self.remember_portal(
                     portal,
                     Portal {
                         sql,
                         statement: (!name.is_empty()).then_some(name),
                         params,
                         binary,
+                        long_params,
                         described,
                         generation: 0,
                     },
@@ -572,15 +623,56 @@ impl Tracker {
         self.generations += 1;
     }
 
-    fn remember_portal(&mut self, name: String, mut p: Portal) {
+    /// Remembers a Bind's portal (tentatively: [`Pending::Bind`]); past the bound the
+    /// Bind is refused, as a Parse is, so the relay never forgets a portal the server
+    /// could still run.
+    fn remember_portal(
+        &mut self,
+        name: String,
+        mut p: Portal,
+    ) -> Result<Option<Vec<u8>>, super::wire::WireError> {
+        if self.portals.len() >= MAX_NAMED && !self.portals.contains_key(&name) {
+            let st = self.statement(Protocol::Extended, &p.sql);
+            let r = Refused::plain(
+                "limit",
+                format!(
+                    "a session holds at most {MAX_NAMED} portals: close some, or end the transaction"
+                ),
+            );
+            let statement = p.statement.clone().unwrap_or_default();
+            self.refuse(st, r, None, b'B');
+            return Ok(Some(judge::refused_bind(&name, &statement)));
+        }
         p.generation = self.generations;
         self.generations += 1;
-        if self.portals.len() >= MAX_NAMED && !self.portals.contains_key(&name) {
-            // Named portals live until their transaction ends; a client holding this
-            // many is not a person at a prompt. Forget them all but this one.
-            self.portals.clear();
+        let before = self.portals.insert(name.clone(), p).map(Box::new);
+        self.pending.push_back(Pending::Bind(name, before));
+        Ok(None)
+    }
+
+    /// What a Parse or Bind the server did not take leaves: the name as it was before
+    /// (`failed`: the server refused this one, rather than skipped it; an unnamed
+    /// statement or portal is then gone, as the server drops it first).
+    fn undo(&mut self, p: Pending, failed: bool) {
+        match p {
+            Pending::Parse(name, before) => match before {
+                Some(b) if !(failed && name.is_empty()) => {
+                    self.statements.insert(name, *b);
+                }
+                _ => {
+                    self.statements.remove(&name);
+                }
+            },
+            Pending::Bind(name, before) => match before {
+                Some(b) if !(failed && name.is_empty()) => {
+                    self.portals.insert(name, *b);
+                }
+                _ => {
+                    self.portals.remove(&name);
+                }
+            },
+            _ => {}
         }
-        self.portals.insert(name, p);
     }
 
     /// A message from the server, before it goes on to the client: what goes in its
@@ -645,8 +737,14 @@ impl Tracker {
         body: &[u8],
     ) -> Result<Option<Vec<u8>>, super::wire::WireError> {
         match t {
+            // The server took the Parse or Bind: what the relay went by stands.
             b'1' => {
-                if let Some(Pending::Parse(_)) = self.pending.front() {
+                if let Some(Pending::Parse(..)) = self.pending.front() {
+                    self.pending.pop_front();
+                }
+            }
+            b'2' => {
+                if let Some(Pending::Bind(..)) = self.pending.front() {
                     self.pending.pop_front();
                 }
             }
@@ -816,10 +914,22 @@ impl Tracker {
                     code,
                     message: cut(&message, MAX_VALUE * 4),
                 };
-                let extended = matches!(
-                    self.pending.front(),
-                    Some(Pending::Execute { .. } | Pending::Parse(_) | Pending::Refused { .. })
-                );
+                // A Bind refused: its portal is as it was; the error is recorded with
+                // what the Bind was for (the Execute after it), as before.
+                let mut bind_failed = false;
+                if let Some(Pending::Bind(..)) = self.pending.front()
+                    && let Some(b) = self.pending.pop_front()
+                {
+                    self.undo(b, true);
+                    bind_failed = true;
+                }
+                let extended = bind_failed
+                    || matches!(
+                        self.pending.front(),
+                        Some(
+                            Pending::Execute { .. } | Pending::Parse(..) | Pending::Refused { .. }
+                        )
+                    );
                 self.complete(None, Some(error), false);
                 if extended {
                     self.skipping = true;
@@ -861,14 +971,14 @@ impl Tracker {
             }
             Some(Pending::Refused { st, .. }) => (st.clone(), Instant::now(), true),
             // A Parse that failed at the server (a table that does not exist…).
-            Some(Pending::Parse(name)) => {
+            Some(Pending::Parse(name, _)) => {
                 let sql = self.statements.get(name).map(|p| p.sql.as_str());
                 let mut st = self.statement(Protocol::Extended, sql.unwrap_or_default());
                 st.statement = (!name.is_empty()).then(|| name.clone());
                 (st, Instant::now(), true)
             }
             // A Sync's own error (say, a failed COMMIT at Sync) or nothing asked.
-            Some(Pending::Sync) | None => {
+            Some(Pending::Sync | Pending::Bind(..)) | None => {
                 if let Some(error) = error {
                     let mut st = self.statement(Protocol::Extended, "(at Sync)");
                     st.error = Some(error);
@@ -878,8 +988,9 @@ impl Tracker {
                 return;
             }
         };
-        if pop {
-            self.pending.pop_front();
+        if pop && let Some(p) = self.pending.pop_front() {
+            // A Parse the server refused: the name is as the server left it.
+            self.undo(p, true);
         }
         st.ms = at.elapsed().as_secs_f64() * 1000.0;
         st.columns = std::mem::take(&mut self.columns);
@@ -910,18 +1021,23 @@ impl Tracker {
         while let Some(
             Pending::Execute { .. }
             | Pending::Function { .. }
-            | Pending::Parse(_)
+            | Pending::Parse(..)
+            | Pending::Bind(..)
             | Pending::Refused { .. },
         ) = self.pending.front()
         {
-            if let Some(
-                Pending::Execute { mut st, .. }
-                | Pending::Function { mut st, .. }
-                | Pending::Refused { mut st, .. },
-            ) = self.pending.pop_front()
-            {
-                st.skipped = true;
-                self.transcript.write(Entry::Statement(Box::new(st)));
+            match self.pending.pop_front() {
+                Some(
+                    Pending::Execute { mut st, .. }
+                    | Pending::Function { mut st, .. }
+                    | Pending::Refused { mut st, .. },
+                ) => {
+                    st.skipped = true;
+                    self.transcript.write(Entry::Statement(Box::new(st)));
+                }
+                // Skipped: the server never made it; the name is as it was.
+                Some(p @ (Pending::Parse(..) | Pending::Bind(..))) => self.undo(p, false),
+                _ => {}
             }
         }
     }
@@ -933,7 +1049,10 @@ impl Tracker {
             self.skipping = false;
         }
         match self.pending.pop_front() {
-            Some(Pending::Simple { .. } | Pending::Sync | Pending::Parse(_)) | None => {}
+            Some(
+                Pending::Simple { .. } | Pending::Sync | Pending::Parse(..) | Pending::Bind(..),
+            )
+            | None => {}
             Some(
                 Pending::Execute { st, .. }
                 | Pending::Function { st, .. }
@@ -1324,6 +1443,180 @@ mod tests {
         );
         assert_eq!(s[1].statement.as_deref(), Some("s2"));
         assert!(s[2].skipped);
+    }
+
+    /// A tracker whose role holds DELETE for review.
+    fn reviewing(dir: &std::path::Path) -> Tracker {
+        let mut t = tracker(dir);
+        t.judge = Judge::new(
+            Arc::new(crate::config::SqlPolicy {
+                review: vec!["DELETE".into()],
+                ..Default::default()
+            }),
+            Arc::default(),
+        );
+        t
+    }
+
+    const EXECUTE: &[u8] = &[0, 0, 0, 0, 0];
+
+    #[test]
+    fn a_held_statement_waits_and_then_runs_or_is_refused_as_ruled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = reviewing(dir.path());
+        let q = cstr("delete from t where id = 1");
+        assert_eq!(t.from_client(b'Q', &q), None);
+        let h = t.take_hold().expect("held");
+        assert_eq!(h.review.kinds, ["DELETE"]);
+        assert!(
+            t.busy(),
+            "a held statement keeps the session busy (no idle cut)"
+        );
+        assert!(t.pending.is_empty(), "nothing went on");
+        // Passed again before a ruling: held again.
+        assert_eq!(t.from_client(b'Q', &q), None);
+        assert!(t.take_hold().is_some());
+        // Approved: passed again, it goes on as it was.
+        t.rule(h.sha256.clone(), None);
+        assert_eq!(t.from_client(b'Q', &q), None);
+        assert!(t.take_hold().is_none());
+        assert_eq!(t.pending.len(), 1);
+        // The ruling was used: the same text again is held again.
+        assert_eq!(t.from_client(b'Q', &q), None);
+        let h = t.take_hold().expect("held again");
+        // Denied: refused in its place.
+        t.rule(
+            h.sha256.clone(),
+            Some(Refused::plain("review", "denied by bob")),
+        );
+        assert_eq!(t.from_client(b'Q', &q), Some(judge::refused_query()));
+        // A ruling meets a message that is not the statement ruled on: refused.
+        assert_eq!(t.from_client(b'Q', &q), None);
+        let h = t.take_hold().unwrap();
+        t.rule(h.sha256, None);
+        assert_eq!(
+            t.from_client(b'Q', &cstr("delete from t where id = 2")),
+            Some(judge::refused_query())
+        );
+        let r = t.take_refusals();
+        assert_eq!(
+            r.last().unwrap().refused.message.as_ref(),
+            "the held statement was not the one the relay ruled on"
+        );
+    }
+
+    #[test]
+    fn an_execute_is_held_even_right_after_an_error_before_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = reviewing(dir.path());
+        // select 1/0 with no Sync: the server's error sets the relay skipping.
+        t.from_client(b'P', &parse("", "select 1/0"));
+        t.from_client(b'B', &bind("", "", &[]));
+        t.from_client(b'E', EXECUTE);
+        t.from_server(b'1', b"");
+        t.from_server(b'2', b"");
+        t.from_server(b'E', &syntax_error());
+        assert!(t.skipping);
+        // In one write: Sync (the server leaves its error state there), then a DELETE.
+        t.from_client(b'S', b"");
+        t.from_client(b'P', &parse("d", "delete from t where id = 1"));
+        t.from_client(b'B', &bind("", "d", &[]));
+        assert_eq!(t.from_client(b'E', EXECUTE), None);
+        assert!(t.take_hold().is_some(), "held, skipping or not");
+    }
+
+    #[test]
+    fn a_parse_or_bind_the_server_refuses_leaves_the_name_as_the_server_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = reviewing(dir.path());
+        t.from_client(b'P', &parse("d", "delete from t where id = 1"));
+        t.from_client(b'S', b"");
+        t.from_server(b'1', b"");
+        t.from_server(b'Z', b"I");
+        // A second Parse of the name: the server refuses it ("already exists").
+        t.from_client(b'P', &parse("d", "select 1"));
+        t.from_client(b'S', b"");
+        t.from_server(b'E', &syntax_error());
+        t.from_server(b'Z', b"I");
+        assert_eq!(t.statements["d"].sql, "delete from t where id = 1");
+        t.from_client(b'B', &bind("", "d", &[]));
+        assert_eq!(t.from_client(b'E', EXECUTE), None);
+        assert!(t.take_hold().is_some(), "the server runs the DELETE: held");
+        // A named portal bound to the DELETE, then a Bind of the same name that the
+        // server refuses (the portal exists): the relay still knows it as the DELETE.
+        t.rule(String::new(), Some(Refused::plain("review", "x")));
+        t.from_client(b'E', EXECUTE);
+        t.from_client(b'S', b"");
+        t.from_server(b'2', b"");
+        assert_eq!(
+            code_of(&t.from_server(b'E', &syntax_error()).unwrap()),
+            "42501"
+        );
+        t.from_server(b'Z', b"I");
+        t.from_client(b'B', &bind("p", "d", &[]));
+        t.from_client(b'S', b"");
+        t.from_server(b'2', b"");
+        t.from_server(b'Z', b"T");
+        t.from_client(b'P', &parse("s", "select 1"));
+        t.from_client(b'B', &bind("p", "s", &[]));
+        t.from_client(b'S', b"");
+        t.from_server(b'1', b"");
+        t.from_server(b'E', &syntax_error());
+        t.from_server(b'Z', b"E");
+        assert_eq!(t.portals["p"].sql, "delete from t where id = 1");
+        // And a Bind the server skips (after an error) leaves it as it was too.
+        t.from_client(b'P', &parse("", "select 1/0"));
+        t.from_client(b'B', &bind("", "", &[]));
+        t.from_client(b'E', EXECUTE);
+        t.from_client(b'B', &bind("p", "s", &[]));
+        t.from_client(b'S', b"");
+        t.from_server(b'1', b"");
+        t.from_server(b'2', b"");
+        t.from_server(b'E', &syntax_error());
+        t.from_server(b'Z', b"E");
+        assert_eq!(t.portals["p"].sql, "delete from t where id = 1");
+        let mut e = cstr("p");
+        e.extend(0i32.to_be_bytes());
+        assert_eq!(t.from_client(b'E', &e), None);
+        assert!(t.take_hold().is_some());
+    }
+
+    #[test]
+    fn where_statements_are_held_an_unknown_portal_or_a_long_parameter_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = reviewing(dir.path());
+        let mut e = cstr("cursor_made_by_declare");
+        e.extend(0i32.to_be_bytes());
+        assert_eq!(t.from_client(b'E', &e), Some(judge::refused_bind("", "")));
+        t.from_client(b'P', &parse("d", "delete from t where id = $1"));
+        let long = "9".repeat(MAX_VALUE);
+        t.from_client(b'B', &bind("", "d", &[&long]));
+        assert_eq!(
+            t.from_client(b'E', EXECUTE),
+            Some(judge::refused_bind("", ""))
+        );
+        assert!(t.take_hold().is_none());
+        // Without review rules, the unknown portal goes on (the server says what it is).
+        let other = tempfile::tempdir().unwrap();
+        let mut plain = tracker(other.path());
+        assert_eq!(plain.from_client(b'E', &e), None);
+    }
+
+    #[test]
+    fn past_the_bound_a_new_portal_is_refused_never_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = reviewing(dir.path());
+        t.from_client(b'P', &parse("d", "delete from t where id = 1"));
+        t.from_client(b'B', &bind("p0", "d", &[]));
+        for i in 1..MAX_NAMED {
+            t.from_client(b'B', &bind(&format!("p{i}"), "d", &[]));
+        }
+        let instead = t.from_client(b'B', &bind("one-too-many", "d", &[]));
+        assert_eq!(instead, Some(judge::refused_bind("one-too-many", "d")));
+        let mut e = cstr("p0");
+        e.extend(0i32.to_be_bytes());
+        assert_eq!(t.from_client(b'E', &e), None);
+        assert!(t.take_hold().is_some(), "p0 is still known, and held");
     }
 
     #[test]

@@ -38,10 +38,10 @@ pub(super) async fn bridge(
 ) -> std::result::Result<(), RelayError> {
     let session_id = uuid::Uuid::new_v4().to_string();
     let g = admitted.grant.clone();
-    let blocked = state
+    let (blocked, review) = state
         .config
         .role(&g.resource, &g.role)
-        .map(|(_, r)| r.blocked_commands.clone())
+        .map(|(_, r)| (r.blocked_commands.clone(), r.review_commands.clone()))
         .unwrap_or_default();
     let rec = Arc::new(std::sync::Mutex::new(
         lifecycle::recording_for(&state, &session_id).map_err(RelayError::Recording)?,
@@ -87,6 +87,8 @@ pub(super) async fn bridge(
         // Setup: a pty perhaps, then the one request that starts the session.
         let mut pending_pty = None;
         let mut sftp = None;
+        // What the client sent while its command was held: passed on once it starts.
+        let mut early = Early::default();
         let mut end_reason = "closed".to_string();
         let start = loop {
             let msg = tokio::select! {
@@ -145,6 +147,24 @@ pub(super) async fn bridge(
                         end_reason = "blocked".into();
                         break None;
                     }
+                    if let Some(p) = commands::blocked_by(&review, &cmd) {
+                        let held = hold_command(
+                            &state, &g, &session_id, &cmd, &p, &mut client, &kill, &mut early,
+                        )
+                        .await;
+                        let _ = with_rec(&|r| r.note(&held.note));
+                        if !held.runs {
+                            let _ = client
+                                .extended_data_bytes(1, format!("twokey: {}\r\n", held.told).into_bytes())
+                                .await;
+                            let _ = client.exit_status(126).await;
+                            end_reason = held.note;
+                            break None;
+                        }
+                        let _ = client
+                            .extended_data_bytes(1, format!("twokey: {}\r\n", held.told).into_bytes())
+                            .await;
+                    }
                     let _ = with_rec(&|r| r.input(&command));
                     break Some(Start::Exec(command));
                 }
@@ -198,6 +218,16 @@ pub(super) async fn bridge(
                     Start::Subsystem(name) => ch.request_subsystem(true, name).await,
                 }
                 .map_err(|e| RelayError::UpstreamRequest(e.to_string()))?;
+                // What the client sent while its command waited, recorded and passed on.
+                if !early.data.is_empty() {
+                    let _ = with_rec(&|r| r.input(&early.data));
+                    ch.data(&early.data[..])
+                        .await
+                        .map_err(|e| RelayError::UpstreamRequest(e.to_string()))?;
+                }
+                if early.eof {
+                    let _ = ch.eof().await;
+                }
                 Some((h, ch))
             }
         };
@@ -234,6 +264,10 @@ pub(super) async fn bridge(
             (0, 0, format!("failed: {e}"))
         }
     };
+    // A command still held when its session ended never runs.
+    if let Err(e) = crate::access::held::withdraw_session(&state, &session_id, &end_reason).await {
+        tracing::warn!(error = %e, session = %session_id, "relay: cannot withdraw the session's held command; the sweeper will");
+    }
     let done = match rec.lock().map_err(|_| RelayError::RecordingPoisoned) {
         Ok(mut r) => r.finish().map_err(RelayError::Recording),
         Err(e) => Err(e),
@@ -354,6 +388,195 @@ async fn tell_failure(client: &Channel<Msg>, resource: &str, e: RelayError) -> R
 }
 
 /// The request that starts a relayed session.
+/// Input a client sent while its command was held: kept (up to [`EARLY_MAX`]) to pass
+/// on once the command starts, with the client's EOF if it sent one.
+#[derive(Default)]
+struct Early {
+    data: Vec<u8>,
+    eof: bool,
+}
+
+/// Input kept while a command is held; past this the command is refused (its input
+/// would be lost).
+const EARLY_MAX: usize = 1 << 20;
+
+/// How often a held command's decision is looked for.
+const HELD_CHECK: Duration = Duration::from_millis(200);
+
+/// What became of a held command: whether it runs, what the engineer is told, and the
+/// recording's note.
+struct HeldOutcome {
+    runs: bool,
+    told: String,
+    note: String,
+}
+
+/// An exec command the role holds for review (`review_commands`): filed for its
+/// approvers, the engineer told on stderr where it waits, and waited on until it is
+/// decided, its wait runs out, the session is cut or the client closes. Approved (and
+/// claimed, so it runs once), it runs; anything else refuses it.
+#[allow(clippy::too_many_arguments)]
+async fn hold_command(
+    state: &AppState,
+    g: &crate::store::GrantRow,
+    session_id: &str,
+    cmd: &str,
+    pattern: &str,
+    client: &mut Channel<Msg>,
+    kill: &Arc<crate::relay::live::Cut>,
+    early: &mut Early,
+) -> HeldOutcome {
+    use crate::access::held;
+    use crate::policy::{Decision, HeldStatus};
+    use sha2::Digest;
+    let refused = |told: String| HeldOutcome {
+        runs: false,
+        note: format!("held command refused: {told}"),
+        told,
+    };
+    let sha = hex::encode(sha2::Sha256::digest(cmd.as_bytes()));
+    let why = format!("the command matches {pattern:?} (review_commands)");
+    let filed = held::file(
+        state,
+        &held::Filing {
+            session_id,
+            grant: g,
+            protocol: "ssh",
+            action: cmd,
+            params: &[],
+            action_sha256: &sha,
+            parse: &crate::store::HeldParse {
+                kinds: commands::simple_commands(cmd),
+                tables: Vec::new(),
+            },
+            why: &why,
+        },
+    )
+    .await;
+    let h = match filed {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, session = %session_id, "relay: a held command could not be filed; it is refused");
+            return refused("the command is held for review, and twokey could not file it right now; it did not run".into());
+        }
+    };
+    let until = crate::clock::from_millis(h.expires_at).format("%H:%M:%S UTC");
+    let groups = state
+        .config
+        .role(&h.resource, &h.role)
+        .map(|(_, r)| r.approver_groups.join(", "))
+        .unwrap_or_default();
+    let url = format!("{}/held/{}", state.config.public_url(), h.id);
+    let _ = client
+        .extended_data_bytes(
+            1,
+            format!(
+                "twokey: this command is held for review: {why}. It runs once {} of {groups} approve it (not you); it waits until {until}: {url}\r\n",
+                h.required_approvals
+            )
+            .into_bytes(),
+        )
+        .await;
+    let mut tick = tokio::time::interval(HELD_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            why = kill.wait() => {
+                let _ = held::end(state, &h.id, HeldStatus::Withdrawn, &format!("its session ended: {why}")).await;
+                return refused(format!("session ended: {why}; the held command did not run"));
+            }
+            msg = client.wait() => match msg {
+                Some(ChannelMsg::Data { data }) if early.data.len() + data.len() <= EARLY_MAX => {
+                    early.data.extend_from_slice(&data);
+                    continue;
+                }
+                Some(ChannelMsg::Data { .. }) => {
+                    let _ = held::end(state, &h.id, HeldStatus::Withdrawn, "its input overflowed while it waited").await;
+                    return refused("the command's input is too large to keep while it waits; it did not run".into());
+                }
+                Some(ChannelMsg::Eof) => {
+                    early.eof = true;
+                    continue;
+                }
+                None | Some(ChannelMsg::Close) => {
+                    let _ = held::end(state, &h.id, HeldStatus::Withdrawn, "the client left while it waited").await;
+                    return refused("the client left; the held command did not run".into());
+                }
+                Some(_) => continue,
+            },
+        }
+        let mut decisions = Vec::new();
+        let status = match held::standing(state, &h.id).await {
+            Ok((status, d)) => {
+                decisions = d;
+                status
+            }
+            // The wait ends at its time even when the store cannot answer.
+            Err(_) if state.now_ms() >= h.expires_at => HeldStatus::Expired,
+            Err(e) => {
+                tracing::warn!(error = %e, held = %h.id, "relay: cannot read a held command's decision; will retry");
+                continue;
+            }
+        };
+        let who = |d: Decision| {
+            decisions
+                .iter()
+                .filter(|a| a.decision == d)
+                .map(|a| match &a.comment {
+                    Some(c) => format!("{} ({c})", a.approver_email),
+                    None => a.approver_email.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return match status {
+            HeldStatus::Pending => continue,
+            HeldStatus::Approved => match held::claim_run(state, &h.id).await {
+                Ok(true) => {
+                    let by = who(Decision::Approve);
+                    HeldOutcome {
+                        runs: true,
+                        told: format!("approved by {by}: running it once"),
+                        note: format!("held command approved by {by}; run once ({})", h.id),
+                    }
+                }
+                Ok(false) => refused(
+                    "the command was approved, but its grant is no longer live; it did not run"
+                        .into(),
+                ),
+                Err(_) if state.now_ms() >= h.expires_at => refused(
+                    "the command was approved, but twokey could not record that it runs; it did not run"
+                        .into(),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, held = %h.id, "relay: cannot claim an approved command; will retry");
+                    continue;
+                }
+            },
+            HeldStatus::Denied => refused(format!(
+                "the command was denied by {}; it did not run",
+                who(Decision::Deny)
+            )),
+            HeldStatus::Expired => {
+                let _ = held::end(
+                    state,
+                    &h.id,
+                    HeldStatus::Expired,
+                    "not decided within the role's review wait",
+                )
+                .await;
+                refused(format!(
+                    "the command was not approved by {until}; it did not run"
+                ))
+            }
+            HeldStatus::Withdrawn | HeldStatus::Ran => refused(format!(
+                "the command is {status} and cannot run again; it did not run"
+            )),
+        };
+    }
+}
+
 enum Start {
     Exec(Vec<u8>),
     Shell,

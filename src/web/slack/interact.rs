@@ -57,12 +57,10 @@ pub(super) async fn interact(slack: &Slack, state: &AppState, payload: &Value) -
     let Some(action) = payload["actions"].get(0) else {
         return Ok(());
     };
-    // A request's buttons, or a held action's.
-    let (decision, held) = match action["action_id"].as_str() {
-        Some("approve") => (Decision::Approve, false),
-        Some("deny") => (Decision::Deny, false),
-        Some("held_approve") => (Decision::Approve, true),
-        Some("held_deny") => (Decision::Deny, true),
+    // A request's buttons. (A held action's message only links to its page.)
+    let decision = match action["action_id"].as_str() {
+        Some("approve") => Decision::Approve,
+        Some("deny") => Decision::Deny,
         _ => return Ok(()),
     };
     let Some(request_id) = action["value"].as_str() else {
@@ -98,33 +96,6 @@ pub(super) async fn interact(slack: &Slack, state: &AppState, payload: &Value) -
             return Ok(());
         }
     };
-    if held {
-        let told =
-            match access::held::decide(state, &actor, request_id, decision, None, Channel::Slack)
-                .await
-            {
-                Ok(v) => format!(
-                    "Recorded: you {} it; the held {} is now {}.",
-                    if decision == Decision::Approve {
-                        "approved"
-                    } else {
-                        "denied"
-                    },
-                    if v.held.protocol == "ssh" {
-                        "command"
-                    } else {
-                        "statement"
-                    },
-                    v.held.status
-                ),
-                Err(e @ (Error::Forbidden(_) | Error::Conflict(_) | Error::NotFound(_))) => {
-                    format!("Not done: {e}")
-                }
-                Err(e) => return Err(e),
-            };
-        slack.ephemeral(response_url, &told).await;
-        return Ok(());
-    }
     match access::decide(state, &actor, request_id, decision, None, Channel::Slack).await {
         Ok(_) => {
             if let Err(e) = slack.sync(state, request_id).await {
