@@ -367,6 +367,15 @@ async fn a_statement_held_when_its_grant_is_revoked_is_withdrawn_and_never_runs(
         h.why,
         "payments is held for review (review_tables = \"payments\")"
     );
+    // The Policy page says what is held, for how long and by whom.
+    let (_, policy) = s.app.browser(ALICE).await.get("/policy").await;
+    assert!(
+        policy.contains("held for review (runs once approved): DELETE")
+            && policy.contains("every statement naming these tables held for review: payments")
+            && policy
+                .contains("a held statement waits up to 10m for 1 of sre-leads (never its sender)"),
+        "{policy}"
+    );
     let request_id = h.request_id.clone();
     let (st, r) = s.app.api(BOB).await.act(&request_id, "revoke").await;
     assert_eq!(st, StatusCode::OK, "{r}");

@@ -3295,6 +3295,11 @@ async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
     })
     .await;
     let (_, cert) = s.grant().await;
+    let (_, policy) = s.app.browser(ALICE).await.get("/policy").await;
+    assert!(
+        policy.contains("exec commands held for review (run once approved): echo held*"),
+        "{policy}"
+    );
     // Not held: runs at once.
     let (out, _) = text(&s.ssh(&cert, "demo-ssh", "echo free").await);
     assert_eq!(out.trim(), "free");

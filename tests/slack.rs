@@ -862,3 +862,78 @@ async fn linking_and_unlinking_slack_in_chromium() {
     assert_eq!(count(&actions, "slack.unlinked"), 1, "{actions:?}");
     s.app.assert_chain_ok().await;
 }
+
+#[tokio::test]
+async fn a_held_statement_is_posted_with_a_link_to_its_page_and_never_its_text() {
+    let s = setup().await;
+    let pg = common::transcripts::pg_session(&s.app, vec![]).await;
+    // The request's own messages first (its approval, its outcome).
+    s.deliver().await;
+    let before = s.fake.calls("chat.postMessage").len();
+    let g = twokey::store::grant_by_id(&s.app.state().db, &pg.grant_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let held = twokey::access::held::file(
+        s.app.state(),
+        &twokey::access::held::Filing {
+            session_id: &pg.id,
+            grant: &g,
+            protocol: "postgres",
+            action: "delete from orders where note = 'hunter2'",
+            params: &[],
+            action_sha256: "00",
+            parse: &twokey::store::HeldParse {
+                kinds: vec!["DELETE".into()],
+                tables: vec!["orders".into()],
+            },
+            why: "DELETE is held for review (review = \"DELETE\")",
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.deliver().await.sent, 1);
+    let posts = s.fake.calls("chat.postMessage");
+    assert_eq!(posts.len(), before + 1);
+    let post = posts.last().unwrap();
+    let text = post.to_string();
+    assert!(
+        text.contains("alice@example.com sent a statement on demo-db")
+            && text.contains("DELETE on orders")
+            && !text.contains("hunter2")
+            && !text.contains("where note"),
+        "{text}"
+    );
+    let actions = post["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "actions")
+        .unwrap();
+    let button = &actions["elements"][0];
+    assert_eq!(actions["elements"].as_array().unwrap().len(), 1);
+    assert!(
+        button["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/held/{}", held.id)),
+        "{button}"
+    );
+    // Slack's callback for the link button decides nothing.
+    assert_eq!(
+        s.click("U_BOB", "held_open", &held.id).await,
+        StatusCode::OK
+    );
+    let mut conn = s.app.state().db.acquire().await.unwrap();
+    let now = twokey::store::get_held(&mut conn, &held.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.status, twokey::policy::HeldStatus::Pending);
+    assert!(
+        twokey::store::held_decisions_for(&mut conn, &held.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

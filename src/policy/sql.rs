@@ -683,6 +683,18 @@ pub fn in_words(p: &SqlPolicy) -> Vec<String> {
             calls.join(", ")
         ));
     }
+    if !p.review.is_empty() {
+        words.push(format!(
+            "held for review (runs once approved): {}",
+            p.review.join(", ")
+        ));
+    }
+    if !p.review_tables.is_empty() {
+        words.push(format!(
+            "every statement naming these tables held for review: {}",
+            p.review_tables.join(", ")
+        ));
+    }
     if p.require_where {
         words.push("DELETE and UPDATE need a WHERE".to_string());
     }

@@ -77,8 +77,45 @@ pub async fn policy(
 
 /// What a role grants, and on a relayed database what its statements are held to.
 fn grants_in_words(config: &Config, r: &ResourceConfig, role: &RoleConfig) -> Vec<String> {
+    let mut words = grants_by_kind(config, r, role);
+    let holds = !role.sql.review.is_empty()
+        || !role.sql.review_tables.is_empty()
+        || !role.review_commands.is_empty();
+    if holds {
+        words.push(format!(
+            "a held {} waits up to {} for {} of {} (never its sender)",
+            if r.kind == ResourceKind::Ssh {
+                "command"
+            } else {
+                "statement"
+            },
+            policy::format_duration(role.review.wait),
+            policy::review_approvals(role),
+            role.approver_groups
+                .join(if role.all_groups { " and " } else { " or " })
+        ));
+    }
+    words
+}
+
+fn grants_by_kind(config: &Config, r: &ResourceConfig, role: &RoleConfig) -> Vec<String> {
     match r.kind {
-        ResourceKind::Ssh => vec![format!("SSH as {}", role.principals.join(", "))],
+        ResourceKind::Ssh => {
+            let mut words = vec![format!("SSH as {}", role.principals.join(", "))];
+            if !role.blocked_commands.is_empty() {
+                words.push(format!(
+                    "exec commands refused: {}",
+                    role.blocked_commands.join(", ")
+                ));
+            }
+            if !role.review_commands.is_empty() {
+                words.push(format!(
+                    "exec commands held for review (run once approved): {}",
+                    role.review_commands.join(", ")
+                ));
+            }
+            words
+        }
         ResourceKind::Postgres => {
             let mut words = vec![format!("database roles: {}", role.db_roles.join(", "))];
             if config.db_access(r) == DbAccess::Relay {
