@@ -103,12 +103,30 @@ fn psql(s: &Setup, pw: &str, sql: &str) -> tokio::task::JoinHandle<Output> {
 async fn decide(s: &Setup, who: &str, id: &str, action: &str, comment: &str) -> StatusCode {
     let b = s.app.browser(who).await;
     let csrf = b.csrf(&format!("/held/{id}")).await;
-    b.post(
-        &format!("/held/{id}/{action}"),
-        &[("csrf", &csrf), ("comment", comment)],
-    )
-    .await
-    .status()
+    let r = b
+        .post(
+            &format!("/held/{id}/{action}"),
+            &[("csrf", &csrf), ("comment", comment)],
+        )
+        .await;
+    let st = r.status();
+    if st != StatusCode::SEE_OTHER {
+        // What the page said, for a failure's message.
+        let page = r.text().await.unwrap_or_default();
+        let said = page
+            .find("<main>")
+            .map(|i| &page[i..(i + 600).min(page.len())])
+            .unwrap_or_default();
+        let trail: Vec<String> = twokey::audit::page(&s.app.state().db, 0, 100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action.starts_with("held.") || e.action.starts_with("session."))
+            .map(|e| format!("{} {}", e.action, e.details))
+            .collect();
+        eprintln!("{who} {action} {id}: {st}: {said}\n{trail:#?}");
+    }
+    st
 }
 
 async fn status(s: &Setup, id: &str) -> HeldStatus {
@@ -160,13 +178,27 @@ async fn a_held_statement_runs_once_after_two_others_approve_it_and_never_by_its
     assert_eq!(h.required_approvals, 2);
     assert_eq!(victims(&s), "1,2,3,4,5", "nothing ran while it is held");
 
-    // Its sender may not decide it, not even as an approver and admin.
+    // Its sender may not decide it, not even as an approver and admin (her groups set
+    // after she signs in, as her identity provider might say at her next sign-in).
+    let alice = s.app.browser(ALICE).await;
     s.app
         .user(ALICE, &["engineers", "sre-leads", "admins"])
         .await;
-    assert_eq!(
-        decide(&s, ALICE, &h.id, "approve", "").await,
-        StatusCode::FORBIDDEN
+    let (_, own) = alice.get(&format!("/held/{}", h.id)).await;
+    assert!(
+        own.contains("id=\"own-note\"") && !own.contains("id=\"approve\""),
+        "{own}"
+    );
+    let csrf = alice.csrf(&format!("/held/{}", h.id)).await;
+    let r = alice
+        .post(&format!("/held/{}/approve", h.id), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("you cannot approve or deny your own held action")
     );
     // Someone outside the approver groups may not either.
     let dave = s.app.browser("dave@example.com").await;
@@ -301,6 +333,26 @@ async fn a_denied_or_undecided_statement_never_runs_and_the_session_goes_on() {
     );
     assert_eq!(victims(&s), "1,2,3,4,5");
 
+    // Ctrl-C in psql (its CancelRequest) withdraws the held statement.
+    let child = s
+        .psql_cmd(&pw, &["-c", "delete from victims where id = 2"])
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let h_cancelled = filed(&s, &[&h.id]).await;
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let told = client::refused(&client::wait(child).await);
+    assert!(
+        told.contains("(review): cancelled by you while it waited"),
+        "{told}"
+    );
+    assert_eq!(status(&s, &h_cancelled.id).await, HeldStatus::Withdrawn);
+    assert_eq!(victims(&s), "1,2,3,4,5");
+
     // Not decided within the role's wait (10 minutes): refused, and the same
     // connection goes on.
     let mut conn: sqlx::postgres::PgConnection =
@@ -312,7 +364,7 @@ async fn a_denied_or_undecided_statement_never_runs_and_the_session_goes_on() {
             .await;
         (r.map(|d| d.rows_affected()), conn)
     });
-    let h2 = filed(&s, &[&h.id]).await;
+    let h2 = filed(&s, &[&h.id, &h_cancelled.id]).await;
     assert_eq!(
         h2.params(),
         [Some("3".to_string())],
@@ -343,7 +395,7 @@ async fn a_denied_or_undecided_statement_never_runs_and_the_session_goes_on() {
             .await;
         (r.map(|d| d.rows_affected()), conn)
     });
-    let h3 = filed(&s, &[&h.id, &h2.id]).await;
+    let h3 = filed(&s, &[&h.id, &h_cancelled.id, &h2.id]).await;
     assert_eq!(
         decide(&s, CAROL, &h3.id, "approve", "").await,
         StatusCode::SEE_OTHER

@@ -76,16 +76,18 @@ impl TestApp {
         &self.server.state
     }
 
-    /// Creates (or updates) a user with exactly these groups.
+    /// Creates (or updates) a user with exactly these groups, in one transaction as
+    /// sign-in does (the relay's cut watcher must never see the user with no groups).
     pub async fn user(&self, email: &str, groups: &[&str]) {
-        let mut conn = self.state().db.acquire().await.unwrap();
-        let id = twokey::store::upsert_user(&mut conn, email, email, 0)
+        let mut tx = twokey::store::begin_write(&self.state().db).await.unwrap();
+        let id = twokey::store::upsert_user(&mut tx, email, email, 0)
             .await
             .unwrap();
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        twokey::store::set_user_groups(&mut conn, &id, &groups, 0)
+        twokey::store::set_user_groups(&mut tx, &id, &groups, 0)
             .await
             .unwrap();
+        tx.commit().await.unwrap();
     }
 
     /// An API client for a user (who must exist, or be a demo user), with a token of

@@ -19,6 +19,9 @@ pub struct Upstream {
     pub secret: Vec<u8>,
     /// The session, for the log.
     pub session: String,
+    /// Told of each cancel: a statement the relay holds for review is withdrawn by it
+    /// (the backend, idle, has nothing to cancel).
+    pub cancelled: Arc<tokio::sync::Notify>,
 }
 
 struct Key {
@@ -88,6 +91,7 @@ mod tests {
             pid: 42,
             secret: vec![1, 2, 3, 4],
             session: "s".into(),
+            cancelled: Arc::default(),
         }
     }
 

@@ -238,6 +238,7 @@ async fn cancel(relay: &PgRelay, pid: i32, secret: &[u8], peer: std::net::Socket
     match relay.keys.lookup(pid, secret) {
         Some(u) => {
             tracing::info!(session = %u.session, "postgres relay: forwarding a cancel");
+            u.cancelled.notify_waiters();
             upstream::cancel(&u.host, u.port, u.pid, &u.secret).await;
         }
         None => {
@@ -466,6 +467,7 @@ async fn relay_session(
     cut: &Arc<Cut>,
     grant: &store::GrantRow,
 ) -> String {
+    let cancelled = Arc::new(tokio::sync::Notify::new());
     let (pid, secret, _key) = CancelKeys::register(
         &relay.keys,
         Upstream {
@@ -474,6 +476,7 @@ async fn relay_session(
             pid: up.pid,
             secret: up.secret.clone(),
             session: session_id.to_string(),
+            cancelled: cancelled.clone(),
         },
     );
     let (backend_host, backend_port, backend_pid, backend_secret) =
@@ -516,6 +519,7 @@ async fn relay_session(
         grant: grant.clone(),
         cut: cut.clone(),
         notices: notices.clone(),
+        cancelled: cancelled.clone(),
     };
     let c2u = tokio::spawn(client_to_target(
         pump(Way::ToTarget, client_r, client_buf, up_w),
@@ -613,6 +617,8 @@ struct Pump {
     grant: Arc<store::GrantRow>,
     cut: Arc<Cut>,
     notices: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// The client's cancels (its CancelRequests with this session's key).
+    cancelled: Arc<tokio::sync::Notify>,
 }
 
 /// Why a [`Pump::pass`] could not pass on what it read.
@@ -779,10 +785,25 @@ impl Pump {
         ));
         let mut tick = tokio::time::interval(HELD_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A cancel from before the hold (of an earlier statement) is not this one's.
+        let cancelled = self.cancelled.clone();
+        let mut cancel = std::pin::pin!(cancelled.notified());
+        cancel.as_mut().enable();
         loop {
             let room = self.buf.len() < self.max;
             tokio::select! {
                 _ = tick.tick() => {}
+                () = &mut cancel => {
+                    let withdrawn = crate::access::held::end(&state, &held.id, HeldStatus::Withdrawn, "cancelled by the engineer").await;
+                    // Decided in the meantime: the decision stands (read it next tick).
+                    if matches!(withdrawn, Ok(true)) {
+                        note(&self.tracker, &format!("held statement withdrawn: cancelled ({})", held.id));
+                        self.rule(&hold, Some(held_refusal("cancelled by you while it waited", Hint::NotRun)));
+                        return Ok(());
+                    }
+                    cancel.set(cancelled.notified());
+                    cancel.as_mut().enable();
+                }
                 more = self.read(), if room => {
                     if more {
                         continue;
