@@ -19,8 +19,9 @@ use twokey::store::HeldRow;
 
 const CAROL: &str = "carol@example.com";
 
-/// demo-db's role `read` as `writer` (owns `victims`, rows 1 to 5), holding DELETE and
-/// every statement on `payments` for review by `approvals` people.
+/// demo-db's role `read` as `writer` (owns `victims`, rows 1 to 5, and `payments`),
+/// holding DELETE, DROP and every statement on `payments` for review by `approvals`
+/// people.
 async fn setup(approvals: u32) -> Setup {
     let s = setup_on(Version::Pg15, move |c| {
         let db = c
@@ -31,7 +32,7 @@ async fn setup(approvals: u32) -> Setup {
         let role = &mut db.roles[0];
         role.db_roles = vec!["writer".into()];
         role.sql = SqlPolicy {
-            review: vec!["DELETE".into()],
+            review: vec!["DELETE".into(), "DROP".into()],
             review_tables: vec!["payments".into()],
             ..SqlPolicy::default()
         };
@@ -403,6 +404,26 @@ async fn a_denied_or_undecided_statement_never_runs_and_the_session_goes_on() {
     let (r, _conn) = waiting.await.unwrap();
     assert_eq!(r.unwrap(), 1);
     assert_eq!(victims(&s), "1,2,3,5");
+    // A held DROP: never by its sender, then once another approves.
+    let run = psql(&s, &pw, "drop table victims");
+    let h4 = filed(&s, &[&h.id, &h_cancelled.id, &h2.id, &h3.id]).await;
+    assert_eq!(h4.parse().kinds, ["DROP TABLE"]);
+    assert_eq!(
+        decide(&s, ALICE, &h4.id, "approve", "").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(victims(&s), "1,2,3,5", "still there");
+    assert_eq!(
+        decide(&s, BOB, &h4.id, "approve", "").await,
+        StatusCode::SEE_OTHER
+    );
+    client::ok(&run.await.unwrap());
+    assert_eq!(
+        s.cluster
+            .admin("app", "SELECT to_regclass('victims') IS NULL")
+            .trim(),
+        "t"
+    );
     let actions = s.app.audit_actions().await;
     assert!(actions.contains(&"held.denied".to_string()));
     assert!(actions.contains(&"held.expired".to_string()));
