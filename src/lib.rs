@@ -11,8 +11,9 @@
 //!   and Slack's button clicks; its extractors are the permission checks. [`auth`] knows
 //!   who is asking: OIDC and demo sign-in, sessions, CSRF, scoped API tokens.
 //! - [`access`] runs the state machine `pending → approved | denied | cancelled |
-//!   expired`, grants `active → ended | revoked`, each transition one conditional
-//!   UPDATE plus its audit event in one transaction.
+//!   expired`, grants `active → ended | revoked`, and held actions (`access::held`:
+//!   `pending → approved → ran | denied | expired | withdrawn`), each transition one
+//!   conditional UPDATE plus its audit event in one transaction.
 //! - [`notify`] delivers the outbox (email, Slack messages) and mints single-use
 //!   action links.
 //!

@@ -14,8 +14,10 @@
 //!   it asks of each statement (PostgreSQL's parse, the role's rules).
 //! - [`startup`]: TLS, the StartupMessage and the relay password (SCRAM), before
 //!   admission; [`upstream`]: the login to the target as the grant's role;
-//!   `session`: one connection from admission to close, relayed both ways;
-//!   [`cancel`]: the relay's own cancel keys.
+//!   `session`: one connection from admission to close, relayed both ways, where a
+//!   statement held for review waits (`access::held`) and then runs once or is
+//!   refused; [`cancel`]: the relay's own cancel keys (a cancel also withdraws a held
+//!   statement).
 //!
 //! This file holds the accept loop and what the connections share ([`PgRelay`]).
 //!

@@ -237,6 +237,10 @@ impl Tracker {
     /// message the relay cannot read, or one its rules refuse, is left to
     /// [`Tracker::client_message`].
     fn held(&mut self, t: u8, body: &[u8]) -> Option<Hold> {
+        // A role that holds nothing pays nothing here.
+        if self.ruling.is_none() && !self.judge.holds_any() {
+            return None;
+        }
         let ruling = self.ruling.take();
         let mut f = Fields::new(body);
         let found = match t {
