@@ -401,9 +401,23 @@ async fn a_denied_or_undecided_statement_never_runs_and_the_session_goes_on() {
         decide(&s, CAROL, &h3.id, "approve", "").await,
         StatusCode::SEE_OTHER
     );
-    let (r, _conn) = waiting.await.unwrap();
+    let (r, mut conn) = waiting.await.unwrap();
     assert_eq!(r.unwrap(), 1);
     assert_eq!(victims(&s), "1,2,3,5");
+    // What is not held still works as usual where statements are held: COPY in, and
+    // a prepared statement bound and run again and again.
+    let mut copy = conn.copy_in_raw("copy victims from stdin").await.unwrap();
+    copy.send(b"6\n7\n".as_slice()).await.unwrap();
+    assert_eq!(copy.finish().await.unwrap(), 2);
+    for i in 0..20 {
+        let n: i64 = sqlx::query_scalar("select count(*) + $1 from victims")
+            .bind(i)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 6 + i);
+    }
+    assert_eq!(victims(&s), "1,2,3,5,6,7");
     // A held DROP: never by its sender, then once another approves.
     let run = psql(&s, &pw, "drop table victims");
     let h4 = filed(&s, &[&h.id, &h_cancelled.id, &h2.id, &h3.id]).await;
@@ -412,7 +426,7 @@ async fn a_denied_or_undecided_statement_never_runs_and_the_session_goes_on() {
         decide(&s, ALICE, &h4.id, "approve", "").await,
         StatusCode::FORBIDDEN
     );
-    assert_eq!(victims(&s), "1,2,3,5", "still there");
+    assert_eq!(victims(&s), "1,2,3,5,6,7", "still there");
     assert_eq!(
         decide(&s, BOB, &h4.id, "approve", "").await,
         StatusCode::SEE_OTHER

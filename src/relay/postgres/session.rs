@@ -503,6 +503,7 @@ async fn relay_session(
     // What the relay itself tells the client (where a held statement waits), written
     // by the direction that owns the client's writing half, between two messages.
     let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
+    let answered = Arc::new(tokio::sync::Notify::new());
     let grant = Arc::new(grant.clone());
     let pump = |way, from, first: BytesMut, to| Pump {
         relay: relay.clone(),
@@ -520,6 +521,7 @@ async fn relay_session(
         cut: cut.clone(),
         notices: notices.clone(),
         cancelled: cancelled.clone(),
+        answered: answered.clone(),
     };
     let c2u = tokio::spawn(client_to_target(
         pump(Way::ToTarget, client_r, client_buf, up_w),
@@ -619,6 +621,9 @@ struct Pump {
     notices: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     /// The client's cancels (its CancelRequests with this session's key).
     cancelled: Arc<tokio::sync::Notify>,
+    /// Told whenever the server's messages were passed on (so the client's direction,
+    /// waiting for answers, looks again).
+    answered: Arc<tokio::sync::Notify>,
 }
 
 /// Why a [`Pump::pass`] could not pass on what it read.
@@ -666,6 +671,11 @@ impl Pump {
                     let Some(tr) = tracker.as_mut() else {
                         return false;
                     };
+                    // Where statements are held, one Sync's worth at a time: the rest
+                    // waits for the server's answers ([`Tracker::awaiting_answers`]).
+                    if way == Way::ToTarget && t != b'X' && tr.awaiting_answers() {
+                        return false;
+                    }
                     let instead = match way {
                         Way::ToTarget => tr.from_client(t, body),
                         Way::ToClient => tr.from_server(t, body),
@@ -735,6 +745,10 @@ impl Pump {
                 t.note(text);
             }
         };
+        // Listening for the engineer's cancel from the moment it is held.
+        let cancelled = self.cancelled.clone();
+        let mut cancel = std::pin::pin!(cancelled.notified());
+        cancel.as_mut().enable();
         let filed = crate::access::held::file(
             &state,
             &crate::access::held::Filing {
@@ -785,24 +799,18 @@ impl Pump {
         ));
         let mut tick = tokio::time::interval(HELD_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A cancel from before the hold (of an earlier statement) is not this one's.
-        let cancelled = self.cancelled.clone();
-        let mut cancel = std::pin::pin!(cancelled.notified());
-        cancel.as_mut().enable();
         loop {
             let room = self.buf.len() < self.max;
             tokio::select! {
                 _ = tick.tick() => {}
                 () = &mut cancel => {
-                    let withdrawn = crate::access::held::end(&state, &held.id, HeldStatus::Withdrawn, "cancelled by the engineer").await;
-                    // Decided in the meantime: the decision stands (read it next tick).
-                    if matches!(withdrawn, Ok(true)) {
-                        note(&self.tracker, &format!("held statement withdrawn: cancelled ({})", held.id));
-                        self.rule(&hold, Some(held_refusal("cancelled by you while it waited", Hint::NotRun)));
-                        return Ok(());
-                    }
-                    cancel.set(cancelled.notified());
-                    cancel.as_mut().enable();
+                    // Cancelled: it never runs, whatever was decided meanwhile, and
+                    // even if the store cannot record the withdrawal now (the relay
+                    // never claims it; the sweeper ends it with the session).
+                    let _ = crate::access::held::end(&state, &held.id, HeldStatus::Withdrawn, "cancelled by the engineer").await;
+                    note(&self.tracker, &format!("held statement withdrawn: cancelled ({})", held.id));
+                    self.rule(&hold, Some(held_refusal("cancelled by you while it waited", Hint::NotRun)));
+                    return Ok(());
                 }
                 more = self.read(), if room => {
                     if more {
@@ -908,6 +916,12 @@ impl Pump {
         }
     }
 
+    /// Whether a complete message waits for the server's answers to go on.
+    fn waiting_for_answers(&self) -> bool {
+        matches!(wire::frame(&self.buf, self.max), Ok(Some(_)))
+            && self.tracker.lock().is_ok_and(|t| t.awaiting_answers())
+    }
+
     /// Tells the tracker what becomes of the held statement.
     fn rule(&self, hold: &Hold, refused: Option<Refused>) {
         if let Ok(mut t) = self.tracker.lock() {
@@ -991,11 +1005,28 @@ async fn client_to_target(mut p: Pump, cut: Arc<Cut>) -> Stop {
                 return Stop::Failed(format!("the client sent {e}"));
             }
         }
-        if !p.read().await {
-            let _ = p.to.write_all(&wire::message(b'X', b"")).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
-            return Stop::Closed;
+        if p.waiting_for_answers() {
+            // Until the server has answered (or the client sends more, kept).
+            let answered = p.answered.clone();
+            let mut notified = std::pin::pin!(answered.notified());
+            notified.as_mut().enable();
+            if !p.waiting_for_answers() {
+                continue;
+            }
+            let room = p.buf.len() < p.max;
+            let more = tokio::select! {
+                () = &mut notified => true,
+                more = p.read(), if room => more,
+            };
+            if more {
+                continue;
+            }
+        } else if p.read().await {
+            continue;
         }
+        let _ = p.to.write_all(&wire::message(b'X', b"")).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), p.to.shutdown()).await;
+        return Stop::Closed;
     }
 }
 
@@ -1014,7 +1045,7 @@ async fn target_to_client(
     tokio::pin!(cut_wait);
     loop {
         match p.pass().await {
-            Ok(_) => {}
+            Ok(_) => p.answered.notify_waiters(),
             Err(PassError::Closed | PassError::Left) => return Stop::Closed,
             Err(PassError::Bad(e)) => {
                 fatal(&mut p.to, "08P01", &format!("the target sent {e}"), None).await;

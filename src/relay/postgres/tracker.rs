@@ -172,6 +172,8 @@ pub struct Tracker {
     ruling: Option<(String, Ruling)>,
     /// The held statement being passed again is refused.
     forced: Option<Box<Refused>>,
+    /// The server asked for COPY data (CopyInResponse), until its ReadyForQuery.
+    copying_in: bool,
 }
 
 impl Tracker {
@@ -204,12 +206,22 @@ impl Tracker {
             holding: false,
             ruling: None,
             forced: None,
+            copying_in: false,
         }
     }
 
     /// Whether a statement is waiting for its outcome (the session is not idle).
     pub fn busy(&self) -> bool {
         !self.pending.is_empty() || self.holding
+    }
+
+    /// Whether the relay must wait for the server's answers before it passes on more of
+    /// the client's messages: where the role holds statements, the relay passes one
+    /// Sync's (or Query's) worth at a time, so it knows what each name holds at the
+    /// server (a Parse or Bind the server refused or skipped) before it judges what
+    /// runs next. COPY data the server asked for goes on.
+    pub fn awaiting_answers(&self) -> bool {
+        self.judge.holds_any() && self.syncs_sent > self.readies && !self.copying_in
     }
 
     /// The statement the last message was held for, if it was: it has not gone on, and
@@ -355,6 +367,8 @@ impl Tracker {
             // to refuse, and the transcript records what the server said.
             Err(_) => match t {
                 b'Q' | b'P' | b'B' | b'F' => {
+                    // A ruling's refusal meant for this message goes with it.
+                    self.forced = None;
                     let refused = Refused::plain("unparsed", "the relay cannot read this message");
                     let st = self.statement(Protocol::Simple, "(a message the relay cannot read)");
                     Some(self.refuse(st, refused, None, t))
@@ -471,6 +485,18 @@ impl Tracker {
             b'B' => {
                 let portal = f.cstr()?.to_string();
                 let name = f.cstr()?.to_string();
+                // Where statements are held, what the relay cannot name is not bound: it
+                // could be one the server still has and the relay does not.
+                if self.judge.holds_any() && !self.statements.contains_key(&name) {
+                    let st =
+                        self.statement(Protocol::Extended, "(a statement the relay does not know)");
+                    let r = Refused::plain(
+                        "review",
+                        "this role holds statements for review, and the relay does not know this prepared statement: parse it again",
+                    );
+                    self.refuse(st, r, None, t);
+                    return Ok(Some(judge::refused_bind(&portal, &name)));
+                }
                 // Judged again: the rules may have changed since its Parse. One the relay
                 // has not seen does not exist at the server either (its Parse failed or
                 // never came), or was made by a PREPARE statement, judged as it ran.
@@ -939,7 +965,29 @@ impl Tracker {
                     self.skipping = true;
                 }
             }
-            b'Z' => self.ready(),
+            b'G' => self.copying_in = true,
+            b'Z' => {
+                self.copying_in = false;
+                // Out of any transaction, the server holds no portals: the relay
+                // forgets them too, but for those of Binds still on their way.
+                if body.first() == Some(&b'I') {
+                    let coming: std::collections::HashSet<String> = self
+                        .pending
+                        .iter()
+                        .filter_map(|p| match p {
+                            Pending::Bind(name, _) => Some(name.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    self.portals.retain(|name, _| coming.contains(name));
+                    for p in self.pending.iter_mut() {
+                        if let Pending::Bind(_, before) = p {
+                            *before = None;
+                        }
+                    }
+                }
+                self.ready()
+            }
             b'A' => {
                 let mut f = Fields::new(body);
                 let _pid = f.i32()?;
@@ -1604,6 +1652,56 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let mut plain = tracker(other.path());
         assert_eq!(plain.from_client(b'E', &e), None);
+    }
+
+    #[test]
+    fn where_statements_are_held_the_relay_passes_one_sync_at_a_time_and_binds_only_what_it_knows()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = reviewing(dir.path());
+        assert!(!t.awaiting_answers());
+        t.from_client(b'P', &parse("d", "delete from t where id = 1"));
+        assert!(
+            !t.awaiting_answers(),
+            "within a Sync's worth, messages go on"
+        );
+        t.from_client(b'S', b"");
+        assert!(
+            t.awaiting_answers(),
+            "the next waits for the server's answers"
+        );
+        t.from_server(b'1', b"");
+        t.from_server(b'Z', b"I");
+        assert!(!t.awaiting_answers());
+        // COPY data the server asked for goes on.
+        t.from_client(b'Q', &cstr("copy t from stdin"));
+        assert!(t.awaiting_answers());
+        t.from_server(b'G', &[0, 0, 0]);
+        assert!(!t.awaiting_answers());
+        t.from_server(b'C', &cstr("COPY 0"));
+        t.from_server(b'Z', b"I");
+        // A statement the relay does not know is not bound.
+        assert_eq!(
+            t.from_client(b'B', &bind("", "made_elsewhere", &[])),
+            Some(judge::refused_bind("", "made_elsewhere"))
+        );
+        t.from_client(b'S', b"");
+        assert_eq!(
+            code_of(&t.from_server(b'E', &syntax_error()).unwrap()),
+            "42501"
+        );
+        t.from_server(b'Z', b"I");
+        // Out of a transaction, the server holds no portals, nor does the relay.
+        t.from_client(b'B', &bind("p", "d", &[]));
+        t.from_client(b'S', b"");
+        t.from_server(b'2', b"");
+        t.from_server(b'Z', b"I");
+        assert!(!t.portals.contains_key("p"));
+        // A role that holds nothing is pipelined as before.
+        let other = tempfile::tempdir().unwrap();
+        let mut plain = tracker(other.path());
+        plain.from_client(b'S', b"");
+        assert!(!plain.awaiting_answers());
     }
 
     #[test]

@@ -125,7 +125,20 @@ pub(super) async fn bridge(
                     ));
                 }
                 ChannelMsg::Exec { command, .. } => {
-                    let cmd = String::from_utf8_lossy(&command).to_string();
+                    // What is judged must be what runs: bytes that are not UTF-8 would
+                    // be judged as something else.
+                    let judged = !blocked.is_empty() || !review.is_empty();
+                    let Ok(cmd) = String::from_utf8(command.to_vec()) else {
+                        if judged {
+                            let why = "twokey: the command is refused: commands are judged for this role, and this one is not UTF-8\r\n";
+                            let _ = client.extended_data_bytes(1, why.as_bytes().to_vec()).await;
+                            let _ = client.exit_status(126).await;
+                            end_reason = "refused: not UTF-8".into();
+                            break None;
+                        }
+                        let _ = with_rec(&|r| r.input(&command));
+                        break Some(Start::Exec(command));
+                    };
                     if let Some(p) = commands::blocked_by(&blocked, &cmd) {
                         // Blocked whether or not this can be audited (a failure is
                         // logged): the refusal never depends on the audit.
@@ -148,8 +161,9 @@ pub(super) async fn bridge(
                         break None;
                     }
                     if let Some(p) = commands::blocked_by(&review, &cmd) {
+                        let pty = pending_pty.is_some();
                         let held = hold_command(
-                            &state, &g, &session_id, &cmd, &p, &mut client, &kill, &mut early,
+                            &state, &g, &session_id, &cmd, &p, &mut client, &kill, &mut early, pty,
                         )
                         .await;
                         let _ = with_rec(&|r| r.note(&held.note));
@@ -425,6 +439,7 @@ async fn hold_command(
     client: &mut Channel<Msg>,
     kill: &Arc<crate::relay::live::Cut>,
     early: &mut Early,
+    pty: bool,
 ) -> HeldOutcome {
     use crate::access::held;
     use crate::policy::{Decision, HeldStatus};
@@ -487,6 +502,11 @@ async fn hold_command(
                 return refused(format!("session ended: {why}; the held command did not run"));
             }
             msg = client.wait() => match msg {
+                // Ctrl-C on a terminal: the engineer withdraws it.
+                Some(ChannelMsg::Data { data }) if pty && data.contains(&3) => {
+                    let _ = held::end(state, &h.id, HeldStatus::Withdrawn, "cancelled by the engineer").await;
+                    return refused("cancelled by you while it waited; the held command did not run".into());
+                }
                 Some(ChannelMsg::Data { data }) if early.data.len() + data.len() <= EARLY_MAX => {
                     early.data.extend_from_slice(&data);
                     continue;
