@@ -31,16 +31,11 @@ pub struct HeldView {
 impl HeldView {
     /// Approvers who approved, counted once each.
     pub fn approval_count(&self) -> usize {
-        self.decisions
-            .iter()
-            .filter(|a| a.decision == Decision::Approve)
-            .map(|a| a.approver_id.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
+        super::approval_count(&self.decisions)
     }
 
     pub fn decided_by(&self, user_id: &str) -> bool {
-        self.decisions.iter().any(|a| a.approver_id == user_id)
+        super::decided_by(&self.decisions, user_id)
     }
 
     /// Who denied it, and why.
@@ -372,6 +367,20 @@ pub async fn standing(state: &AppState, id: &str) -> Result<(HeldStatus, Vec<App
         held.status
     };
     Ok((status, decisions))
+}
+
+/// Who decided `d`, for the engineer's client: each approver's email, with their
+/// comment in brackets, in the order they decided.
+pub fn who_decided(decisions: &[ApprovalRow], d: Decision) -> String {
+    decisions
+        .iter()
+        .filter(|a| a.decision == d)
+        .map(|a| match &a.comment {
+            Some(c) => format!("{} ({c})", a.approver_email),
+            None => a.approver_email.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The relay takes an approved action to run it: `approved → ran`, only while its

@@ -65,17 +65,27 @@ pub struct RequestView {
 impl RequestView {
     /// Approvers who approved, counted once each.
     pub fn approval_count(&self) -> usize {
-        self.approvals
-            .iter()
-            .filter(|a| a.decision == Decision::Approve)
-            .map(|a| a.approver_id.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
+        approval_count(&self.approvals)
     }
 
     pub fn decided_by(&self, user_id: &str) -> bool {
-        self.approvals.iter().any(|a| a.approver_id == user_id)
+        decided_by(&self.approvals, user_id)
     }
+}
+
+/// Distinct people among these decisions who approved (of a request or a held action).
+fn approval_count(decisions: &[ApprovalRow]) -> usize {
+    decisions
+        .iter()
+        .filter(|a| a.decision == Decision::Approve)
+        .map(|a| a.approver_id.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// Whether this person has decided, either way.
+fn decided_by(decisions: &[ApprovalRow], user_id: &str) -> bool {
+    decisions.iter().any(|a| a.approver_id == user_id)
 }
 
 /// Re-reads the actor inside the transaction: groups may have changed since the HTTP

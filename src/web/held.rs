@@ -14,10 +14,10 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use serde::Deserialize;
 
 use super::error::PageError;
 use super::extract::WebUser;
+use super::requests::ActionForm;
 use super::views::{Chrome, when};
 use crate::access::held::{self, HeldView};
 use crate::access::{Channel, Decision};
@@ -231,13 +231,6 @@ async fn session_so_far(state: &AppState, session_id: &str) -> (Vec<SoFarVm>, us
         })
         .collect();
     (shown, before as usize, String::new())
-}
-
-#[derive(Deserialize)]
-pub struct ActionForm {
-    csrf: String,
-    #[serde(default)]
-    comment: String,
 }
 
 pub async fn act(

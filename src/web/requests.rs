@@ -503,9 +503,9 @@ pub async fn request_detail(
 
 #[derive(Deserialize)]
 pub struct ActionForm {
-    csrf: String,
+    pub(super) csrf: String,
     #[serde(default)]
-    comment: String,
+    pub(super) comment: String,
 }
 
 pub async fn act(

@@ -845,17 +845,7 @@ impl Pump {
                     continue;
                 }
             };
-            let who = |d: Decision| {
-                decisions
-                    .iter()
-                    .filter(|a| a.decision == d)
-                    .map(|a| match &a.comment {
-                        Some(c) => format!("{} ({c})", a.approver_email),
-                        None => a.approver_email.clone(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let who = |d: Decision| crate::access::held::who_decided(&decisions, d);
             let refused = match status {
                 HeldStatus::Pending => continue,
                 HeldStatus::Approved => {
