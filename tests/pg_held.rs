@@ -476,8 +476,33 @@ async fn a_statement_held_when_its_grant_is_revoked_is_withdrawn_and_never_runs(
         decide(&s, BOB, &h.id, "approve", "").await,
         StatusCode::CONFLICT
     );
-    // PREPARE would keep a held statement to run later, unheld: refused.
     let pw = password(&s).await;
+    // The client killed while its statement waits: withdrawn, never run.
+    let child = s
+        .psql_cmd(&pw, &["-c", "delete from victims where id = 3"])
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let gone = filed(&s, &[&h.id]).await;
+    // A GET of the action's address decides nothing.
+    let bob = s.app.browser(BOB).await;
+    let (st, _) = bob.get(&format!("/held/{}/approve", gone.id)).await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(status(&s, &gone.id).await, HeldStatus::Pending);
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = client::wait(child).await;
+    eventually("the held statement to be withdrawn", async || {
+        status(&s, &gone.id).await == HeldStatus::Withdrawn
+    })
+    .await;
+    assert_eq!(victims(&s), "1,2,3,4,5");
+    // PREPARE would keep a held statement to run later, unheld: refused.
     let told = client::refused(
         &s.psql(&pw, "prepare p as delete from victims where id = 1")
             .await,
