@@ -236,9 +236,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Demo { listen, data_dir } => demo(&listen, &data_dir).await,
         Command::Serve => {
-            let config = load(&cli.config)?;
-            config.validate_for_serve().map_err(|e| e.to_string())?;
-            run_server(config).await
+            let path = cli.config.clone();
+            let reread = move || {
+                let config = load(&path)?;
+                config.validate_for_serve().map_err(|e| e.to_string())?;
+                Ok(config)
+            };
+            run_server(reread()?, reread).await
         }
         Command::CheckConfig { offline } => {
             let config = load(&cli.config)?;
@@ -549,10 +553,22 @@ async fn demo(listen: &str, data_dir: &Path) -> Result<ExitCode, String> {
             path.display()
         ));
     }
-    run_server(config).await
+    let listen = listen.to_string();
+    let reread = move || {
+        let mut config = load(&path)?;
+        config.server.listen = listen.clone();
+        Ok(config)
+    };
+    run_server(config, reread).await
 }
 
-async fn run_server(config: Config) -> Result<ExitCode, String> {
+/// Serves until Ctrl-C or SIGTERM; on SIGHUP, reads the file again (`reread`) and
+/// reloads what it can ([`server::reload`]), saying on stderr what it applied and what
+/// waits for a restart. A file that does not check changes nothing.
+async fn run_server(
+    config: Config,
+    reread: impl Fn() -> Result<Config, String>,
+) -> Result<ExitCode, String> {
     let demo_users: Vec<String> = config
         .auth
         .dev_users
@@ -582,9 +598,29 @@ async fn run_server(config: Config) -> Result<ExitCode, String> {
     // relay sessions are ended and their recordings finalised.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot watch for SIGHUP: {e}"))?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                let outcome = match reread() {
+                    Ok(new) => server::reload(&srv.state, new).await.map_err(|e| describe(&e)),
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(done) => {
+                        tracing::info!(summary = %done.summary(), "configuration reloaded");
+                        eprintln!("Reloaded: {}", done.summary());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "configuration reload refused");
+                        eprintln!("Reload refused, nothing changed: {e}");
+                    }
+                }
+            }
+        }
     }
     eprintln!("Shutting down");
     srv.stop().await;

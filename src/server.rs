@@ -88,6 +88,9 @@ pub async fn start(
     clock: Arc<dyn Clock>,
     listener: TcpListener,
 ) -> Result<Server> {
+    // What the file said, before what starting learns is filled in: what a reload
+    // compares a file with.
+    let as_read = config.clone();
     if config.server.public_url.is_none()
         && let Ok(addr) = listener.local_addr()
     {
@@ -112,6 +115,7 @@ pub async fn start(
         None => None,
     };
     let state = open_state(config, clock).await?;
+    state.set_config_as_read(as_read);
     // Relay sessions a crash left open are closed before anything is served.
     let relay_claim = crate::relay::claim_instance(&state).await?;
     check_db_targets(&state).await?;
@@ -136,27 +140,42 @@ pub async fn start(
     });
     let mut tasks = Tasks::new();
     let st = state.clone();
-    tasks.every("sweeper", state.config.sweep_interval(), None, move || {
-        let (state, sessions) = (st.clone(), sessions.clone());
-        async move { sweep(&state, &sessions).await }
-    });
+    tasks.every(
+        "sweeper",
+        state.config().sweep_interval(),
+        None,
+        move || {
+            let (state, sessions) = (st.clone(), sessions.clone());
+            async move { sweep(&state, &sessions).await }
+        },
+    );
     if state.mailer.is_some() || state.slack.is_some() {
         let st = state.clone();
-        tasks.every("outbox", state.config.outbox_interval(), None, move || {
-            let state = st.clone();
-            async move {
-                if let Err(e) = crate::notify::deliver_due(&state).await {
-                    tracing::warn!(error = %e, "outbox pass failed; will retry");
+        tasks.every(
+            "outbox",
+            state.config().outbox_interval(),
+            None,
+            move || {
+                let state = st.clone();
+                async move {
+                    if let Err(e) = crate::notify::deliver_due(&state).await {
+                        tracing::warn!(error = %e, "outbox pass failed; will retry");
+                    }
                 }
-            }
-        });
+            },
+        );
     }
-    if state.config.resources.iter().any(|r| r.manages_db_roles()) {
+    if state
+        .config()
+        .resources
+        .iter()
+        .any(|r| r.manages_db_roles())
+    {
         let st = state.clone();
         // The first pass is at once: a restart cleans up what a crash left.
         tasks.every(
             "reconciler",
-            state.config.reconcile_interval(),
+            state.config().reconcile_interval(),
             Some(state.reconcile_now.clone()),
             move || {
                 let state = st.clone();
@@ -164,7 +183,7 @@ pub async fn start(
             },
         );
     }
-    let relay = match state.config.relay.as_ref().map(|r| r.listen.clone()) {
+    let relay = match state.config().relay.as_ref().map(|r| r.listen.clone()) {
         Some(listen) => {
             let listener = TcpListener::bind(&listen)
                 .await
@@ -187,6 +206,104 @@ pub async fn start(
         tasks,
         relay,
     })
+}
+
+/// Serializes reloads: each compares with what the one before applied.
+static RELOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Applies `new` (the configuration file, read again) while the server runs: the
+/// policy and every role of the resources it serves apply at once, and what needs a
+/// restart is named ([`crate::config::reload`]). `new` is checked as `serve` checks a
+/// file at start; a file that fails changes nothing. What it applies is audited
+/// (`config.reloaded`) before it runs: a reload that cannot be audited changes nothing.
+/// Live sessions go on under the new rules, judged from their next statement or
+/// command, except those that must connect again ([`crate::relay::end_sessions_for_reload`]).
+pub async fn reload(state: &AppState, new: Config) -> Result<Reloaded> {
+    let _one_at_a_time = RELOADING.lock().await;
+    check_config(&new).map_err(|e| Error::conflict(e.to_string()))?;
+    let running = state.config();
+    let as_read = state.config_as_read();
+    let r = crate::config::reload(&running, &as_read, &new);
+    check_config(&r.config).map_err(|e| Error::conflict(e.to_string()))?;
+    // The file as applied: what still needs a restart stays as it was read, so the
+    // next reload names it again.
+    let applied = crate::config::reload(&as_read, &as_read, &new).config;
+    if !r.applies_anything() {
+        state.set_config_as_read(applied);
+        return Ok(Reloaded {
+            reload: r,
+            ended_sessions: 0,
+        });
+    }
+    let mut tx = store::begin_write(&state.db).await?;
+    crate::audit::append(
+        &mut tx,
+        state.now_ms(),
+        &crate::audit::NewEvent {
+            actor: "system",
+            action: "config.reloaded",
+            subject: "config",
+            details: serde_json::json!({
+                "changed_roles": r.changed,
+                "added_roles": r.added,
+                "removed_roles": r.removed,
+                "policy_changed": r.policy,
+                "needs_restart": r.needs_restart,
+            }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.swap_config(r.config.clone(), applied);
+    let ended_sessions = crate::relay::end_sessions_for_reload(state, &running, &r.config).await;
+    Ok(Reloaded {
+        reload: r,
+        ended_sessions,
+    })
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub reload: crate::config::Reload,
+    /// Live sessions it ended.
+    pub ended_sessions: usize,
+}
+
+impl Reloaded {
+    /// One line for the log: what changed, what ended, what waits for a restart.
+    pub fn summary(&self) -> String {
+        let r = &self.reload;
+        let mut parts = Vec::new();
+        if !r.applies_anything() {
+            parts.push("the policy is unchanged".to_string());
+        }
+        if r.policy {
+            parts.push("[policy] changed".into());
+        }
+        for (what, list) in [
+            ("changed", &r.changed),
+            ("added", &r.added),
+            ("removed", &r.removed),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("roles {what}: {}", list.join(", ")));
+            }
+        }
+        if self.ended_sessions > 0 {
+            parts.push(format!(
+                "{} live session(s) ended to connect again",
+                self.ended_sessions
+            ));
+        }
+        if !r.needs_restart.is_empty() {
+            parts.push(format!(
+                "not applied until a restart: {}",
+                r.needs_restart.join(", ")
+            ));
+        }
+        parts.join("; ")
+    }
 }
 
 /// One pass of the sweeper: expire requests, end grants, end held actions left by a
@@ -238,7 +355,7 @@ async fn reconcile(state: &AppState) {
 /// A target that cannot be reached is logged too: the reconciler retries it.
 async fn check_db_targets(state: &AppState) -> Result<()> {
     for r in state
-        .config
+        .config()
         .resources
         .iter()
         .filter(|r| r.manages_db_roles())

@@ -3,13 +3,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::sync::watch;
+
 use crate::clock::{Clock, to_millis};
 use crate::config::Config;
 use crate::store::Db;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub config: Arc<Config>,
+    /// The configuration as it runs: read with [`AppState::config`], swapped whole by a
+    /// reload ([`crate::server::reload`]).
+    config: Arc<LiveConfig>,
     pub db: Db,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
@@ -101,7 +105,7 @@ impl AppState {
             audit_key,
             mailer,
             slack,
-            config: Arc::new(config),
+            config: Arc::new(LiveConfig::new(config)),
             db,
             clock,
             metrics: Arc::new(Metrics::default()),
@@ -109,9 +113,61 @@ impl AppState {
         })
     }
 
+    /// The configuration as it runs now. Each call may see a newer one after a reload:
+    /// what must hold together is read from one call's value.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.running.borrow().clone()
+    }
+
+    /// Follows the running configuration: each reload marks it changed.
+    pub fn config_updates(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.running.subscribe()
+    }
+
+    /// The configuration as its file said at start or at the last reload, before the
+    /// server filled in what it learned by starting (the ports it bound): what a
+    /// reload compares the file with.
+    pub fn config_as_read(&self) -> Config {
+        self.config
+            .as_read
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Runs `config` from now on, and remembers `as_read` as what its file said.
+    pub(crate) fn swap_config(&self, config: Config, as_read: Config) {
+        if let Ok(mut r) = self.config.as_read.lock() {
+            *r = as_read;
+        }
+        self.config.running.send_replace(Arc::new(config));
+    }
+
+    /// Remembers what the file said before the server filled in what it learned.
+    pub(crate) fn set_config_as_read(&self, as_read: Config) {
+        if let Ok(mut r) = self.config.as_read.lock() {
+            *r = as_read;
+        }
+    }
+
     /// Now, in the database's unit (ms since the epoch).
     pub fn now_ms(&self) -> i64 {
         to_millis(self.clock.now())
+    }
+}
+
+/// The running configuration and what its file said.
+struct LiveConfig {
+    running: watch::Sender<Arc<Config>>,
+    as_read: std::sync::Mutex<Config>,
+}
+
+impl LiveConfig {
+    fn new(config: Config) -> LiveConfig {
+        LiveConfig {
+            as_read: std::sync::Mutex::new(config.clone()),
+            running: watch::Sender::new(Arc::new(config)),
+        }
     }
 }
 

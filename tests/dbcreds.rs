@@ -319,7 +319,7 @@ async fn a_bad_target_shows_a_clear_error_and_creates_nothing(v: Version) {
     // Wrong admin password.
     let (app, _s2) = start(&cluster, &["readonly"]).await;
     // (The password file is read on each use: a rotated secret needs no restart.)
-    let pw_file = app.state().config.resources[0]
+    let pw_file = app.state().config().resources[0]
         .admin_password_file
         .clone()
         .unwrap();
@@ -1049,7 +1049,7 @@ async fn the_admin_connection_verifies_the_server_by_default(v: Version) {
         "{msg}"
     );
     assert!(cluster.twokey_roles().is_empty());
-    let err = twokey::dbcreds::check_target(&app.state().config.resources[0])
+    let err = twokey::dbcreds::check_target(&app.state().config().resources[0])
         .await
         .unwrap_err();
     assert!(err.contains("UnknownIssuer"), "{err}");
@@ -1081,7 +1081,7 @@ async fn the_admin_connection_verifies_the_server_by_default(v: Version) {
         "t"
     );
     assert!(
-        twokey::dbcreds::check_target(&app.state().config.resources[0])
+        twokey::dbcreds::check_target(&app.state().config().resources[0])
             .await
             .unwrap()
             .is_ok()
@@ -1099,7 +1099,7 @@ async fn the_admin_connection_verifies_the_server_by_default(v: Version) {
             failed: 1
         }
     );
-    let err = twokey::dbcreds::check_target(&app.state().config.resources[0])
+    let err = twokey::dbcreds::check_target(&app.state().config().resources[0])
         .await
         .unwrap_err();
     assert!(

@@ -15,6 +15,7 @@ use common::relay_pg::{ALICE, BOB, Setup, relay_password, setup_on};
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use sqlx::Statement;
 use sqlx::postgres::PgConnection;
 use twokey::config::SqlPolicy;
 
@@ -885,4 +886,97 @@ async fn a_role_that_masks_gets_no_session_without_its_masks() {
         err.contains("twokey cannot mask this role's columns right now"),
         "{err}"
     );
+}
+
+/// The role's rules in the configuration as its file says now, changed by `f`.
+fn rules_changed(s: &Setup, f: impl FnOnce(&mut SqlPolicy)) -> twokey::config::Config {
+    let mut c = s.app.state().config_as_read();
+    let db = c
+        .resources
+        .iter_mut()
+        .find(|r| r.name == "demo-db")
+        .unwrap();
+    f(&mut db.roles[0].sql);
+    c
+}
+
+/// A reload applies to live sessions: a statement prepared while the rules let it run
+/// is refused at its next execution once they do not (and does not run), the session
+/// goes on, and a file that does not check changes nothing. A change that a session
+/// cannot take mid-way (a mask) ends it with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_statement_is_judged_by_the_rules_after_a_reload() {
+    let s = setup(Version::Pg17, SqlPolicy::default()).await;
+    let state = s.app.state().clone();
+    let mut conn = connect(&s, &password_for(&s, "read").await).await;
+    let delete = sqlx::Executor::prepare(&mut conn, "delete from victims where id = $1")
+        .await
+        .unwrap();
+    let done = delete.query().bind(1).execute(&mut conn).await.unwrap();
+    assert_eq!(done.rows_affected(), 1);
+
+    // A file that does not check changes nothing, and says why.
+    let bad = rules_changed(&s, |p| p.deny.push("DELET".into()));
+    let err = twokey::server::reload(&state, bad).await.unwrap_err();
+    assert!(err.to_string().contains("DELET"), "{err}");
+    let done = delete.query().bind(2).execute(&mut conn).await.unwrap();
+    assert_eq!(done.rows_affected(), 1, "the rules are as they were");
+
+    let denied = rules_changed(&s, |p| p.deny.push("DELETE".into()));
+    let r = twokey::server::reload(&state, denied).await.unwrap();
+    assert_eq!(r.reload.changed, vec!["demo-db/read".to_string()]);
+    assert_eq!(r.ended_sessions, 0, "{}", r.summary());
+    assert!(r.reload.needs_restart.is_empty(), "{}", r.summary());
+    // The same prepared statement, bound and executed again: refused by the new rule.
+    let e = delete.query().bind(3).execute(&mut conn).await.unwrap_err();
+    let (code, message) = database_error(e);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("(deny)"), "{message}");
+    let n: i64 = sqlx::query_scalar("select count(*) from victims where id = 3")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        n, 1,
+        "the refused DELETE did not run, and the session goes on"
+    );
+    // The Policy page shows the rules that run.
+    assert!(
+        state
+            .config()
+            .role("demo-db", "read")
+            .unwrap()
+            .1
+            .sql
+            .deny
+            .contains(&"DELETE".to_string())
+    );
+    let actions = s.app.audit_actions().await;
+    assert_eq!(
+        actions.iter().filter(|a| *a == "config.reloaded").count(),
+        1
+    );
+
+    // A mask cannot be put on a session mid-way: the reload ends it, saying why.
+    let masked = rules_changed(&s, |p| {
+        p.deny.push("DELETE".into());
+        p.mask = vec![twokey::config::MaskRule {
+            column: Some("secrets.v".into()),
+            name: None,
+            method: twokey::config::MaskMethod::Full,
+        }];
+    });
+    let r = twokey::server::reload(&state, masked).await.unwrap();
+    assert_eq!(r.ended_sessions, 1, "{}", r.summary());
+    let e = simple(&mut conn, "select 1").await;
+    assert!(e.is_err(), "the session was ended");
+    eventually("the session's end is recorded", async || {
+        s.sessions().await.iter().any(|x| {
+            x.end_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("its role's rules changed"))
+        })
+    })
+    .await;
+    s.app.assert_chain_ok().await;
 }

@@ -1289,7 +1289,7 @@ async fn a_host_certificate_from_twokeys_ca_is_not_a_login() {
     let key = russh::keys::ssh_key::PublicKey::from_openssh(public.trim()).unwrap();
     // The CA's key, as an attacker who stole it would have it.
     let ca = russh::keys::ssh_key::PrivateKey::read_openssh_file(
-        s.app.state().config.server.data_dir.join("ssh_user_ca"),
+        s.app.state().config().server.data_dir.join("ssh_user_ca"),
     )
     .unwrap();
     let now = Utc::now().timestamp() as u64;
@@ -1537,7 +1537,7 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_recording_cannot_be_written_is_ended() {
     let s = setup().await;
-    let dir = s.app.state().config.server.data_dir.join("recordings");
+    let dir = s.app.state().config().server.data_dir.join("recordings");
     let Some(_disk) = SmallDisk::mount(&dir, 256 * 1024) else {
         return;
     };
@@ -2309,7 +2309,7 @@ fn cert_with_principals(s: &Setup, id: &str, principals: &[&str]) -> PathBuf {
     let public = std::fs::read_to_string(s.key.with_extension("pub")).unwrap();
     let key = ssh_key::PublicKey::from_openssh(public.trim()).unwrap();
     let ca = ssh_key::PrivateKey::read_openssh_file(
-        s.app.state().config.server.data_dir.join("ssh_user_ca"),
+        s.app.state().config().server.data_dir.join("ssh_user_ca"),
     )
     .unwrap();
     let now = Utc::now().timestamp() as u64;
@@ -2399,7 +2399,7 @@ async fn with_a_passphrase_the_relay_keys_are_encrypted_on_disk_and_work_after_a
     let pass = pass_dir.path().join("passphrase");
     std::fs::write(&pass, "correct horse battery staple\n").unwrap();
     let s = setup_with(move |c| c.ca.passphrase_file = Some(pass)).await;
-    let data = s.app.state().config.server.data_dir.clone();
+    let data = s.app.state().config().server.data_dir.clone();
     // The upstream CA was made in the clear before the passphrase was set (setup
     // makes it for the target): encrypted at start-up too.
     let upstream = s._ca_dir.path().join("upstream");
@@ -2424,7 +2424,7 @@ async fn with_a_passphrase_the_relay_keys_are_encrypted_on_disk_and_work_after_a
         key,
         _ca_dir,
     } = s;
-    let config = (*app.state().config).clone();
+    let config = (*app.state().config()).clone();
     let common::TestApp { server, clock, dir } = app;
     server.stop().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

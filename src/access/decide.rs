@@ -62,6 +62,7 @@ async fn decide_inner(
     let mut tx = store::begin_write(&state.db).await?;
     let (req, actor) = visible_request(state, &mut tx, actor, id).await?;
     let role = role_of(state, &req);
+    let role = role.as_ref();
     let Some(role) = role else {
         return refuse(
             state,
@@ -162,9 +163,12 @@ async fn decide_inner(
             if policy::rule_met(role, &counted) {
                 // The policy and the requester's groups may have changed since filing:
                 // grant only what could be requested now.
-                let requester =
-                    store::load_actor(&mut tx, &req.requester_id, &state.config.auth.admin_groups)
-                        .await?;
+                let requester = store::load_actor(
+                    &mut tx,
+                    &req.requester_id,
+                    &state.config().auth.admin_groups,
+                )
+                .await?;
                 if !requester
                     .as_ref()
                     .is_some_and(|r| policy::may_request(r, role))

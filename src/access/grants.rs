@@ -25,6 +25,7 @@ pub async fn revoke(
     let mut tx = store::begin_write(&state.db).await?;
     let (req, actor) = visible_request(state, &mut tx, actor, id).await?;
     let role = role_of(state, &req);
+    let role = role.as_ref();
     if !policy::may_revoke(&actor, &req.requester_id, role) {
         return refuse(
             state,
@@ -149,7 +150,7 @@ pub async fn revoke_ineligible(
     user_id: &str,
     now: i64,
 ) -> Result<usize> {
-    let Some(holder) = store::load_actor(conn, user_id, &state.config.auth.admin_groups).await?
+    let Some(holder) = store::load_actor(conn, user_id, &state.config().auth.admin_groups).await?
     else {
         return Ok(0);
     };
@@ -161,7 +162,8 @@ pub async fn revoke_ineligible(
         reason: Some(NO_LONGER_ELIGIBLE),
     };
     revoke_where(state, conn, user_id, &by, now, |g| {
-        let role = state.config.role(&g.resource, &g.role).map(|(_, r)| r);
+        let config = state.config();
+        let role = config.role(&g.resource, &g.role).map(|(_, r)| r);
         !policy::may_hold(&holder.groups, role)
     })
     .await
@@ -215,7 +217,8 @@ pub async fn rightful_grants_among(
         .await?
         .into_iter()
         .filter(|h| {
-            let role = state.config.role(&h.resource, &h.role).map(|(_, r)| r);
+            let config = state.config();
+            let role = config.role(&h.resource, &h.role).map(|(_, r)| r);
             policy::may_hold(&h.groups, role)
         })
         .map(|h| h.grant_id)
@@ -294,15 +297,18 @@ pub async fn sweep(state: &AppState) -> Result<Swept> {
 /// the actor is its holder (an approver or admin who can see it must still not log in
 /// on someone else's grant), the role is still in the policy and still lets them ask
 /// for it, and the grant is live at `now`. Refusals are counted.
-pub async fn holders_live_grant<'a>(
-    state: &'a AppState,
+pub async fn holders_live_grant(
+    state: &AppState,
     conn: &mut Conn,
     actor: &Actor,
     request_id: &str,
     now: i64,
-) -> Result<HeldGrant<'a>> {
+) -> Result<HeldGrant> {
     let (req, actor) = visible_request(state, conn, actor, request_id).await?;
-    let found = state.config.role(&req.resource, &req.role);
+    let found = state
+        .config()
+        .role(&req.resource, &req.role)
+        .map(|(res, role)| (res.clone(), role.clone()));
     if req.requester_id != actor.user_id {
         return refuse(
             state,
@@ -315,7 +321,7 @@ pub async fn holders_live_grant<'a>(
             Error::conflict("this role is no longer in the policy"),
         );
     };
-    if !policy::may_request(&actor, role) {
+    if !policy::may_request(&actor, &role) {
         return refuse(
             state,
             Error::forbidden("you may no longer request this role, so no new credentials"),
@@ -363,11 +369,11 @@ pub async fn holders_live_grant<'a>(
 
 /// A live grant, checked for its holder: the holder as they are now (groups refreshed),
 /// and the grant's resource and role from the policy.
-pub struct HeldGrant<'a> {
+pub struct HeldGrant {
     pub actor: Actor,
     pub grant: GrantRow,
-    pub resource: &'a ResourceConfig,
-    pub role: &'a RoleConfig,
+    pub resource: ResourceConfig,
+    pub role: RoleConfig,
 }
 
 /// Live grants the actor may see (their own; all for approvers of the role and admins).
@@ -376,7 +382,8 @@ pub async fn live_grants(state: &AppState, actor: &Actor) -> Result<Vec<GrantRow
         .await?
         .into_iter()
         .filter(|g| {
-            let role = state.config.role(&g.resource, &g.role).map(|(_, r)| r);
+            let config = state.config();
+            let role = config.role(&g.resource, &g.role).map(|(_, r)| r);
             policy::may_view(actor, &g.user_id, role)
         })
         .collect())

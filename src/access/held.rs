@@ -60,13 +60,17 @@ pub struct Filing<'a> {
     pub why: &'a str,
 }
 
-fn role_of<'a>(state: &'a AppState, h: &HeldRow) -> Option<&'a RoleConfig> {
-    state.config.role(&h.resource, &h.role).map(|(_, r)| r)
+fn role_of(state: &AppState, h: &HeldRow) -> Option<RoleConfig> {
+    state
+        .config()
+        .role(&h.resource, &h.role)
+        .map(|(_, r)| r.clone())
 }
 
 async fn load_view(state: &AppState, conn: &mut Conn, mut held: HeldRow) -> Result<HeldView> {
     let decisions = store::held_decisions_for(conn, &held.id).await?;
     let role = role_of(state, &held);
+    let role = role.as_ref();
     // Show what holds now, even before its relay or the sweeper marks it.
     if held.status == HeldStatus::Pending && held.expires_at <= state.now_ms() {
         held.status = HeldStatus::Expired;
@@ -83,7 +87,8 @@ async fn load_view(state: &AppState, conn: &mut Conn, mut held: HeldRow) -> Resu
 /// notifications, in one transaction. The text is not audited (it may hold what must
 /// not be logged), only its hash, parse and why.
 pub async fn file(state: &AppState, f: &Filing<'_>) -> Result<HeldRow> {
-    let Some((_, role)) = state.config.role(&f.grant.resource, &f.grant.role) else {
+    let config = state.config();
+    let Some((_, role)) = config.role(&f.grant.resource, &f.grant.role) else {
         return Err(Error::conflict("this role is no longer in the policy"));
     };
     let now = state.now_ms();
@@ -149,7 +154,7 @@ pub async fn view(state: &AppState, actor: &Actor, id: &str) -> Result<HeldView>
     let held = store::get_held(&mut conn, id)
         .await?
         .ok_or(Error::NotFound("held action"))?;
-    if !policy::may_view(actor, &held.requester_id, role_of(state, &held)) {
+    if !policy::may_view(actor, &held.requester_id, role_of(state, &held).as_ref()) {
         return refuse(state, Error::forbidden("you may not see this held action"));
     }
     load_view(state, &mut conn, held).await
@@ -165,7 +170,7 @@ pub async fn list(
         Vec::new()
     } else {
         state
-            .config
+            .config()
             .resources
             .iter()
             .flat_map(|r| {
@@ -182,7 +187,7 @@ pub async fn list(
     let mut out = Vec::with_capacity(rows.len());
     for h in rows {
         // The SQL filter and the policy must agree; the policy has the last word.
-        if policy::may_view(actor, &h.requester_id, role_of(state, &h)) {
+        if policy::may_view(actor, &h.requester_id, role_of(state, &h).as_ref()) {
             out.push(load_view(state, &mut conn, h).await?);
         }
     }
@@ -197,6 +202,7 @@ pub async fn queue(state: &AppState, actor: &Actor) -> Result<Vec<HeldView>> {
         .filter(|v| v.held.status == HeldStatus::Pending && !v.decided_by(&actor.user_id))
         .filter(|v| {
             role_of(state, &v.held)
+                .as_ref()
                 .is_some_and(|r| policy::may_decide(actor, &v.held.requester_id, r).is_ok())
         })
         .collect())
@@ -220,6 +226,7 @@ pub async fn decide(
         .ok_or(Error::NotFound("held action"))?;
     let actor = current_actor(state, &mut tx, &actor.user_id).await?;
     let role = role_of(state, &held);
+    let role = role.as_ref();
     if !policy::may_view(&actor, &held.requester_id, role) {
         return refuse(state, Error::forbidden("you may not see this held action"));
     }

@@ -91,7 +91,7 @@ fn decided_by(decisions: &[ApprovalRow], user_id: &str) -> bool {
 /// Re-reads the actor inside the transaction: groups may have changed since the HTTP
 /// request was authenticated, and decisions use membership as of now.
 async fn current_actor(state: &AppState, conn: &mut Conn, user_id: &str) -> Result<Actor> {
-    let actor = store::load_actor(conn, user_id, &state.config.auth.admin_groups)
+    let actor = store::load_actor(conn, user_id, &state.config().auth.admin_groups)
         .await?
         .ok_or(Error::Unauthenticated)?;
     // Groups from an identity provider are only as fresh as the last sign-in. Past
@@ -99,7 +99,7 @@ async fn current_actor(state: &AppState, conn: &mut Conn, user_id: &str) -> Resu
     // removed approver's rights). Demo users' groups come from config at start.
     if actor.issuer != "dev"
         && let Some(synced) = actor.groups_synced_at
-        && state.now_ms() - synced > state.config.groups_max_age().as_millis() as i64
+        && state.now_ms() - synced > state.config().groups_max_age().as_millis() as i64
     {
         Metrics::inc(&state.metrics.refusals);
         return Err(Error::forbidden(
@@ -122,20 +122,24 @@ async fn visible_request(
         .await?
         .ok_or(Error::NotFound("request"))?;
     let actor = current_actor(state, conn, &actor.user_id).await?;
-    if !policy::may_view(&actor, &req.requester_id, role_of(state, &req)) {
+    if !policy::may_view(&actor, &req.requester_id, role_of(state, &req).as_ref()) {
         return refuse(state, Error::forbidden("you may not see this request"));
     }
     Ok((req, actor))
 }
 
-fn role_of<'a>(state: &'a AppState, req: &RequestRow) -> Option<&'a RoleConfig> {
-    state.config.role(&req.resource, &req.role).map(|(_, r)| r)
+fn role_of(state: &AppState, req: &RequestRow) -> Option<RoleConfig> {
+    state
+        .config()
+        .role(&req.resource, &req.role)
+        .map(|(_, r)| r.clone())
 }
 
 async fn load_view(state: &AppState, conn: &mut Conn, req: RequestRow) -> Result<RequestView> {
     let approvals = store::approvals_for(conn, &req.id).await?;
     let grant = store::grant_for_request(conn, &req.id).await?;
     let role = role_of(state, &req);
+    let role = role.as_ref();
     let mut view = RequestView {
         required_approvals: role.map_or(0, |r| r.min_approvals),
         all_groups: role.is_some_and(|r| r.all_groups),
@@ -171,7 +175,8 @@ pub async fn create_request(
     input: &RequestInput,
     channel: Channel,
 ) -> Result<RequestView> {
-    let Some(resource) = state.config.resource(&input.resource) else {
+    let config = state.config();
+    let Some(resource) = config.resource(&input.resource) else {
         return Err(Error::invalid(
             "resource",
             format!("no resource named {:?}", input.resource),
@@ -198,7 +203,7 @@ pub async fn create_request(
             )),
         );
     }
-    let ttl = Duration::from_std(state.config.pending_ttl(role))
+    let ttl = Duration::from_std(state.config().pending_ttl(role))
         .map_err(|e| Error::Internal(format!("pending_ttl of {}: {e}", role.name)))?;
     let id = store::insert_request(
         &mut tx,
@@ -251,7 +256,7 @@ pub async fn view(state: &AppState, actor: &Actor, id: &str) -> Result<RequestVi
     let req = store::get_request(&mut conn, id)
         .await?
         .ok_or(Error::NotFound("request"))?;
-    if !policy::may_view(actor, &req.requester_id, role_of(state, &req)) {
+    if !policy::may_view(actor, &req.requester_id, role_of(state, &req).as_ref()) {
         return refuse(state, Error::forbidden("you may not see this request"));
     }
     load_view(state, &mut conn, req).await
@@ -269,7 +274,7 @@ pub enum Scope {
 /// The `resource/role` keys this actor approves.
 fn approvable_keys(state: &AppState, actor: &Actor) -> Vec<String> {
     let mut keys = Vec::new();
-    for r in &state.config.resources {
+    for r in &state.config().resources {
         for role in &r.roles {
             if policy::may_view(actor, "", Some(role)) {
                 keys.push(format!("{}/{}", r.name, role.name));
@@ -313,7 +318,7 @@ pub async fn list(
     let mut out = Vec::with_capacity(rows.len());
     for req in rows {
         // The SQL filter and the policy must agree; the policy has the last word.
-        if policy::may_view(actor, &req.requester_id, role_of(state, &req)) {
+        if policy::may_view(actor, &req.requester_id, role_of(state, &req).as_ref()) {
             out.push(load_view(state, &mut conn, req).await?);
         }
     }
@@ -333,6 +338,7 @@ pub async fn queue(state: &AppState, actor: &Actor) -> Result<Vec<RequestView>> 
     .filter(|v| !v.decided_by(&actor.user_id))
     .filter(|v| {
         role_of(state, &v.request)
+            .as_ref()
             .is_some_and(|r| policy::may_decide(actor, &v.request.requester_id, r).is_ok())
     })
     .collect())

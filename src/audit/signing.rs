@@ -41,7 +41,7 @@ async fn make(state: &AppState, reason: &str, force: bool) -> Result<Option<Sign
         if last.seq >= head_seq && !force {
             return Ok(None);
         }
-        let cfg = &state.config.audit;
+        let cfg = &state.config().audit;
         let interval = i64::try_from(cfg.checkpoint_interval().as_millis()).unwrap_or(i64::MAX);
         let due = (head_seq - last.seq) as u64 >= cfg.checkpoint_every
             || now.saturating_sub(last.ts) >= interval;

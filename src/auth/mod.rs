@@ -63,12 +63,12 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<TokenUs
         return Err(Error::Unauthenticated);
     }
     let now = state.now_ms();
-    let cap = row.created_at + state.config.token_ttl().as_millis() as i64;
+    let cap = row.created_at + state.config().token_ttl().as_millis() as i64;
     if now >= row.expires_at || now >= cap {
         return Err(Error::Unauthenticated);
     }
     let mut conn = state.db.acquire().await?;
-    let actor = store::load_actor(&mut conn, &row.user_id, &state.config.auth.admin_groups)
+    let actor = store::load_actor(&mut conn, &row.user_id, &state.config().auth.admin_groups)
         .await?
         .ok_or(Error::Unauthenticated)?;
     drop(conn);
@@ -88,16 +88,17 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<TokenUs
 /// Loads the signed-in user of a session.
 pub async fn session_actor(state: &AppState, user_id: &str) -> Result<Option<Actor>> {
     let mut conn = state.db.acquire().await?;
-    store::load_actor(&mut conn, user_id, &state.config.auth.admin_groups).await
+    store::load_actor(&mut conn, user_id, &state.config().auth.admin_groups).await
 }
 
 /// Demo sign-in: only for users listed in config, only when `auth.dev_login` is on.
 /// Refreshes the user's groups from config and records the sign-in.
 pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
-    if !state.config.auth.dev_login {
+    if !state.config().auth.dev_login {
         return Err(Error::NotFound("page"));
     }
-    let Some(dev) = state.config.dev_user(email) else {
+    let config = state.config();
+    let Some(dev) = config.dev_user(email) else {
         return Err(Error::forbidden("no such demo user"));
     };
     let now = state.now_ms();
@@ -115,7 +116,7 @@ pub async fn dev_sign_in(state: &AppState, email: &str) -> Result<Actor> {
         },
     )
     .await?;
-    let actor = store::load_actor(&mut tx, &user_id, &state.config.auth.admin_groups)
+    let actor = store::load_actor(&mut tx, &user_id, &state.config().auth.admin_groups)
         .await?
         .ok_or(Error::Unauthenticated)?;
     tx.commit().await?;
@@ -153,7 +154,7 @@ pub async fn oidc_sign_in(state: &AppState, id: &oidc::Identity) -> Result<Actor
         },
     )
     .await?;
-    let actor = store::load_actor(&mut tx, &user_id, &state.config.auth.admin_groups)
+    let actor = store::load_actor(&mut tx, &user_id, &state.config().auth.admin_groups)
         .await?
         .ok_or(Error::Unauthenticated)?;
     tx.commit().await?;
@@ -226,12 +227,12 @@ async fn sync_user(
 /// Makes every configured demo user exist with the groups config gives them, so
 /// approvers can be told about requests before they first sign in.
 pub async fn sync_dev_users(state: &AppState) -> Result<()> {
-    if !state.config.auth.dev_login {
+    if !state.config().auth.dev_login {
         return Ok(());
     }
     let now = state.now_ms();
     let mut tx = store::begin_write(&state.db).await?;
-    for dev in &state.config.auth.dev_users {
+    for dev in &state.config().auth.dev_users {
         sync_user(&mut tx, dev, now).await?;
     }
     tx.commit().await?;
@@ -253,7 +254,7 @@ pub async fn create_scoped_token(
     scopes: &Scopes,
     ttl: Option<std::time::Duration>,
 ) -> Result<String> {
-    let max = state.config.token_ttl();
+    let max = state.config().token_ttl();
     let ttl = match ttl {
         Some(t) if t.is_zero() => return Err(Error::invalid("ttl", "must be longer than zero")),
         Some(t) if t > max => {
@@ -275,8 +276,8 @@ pub async fn create_scoped_token(
     let mut tx = store::begin_write(&state.db).await?;
     let user_id = match store::user_id_by_email(&mut tx, email).await? {
         Some(id) => id,
-        None => match state.config.dev_user(email) {
-            Some(dev) if state.config.auth.dev_login => sync_user(&mut tx, dev, now).await?,
+        None => match state.config().dev_user(email) {
+            Some(dev) if state.config().auth.dev_login => sync_user(&mut tx, dev, now).await?,
             _ => {
                 return Err(Error::invalid(
                     "user",
@@ -471,7 +472,7 @@ pub async fn redeem_cli_code(state: &AppState, code: &str, verifier: &str) -> Re
             user_id: &user_id,
             label: "twokey login",
             scopes: &Scopes::from_db(&scopes),
-            ttl: state.config.cli_token_ttl(),
+            ttl: state.config().cli_token_ttl(),
             details: json!({ "via": "browser confirmation" }),
             now,
         },

@@ -12,7 +12,7 @@ use super::{ConfigError, Secret};
 
 /// The key that signs checkpoints of the audit chain head. It must not live in the
 /// database: whoever can write the database can recompute every hash, but cannot sign.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// The signing key (OpenSSH format, Ed25519); made at first start when absent.

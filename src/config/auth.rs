@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::duration::duration_setting;
 use super::{ConfigError, Secret, invalid};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Sign-in by picking a listed user, with no password. For demos only: every
@@ -58,7 +58,7 @@ fn default_groups_max_age() -> Duration {
 }
 
 /// An OpenID Connect provider (Okta, Entra ID, Google, Keycloak, Dex, ...).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
     /// The issuer URL; discovery is read from `ISSUER/.well-known/openid-configuration`.
@@ -153,7 +153,7 @@ fn default_session_idle() -> Duration {
     Duration::from_secs(8 * 3600)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevUser {
     pub email: String,

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::{ConfigError, Secret};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaConfig {
     /// The CA's private key (OpenSSH format, Ed25519); made at first start when

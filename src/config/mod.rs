@@ -14,6 +14,7 @@ mod demo;
 mod duration;
 mod notify;
 mod relay;
+mod reload;
 mod resources;
 mod secret;
 mod server;
@@ -35,6 +36,7 @@ pub use relay::{
     DEFAULT_MAX_PG_MESSAGE_BYTES, DEFAULT_MAX_RECORDING_BYTES, MIN_MAX_RECORDING_BYTES,
     RelayConfig, RelayPostgresConfig,
 };
+pub use reload::{Reload, reload};
 pub use resources::{
     DbAccess, MaskMethod, MaskRule, PolicyConfig, ResourceConfig, ResourceKind, ReviewPolicy,
     RoleConfig, SqlPolicy,
@@ -44,7 +46,7 @@ pub use server::ServerConfig;
 
 /// Everything twokey runs with. `Default` is what an empty file means: every section's
 /// defaults come from the same functions serde uses (a test holds the two equal).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::{ConfigError, Secret};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlackConfig {
     /// The bot token (`xoxb-…`), in a file.
@@ -48,7 +48,7 @@ pub enum SmtpTls {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// `twokey <twokey@example.com>`.

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::duration::duration_setting;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// Where engineers connect: `ssh -p PORT RESOURCE@host`.
@@ -47,7 +47,7 @@ pub struct RelayConfig {
 /// dbname=RESOURCE user=EMAIL`), the certificate it answers SSLRequest with, and its
 /// message bounds. Connection counts, the startup timeout (`login_grace_time`) and the
 /// idle timeout are the `[relay]` ones.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayPostgresConfig {
     /// The listening address, e.g. `0.0.0.0:6432`.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::duration::{duration_setting, optional_duration_setting};
 use super::{ConfigError, Secret, invalid};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// How long a request may wait for approval before it expires.
@@ -68,7 +68,7 @@ impl fmt::Display for DbAccess {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceConfig {
     pub name: String,
@@ -129,7 +129,7 @@ impl ResourceConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
     pub name: String,

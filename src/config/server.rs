@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::Secret;
 use super::duration::duration_setting;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address the web app and API listen on.

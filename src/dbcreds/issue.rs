@@ -44,8 +44,8 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     let now = state.now_ms();
     let crate::access::HeldGrant {
         grant,
-        resource,
-        role,
+        ref resource,
+        ref role,
         ..
     } = {
         let mut conn = state.db.acquire().await?;
@@ -53,7 +53,7 @@ pub async fn issue(state: &AppState, actor: &Actor, request_id: &str) -> Result<
     };
     // A relay resource is reached only through the relay: handing out the target's own
     // login would let the engineer around the recording and the data-path policy.
-    if state.config.db_access(resource) == crate::config::DbAccess::Relay
+    if state.config().db_access(resource) == crate::config::DbAccess::Relay
         && resource.kind == crate::config::ResourceKind::Postgres
     {
         return Err(Error::conflict(format!(

@@ -24,7 +24,7 @@ pub struct Reconciled {
 pub async fn reconcile(state: &AppState) -> Result<Reconciled> {
     let mut out = Reconciled::default();
     for resource in state
-        .config
+        .config()
         .resources
         .iter()
         .filter(|r| r.manages_db_roles())

@@ -72,7 +72,7 @@ pub async fn issue_relay_login(
     let crate::access::HeldGrant {
         actor: holder,
         grant,
-        resource,
+        ref resource,
         ..
     } = {
         let mut conn = state.db.acquire().await?;
@@ -84,14 +84,14 @@ pub async fn issue_relay_login(
             resource.name
         )));
     }
-    if state.config.db_access(resource) != DbAccess::Relay {
+    if state.config().db_access(resource) != DbAccess::Relay {
         return Err(Error::conflict(format!(
             "{} is reached directly, not through twokey's relay: use \"Get database \
              credentials\" on the request page (or `twokey psql {}`)",
             resource.name, resource.name
         )));
     }
-    let (Some(tls), Some(address)) = (&state.relay_pg, state.config.relay_postgres_address())
+    let (Some(tls), Some(address)) = (&state.relay_pg, state.config().relay_postgres_address())
     else {
         return Err(Error::conflict(
             "twokey's PostgreSQL relay is not configured",

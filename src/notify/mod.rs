@@ -111,7 +111,7 @@ impl HeldVm {
             until: from_millis(h.expires_at)
                 .format("%Y-%m-%d %H:%M:%S UTC")
                 .to_string(),
-            url: format!("{}/held/{}", state.config.public_url(), h.id),
+            url: format!("{}/held/{}", state.config().public_url(), h.id),
         }
     }
 }
@@ -139,7 +139,7 @@ fn vm(state: &AppState, r: &RequestRow) -> MailVm {
         duration: format_duration(std::time::Duration::from_secs(r.duration_secs as u64)),
         reason: r.reason.clone(),
         ticket: r.ticket.clone().unwrap_or_default(),
-        request_url: format!("{}/requests/{}", state.config.public_url(), r.id),
+        request_url: format!("{}/requests/{}", state.config().public_url(), r.id),
         approve_url: String::new(),
         deny_url: String::new(),
         outcome: String::new(),
@@ -198,7 +198,7 @@ async fn compose(state: &AppState, row: &OutboxRow) -> Result<Option<Email>> {
                     now + LINK_TTL_MS,
                 )
                 .await?;
-                let url = format!("{}/a/{}", state.config.public_url(), token);
+                let url = format!("{}/a/{}", state.config().public_url(), token);
                 if action == Decision::Approve {
                     m.approve_url = url;
                 } else {
@@ -399,7 +399,7 @@ pub async fn enqueue_for(
     // The requester cancelled it themselves: no mail; only the Slack message changes.
     if state.mailer.is_some() && kind != "cancelled" {
         if kind == "approval_needed" {
-            if let Some((_, role)) = state.config.role(&req.resource, &req.role) {
+            if let Some((_, role)) = state.config().role(&req.resource, &req.role) {
                 for (id, email) in
                     store::users_in_groups(conn, &role.approver_groups, &req.requester_id).await?
                 {

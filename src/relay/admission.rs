@@ -107,22 +107,20 @@ pub async fn admit(
 /// The admission every relay protocol shares: [`admit`], then the grant's role is still
 /// in the policy. The role is handed back so the protocol can check what its credential
 /// carries against it (SSH: the certificate's principals).
-pub async fn authorize<'s>(
-    state: &'s AppState,
+pub async fn authorize(
+    state: &AppState,
     resource: &str,
     presented: Presented,
-) -> std::result::Result<(Admitted, &'s RoleConfig), Refusal> {
+) -> std::result::Result<(Admitted, RoleConfig), Refusal> {
     let admitted = admit(state, resource, presented).await?;
-    let Some((_, role)) = state
-        .config
-        .role(&admitted.grant.resource, &admitted.grant.role)
-    else {
+    let config = state.config();
+    let Some((_, role)) = config.role(&admitted.grant.resource, &admitted.grant.role) else {
         return Err(Refusal::Grant(format!(
             "the role {} of your grant is no longer in the policy",
             admitted.grant.role
         )));
     };
-    Ok((admitted, role))
+    Ok((admitted, role.clone()))
 }
 
 /// Whether the grant is active, not past its end, and still rightfully held (the

@@ -225,14 +225,14 @@ pub(crate) fn recording_for(
     session_id: &str,
 ) -> std::io::Result<recording::Recorder> {
     let limit = state
-        .config
+        .config()
         .relay
         .as_ref()
         .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
             r.max_recording_bytes
         });
     recording::Recorder::create(
-        &state.config.server.data_dir.join("recordings"),
+        &state.config().server.data_dir.join("recordings"),
         session_id,
         limit,
         state.clock.now().timestamp(),

@@ -77,7 +77,7 @@ impl LiveSessions {
     }
 
     /// Ends, with `reason`, every session whose grant `keep` does not accept.
-    pub(crate) fn cut_where(&self, keep: impl Fn(&str) -> bool, reason: &str) {
+    pub(crate) fn cut_where(&self, keep: impl Fn(&str) -> bool, reason: &str) -> usize {
         let doomed: Vec<Arc<Cut>> = self
             .map
             .lock()
@@ -88,9 +88,10 @@ impl LiveSessions {
                     .collect()
             })
             .unwrap_or_default();
-        for c in doomed {
+        for c in &doomed {
             c.cut(reason);
         }
+        doomed.len()
     }
 
     pub(crate) fn remove(&self, id: &str) {

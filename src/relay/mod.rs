@@ -49,6 +49,64 @@ pub use lifecycle::{INTERRUPTED, close_interrupted};
 pub use live::LiveSessions;
 pub use ssh::{RelayKeys, host_keys};
 
+/// Why a session whose role a reload removed was cut.
+pub(crate) const ROLE_REMOVED: &str = "its role is no longer in the policy";
+/// Why a session that must start again to run under its role's new rules was cut.
+pub(crate) const ROLE_CHANGED: &str = "its role's rules changed: connect again to work under them";
+
+/// After a reload from `old` to `new`: ends the live sessions whose role is gone, and
+/// those of PostgreSQL roles whose session must start again to run under the new rules
+/// ([`postgres::must_reconnect`]); the rest go on, and are judged by the new rules from
+/// their next statement or command. Returns how many were ended. When the store cannot
+/// say which grant a session runs on and some role needs it, every session is ended
+/// (fail closed).
+pub async fn end_sessions_for_reload(
+    state: &AppState,
+    old: &crate::config::Config,
+    new: &crate::config::Config,
+) -> usize {
+    let mut doomed: Vec<(&str, &str, &str)> = Vec::new();
+    for res in &old.resources {
+        for was in &res.roles {
+            match new.role(&res.name, &was.name) {
+                None => doomed.push((&res.name, &was.name, ROLE_REMOVED)),
+                Some((_, now))
+                    if res.kind == crate::config::ResourceKind::Postgres
+                        && postgres::must_reconnect(was, now) =>
+                {
+                    doomed.push((&res.name, &was.name, ROLE_CHANGED))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let ids = state.live_sessions.grant_ids();
+    if doomed.is_empty() || ids.is_empty() {
+        return 0;
+    }
+    let holdings = match crate::store::grant_holdings_among(&state.db, &ids, state.now_ms()).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: cannot tell which live sessions the new rules end; ending them all");
+            return state
+                .live_sessions
+                .cut_where(|_| false, "twokey's policy was reloaded: connect again");
+        }
+    };
+    let mut ended = 0;
+    for (resource, role, reason) in doomed {
+        let on: Vec<&str> = holdings
+            .iter()
+            .filter(|h| h.resource == resource && h.role == role)
+            .map(|h| h.grant_id.as_str())
+            .collect();
+        if !on.is_empty() {
+            ended += state.live_sessions.cut_where(|g| !on.contains(&g), reason);
+        }
+    }
+    ended
+}
+
 /// A running relay.
 pub struct Relay {
     pub addr: SocketAddr,
@@ -106,7 +164,7 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("relay listener: {e}")))?;
-    let limits = state.config.relay.clone().unwrap_or_default();
+    let limits = state.config().relay.clone().unwrap_or_default();
     let grace = limits.login_grace_time;
     let config = ssh::server_config(&keys, &limits);
     let task = tokio::spawn(ssh::server::accept(

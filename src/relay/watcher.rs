@@ -27,10 +27,12 @@ pub(crate) async fn pass(state: &AppState) {
     match crate::access::rightful_grants_among(state, &ids).await {
         // A session registered during the query is on a grant it did not ask about:
         // left for the next tick.
-        Ok(live) => state.live_sessions.cut_where(
-            |g| live.contains(g) || ids.binary_search_by(|i| i.as_str().cmp(g)).is_err(),
-            GRANT_ENDED,
-        ),
+        Ok(live) => {
+            state.live_sessions.cut_where(
+                |g| live.contains(g) || ids.binary_search_by(|i| i.as_str().cmp(g)).is_err(),
+                GRANT_ENDED,
+            );
+        }
         Err(e) => {
             tracing::error!(error = %e, "relay: cannot check grants; ending sessions");
             state.live_sessions.cut_where(

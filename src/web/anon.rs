@@ -28,7 +28,7 @@ struct LoginCsrf {
 }
 
 fn name(state: &AppState, base: &str) -> String {
-    if state.config.secure_cookies() {
+    if state.config().secure_cookies() {
         format!("__Host-{base}")
     } else {
         base.to_string()
@@ -56,7 +56,7 @@ fn set(
     let cookie = Cookie::build((name, value))
         .path("/")
         .http_only(true)
-        .secure(state.config.secure_cookies())
+        .secure(state.config().secure_cookies())
         .same_site(same_site)
         .max_age(Duration::milliseconds(max_age_ms))
         .build();

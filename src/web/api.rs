@@ -54,10 +54,10 @@ fn iso(ms: i64) -> String {
 pub fn request_json(state: &AppState, v: &RequestView) -> Value {
     let r = &v.request;
     let db_access = state
-        .config
+        .config()
         .resource(&r.resource)
         .filter(|res| res.kind == crate::config::ResourceKind::Postgres)
-        .map(|res| state.config.db_access(res).to_string());
+        .map(|res| state.config().db_access(res).to_string());
     json!({
         "id": r.id,
         "status": r.status,
@@ -294,7 +294,7 @@ pub async fn ssh_certificate(
     // Where to connect and which host key to expect, for `twokey ssh`.
     let mut body = json!(minted);
     let view = access::view(&state, &actor, &id).await?;
-    if let Some(res) = state.config.resource(&view.request.resource) {
+    if let Some(res) = state.config().resource(&view.request.resource) {
         body["address"] = json!(res.address);
         body["host_key"] = json!(res.host_key);
     }

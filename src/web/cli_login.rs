@@ -123,7 +123,7 @@ pub async fn show(
             .iter()
             .map(|s| (s.as_str().to_string(), s.describe().to_string()))
             .collect(),
-        ttl: crate::policy::format_duration(state.config.cli_token_ttl()),
+        ttl: crate::policy::format_duration(state.config().cli_token_ttl()),
         approve: scopes.contains(Scope::Approve),
     };
     // Browsers check a form's redirect against the form-action of the page that holds

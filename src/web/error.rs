@@ -145,7 +145,7 @@ pub async fn render_error_pages(
     };
     let status = resp.status();
     let page = ErrorPage {
-        chrome: super::chrome::Chrome::anonymous(state.config.auth.dev_login),
+        chrome: super::chrome::Chrome::anonymous(state.config().auth.dev_login),
         status: status.as_u16(),
         title: info.title,
         message: info.message,

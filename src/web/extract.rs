@@ -86,8 +86,8 @@ async fn signed_in(state: &AppState, session: &Session) -> Result<Option<Actor>,
         .get::<i64>(SESSION_LAST_SEEN)
         .await?
         .unwrap_or(signed_in_at);
-    let lifetime_ms = state.config.session_lifetime().as_millis() as i64;
-    let idle_ms = state.config.session_idle_timeout().as_millis() as i64;
+    let lifetime_ms = state.config().session_lifetime().as_millis() as i64;
+    let idle_ms = state.config().session_idle_timeout().as_millis() as i64;
     let now = state.now_ms();
     let actor = auth::session_actor(state, &user_id).await?;
     match actor {

@@ -97,7 +97,7 @@ pub async fn ssh_certificate(
         .ok_or(Error::NotFound("request"))?;
     drop(conn);
     let address = state
-        .config
+        .config()
         .resource(&req.resource)
         .and_then(|r| r.address.clone())
         .unwrap_or_default();

@@ -174,7 +174,8 @@ pub async fn show(
     let view = held::view(&state, &user.actor, &id).await?;
     let h = &view.held;
     let actor = &user.actor;
-    let role = state.config.role(&h.resource, &h.role).map(|(_, r)| r);
+    let config = state.config();
+    let role = config.role(&h.resource, &h.role).map(|(_, r)| r);
     let can_decide = h.status == HeldStatus::Pending
         && !view.decided_by(&actor.user_id)
         && role.is_some_and(|r| policy::may_decide(actor, &h.requester_id, r).is_ok());

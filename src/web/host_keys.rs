@@ -93,7 +93,7 @@ pub async fn list(
         })
         .collect();
     let pinned = state
-        .config
+        .config()
         .resources
         .iter()
         .filter_map(|r| {

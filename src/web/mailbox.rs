@@ -40,7 +40,8 @@ pub async fn dev_mailbox(
     State(state): State<AppState>,
     user: WebUser,
 ) -> Result<impl IntoResponse, PageError> {
-    if !(state.config.auth.dev_login && state.config.email.as_ref().is_some_and(|e| e.dev_mailbox))
+    if !(state.config().auth.dev_login
+        && state.config().email.as_ref().is_some_and(|e| e.dev_mailbox))
     {
         return Err(Error::NotFound("page").into());
     }

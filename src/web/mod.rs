@@ -72,15 +72,15 @@ pub const HSTS: &str = "max-age=31536000";
 /// - Slack's callback, `/healthz`, `/metrics`, `/static/…`: neither.
 pub fn router(state: AppState, sessions: crate::store::SessionStore) -> Router {
     let hsts = state
-        .config
+        .config()
         .secure_cookies()
         .then(|| HeaderValue::from_static(HSTS));
-    let idle = state.config.session_idle_timeout();
+    let idle = state.config().session_idle_timeout();
     let session_layer = SessionManagerLayer::new(sessions)
         .with_name("twokey_session")
         .with_http_only(true)
         .with_same_site(SameSite::Lax)
-        .with_secure(state.config.secure_cookies())
+        .with_secure(state.config().secure_cookies())
         .with_expiry(Expiry::OnInactivity(time::Duration::seconds(
             idle.as_secs() as i64,
         )));

@@ -48,7 +48,7 @@ pub async fn policy(
     user: WebUser,
 ) -> Result<impl IntoResponse, PageError> {
     let mut rows = Vec::new();
-    for r in &state.config.resources {
+    for r in &state.config().resources {
         for role in &r.roles {
             rows.push(PolicyRowVm {
                 resource: r.name.clone(),
@@ -63,9 +63,9 @@ pub async fn policy(
                 },
                 max: format_duration(role.max_duration()),
                 ticket: role.require_ticket,
-                pending_ttl: format_duration(state.config.pending_ttl(role)),
+                pending_ttl: format_duration(state.config().pending_ttl(role)),
                 you_may_request: policy::may_request(&user.actor, role),
-                grants: grants_in_words(&state.config, r, role),
+                grants: grants_in_words(&state.config(), r, role),
             });
         }
     }

@@ -210,7 +210,8 @@ fn new_request_page(
     let options = role_options(state, actor, &target);
     let chosen = options.iter().find(|o| o.value == target).and_then(|o| {
         let (res, role) = target.split_once('/')?;
-        let (_, role) = state.config.role(res, role)?;
+        let config = state.config();
+        let (_, role) = config.role(res, role)?;
         Some(ChosenRole {
             value: o.value.clone(),
             label: o.label.clone(),
@@ -242,7 +243,7 @@ impl NewRequestPage {
 /// The resource/role pairs this actor may request, as form options.
 fn role_options(state: &AppState, actor: &Actor, selected: &str) -> Vec<RoleOption> {
     let mut out = Vec::new();
-    for r in &state.config.resources {
+    for r in &state.config().resources {
         for role in &r.roles {
             if !policy::may_request(actor, role) {
                 continue;
@@ -439,10 +440,8 @@ pub async fn request_detail(
     let now = state.now_ms();
     let actor = &user.actor;
     let r = &view.request;
-    let role = state
-        .config
-        .role(&r.resource, &r.role)
-        .map(|(_, role)| role);
+    let config = state.config();
+    let role = config.role(&r.resource, &r.role).map(|(_, role)| role);
     let pending = r.status == policy::RequestStatus::Pending;
     let own_request = r.requester_id == actor.user_id;
     let can_decide = pending
@@ -450,13 +449,13 @@ pub async fn request_detail(
         && role.is_some_and(|role| policy::may_decide(actor, &r.requester_id, role).is_ok());
     let grant_live = view.grant.as_ref().is_some_and(|g| g.is_live(now));
     let can_revoke = grant_live && policy::may_revoke(actor, &r.requester_id, role);
-    let resource = state.config.resource(&r.resource);
+    let resource = config.resource(&r.resource);
     let is_ssh = resource.is_some_and(|res| res.kind == crate::config::ResourceKind::Ssh);
     let manages_db = resource.is_some_and(|res| res.manages_db_roles());
     // A relay resource never hands out the target's login, only a relay password.
     let via_relay = resource.is_some_and(|res| {
         res.kind == crate::config::ResourceKind::Postgres
-            && state.config.db_access(res) == crate::config::DbAccess::Relay
+            && state.config().db_access(res) == crate::config::DbAccess::Relay
     });
     let db_credential = match &view.grant {
         Some(g) if manages_db => {

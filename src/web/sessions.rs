@@ -71,7 +71,8 @@ fn is_postgres(s: &SessionRow) -> bool {
 }
 
 fn may_see(state: &AppState, user: &WebUser, s: &SessionRow) -> bool {
-    let role = state.config.role(&s.resource, &s.role).map(|(_, r)| r);
+    let config = state.config();
+    let role = config.role(&s.resource, &s.role).map(|(_, r)| r);
     policy::may_view(&user.actor, &s.holder_id, role)
 }
 

@@ -32,7 +32,7 @@ use crate::state::AppState;
 pub(crate) fn router(state: &AppState) -> Router<AppState> {
     let mut router = Router::new();
     // Demo sign-in exists only when configured: otherwise the route is simply absent.
-    if state.config.auth.dev_login {
+    if state.config().auth.dev_login {
         router = router.route(
             "/login/dev",
             limit::limited(state, Bucket::SignIn, post(dev_login)),
@@ -86,9 +86,9 @@ pub async fn login_page(
     headers: HeaderMap,
     Query(q): Query<NextQuery>,
 ) -> Result<Response, PageError> {
-    let dev_users = if state.config.auth.dev_login {
+    let dev_users = if state.config().auth.dev_login {
         state
-            .config
+            .config()
             .auth
             .dev_users
             .iter()

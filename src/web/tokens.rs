@@ -62,7 +62,7 @@ pub async fn list(
     user: WebUser,
 ) -> Result<impl IntoResponse, PageError> {
     let now = state.now_ms();
-    let cap = state.config.token_ttl().as_millis() as i64;
+    let cap = state.config().token_ttl().as_millis() as i64;
     let live = |t: &TokenListRow| t.created_at + cap > now;
     let me = &user.actor.user_id;
     let (mine, others) = if user.actor.is_admin {

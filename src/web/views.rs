@@ -36,7 +36,7 @@ impl Chrome {
                 Some(_) => csrf_token(session).await?,
                 None => String::new(),
             },
-            dev_banner: state.config.auth.dev_login,
+            dev_banner: state.config().auth.dev_login,
         })
     }
 

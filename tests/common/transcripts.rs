@@ -108,7 +108,7 @@ pub async fn pg_session_under(
     entries: Vec<Entry>,
 ) -> PgSession {
     let state = app.state();
-    let dir = state.config.server.data_dir.join("recordings");
+    let dir = state.config().server.data_dir.join("recordings");
     // The id is chosen before the file, as the relay does; the row names the file.
     let id = uuid::Uuid::new_v4().to_string();
     let path = dir.join(format!("{id}.jsonl"));
@@ -161,7 +161,7 @@ pub async fn ssh_session(
 ) -> (String, std::path::PathBuf) {
     let state = app.state();
     let id = uuid::Uuid::new_v4().to_string();
-    let dir = state.config.server.data_dir.join("recordings");
+    let dir = state.config().server.data_dir.join("recordings");
     let mut r =
         twokey::recording::Recorder::create(&dir, &id, 1 << 20, state.clock.now().timestamp())
             .unwrap();

@@ -83,7 +83,7 @@ impl Slack {
         };
         let link = format!(
             "<{}/requests/{}|Open in twokey>",
-            state.config.public_url(),
+            state.config().public_url(),
             req.id
         );
         let mut blocks =

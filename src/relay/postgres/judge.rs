@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::config::SqlPolicy;
+use tokio::sync::watch;
+
+use crate::config::{Config, SqlPolicy};
 use crate::policy::sql::{self, Dialect, Shape};
 
 use super::wire;
@@ -142,19 +144,71 @@ pub static UNJUDGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// relay's shared cache.
 pub struct Judge {
     policy: Arc<SqlPolicy>,
+    /// The running configuration, when the rules follow its reloads.
+    follows: Option<Follows>,
+    /// A reload removed the role: nothing more runs (the reload ends the session too).
+    removed: bool,
     dialect: Dialect,
     shapes: Arc<Shapes>,
     /// What the role masks, once resolved for the session.
     masks: Option<Arc<super::mask::Masks>>,
 }
 
+/// Where a session's judge reads its role's rules again after a reload.
+struct Follows {
+    updates: watch::Receiver<Arc<Config>>,
+    resource: String,
+    role: String,
+}
+
 impl Judge {
+    /// A judge of fixed rules.
     pub fn new(policy: Arc<SqlPolicy>, shapes: Arc<Shapes>) -> Judge {
         Judge {
             policy,
+            follows: None,
+            removed: false,
             dialect: Dialect::default(),
             shapes,
             masks: None,
+        }
+    }
+
+    /// A judge of `role`'s rules on `resource` that follows reloads of the running
+    /// configuration ([`Judge::refresh`]); `policy` is the role's rules in the value
+    /// `updates` last saw.
+    pub fn following(
+        policy: Arc<SqlPolicy>,
+        updates: watch::Receiver<Arc<Config>>,
+        resource: &str,
+        role: &str,
+        shapes: Arc<Shapes>,
+    ) -> Judge {
+        Judge {
+            follows: Some(Follows {
+                updates,
+                resource: resource.to_string(),
+                role: role.to_string(),
+            }),
+            ..Judge::new(policy, shapes)
+        }
+    }
+
+    /// Reads the role's rules again if the configuration was reloaded since: a rule
+    /// changed applies to the next statement judged, a prepared statement's included.
+    /// Cheap when nothing changed (one atomic load).
+    pub fn refresh(&mut self) {
+        let Some(f) = &mut self.follows else {
+            return;
+        };
+        // A sender gone (the server stopping) keeps the rules as they are.
+        if !f.updates.has_changed().unwrap_or(false) {
+            return;
+        }
+        let config = f.updates.borrow_and_update().clone();
+        match config.role(&f.resource, &f.role) {
+            Some((_, role)) => self.policy = Arc::new(role.sql.clone()),
+            None => self.removed = true,
         }
     }
 
@@ -183,6 +237,12 @@ impl Judge {
 
     /// A parse judged against the rules as they are now.
     pub fn parsed(&self, parsed: &Parsed) -> Result<(), Refused> {
+        if self.removed {
+            return Err(Refused::plain(
+                "policy",
+                "the role of your grant is no longer in the policy",
+            ));
+        }
         match parsed {
             Err(sql::Unparsed(why)) => Err(Refused {
                 detail: Some(why.as_str().into()),

@@ -30,6 +30,7 @@ pub mod judge;
 pub mod mask;
 pub mod scram;
 mod session;
+pub(crate) use session::must_reconnect;
 pub mod startup;
 pub mod tls;
 pub mod tracker;
@@ -62,18 +63,18 @@ pub struct PgRelay {
 /// Accepts connections within the limits (total, per address) before any TLS, and
 /// serves each in its own task.
 pub(crate) async fn accept(state: AppState, listener: TcpListener) {
-    let Some(pg) = state.config.relay_postgres().cloned() else {
+    let Some(pg) = state.config().relay_postgres().cloned() else {
         return;
     };
-    let limits = state.config.relay.clone().unwrap_or_default();
+    let limits = state.config().relay.clone().unwrap_or_default();
     let masks = state
-        .config
+        .config()
         .resources
         .iter()
         .flat_map(|r| r.roles.iter())
         .any(|role| !role.sql.mask.is_empty());
     let mask_key = if masks {
-        mask::load_or_create_key(&state.config.server.data_dir)
+        mask::load_or_create_key(&state.config().server.data_dir)
             .map_err(|e| tracing::error!(error = %e, "postgres relay: no mask key; sessions of roles that mask are refused"))
             .ok()
     } else {

@@ -51,6 +51,25 @@ fn held_refusal(message: impl Into<Box<str>>, hint: Hint) -> Refused {
 /// grant.
 const BAD_PASSWORD_HINT: &str = "get a relay password for your live grant: twokey db-login RESOURCE (or on the request page), or connect with: twokey psql RESOURCE";
 
+/// Whether a live session of a role must connect again to run under `new`: what its
+/// start set up changed (masks resolved against the catalog, parameters sent to the
+/// target, the transcript's row cap), or the role now holds statements, which a session
+/// started without (it passes one Sync at a time only from its start). The other rules
+/// apply at the session's next statement.
+pub(crate) fn must_reconnect(
+    old: &crate::config::RoleConfig,
+    new: &crate::config::RoleConfig,
+) -> bool {
+    let holds = |r: &crate::config::RoleConfig| {
+        !(r.sql.review.is_empty() && r.sql.review_tables.is_empty())
+    };
+    old.sql.mask != new.sql.mask
+        || old.sql.read_only != new.sql.read_only
+        || old.sql.search_path != new.sql.search_path
+        || old.transcript_rows != new.transcript_rows
+        || (!holds(old) && holds(new))
+}
+
 /// What the target is sent at startup: the client's parameters, with the role's rules
 /// on top (a fixed search_path in the place of the client's, read-only transactions).
 fn upstream_parameters(
@@ -164,9 +183,9 @@ async fn admit(
         return Ok(None);
     };
     let is_relay_resource = state
-        .config
+        .config()
         .resource(&resource)
-        .is_some_and(|r| state.config.db_access(r) == DbAccess::Relay);
+        .is_some_and(|r| state.config().db_access(r) == DbAccess::Relay);
     if !is_relay_resource {
         let text = format!("{resource} is not reached through twokey's relay");
         fatal(&mut stream, "3D000", &text, None).await;
@@ -257,7 +276,10 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
         startup,
     } = a;
     let grant = admitted.grant.clone();
-    let Some((resource, role)) = state.config.role(&grant.resource, &grant.role) else {
+    // The role's rules as of `rules`' latest value: the judge follows its reloads.
+    let mut rules = state.config_updates();
+    let config = rules.borrow_and_update().clone();
+    let Some((resource, role)) = config.role(&grant.resource, &grant.role) else {
         fatal(
             &mut stream,
             "28000",
@@ -274,7 +296,7 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
         .map(|k| k.instance.id.clone())
         .unwrap_or_default();
     let limit = state
-        .config
+        .config()
         .relay
         .as_ref()
         .map_or(crate::config::DEFAULT_MAX_RECORDING_BYTES, |r| {
@@ -290,7 +312,7 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
         database: resource.database.clone().unwrap_or_default(),
         rows_cap: role.transcript_rows,
     };
-    let dir = state.config.server.data_dir.join("recordings");
+    let dir = state.config().server.data_dir.join("recordings");
     let transcript = match Transcript::create(&dir, &header, limit) {
         Ok(t) => t,
         Err(e) => {
@@ -331,7 +353,16 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
     }
     let cut = state.live_sessions.register(&session_id, &grant.id);
     let _registered = Registered(&state.live_sessions, &session_id);
-    let judge = Judge::new(Arc::new(role.sql.clone()), relay.shapes.clone());
+    // A reload between reading the role and registering the session is one whose
+    // ending of sessions may have missed it: it starts again under the new rules.
+    let reloaded = rules.has_changed().unwrap_or(true);
+    let judge = Judge::following(
+        Arc::new(role.sql.clone()),
+        rules,
+        &grant.resource,
+        &grant.role,
+        relay.shapes.clone(),
+    );
     let tracker = Arc::new(std::sync::Mutex::new(Tracker::new(
         transcript,
         role.transcript_rows,
@@ -341,16 +372,23 @@ async fn run(relay: &Arc<PgRelay>, a: Admitted, peer: std::net::SocketAddr) {
     let max = relay.pg.max_message_bytes as usize;
     let masking = !role.sql.mask.is_empty();
     let catalog = masking.then(|| super::mask::catalog_query(&role.sql.mask));
-    let connected = upstream::connect(
-        state,
-        &relay.upstreams,
-        &grant,
-        resource,
-        role,
-        &upstream_parameters(startup, &role.sql),
-        max,
-    )
-    .await;
+    let connected = if reloaded {
+        Err(upstream::Failed {
+            code: "57P01".into(),
+            text: "twokey's policy was reloaded as this session started: connect again".into(),
+        })
+    } else {
+        upstream::connect(
+            state,
+            &relay.upstreams,
+            &grant,
+            resource,
+            role,
+            &upstream_parameters(startup, &role.sql),
+            max,
+        )
+        .await
+    };
     let connected = match (connected, &catalog) {
         (Ok(mut up), Some(q)) => upstream::catalog_rows(&mut up, q, max).await.map(|rows| {
             up.catalog = rows;
@@ -666,6 +704,12 @@ impl Pump {
             if tracker.is_none() {
                 return Err(PassError::Closed);
             }
+            if way == Way::ToTarget
+                && let Some(t) = tracker.as_mut()
+            {
+                // The batch is judged by one version of the rules: the newest.
+                t.refresh_rules();
+            }
             let (ready, terminate) =
                 scan(&self.buf, self.max, way == Way::ToTarget, |t, at, body| {
                     let Some(tr) = tracker.as_mut() else {
@@ -786,10 +830,10 @@ impl Pump {
         if let Ok(mut t) = self.tracker.lock() {
             t.transcript.flush();
         }
-        let url = format!("{}/held/{}", state.config.public_url(), held.id);
+        let url = format!("{}/held/{}", state.config().public_url(), held.id);
         let until = crate::clock::from_millis(held.expires_at).format("%H:%M:%S UTC");
         let approvers = state
-            .config
+            .config()
             .role(&held.resource, &held.role)
             .map(|(_, r)| r.approver_groups.join(", "))
             .unwrap_or_default();

@@ -210,6 +210,11 @@ impl Tracker {
         }
     }
 
+    /// Reads the role's rules again if a reload changed them ([`Judge::refresh`]).
+    pub fn refresh_rules(&mut self) {
+        self.judge.refresh();
+    }
+
     /// Whether a statement is waiting for its outcome (the session is not idle).
     pub fn busy(&self) -> bool {
         !self.pending.is_empty() || self.holding

@@ -39,7 +39,7 @@ pub(super) async fn bridge(
     let session_id = uuid::Uuid::new_v4().to_string();
     let g = admitted.grant.clone();
     let (blocked, review) = state
-        .config
+        .config()
         .role(&g.resource, &g.role)
         .map(|(_, r)| (r.blocked_commands.clone(), r.review_commands.clone()))
         .unwrap_or_default();
@@ -477,11 +477,11 @@ async fn hold_command(
     };
     let until = crate::clock::from_millis(h.expires_at).format("%H:%M:%S UTC");
     let groups = state
-        .config
+        .config()
         .role(&h.resource, &h.role)
         .map(|(_, r)| r.approver_groups.join(", "))
         .unwrap_or_default();
-    let url = format!("{}/held/{}", state.config.public_url(), h.id);
+    let url = format!("{}/held/{}", state.config().public_url(), h.id);
     let _ = client
         .extended_data_bytes(
             1,

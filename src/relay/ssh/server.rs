@@ -284,7 +284,7 @@ impl russh::server::Handler for Conn {
         // that is admitted, relayed and recorded like any other.
         if self
             .state
-            .config
+            .config()
             .resources
             .iter()
             .any(|r| r.name == host_to_connect)
@@ -333,7 +333,7 @@ impl russh::server::Handler for Conn {
         // Only when the grant's role allows it, as its certificates would.
         let allowed = matches!(&self.admission, Some(Ok(a)) if self
             .state
-            .config
+            .config()
             .role(&a.grant.resource, &a.grant.role)
             .is_some_and(|(_, r)| r.extensions.iter().any(|e| e == "permit-port-forwarding")));
         if !allowed {

@@ -56,8 +56,8 @@ pub(super) async fn connect_upstream(
 ) -> std::result::Result<russh::client::Handle<Upstream>, RelayError> {
     let keys = state.relay.clone().ok_or(RelayError::KeysMissing)?;
     let g = &admitted.grant;
-    let (resource, role) = state
-        .config
+    let config = state.config();
+    let (resource, role) = config
         .role(&g.resource, &g.role)
         .ok_or(RelayError::RoleGone)?;
     let address = resource

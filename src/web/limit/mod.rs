@@ -56,7 +56,7 @@ pub async fn limit(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    let ip = client_ip(peer, req.headers(), &state.config.trusted_proxies());
+    let ip = client_ip(peer, req.headers(), &state.config().trusted_proxies());
     match state.limiter.check(bucket, ip, state.now_ms()) {
         Ok(()) => next.run(req).await,
         Err(wait) => {

@@ -45,7 +45,7 @@ async fn clicker(
         )));
     };
     let mut conn = state.db.acquire().await?;
-    match store::load_actor(&mut conn, &user_id, &state.config.auth.admin_groups).await? {
+    match store::load_actor(&mut conn, &user_id, &state.config().auth.admin_groups).await? {
         Some(actor) => Ok(Ok(actor)),
         None => Ok(Err("twokey does not know you.".into())),
     }

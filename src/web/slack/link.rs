@@ -45,7 +45,10 @@ pub(super) async fn offer_link(
     )
     .await?;
     tx.commit().await?;
-    Ok(format!("{}/slack/link/{token}", state.config.public_url()))
+    Ok(format!(
+        "{}/slack/link/{token}",
+        state.config().public_url()
+    ))
 }
 
 /// Why a link token cannot be used, in words for the page.
