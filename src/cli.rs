@@ -569,6 +569,13 @@ async fn run_server(
     config: Config,
     reread: impl Fn() -> Result<Config, String>,
 ) -> Result<ExitCode, String> {
+    // Ctrl-C, or SIGTERM from a service manager: stop cleanly either way, so live
+    // relay sessions are ended and their recordings finalised. SIGHUP reloads. Watched
+    // from the start: a signal before the server is up waits, never kills.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot watch for SIGHUP: {e}"))?;
     let demo_users: Vec<String> = config
         .auth
         .dev_users
@@ -594,12 +601,6 @@ async fn run_server(
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
     drop(out);
-    // Ctrl-C, or SIGTERM from a service manager: stop cleanly either way, so live
-    // relay sessions are ended and their recordings finalised.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| format!("cannot watch for SIGHUP: {e}"))?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,

@@ -720,3 +720,97 @@ fn check_config_takes_milliseconds_and_names_a_bad_duration() {
         stderr(&out)
     );
 }
+
+/// SIGHUP reads the file again: a role's change applies to the next request, a file
+/// that does not check changes nothing (and says why), and the server keeps serving.
+#[tokio::test]
+async fn sighup_reloads_the_policy_and_a_bad_file_changes_nothing() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_twokey"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("TWOKEY_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let next_starting = |prefix: &str| loop {
+        match lines.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(l) if l.starts_with(prefix) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no stderr line starting {prefix:?} within 30 s: {e}"),
+        }
+    };
+    let url = first_line(child.0.stdout.take().unwrap())
+        .strip_prefix("twokey is serving at ")
+        .unwrap()
+        .to_string();
+    let config = data.join("twokey.toml");
+    let alice = stdout_of(&twokey(
+        &config,
+        &[
+            "token",
+            "create",
+            "--user",
+            "alice@example.com",
+            "--scope",
+            "requests",
+        ],
+    ));
+    let ask = async |duration: &str| {
+        common::http()
+            .post(format!("{url}/api/v1/requests"))
+            .bearer_auth(alice.trim())
+            .json(&serde_json::json!({"resource": "demo-db", "role": "read", "duration": duration, "reason": "reload check"}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let hup = || {
+        let ok = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    assert_eq!(ask("3h").await.status(), reqwest::StatusCode::CREATED);
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    let shorter = text.replacen("max_duration = \"4h\"", "max_duration = \"2h\"", 1);
+    assert_ne!(shorter, text, "the demo's read role lasts 4h at most");
+    std::fs::write(&config, &shorter).unwrap();
+    hup();
+    let line = next_starting("Reloaded: ");
+    assert!(line.contains("roles changed: demo-db/read"), "{line}");
+    let refused = ask("3h").await;
+    assert_eq!(refused.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(refused.text().await.unwrap().contains("2h"));
+
+    std::fs::write(
+        &config,
+        shorter.replacen("max_duration = \"2h\"", "max_duration = \"two hours\"", 1),
+    )
+    .unwrap();
+    hup();
+    let line = next_starting("Reload refused, nothing changed: ");
+    assert!(line.contains("max_duration"), "{line}");
+    assert_eq!(ask("1h").await.status(), reqwest::StatusCode::CREATED);
+    assert_eq!(
+        ask("3h").await.status(),
+        reqwest::StatusCode::UNPROCESSABLE_ENTITY
+    );
+}

@@ -3380,3 +3380,54 @@ async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
     assert_eq!(s.events("held.denied").await.len(), 1);
     s.app.assert_chain_ok().await;
 }
+
+/// A reload applies to the next command on a live grant: a command the role now
+/// blocks is refused; a session whose role the reload removes is ended, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_blocks_the_next_command_and_ends_sessions_of_a_removed_role() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    let o = s.ssh(&cert, "demo-ssh", "id -u").await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let state = s.app.state().clone();
+    let with_ssh_role = |f: &dyn Fn(&mut Vec<twokey::config::RoleConfig>)| {
+        let mut c = state.config_as_read();
+        f(&mut c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap()
+            .roles);
+        c
+    };
+    let blocked = with_ssh_role(&|roles| roles[0].blocked_commands.push("id *".into()));
+    let r = twokey::server::reload(&state, blocked).await.unwrap();
+    assert_eq!(r.reload.changed, vec!["demo-ssh/admin".to_string()]);
+    let o = s.ssh(&cert, "demo-ssh", "id -u").await;
+    assert_eq!(o.status.code(), Some(126), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("blocked for this role"),
+        "{:?}",
+        text(&o)
+    );
+
+    let child = s.live_session(&cert).await;
+    let removed = with_ssh_role(&|roles| roles[0].name = "operator".into());
+    let r = twokey::server::reload(&state, removed).await.unwrap();
+    assert_eq!(r.reload.removed, vec!["demo-ssh/admin".to_string()]);
+    assert_eq!(r.ended_sessions, 1, "{}", r.summary());
+    let (status, err) = exit_of(child).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("session ended: its role is no longer in the policy"),
+        "{err}"
+    );
+    // And no new one starts.
+    let o = s.ssh(&cert, "demo-ssh", "echo again").await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("no longer in the policy"),
+        "{:?}",
+        text(&o)
+    );
+}
