@@ -148,6 +148,8 @@ pub struct Judge {
     follows: Option<Follows>,
     /// A reload removed the role: nothing more runs (the reload ends the session too).
     removed: bool,
+    /// How many times the rules changed in this session.
+    version: u64,
     dialect: Dialect,
     shapes: Arc<Shapes>,
     /// What the role masks, once resolved for the session.
@@ -168,6 +170,7 @@ impl Judge {
             policy,
             follows: None,
             removed: false,
+            version: 0,
             dialect: Dialect::default(),
             shapes,
             masks: None,
@@ -206,10 +209,17 @@ impl Judge {
             return;
         }
         let config = f.updates.borrow_and_update().clone();
+        self.version += 1;
         match config.role(&f.resource, &f.role) {
             Some((_, role)) => self.policy = Arc::new(role.sql.clone()),
             None => self.removed = true,
         }
+    }
+
+    /// Changes each time the rules do: what was judged by another version is judged
+    /// again before it runs.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// From now on, statements that could show a masked value unmasked are refused.

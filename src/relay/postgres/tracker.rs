@@ -129,6 +129,10 @@ struct Portal {
     long_params: bool,
     described: Option<Described>,
     generation: u64,
+    /// Its statement's parse, when the relay knows the statement, and the version of
+    /// the rules it was judged by at its Bind ([`Judge::version`]).
+    parsed: Option<Arc<Parsed>>,
+    judged_by: u64,
 }
 
 /// The session's transcript and what it needs to follow the conversation.
@@ -261,17 +265,23 @@ impl Tracker {
         let ruling = self.ruling.take();
         let mut f = Fields::new(body);
         let found = match t {
-            b'Q' => f.cstr().ok().and_then(|sql| {
+            b'Q' => {
+                // Unreadable, or refused by the rules as they are now: refused by
+                // [`Tracker::client_message`], with the rule's own words.
+                let Ok(sql) = f.cstr() else {
+                    return None;
+                };
                 let (parsed, verdict) = self.judge.text(sql);
-                verdict.ok()?;
-                let review = self.judge.review(&parsed)?;
+                if verdict.is_err() {
+                    return None;
+                }
                 Some((
                     sql.to_string(),
                     Vec::new(),
                     sha256_hex(&[sql.as_bytes()]),
-                    review,
+                    self.judge.review(&parsed),
                 ))
-            }),
+            }
             b'E' => {
                 let portal = f.cstr().ok()?;
                 match self.portals.get(portal) {
@@ -291,11 +301,9 @@ impl Tracker {
                             }));
                             return None;
                         }
-                        review.map(|review| {
-                            let params = serde_json::to_string(&p.params).unwrap_or_default();
-                            let sha = sha256_hex(&[p.sql.as_bytes(), &[0], params.as_bytes()]);
-                            (p.sql.clone(), p.params.clone(), sha, review)
-                        })
+                        let params = serde_json::to_string(&p.params).unwrap_or_default();
+                        let sha = sha256_hex(&[p.sql.as_bytes(), &[0], params.as_bytes()]);
+                        Some((p.sql.clone(), p.params.clone(), sha, review))
                     }
                     // A portal the relay did not see made (a cursor) could run anything:
                     // where statements are held, it is not run unseen.
@@ -327,13 +335,15 @@ impl Tracker {
                 )));
                 None
             }
-            (None, Some((sql, params, sha256, review))) => Some(Hold {
+            // Approved, and no longer held by the rules (a reload): the ruling
+            // stands, above. Not approved yet and held: held now.
+            (None, Some((sql, params, sha256, Some(review)))) => Some(Hold {
                 sql,
                 params,
                 review,
                 sha256,
             }),
-            (None, None) => None,
+            (None, _) => None,
         }
     }
 
@@ -537,10 +547,10 @@ impl Tracker {
                 }
                 let results: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
                 let binary = results.iter().map(|&r| r == 1).collect();
-                let sql = self
+                let (sql, parsed) = self
                     .statements
                     .get(&name)
-                    .map(|p| p.sql.clone())
+                    .map(|p| (p.sql.clone(), Some(p.parsed.clone())))
                     .unwrap_or_default();
                 return self.remember_portal(
                     portal,
@@ -552,6 +562,8 @@ impl Tracker {
                         long_params,
                         described,
                         generation: 0,
+                        parsed,
+                        judged_by: self.judge.version(),
                     },
                 );
             }
@@ -575,9 +587,18 @@ impl Tracker {
                     ),
                 };
                 st.protocol = Some(Protocol::Extended);
-                if let Some(r) = self.forced.take() {
+                // Bound under rules a reload has changed since: judged again.
+                let rejudged = match self.portals.get(portal) {
+                    Some(Portal {
+                        parsed: Some(parsed),
+                        judged_by,
+                        ..
+                    }) if *judged_by != self.judge.version() => self.judge.parsed(parsed).err(),
+                    _ => None,
+                };
+                if let Some(r) = self.forced.take().map(|r| *r).or(rejudged) {
                     let sql = st.sql.clone();
-                    return Ok(Some(self.refuse(st, *r, Some(&sql), t)));
+                    return Ok(Some(self.refuse(st, r, Some(&sql), t)));
                 }
                 self.pending.push_back(Pending::Execute {
                     st,
@@ -1560,6 +1581,109 @@ mod tests {
             r.last().unwrap().refused.message.as_ref(),
             "the held statement was not the one the relay ruled on"
         );
+    }
+
+    use crate::config::SqlPolicy;
+
+    /// A change of the role's rules.
+    type Edit<'a> = &'a dyn Fn(&mut SqlPolicy);
+
+    /// A tracker whose judge follows `demo-db/read` in the demo's configuration, and
+    /// the sender that reloads it with `f`'s change.
+    fn following(
+        dir: &std::path::Path,
+        f: impl Fn(&mut crate::config::SqlPolicy),
+    ) -> (Tracker, impl Fn(Edit<'_>)) {
+        let mut config = crate::config::Config::parse(
+            &crate::config::demo_config_toml("127.0.0.1:0", dir),
+            "demo",
+        )
+        .unwrap();
+        let edit = move |c: &mut crate::config::Config,
+                         f: &dyn Fn(&mut crate::config::SqlPolicy)| {
+            let db = c
+                .resources
+                .iter_mut()
+                .find(|r| r.name == "demo-db")
+                .unwrap();
+            f(&mut db.roles.iter_mut().find(|r| r.name == "read").unwrap().sql);
+        };
+        edit(&mut config, &f);
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
+        let policy = config.role("demo-db", "read").unwrap().1.sql.clone();
+        let mut t = tracker(dir);
+        t.judge = Judge::following(Arc::new(policy), rx, "demo-db", "read", Arc::default());
+        let reload = move |g: &dyn Fn(&mut crate::config::SqlPolicy)| {
+            let mut c = (**tx.borrow()).clone();
+            edit(&mut c, g);
+            tx.send_replace(Arc::new(c));
+        };
+        (t, reload)
+    }
+
+    #[test]
+    fn a_portal_bound_before_a_reload_is_judged_again_at_its_execute() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, reload) = following(dir.path(), |_| {});
+        t.refresh_rules();
+        assert_eq!(
+            t.from_client(b'P', &parse("d", "delete from t where id = 1")),
+            None
+        );
+        t.from_server(b'1', b"");
+        assert_eq!(t.from_client(b'B', &bind("p", "d", &[])), None);
+        t.from_server(b'2', b"");
+        reload(&|p| p.deny.push("DELETE".into()));
+        t.refresh_rules();
+        assert_eq!(
+            t.from_client(b'E', &cstr("p")),
+            Some(judge::refused_bind("", ""))
+        );
+        assert_eq!(t.take_refusals().last().unwrap().refused.rule, "deny");
+        // Bound again: refused at the Bind.
+        assert_eq!(
+            t.from_client(b'B', &bind("q", "d", &[])),
+            Some(judge::refused_bind("q", "d"))
+        );
+        // A portal bound under the rules as they are is not judged twice.
+        reload(&|p| p.deny.clear());
+        t.refresh_rules();
+        assert_eq!(t.from_client(b'B', &bind("r", "d", &[])), None);
+        assert_eq!(t.from_client(b'E', &cstr("r")), None);
+        assert!(
+            t.take_refusals().len() == 1,
+            "only the Bind of q was refused since"
+        );
+    }
+
+    #[test]
+    fn a_reload_that_denies_an_approved_statement_refuses_it_by_its_rule_and_one_that_stops_holding_it_lets_the_approval_stand()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, reload) = following(dir.path(), |p| p.review = vec!["DELETE".into()]);
+        let q = cstr("delete from t where id = 1");
+        assert_eq!(t.from_client(b'Q', &q), None);
+        let h = t.take_hold().expect("held");
+        t.rule(h.sha256, None);
+        reload(&|p| p.deny.push("DELETE".into()));
+        t.refresh_rules();
+        assert_eq!(t.from_client(b'Q', &q), Some(judge::refused_query()));
+        assert_eq!(t.take_refusals().last().unwrap().refused.rule, "deny");
+
+        reload(&|p| p.deny.clear());
+        t.refresh_rules();
+        assert_eq!(t.from_client(b'Q', &q), None);
+        let h = t.take_hold().expect("held again");
+        t.rule(h.sha256, None);
+        reload(&|p| p.review.clear());
+        t.refresh_rules();
+        assert_eq!(
+            t.from_client(b'Q', &q),
+            None,
+            "approved, and allowed: it runs"
+        );
+        assert!(t.take_hold().is_none());
+        assert!(t.take_refusals().is_empty());
     }
 
     #[test]
