@@ -3431,3 +3431,55 @@ async fn a_reload_blocks_the_next_command_and_ends_sessions_of_a_removed_role() 
         text(&o)
     );
 }
+
+/// A held command nobody decides in time never runs: ssh is told until when it waited,
+/// and an approval that comes after changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_command_not_decided_in_time_never_runs() {
+    let s = setup_with(|c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.roles[0].review_commands = vec!["echo held*".into()];
+    })
+    .await;
+    let (_, cert) = s.grant().await;
+    let run = ssh_with_stdin(&s, &cert, "echo held-late", b"");
+    let mut found = Vec::new();
+    for _ in 0..400 {
+        found = held_commands(&s).await;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = found
+        .first()
+        .expect("the command is held within 20 s")
+        .clone();
+    // The role's wait is 10 minutes; the grant lasts 30.
+    s.app.clock.advance(chrono::Duration::minutes(11));
+    let o = run.await.unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out, "");
+    assert_eq!(o.status.code(), Some(126), "{err}");
+    let until = twokey::clock::from_millis(h.expires_at).format("%H:%M:%S UTC");
+    assert!(
+        err.contains(&format!(
+            "twokey: the command was not approved by {until}; it did not run"
+        )),
+        "{err}"
+    );
+    assert!(!s.sshd.log().contains("held-late"), "it never ran");
+    assert_eq!(
+        decide_held(&s, BOB, &h.id, "approve", "too late").await,
+        StatusCode::CONFLICT
+    );
+    let now = held_commands(&s).await;
+    assert_eq!(now[0].status, twokey::policy::HeldStatus::Expired);
+    assert_eq!(s.events("held.expired").await.len(), 1);
+    assert!(s.events("held.ran").await.is_empty());
+    s.app.assert_chain_ok().await;
+}
