@@ -593,3 +593,56 @@ async fn an_approver_clicks_approve_and_deny_in_chromium_and_psql_gets_the_outco
     assert!(b.exists("#nothing-waiting").await);
     b.quit().await;
 }
+
+/// A held statement twokey cannot file (its store refuses the write) never runs: the
+/// client is told it did not run and to try again, and the session goes on.
+#[tokio::test]
+async fn a_statement_twokey_cannot_file_never_runs_and_the_session_goes_on() {
+    let s = setup(1).await;
+    let pw = password(&s).await;
+    let db = &s.app.state().db;
+    sqlx::raw_sql(
+        "CREATE TRIGGER no_room BEFORE INSERT ON held_actions
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+    )
+    .execute(db)
+    .await
+    .unwrap();
+    let mut conn: sqlx::PgConnection = sqlx::ConnectOptions::connect(&s.sqlx(&pw)).await.unwrap();
+    let e = sqlx::raw_sql("delete from victims where id = 2")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let sqlx::Error::Database(e) = e else {
+        panic!("not the relay's refusal: {e}")
+    };
+    assert_eq!(e.code().as_deref(), Some("42501"));
+    assert_eq!(
+        e.message(),
+        "twokey refused this statement (review): twokey could not file it for review right now"
+    );
+    let pg = e.downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    assert_eq!(pg.hint(), Some("it did not run; try again in a moment"));
+    let still: String = sqlx::query_scalar("select 'still here'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(still, "still here", "the session goes on");
+    assert_eq!(victims(&s), "1,2,3,4,5");
+    assert!(held(&s).await.is_empty());
+
+    // Filed once the store takes it again.
+    sqlx::raw_sql("DROP TRIGGER no_room")
+        .execute(db)
+        .await
+        .unwrap();
+    let run = psql(&s, &pw, "delete from victims where id = 2");
+    let h = filed(&s, &[]).await;
+    assert_eq!(
+        decide(&s, BOB, &h.id, "approve", "").await,
+        StatusCode::SEE_OTHER
+    );
+    client::ok(&run.await.unwrap());
+    assert_eq!(victims(&s), "1,3,4,5");
+    s.app.assert_chain_ok().await;
+}
