@@ -3483,3 +3483,63 @@ async fn a_held_command_not_decided_in_time_never_runs() {
     assert!(s.events("held.ran").await.is_empty());
     s.app.assert_chain_ok().await;
 }
+
+/// A channel opened before a reload is judged by the rules as they are when its
+/// command comes: a client that opens a session channel and waits gains nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_opened_before_a_reload_is_judged_by_the_new_rules() {
+    let s = setup().await;
+    let (_, cert) = s.grant().await;
+    struct AnyHost;
+    impl russh::client::Handler for AnyHost {
+        type Error = russh::Error;
+        async fn check_server_key(
+            &mut self,
+            _: &russh::keys::PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+    let private = russh::keys::ssh_key::PrivateKey::read_openssh_file(&s.key).unwrap();
+    let cert = russh::keys::ssh_key::Certificate::read_file(&cert).unwrap();
+    let mut h = russh::client::connect(
+        std::sync::Arc::new(russh::client::Config::default()),
+        ("127.0.0.1", s.relay_port()),
+        AnyHost,
+    )
+    .await
+    .unwrap();
+    let auth = h
+        .authenticate_openssh_cert("demo-ssh", std::sync::Arc::new(private), cert)
+        .await
+        .unwrap();
+    assert!(auth.success());
+    let mut channel = h.channel_open_session().await.unwrap();
+    let state = s.app.state().clone();
+    let mut c = state.config_as_read();
+    c.resources
+        .iter_mut()
+        .find(|r| r.name == "demo-ssh")
+        .unwrap()
+        .roles[0]
+        .blocked_commands
+        .push("id *".into());
+    twokey::server::reload(&state, c).await.unwrap();
+    channel.exec(true, "id -u").await.unwrap();
+    let (mut stderr, mut status) = (Vec::new(), None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, channel.wait()).await {
+        match msg {
+            russh::ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
+            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            _ => {}
+        }
+    }
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert_eq!(status, Some(126), "{stderr}");
+    assert!(stderr.contains("blocked for this role"), "{stderr}");
+    assert!(
+        !s.sshd.log().contains("id -u"),
+        "it never reached the target"
+    );
+}

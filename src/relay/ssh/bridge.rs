@@ -38,11 +38,6 @@ pub(super) async fn bridge(
 ) -> std::result::Result<(), RelayError> {
     let session_id = uuid::Uuid::new_v4().to_string();
     let g = admitted.grant.clone();
-    let (blocked, review) = state
-        .config()
-        .role(&g.resource, &g.role)
-        .map(|(_, r)| (r.blocked_commands.clone(), r.review_commands.clone()))
-        .unwrap_or_default();
     let rec = Arc::new(std::sync::Mutex::new(
         lifecycle::recording_for(&state, &session_id).map_err(RelayError::Recording)?,
     ));
@@ -127,6 +122,15 @@ pub(super) async fn bridge(
                 ChannelMsg::Exec { command, .. } => {
                     // What is judged must be what runs: bytes that are not UTF-8 would
                     // be judged as something else.
+                    // The role's lists as they are when the command comes (a reload
+                    // may have changed them since the channel opened).
+                    let Some((blocked, review)) = command_rules(&state, &g) else {
+                        let why = "twokey: the role of your grant is no longer in the policy\r\n";
+                        let _ = client.extended_data_bytes(1, why.as_bytes().to_vec()).await;
+                        let _ = client.exit_status(126).await;
+                        end_reason = "refused: role removed".into();
+                        break None;
+                    };
                     let judged = !blocked.is_empty() || !review.is_empty();
                     let Ok(cmd) = String::from_utf8(command.to_vec()) else {
                         if judged {
@@ -425,6 +429,18 @@ struct HeldOutcome {
     note: String,
 }
 
+/// The role's `blocked_commands` and `review_commands` as they are now; none when a
+/// reload removed the role.
+fn command_rules(
+    state: &AppState,
+    g: &crate::store::GrantRow,
+) -> Option<(Vec<String>, Vec<String>)> {
+    state
+        .config()
+        .role(&g.resource, &g.role)
+        .map(|(_, r)| (r.blocked_commands.clone(), r.review_commands.clone()))
+}
+
 /// An exec command the role holds for review (`review_commands`): filed for its
 /// approvers, the engineer told on stderr where it waits, and waited on until it is
 /// decided, its wait runs out, the session is cut or the client closes. Approved (and
@@ -542,6 +558,17 @@ async fn hold_command(
         let who = |d: Decision| crate::access::held::who_decided(&decisions, d);
         return match status {
             HeldStatus::Pending => continue,
+            // Approved, and a reload blocked it since: the rules have the last word.
+            HeldStatus::Approved
+                if let Some(why) = match command_rules(state, g) {
+                    None => Some("the role of your grant is no longer in the policy".to_string()),
+                    Some((blocked, _)) => commands::blocked_by(&blocked, cmd)
+                        .map(|p| format!("the command is now blocked for this role (matches {p:?})")),
+                } =>
+            {
+                let _ = held::end(state, &h.id, HeldStatus::Withdrawn, &why).await;
+                refused(format!("{why}; it did not run"))
+            }
             HeldStatus::Approved => match held::claim_run(state, &h.id).await {
                 Ok(true) => {
                     let by = who(Decision::Approve);
