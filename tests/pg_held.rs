@@ -646,3 +646,37 @@ async fn a_statement_twokey_cannot_file_never_runs_and_the_session_goes_on() {
     assert_eq!(victims(&s), "1,3,4,5");
     s.app.assert_chain_ok().await;
 }
+
+/// A reload that denies a statement while it waits has the last word: approved after,
+/// it is refused by the new rule, withdrawn, and never recorded as run.
+#[tokio::test]
+async fn a_statement_the_rules_deny_while_it_waits_never_runs_once_approved() {
+    let s = setup(1).await;
+    let pw = password(&s).await;
+    let run = psql(&s, &pw, "delete from victims where id = 2");
+    let h = filed(&s, &[]).await;
+    let state = s.app.state().clone();
+    let mut c = state.config_as_read();
+    c.resources
+        .iter_mut()
+        .find(|r| r.name == "demo-db")
+        .unwrap()
+        .roles[0]
+        .sql
+        .deny
+        .push("DELETE".into());
+    twokey::server::reload(&state, c).await.unwrap();
+    assert_eq!(
+        decide(&s, BOB, &h.id, "approve", "").await,
+        StatusCode::SEE_OTHER
+    );
+    let told = client::refused(&run.await.unwrap());
+    assert!(
+        told.contains("twokey refused this statement (deny)"),
+        "{told}"
+    );
+    assert_eq!(victims(&s), "1,2,3,4,5");
+    assert_eq!(status(&s, &h.id).await, HeldStatus::Withdrawn);
+    assert!(!s.app.audit_actions().await.iter().any(|a| a == "held.ran"));
+    s.app.assert_chain_ok().await;
+}

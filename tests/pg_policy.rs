@@ -922,6 +922,15 @@ async fn a_prepared_statement_is_judged_by_the_rules_after_a_reload() {
     let done = delete.query().bind(2).execute(&mut conn).await.unwrap();
     assert_eq!(done.rows_affected(), 1, "the rules are as they were");
 
+    // A second session keeps a DELETE at the server with SQL's PREPARE, which the relay
+    // does not follow by name.
+    let mut other = connect(&s, &password_for(&s, "read").await).await;
+    simple(
+        &mut other,
+        "prepare later(int) as delete from victims where id = $1",
+    )
+    .await
+    .unwrap();
     let denied = rules_changed(&s, |p| p.deny.push("DELETE".into()));
     let r = twokey::server::reload(&state, denied).await.unwrap();
     assert_eq!(r.reload.changed, vec!["demo-db/read".to_string()]);
@@ -951,6 +960,28 @@ async fn a_prepared_statement_is_judged_by_the_rules_after_a_reload() {
             .deny
             .contains(&"DELETE".to_string())
     );
+    // The session that made a statement at the server runs nothing more: it is told
+    // to connect again, and its DELETE never runs.
+    for sql in ["execute later(4)", "select 1"] {
+        let (code, message) = simple(&mut other, sql).await.unwrap_err();
+        assert_eq!(code, "42501", "{sql}: {message}");
+        assert!(message.contains("connect again"), "{message}");
+    }
+    sqlx::Connection::close(other).await.unwrap();
+    eventually("the second session's end is recorded", async || {
+        s.sessions()
+            .await
+            .iter()
+            .filter(|x| x.ended_at.is_none())
+            .count()
+            == 1
+    })
+    .await;
+    let n: i64 = sqlx::query_scalar("select count(*) from victims where id = 4")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
     let actions = s.app.audit_actions().await;
     assert_eq!(
         actions.iter().filter(|a| *a == "config.reloaded").count(),

@@ -955,6 +955,17 @@ const DEFERS: &[&str] = &[
     "CREATE MATERIALIZED VIEW",
 ];
 
+/// Whether the text makes something at the server that runs statements later, where
+/// the relay does not judge them again: a prepared statement, a cursor, a rule, a
+/// function or procedure, a view, a trigger.
+pub fn keeps_for_later(shape: &Shape) -> bool {
+    shape.statements.iter().any(|s| {
+        s.kinds.first().is_some_and(|k| {
+            DEFERS.contains(&k.as_str()) || k == "DECLARE CURSOR" || k == "CREATE TRIGGER"
+        })
+    })
+}
+
 /// Why the role holds this statement for another person's approval (its `review` and
 /// `review_tables` rules), or `None` when it runs as it is. Asked only of a statement
 /// [`judge`] let through.

@@ -244,6 +244,18 @@ pub(crate) fn recording_for(
 /// never dropped: the caller decides what it refuses. Where the event is the condition
 /// for going on (a forward opening) it refuses on Err; where it records a refusal (a
 /// blocked command, a refused forward or login) the refusal stands either way.
+/// Runs a change of the store to its end in a task of its own, even when the session's
+/// task that asked is stopped meanwhile (a cut aborts the client's direction): a
+/// transaction dropped half-way would hold the database's write lock past the
+/// session's own close.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = crate::Result<T>> + Send + 'static,
+) -> crate::Result<T> {
+    tokio::spawn(change)
+        .await
+        .unwrap_or_else(|e| Err(Error::Internal(format!("a store task failed: {e}"))))
+}
+
 pub(crate) async fn audit(
     state: &AppState,
     actor: &str,
@@ -251,23 +263,31 @@ pub(crate) async fn audit(
     subject: &str,
     details: serde_json::Value,
 ) -> std::result::Result<(), RelayError> {
-    let written = async {
-        let mut tx = store::begin_write(&state.db).await?;
-        crate::audit::append(
-            &mut tx,
-            state.now_ms(),
-            &crate::audit::NewEvent {
-                actor,
-                action,
-                subject,
-                details,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        Ok::<_, Error>(())
-    }
-    .await;
+    let written = {
+        let (state, actor, action, subject) = (
+            state.clone(),
+            actor.to_string(),
+            action.to_string(),
+            subject.to_string(),
+        );
+        to_the_end(async move {
+            let mut tx = store::begin_write(&state.db).await?;
+            crate::audit::append(
+                &mut tx,
+                state.now_ms(),
+                &crate::audit::NewEvent {
+                    actor: &actor,
+                    action: &action,
+                    subject: &subject,
+                    details,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    };
     written.map_err(|e| {
         tracing::error!(error = %e, action, subject, "relay: an audit event could not be written");
         RelayError::AuditFailed {

@@ -146,14 +146,36 @@ pub struct Judge {
     policy: Arc<SqlPolicy>,
     /// The running configuration, when the rules follow its reloads.
     follows: Option<Follows>,
-    /// A reload removed the role: nothing more runs (the reload ends the session too).
-    removed: bool,
+    /// Why nothing more runs in this session, when a reload made it so: the role was
+    /// removed, or changed in a way the session cannot take (the reload ends it too).
+    stale: Option<&'static str>,
+    /// The rules the session was set up with (its masks, parameters, holding).
+    at_start: Arc<SqlPolicy>,
+    /// The session made something at the server that runs statements later, which the
+    /// relay does not judge again ([`sql::keeps_for_later`]).
+    made_for_later: std::cell::Cell<bool>,
     /// How many times the rules changed in this session.
     version: u64,
     dialect: Dialect,
     shapes: Arc<Shapes>,
     /// What the role masks, once resolved for the session.
     masks: Option<Arc<super::mask::Masks>>,
+}
+
+const ROLE_REMOVED: &str = "the role of your grant is no longer in the policy";
+const SET_UP_DIFFERENTLY: &str = "the role's rules changed in a way this session cannot take (its masks, read_only, search_path or held statements): connect again";
+const MADE_FOR_LATER: &str = "the role's rules changed after this session made a prepared statement, cursor, view, rule or function at the server, which twokey cannot judge again: connect again";
+
+/// Whether a session set up under `old` cannot run under `new`: what its start set up
+/// (masks resolved against the catalog, parameters sent to the target) differs, or
+/// `new` holds statements for review where `old` held none (a session passes one Sync
+/// at a time only from its start).
+pub fn set_up_differently(old: &SqlPolicy, new: &SqlPolicy) -> bool {
+    let holds = |p: &SqlPolicy| !(p.review.is_empty() && p.review_tables.is_empty());
+    old.mask != new.mask
+        || old.read_only != new.read_only
+        || old.search_path != new.search_path
+        || (!holds(old) && holds(new))
 }
 
 /// Where a session's judge reads its role's rules again after a reload.
@@ -167,9 +189,11 @@ impl Judge {
     /// A judge of fixed rules.
     pub fn new(policy: Arc<SqlPolicy>, shapes: Arc<Shapes>) -> Judge {
         Judge {
+            at_start: policy.clone(),
             policy,
             follows: None,
-            removed: false,
+            stale: None,
+            made_for_later: std::cell::Cell::new(false),
             version: 0,
             dialect: Dialect::default(),
             shapes,
@@ -210,10 +234,19 @@ impl Judge {
         }
         let config = f.updates.borrow_and_update().clone();
         self.version += 1;
-        match config.role(&f.resource, &f.role) {
-            Some((_, role)) => self.policy = Arc::new(role.sql.clone()),
-            None => self.removed = true,
+        let Some((_, role)) = config.role(&f.resource, &f.role) else {
+            self.stale = Some(ROLE_REMOVED);
+            return;
+        };
+        if role.sql == *self.policy {
+            return;
         }
+        if set_up_differently(&self.at_start, &role.sql) {
+            self.stale = Some(SET_UP_DIFFERENTLY);
+        } else if self.made_for_later.get() {
+            self.stale = Some(MADE_FOR_LATER);
+        }
+        self.policy = Arc::new(role.sql.clone());
     }
 
     /// Changes each time the rules do: what was judged by another version is judged
@@ -247,12 +280,27 @@ impl Judge {
 
     /// A parse judged against the rules as they are now.
     pub fn parsed(&self, parsed: &Parsed) -> Result<(), Refused> {
-        if self.removed {
-            return Err(Refused::plain(
-                "policy",
-                "the role of your grant is no longer in the policy",
-            ));
+        if let Some(r) = self.stale() {
+            return Err(r);
         }
+        let verdict = self.judged(parsed);
+        if verdict.is_ok()
+            && self.follows.is_some()
+            && let Ok(shape) = parsed
+            && sql::keeps_for_later(shape)
+        {
+            self.made_for_later.set(true);
+        }
+        verdict
+    }
+
+    /// The refusal of everything, when a reload left this session unable to run
+    /// anything more.
+    pub fn stale(&self) -> Option<Refused> {
+        self.stale.map(|why| Refused::plain("policy", why))
+    }
+
+    fn judged(&self, parsed: &Parsed) -> Result<(), Refused> {
         match parsed {
             Err(sql::Unparsed(why)) => Err(Refused {
                 detail: Some(why.as_str().into()),

@@ -52,22 +52,33 @@ fn held_refusal(message: impl Into<Box<str>>, hint: Hint) -> Refused {
 const BAD_PASSWORD_HINT: &str = "get a relay password for your live grant: twokey db-login RESOURCE (or on the request page), or connect with: twokey psql RESOURCE";
 
 /// Whether a live session of a role must connect again to run under `new`: what its
-/// start set up changed (masks resolved against the catalog, parameters sent to the
-/// target, the transcript's row cap), or the role now holds statements, which a session
-/// started without (it passes one Sync at a time only from its start). The other rules
-/// apply at the session's next statement.
+/// start set up changed ([`super::judge::set_up_differently`]), or the transcript's row
+/// cap. The other rules apply at the session's next statement.
 pub(crate) fn must_reconnect(
     old: &crate::config::RoleConfig,
     new: &crate::config::RoleConfig,
 ) -> bool {
-    let holds = |r: &crate::config::RoleConfig| {
-        !(r.sql.review.is_empty() && r.sql.review_tables.is_empty())
-    };
-    old.sql.mask != new.sql.mask
-        || old.sql.read_only != new.sql.read_only
-        || old.sql.search_path != new.sql.search_path
+    super::judge::set_up_differently(&old.sql, &new.sql)
         || old.transcript_rows != new.transcript_rows
-        || (!holds(old) && holds(new))
+}
+
+/// Ends a held action (withdrawn, expired) to its end, whatever becomes of the task
+/// that asked ([`lifecycle::to_the_end`]).
+async fn end_held(
+    state: &crate::state::AppState,
+    id: &str,
+    to: HeldStatus,
+    why: String,
+) -> crate::Result<bool> {
+    let (state, id) = (state.clone(), id.to_string());
+    lifecycle::to_the_end(async move { crate::access::held::end(&state, &id, to, &why).await })
+        .await
+}
+
+/// Claims an approved held action to run, to its end ([`lifecycle::to_the_end`]).
+async fn claim_held(state: &crate::state::AppState, id: &str) -> crate::Result<bool> {
+    let (state, id) = (state.clone(), id.to_string());
+    lifecycle::to_the_end(async move { crate::access::held::claim_run(&state, &id).await }).await
 }
 
 /// What the target is sent at startup: the client's parameters, with the role's rules
@@ -793,23 +804,34 @@ impl Pump {
         let cancelled = self.cancelled.clone();
         let mut cancel = std::pin::pin!(cancelled.notified());
         cancel.as_mut().enable();
-        let filed = crate::access::held::file(
-            &state,
-            &crate::access::held::Filing {
-                session_id: &self.session,
-                grant: &self.grant,
-                protocol: "postgres",
-                action: &hold.sql,
-                params: &hold.params,
-                action_sha256: &hold.sha256,
-                parse: &store::HeldParse {
-                    kinds: hold.review.kinds.clone(),
-                    tables: hold.review.tables.clone(),
-                },
-                why: &hold.review.why,
-            },
-        )
-        .await;
+        let filed = {
+            let (state, session, grant, h) = (
+                state.clone(),
+                self.session.clone(),
+                self.grant.clone(),
+                hold.clone(),
+            );
+            lifecycle::to_the_end(async move {
+                crate::access::held::file(
+                    &state,
+                    &crate::access::held::Filing {
+                        session_id: &session,
+                        grant: &grant,
+                        protocol: "postgres",
+                        action: &h.sql,
+                        params: &h.params,
+                        action_sha256: &h.sha256,
+                        parse: &store::HeldParse {
+                            kinds: h.review.kinds.clone(),
+                            tables: h.review.tables.clone(),
+                        },
+                        why: &h.review.why,
+                    },
+                )
+                .await
+            })
+            .await
+        };
         let held = match filed {
             Ok(h) => h,
             Err(e) => {
@@ -851,7 +873,7 @@ impl Pump {
                     // Cancelled: it never runs, whatever was decided meanwhile, and
                     // even if the store cannot record the withdrawal now (the relay
                     // never claims it; the sweeper ends it with the session).
-                    let _ = crate::access::held::end(&state, &held.id, HeldStatus::Withdrawn, "cancelled by the engineer").await;
+                    let _ = end_held(&state, &held.id, HeldStatus::Withdrawn, "cancelled by the engineer".to_string()).await;
                     note(&self.tracker, &format!("held statement withdrawn: cancelled ({})", held.id));
                     self.rule(&hold, Some(held_refusal("cancelled by you while it waited", Hint::NotRun)));
                     return Ok(());
@@ -860,16 +882,16 @@ impl Pump {
                     if more {
                         continue;
                     }
-                    let _ = crate::access::held::end(&state, &held.id, HeldStatus::Withdrawn, "the client left while it waited").await;
+                    let _ = end_held(&state, &held.id, HeldStatus::Withdrawn, "the client left while it waited".to_string()).await;
                     return Err(PassError::Left);
                 }
             }
             if let Some(reason) = self.cut.reason() {
-                let _ = crate::access::held::end(
+                let _ = end_held(
                     &state,
                     &held.id,
                     HeldStatus::Withdrawn,
-                    &format!("its session ended: {reason}"),
+                    format!("its session ended: {reason}"),
                 )
                 .await;
                 // The other direction tells the client of the cut and ends the session.
@@ -892,41 +914,54 @@ impl Pump {
             let who = |d: Decision| crate::access::held::who_decided(&decisions, d);
             let refused = match status {
                 HeldStatus::Pending => continue,
-                HeldStatus::Approved => {
-                    match crate::access::held::claim_run(&state, &held.id).await {
-                        Ok(true) => {
-                            let by = who(Decision::Approve);
-                            note(
-                                &self.tracker,
-                                &format!("approved by {by}; run once ({})", held.id),
-                            );
-                            self.tell(&format!("approved by {by}: twokey runs it now, once"));
-                            None
-                        }
-                        Ok(false) => Some(held_refusal(
-                            "it was approved, but its grant is no longer live",
-                            Hint::NotRun,
-                        )),
-                        Err(_) if state.now_ms() >= held.expires_at => Some(held_refusal(
-                            "it was approved, but twokey could not record that it runs",
-                            Hint::NotRun,
-                        )),
-                        Err(e) => {
-                            tracing::warn!(error = %e, held = %held.id, "postgres relay: cannot claim an approved statement; will retry");
-                            continue;
-                        }
-                    }
+                // Approved, and a reload's rules refuse it now: they have the last
+                // word, and it is withdrawn, never recorded as run.
+                HeldStatus::Approved
+                    if let Some(r) = self
+                        .tracker
+                        .lock()
+                        .map(|mut t| t.refused_now(&hold))
+                        .unwrap_or_else(|_| {
+                            Some(Refused::plain("policy", "twokey cannot judge it now"))
+                        }) =>
+                {
+                    let why = format!("the role's rules refuse it now ({})", r.rule);
+                    let _ = end_held(&state, &held.id, HeldStatus::Withdrawn, why).await;
+                    Some(r)
                 }
+                HeldStatus::Approved => match claim_held(&state, &held.id).await {
+                    Ok(true) => {
+                        let by = who(Decision::Approve);
+                        note(
+                            &self.tracker,
+                            &format!("approved by {by}; run once ({})", held.id),
+                        );
+                        self.tell(&format!("approved by {by}: twokey runs it now, once"));
+                        None
+                    }
+                    Ok(false) => Some(held_refusal(
+                        "it was approved, but its grant is no longer live",
+                        Hint::NotRun,
+                    )),
+                    Err(_) if state.now_ms() >= held.expires_at => Some(held_refusal(
+                        "it was approved, but twokey could not record that it runs",
+                        Hint::NotRun,
+                    )),
+                    Err(e) => {
+                        tracing::warn!(error = %e, held = %held.id, "postgres relay: cannot claim an approved statement; will retry");
+                        continue;
+                    }
+                },
                 HeldStatus::Denied => Some(held_refusal(
                     format!("denied by {}", who(Decision::Deny)),
                     Hint::NotApproved,
                 )),
                 HeldStatus::Expired => {
-                    let _ = crate::access::held::end(
+                    let _ = end_held(
                         &state,
                         &held.id,
                         HeldStatus::Expired,
-                        "not decided within the role's review wait",
+                        "not decided within the role's review wait".to_string(),
                     )
                     .await;
                     Some(held_refusal(

@@ -214,6 +214,13 @@ impl Tracker {
         }
     }
 
+    /// Why the rules as they are now (read again) refuse a held statement, if they do:
+    /// a reload may have changed them while it waited.
+    pub fn refused_now(&mut self, hold: &Hold) -> Option<Refused> {
+        self.judge.refresh();
+        self.judge.text(&hold.sql).1.err()
+    }
+
     /// Reads the role's rules again if a reload changed them ([`Judge::refresh`]).
     pub fn refresh_rules(&mut self) {
         self.judge.refresh();
@@ -515,10 +522,18 @@ impl Tracker {
                 // Judged again: the rules may have changed since its Parse. One the relay
                 // has not seen does not exist at the server either (its Parse failed or
                 // never came), or was made by a PREPARE statement, judged as it ran.
-                if let Some(p) = self.statements.get(&name)
-                    && let Err(r) = self.judge.parsed(&p.parsed)
-                {
-                    let sql = p.sql.clone();
+                // What a reload left this session unable to run includes what the
+                // relay does not know (a statement a PREPARE made).
+                let verdict = match self.statements.get(&name) {
+                    Some(p) => self.judge.parsed(&p.parsed),
+                    None => self.judge.stale().map_or(Ok(()), Err),
+                };
+                if let Err(r) = verdict {
+                    let sql = self
+                        .statements
+                        .get(&name)
+                        .map(|p| p.sql.clone())
+                        .unwrap_or_else(|| "(a statement the relay does not know)".into());
                     let mut st = self.statement(Protocol::Extended, &sql);
                     st.statement = (!name.is_empty()).then(|| name.clone());
                     self.portals.remove(&portal);
@@ -587,14 +602,16 @@ impl Tracker {
                     ),
                 };
                 st.protocol = Some(Protocol::Extended);
-                // Bound under rules a reload has changed since: judged again.
+                // Bound under rules a reload has changed since: judged again. One the
+                // relay does not know (a cursor) runs only while the session may run
+                // anything.
                 let rejudged = match self.portals.get(portal) {
                     Some(Portal {
                         parsed: Some(parsed),
                         judged_by,
                         ..
                     }) if *judged_by != self.judge.version() => self.judge.parsed(parsed).err(),
-                    _ => None,
+                    _ => self.judge.stale(),
                 };
                 if let Some(r) = self.forced.take().map(|r| *r).or(rejudged) {
                     let sql = st.sql.clone();
@@ -1654,6 +1671,50 @@ mod tests {
             t.take_refusals().len() == 1,
             "only the Bind of q was refused since"
         );
+    }
+
+    #[test]
+    fn after_a_reload_a_session_that_made_a_prepared_statement_or_changed_its_set_up_runs_nothing()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, reload) = following(dir.path(), |_| {});
+        let prepare = cstr("prepare p as delete from t where id = $1");
+        assert_eq!(t.from_client(b'Q', &prepare), None);
+        // A change that does not touch this role's rules changes nothing.
+        reload(&|_| {});
+        t.refresh_rules();
+        assert_eq!(t.from_client(b'Q', &cstr("select 1")), None);
+        reload(&|p| p.deny.push("DELETE".into()));
+        t.refresh_rules();
+        for (m, body) in [
+            (b'Q', cstr("execute p(1)")),
+            (b'Q', cstr("select 1")),
+            (b'B', bind("", "p", &["1"])),
+            (b'E', cstr("some_cursor")),
+        ] {
+            assert!(t.from_client(m, &body).is_some(), "{}", m as char);
+        }
+        let r = t.take_refusals();
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|r| r.refused.rule == "policy"));
+        assert!(r[0].refused.message.contains("prepared statement, cursor"));
+
+        // A session whose masks changed runs nothing until the reload's cut lands.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, reload) = following(dir.path(), |_| {});
+        reload(&|p| {
+            p.mask = vec![crate::config::MaskRule {
+                column: Some("people.ssn".into()),
+                name: None,
+                method: crate::config::MaskMethod::Full,
+            }]
+        });
+        t.refresh_rules();
+        assert_eq!(
+            t.from_client(b'Q', &cstr("select ssn from people")),
+            Some(judge::refused_query())
+        );
+        assert!(t.take_refusals()[0].refused.message.contains("masks"));
     }
 
     #[test]
