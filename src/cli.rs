@@ -567,7 +567,7 @@ async fn demo(listen: &str, data_dir: &Path) -> Result<ExitCode, String> {
 /// waits for a restart. A file that does not check changes nothing.
 async fn run_server(
     config: Config,
-    reread: impl Fn() -> Result<Config, String>,
+    reread: impl Fn() -> Result<Config, String> + Send + Sync + 'static,
 ) -> Result<ExitCode, String> {
     // Ctrl-C, or SIGTERM from a service manager: stop cleanly either way, so live
     // relay sessions are ended and their recordings finalised. SIGHUP reloads. Watched
@@ -576,6 +576,8 @@ async fn run_server(
         .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| format!("cannot watch for SIGHUP: {e}"))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
     let demo_users: Vec<String> = config
         .auth
         .dev_users
@@ -601,29 +603,38 @@ async fn run_server(
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
     drop(out);
+    let reread = Arc::new(reread);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                let outcome = match reread() {
-                    Ok(new) => server::reload(&srv.state, new).await.map_err(|e| describe(&e)),
-                    Err(e) => Err(e),
-                };
-                match outcome {
-                    Ok(done) => {
-                        tracing::info!(summary = %done.summary(), "configuration reloaded");
-                        eprintln!("Reloaded: {}", done.summary());
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "configuration reload refused");
-                        eprintln!("Reload refused, nothing changed: {e}");
-                    }
-                }
+                // In a task of its own: a reload waiting on the store never holds up
+                // a stop.
+                let (state, reread) = (srv.state.clone(), reread.clone());
+                tokio::spawn(async move {
+                    let outcome = match reread() {
+                        Ok(new) => server::reload(&state, new).await.map_err(|e| describe(&e)),
+                        Err(e) => Err(e),
+                    };
+                    // Written with errors ignored: a closed stderr must not stop a
+                    // server (eprintln! panics on it).
+                    let line = match outcome {
+                        Ok(done) => {
+                            tracing::info!(summary = %done.summary(), "configuration reloaded");
+                            format!("Reloaded: {}\n", done.summary())
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "configuration reload refused");
+                            format!("Reload refused, nothing changed: {e}\n")
+                        }
+                    };
+                    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+                });
             }
         }
     }
-    eprintln!("Shutting down");
+    let _ = std::io::stderr().lock().write_all(b"Shutting down\n");
     srv.stop().await;
     Ok(ExitCode::SUCCESS)
 }

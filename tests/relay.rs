@@ -3411,6 +3411,21 @@ async fn a_reload_blocks_the_next_command_and_ends_sessions_of_a_removed_role() 
         text(&o)
     );
 
+    // What its upstream certificate carries changed: the live session ends.
+    let child = s.live_session(&cert).await;
+    let forwarding = with_ssh_role(&|roles| {
+        roles[0].blocked_commands.push("id *".into());
+        roles[0].extensions.push("permit-port-forwarding".into());
+    });
+    let r = twokey::server::reload(&state, forwarding).await.unwrap();
+    assert_eq!(r.ended_sessions, 1, "{}", r.summary());
+    let (status, err) = exit_of(child).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("session ended: its role's rules changed"),
+        "{err}"
+    );
+
     let child = s.live_session(&cert).await;
     let removed = with_ssh_role(&|roles| roles[0].name = "operator".into());
     let r = twokey::server::reload(&state, removed).await.unwrap();

@@ -125,10 +125,24 @@ impl Config {
             let key = e.path().to_string();
             let inner = e.into_inner();
             if key == "." || key.is_empty() {
-                // Not TOML at all: toml's own message shows the line.
+                // Not TOML at all: toml's own message names the line. Its excerpt of
+                // the file is left out: the line could hold a secret, and this is
+                // logged.
+                let full = inner.to_string();
+                let mut lines = full.lines().map(str::trim).filter(|l| !l.is_empty());
+                let at = lines.next().unwrap_or_default().to_string();
+                let why = full
+                    .lines()
+                    .map(str::trim)
+                    .rfind(|l| !l.is_empty() && !l.contains('|'))
+                    .unwrap_or_default();
                 return ConfigError::Parse {
                     path: origin.to_string(),
-                    message: inner.to_string(),
+                    message: if why.is_empty() || why == at {
+                        at
+                    } else {
+                        format!("{at}: {why}")
+                    },
                 };
             }
             let line = inner
@@ -317,6 +331,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_file_that_is_not_toml_is_named_by_its_line_without_quoting_it() {
+        let err = Config::parse("[server]\nsecret = \"hunter2\n", "twokey.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("twokey.toml") && text.contains("line 2"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
 
     fn demo() -> Config {
         Config::parse(

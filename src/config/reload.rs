@@ -2,7 +2,9 @@
 //! (`[policy]`, and every role of the resources it already serves) applies at once;
 //! everything else (listeners, the database, sign-in, the CA, notifications, the relay,
 //! the audit key, a resource's own connection settings, resources added or removed)
-//! holds until a restart and is named so the operator knows.
+//! holds until a restart and is named so the operator knows. A resource whose own
+//! settings changed keeps its roles too until the restart: they may have been written
+//! for its new settings.
 //!
 //! It compares the new file with the file as it was last read, not with the running
 //! configuration: a server fills in what it learned by starting (the ports it bound, the
@@ -71,8 +73,12 @@ pub fn reload(running: &Config, as_read: &Config, new: &Config) -> Reload {
                 .push(format!("resources.{} (added)", n.name));
             continue;
         };
+        // Its roles may have been written for its new settings (direct access, say):
+        // they wait for the restart with them.
         if own_settings(old) != own_settings(n) {
-            r.needs_restart.push(format!("resources.{}", n.name));
+            r.needs_restart
+                .push(format!("resources.{} (and its roles)", n.name));
+            continue;
         }
         let Some(run) = r.config.resources.iter_mut().find(|x| x.name == n.name) else {
             continue;
@@ -163,65 +169,55 @@ mod tests {
             .iter_mut()
             .find(|r| r.name == "demo-db")
             .unwrap();
-        db.address = Some("elsewhere:5432".into());
         db.description = "a new description".into();
         db.roles[0].sql.deny.push("TRUNCATE".into());
+        let db_role = db.roles[0].name.clone();
         let mut extra = db.roles[0].clone();
         extra.name = "extra".into();
-        db.roles.push(extra);
+        db.roles.push(extra.clone());
         let ssh = new
             .resources
-            .iter()
-            .position(|r| r.kind == crate::config::ResourceKind::Ssh)
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
             .unwrap();
-        let ssh_name = new.resources[ssh].name.clone();
-        let ssh_role = new.resources[ssh].roles.remove(0).name;
+        // Its own settings change: its roles wait for the restart with them.
+        ssh.address = Some("elsewhere:22".into());
+        ssh.roles.push(RoleConfig {
+            name: "waits".into(),
+            ..ssh.roles[0].clone()
+        });
         new.resources.push(ResourceConfig {
             name: "brand-new".into(),
-            ..new.resources[ssh].clone()
+            ..new.resources[0].clone()
         });
 
         let r = reload(&running, &as_read, &new);
-        let db_role = &as_read
-            .resources
-            .iter()
-            .find(|r| r.name == "demo-db")
-            .unwrap()
-            .roles[0]
-            .name;
         assert_eq!(r.changed, vec![format!("demo-db/{db_role}")]);
         assert_eq!(r.added, vec!["demo-db/extra".to_string()]);
-        assert_eq!(r.removed, vec![format!("{ssh_name}/{ssh_role}")]);
+        assert!(r.removed.is_empty());
         assert!(r.policy);
         assert_eq!(
             r.needs_restart,
             vec![
                 "server",
                 "auth",
-                "resources.demo-db",
+                "resources.demo-ssh (and its roles)",
                 "resources.brand-new (added)"
             ]
         );
         // Applied: the roles, the description, the policy. Kept: everything else,
         // including what the server filled in.
-        let run_db = r
-            .config
-            .resources
-            .iter()
-            .find(|r| r.name == "demo-db")
-            .unwrap();
-        assert_eq!(run_db.roles.len(), 2);
-        assert!(run_db.roles[0].sql.deny.contains(&"TRUNCATE".to_string()));
-        assert_eq!(run_db.description, "a new description");
-        assert_eq!(
-            run_db.address,
-            running
-                .resources
-                .iter()
-                .find(|r| r.name == "demo-db")
-                .unwrap()
-                .address
+        let run = |name: &str| r.config.resources.iter().find(|x| x.name == name).unwrap();
+        assert_eq!(run("demo-db").roles.len(), 2);
+        assert!(
+            run("demo-db").roles[0]
+                .sql
+                .deny
+                .contains(&"TRUNCATE".to_string())
         );
+        assert_eq!(run("demo-db").description, "a new description");
+        let was = |name: &str| running.resources.iter().find(|x| x.name == name).unwrap();
+        assert_eq!(run("demo-ssh"), was("demo-ssh"));
         assert_eq!(
             r.config.policy.pending_ttl,
             std::time::Duration::from_secs(60)

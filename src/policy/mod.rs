@@ -153,6 +153,12 @@ pub fn held_rule_met(role: &RoleConfig, approvals: &[CountedApproval<'_>]) -> bo
 }
 
 fn rule_met_by(role: &RoleConfig, needed: u32, approvals: &[CountedApproval<'_>]) -> bool {
+    // Only approvals by someone who, as they approved, was in a group the role names as
+    // an approver group now: a reload that drops a group drops what it approved.
+    let approvals: Vec<&CountedApproval<'_>> = approvals
+        .iter()
+        .filter(|a| a.groups.iter().any(|g| role.approver_groups.contains(g)))
+        .collect();
     let approvers: BTreeSet<&str> = approvals.iter().map(|a| a.approver_id).collect();
     if approvers.len() < needed as usize {
         return false;
@@ -499,6 +505,29 @@ mod tests {
         ];
         assert!(!rule_met(&r, &both_sre));
         assert!(rule_met(&r, &mixed));
+    }
+
+    #[test]
+    fn an_approval_by_a_group_the_role_no_longer_names_does_not_count() {
+        let contractors = vec!["contractors".to_string()];
+        let sre = vec!["sre-leads".to_string()];
+        let approvals = [
+            CountedApproval {
+                approver_id: "b",
+                groups: &contractors,
+            },
+            CountedApproval {
+                approver_id: "c",
+                groups: &sre,
+            },
+        ];
+        assert!(rule_met(
+            &role(2, false, &["sre-leads", "contractors"]),
+            &approvals
+        ));
+        // A reload dropped the contractors: one approval left, of two needed.
+        assert!(!rule_met(&role(2, false, &["sre-leads"]), &approvals));
+        assert!(rule_met(&role(1, false, &["sre-leads"]), &approvals));
     }
 
     #[test]

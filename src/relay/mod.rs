@@ -55,8 +55,8 @@ pub(crate) const ROLE_REMOVED: &str = "its role is no longer in the policy";
 pub(crate) const ROLE_CHANGED: &str = "its role's rules changed: connect again to work under them";
 
 /// After a reload from `old` to `new`: ends the live sessions whose role is gone, and
-/// those of PostgreSQL roles whose session must start again to run under the new rules
-/// ([`postgres::must_reconnect`]); the rest go on, and are judged by the new rules from
+/// those whose session must start again to run under the new rules
+/// ([`postgres::must_reconnect`], [`ssh::must_reconnect`]); the rest go on, and are judged by the new rules from
 /// their next statement or command. Returns how many were ended. When the store cannot
 /// say which grant a session runs on and some role needs it, every session is ended
 /// (fail closed).
@@ -71,8 +71,10 @@ pub async fn end_sessions_for_reload(
             match new.role(&res.name, &was.name) {
                 None => doomed.push((&res.name, &was.name, ROLE_REMOVED)),
                 Some((_, now))
-                    if res.kind == crate::config::ResourceKind::Postgres
-                        && postgres::must_reconnect(was, now) =>
+                    if match res.kind {
+                        crate::config::ResourceKind::Postgres => postgres::must_reconnect(was, now),
+                        crate::config::ResourceKind::Ssh => ssh::must_reconnect(was, now),
+                    } =>
                 {
                     doomed.push((&res.name, &was.name, ROLE_CHANGED))
                 }

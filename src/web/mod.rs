@@ -142,11 +142,22 @@ fn header_layer(
     SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value))
 }
 
+/// Counts the request, and runs it to its end in a task of its own: a client that goes
+/// away half-way (an approver closing the tab) must not stop a handler inside its
+/// transaction, which would hold the database's write lock until the pool reused the
+/// connection.
 async fn count_requests(
     State(state): State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::response::IntoResponse;
     Metrics::inc(&state.metrics.http_requests);
-    next.run(req).await
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "a request's handler failed");
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }

@@ -67,19 +67,10 @@ pub(crate) async fn accept(state: AppState, listener: TcpListener) {
         return;
     };
     let limits = state.config().relay.clone().unwrap_or_default();
-    let masks = state
-        .config()
-        .resources
-        .iter()
-        .flat_map(|r| r.roles.iter())
-        .any(|role| !role.sql.mask.is_empty());
-    let mask_key = if masks {
-        mask::load_or_create_key(&state.config().server.data_dir)
-            .map_err(|e| tracing::error!(error = %e, "postgres relay: no mask key; sessions of roles that mask are refused"))
-            .ok()
-    } else {
-        None
-    };
+    // Loaded whether or not a role masks now: a reload may add the first mask.
+    let mask_key = mask::load_or_create_key(&state.config().server.data_dir)
+        .map_err(|e| tracing::error!(error = %e, "postgres relay: no mask key; sessions of roles that mask are refused"))
+        .ok();
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let per_address = Arc::new(PerAddress::default());
     let max_per_ip = limits.max_connections_per_ip;

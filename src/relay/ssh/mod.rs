@@ -32,6 +32,20 @@ use crate::ca::Ca;
 use crate::error::Result;
 use crate::relay::instance::Instance;
 
+/// Whether a live SSH session of a role must connect again to run under `new`: the
+/// upstream certificate it logged in with carries the role's principals, extensions
+/// (port forwarding, a pty), forced command and source addresses as they were. Its
+/// command lists are read at each command and need no new session.
+pub(crate) fn must_reconnect(
+    old: &crate::config::RoleConfig,
+    new: &crate::config::RoleConfig,
+) -> bool {
+    old.principals != new.principals
+        || old.extensions != new.extensions
+        || old.force_command != new.force_command
+        || old.source_address != new.source_address
+}
+
 /// The relay's keys: its own host key, and the upstream CA targets trust; and the id
 /// of this relay instance (kept in the data dir), which each session row carries.
 pub struct RelayKeys {
