@@ -367,20 +367,26 @@ impl Drop for Running {
     }
 }
 
+/// `twokey demo` on a free loopback port with its data in `data`, logging at `log`;
+/// its stdout piped (the first line says where it serves).
+fn demo(data: &Path, log: &str, stderr: std::process::Stdio) -> Running {
+    Running(
+        Command::new(env!("CARGO_BIN_EXE_twokey"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env("TWOKEY_LOG", log)
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[tokio::test]
 async fn demo_writes_its_config_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
-    let mut child = Running(
-        Command::new(env!("CARGO_BIN_EXE_twokey"))
-            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("TWOKEY_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = demo(&data, "warn", std::process::Stdio::null());
     let first = first_line(child.0.stdout.take().unwrap());
     let url = first
         .strip_prefix("twokey is serving at ")
@@ -420,16 +426,7 @@ async fn secrets_never_reach_the_logs_or_pages() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
-    let mut child = Running(
-        Command::new(env!("CARGO_BIN_EXE_twokey"))
-            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("TWOKEY_LOG", "trace")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = demo(&data, "trace", std::process::Stdio::piped());
     // Trace logging fills a pipe buffer in seconds: read stderr from the start, or the
     // server blocks writing its logs and stops answering.
     let mut stderr = child.0.stderr.take().unwrap();
@@ -728,16 +725,7 @@ async fn sighup_reloads_the_policy_and_a_bad_file_changes_nothing() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
-    let mut child = Running(
-        Command::new(env!("CARGO_BIN_EXE_twokey"))
-            .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("TWOKEY_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = demo(&data, "warn", std::process::Stdio::piped());
     let (tx, lines) = std::sync::mpsc::channel();
     let stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {

@@ -3250,6 +3250,34 @@ async fn held_commands(s: &Setup) -> Vec<twokey::store::HeldRow> {
         .unwrap()
 }
 
+/// The relay with demo-ssh's role holding `echo held*` for review.
+async fn holding_setup() -> Setup {
+    setup_with(|c| {
+        let ssh = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-ssh")
+            .unwrap();
+        ssh.roles[0].review_commands = vec!["echo held*".into()];
+    })
+    .await
+}
+
+/// The held command that is not one of `known`, once there is one (within 20 s).
+async fn newly_held(s: &Setup, known: &[&str]) -> twokey::store::HeldRow {
+    for _ in 0..400 {
+        let found = held_commands(s)
+            .await
+            .into_iter()
+            .find(|x| !known.contains(&x.id.as_str()));
+        if let Some(h) = found {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no command was held within 20 s");
+}
+
 /// A signed-in approver's decision on a held command, from its page.
 async fn decide_held(s: &Setup, who: &str, id: &str, action: &str, comment: &str) -> StatusCode {
     let b = s.app.browser(who).await;
@@ -3285,15 +3313,7 @@ fn ssh_with_stdin(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
-    let s = setup_with(|c| {
-        let ssh = c
-            .resources
-            .iter_mut()
-            .find(|r| r.name == "demo-ssh")
-            .unwrap();
-        ssh.roles[0].review_commands = vec!["echo held*".into()];
-    })
-    .await;
+    let s = holding_setup().await;
     let (_, cert) = s.grant().await;
     let (_, policy) = s.app.browser(ALICE).await.get("/policy").await;
     assert!(
@@ -3306,18 +3326,7 @@ async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
 
     // Held, with input sent (and closed) while it waits: the input reaches it after.
     let run = ssh_with_stdin(&s, &cert, "echo held-$((6*7)) && cat", b"from-stdin\n");
-    let mut found = Vec::new();
-    for _ in 0..400 {
-        found = held_commands(&s).await;
-        if !found.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let h = found
-        .first()
-        .expect("the command is held within 20 s")
-        .clone();
+    let h = newly_held(&s, &[]).await;
     assert_eq!(h.protocol, "ssh");
     assert_eq!(h.action, "echo held-$((6*7)) && cat");
     assert_eq!(
@@ -3352,15 +3361,7 @@ async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
 
     // Denied: it never runs, and ssh says who denied it.
     let run = ssh_with_stdin(&s, &cert, "echo held-again", b"");
-    let mut h2 = None;
-    for _ in 0..400 {
-        h2 = held_commands(&s).await.into_iter().find(|x| x.id != h.id);
-        if h2.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let h2 = h2.expect("the second command is held within 20 s");
+    let h2 = newly_held(&s, &[&h.id]).await;
     assert_eq!(
         decide_held(&s, BOB, &h2.id, "deny", "not today").await,
         StatusCode::SEE_OTHER
@@ -3451,29 +3452,10 @@ async fn a_reload_blocks_the_next_command_and_ends_sessions_of_a_removed_role() 
 /// and an approval that comes after changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_command_not_decided_in_time_never_runs() {
-    let s = setup_with(|c| {
-        let ssh = c
-            .resources
-            .iter_mut()
-            .find(|r| r.name == "demo-ssh")
-            .unwrap();
-        ssh.roles[0].review_commands = vec!["echo held*".into()];
-    })
-    .await;
+    let s = holding_setup().await;
     let (_, cert) = s.grant().await;
     let run = ssh_with_stdin(&s, &cert, "echo held-late", b"");
-    let mut found = Vec::new();
-    for _ in 0..400 {
-        found = held_commands(&s).await;
-        if !found.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let h = found
-        .first()
-        .expect("the command is held within 20 s")
-        .clone();
+    let h = newly_held(&s, &[]).await;
     // The role's wait is 10 minutes; the grant lasts 30.
     s.app.clock.advance(chrono::Duration::minutes(11));
     let o = run.await.unwrap();
