@@ -562,6 +562,9 @@ async fn demo(listen: &str, data_dir: &Path) -> Result<ExitCode, String> {
     run_server(config, reread).await
 }
 
+/// SIGHUPs, taken one at a time.
+static RELOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Serves until Ctrl-C or SIGTERM; on SIGHUP, reads the file again (`reread`) and
 /// reloads what it can ([`server::reload`]), saying on stderr what it applied and what
 /// waits for a restart. A file that does not check changes nothing.
@@ -613,6 +616,9 @@ async fn run_server(
                 // a stop.
                 let (state, reread) = (srv.state.clone(), reread.clone());
                 tokio::spawn(async move {
+                    // One at a time, each reading the file under the lock: a slower
+                    // reload never applies an older file after a newer one.
+                    let _one = RELOADS.lock().await;
                     let outcome = match reread() {
                         Ok(new) => server::reload(&state, new).await.map_err(|e| describe(&e)),
                         Err(e) => Err(e),

@@ -3412,6 +3412,21 @@ async fn a_reload_blocks_the_next_command_and_ends_sessions_of_a_removed_role() 
         text(&o)
     );
 
+    // Source addresses narrowed: a new connection from elsewhere is refused, though its
+    // certificate carries the old ones.
+    let narrowed = with_ssh_role(&|roles| {
+        roles[0].blocked_commands.push("id *".into());
+        roles[0].source_address = vec!["10.9.9.9/32".into()];
+    });
+    twokey::server::reload(&state, narrowed).await.unwrap();
+    let o = s.ssh(&cert, "demo-ssh", "echo elsewhere").await;
+    assert!(!o.status.success(), "{:?}", text(&o));
+    assert!(!text(&o).0.contains("elsewhere"));
+    let widened = with_ssh_role(&|roles| roles[0].source_address.clear());
+    twokey::server::reload(&state, widened).await.unwrap();
+    let o = s.ssh(&cert, "demo-ssh", "echo back").await;
+    assert!(o.status.success(), "{:?}", text(&o));
+
     // What its upstream certificate carries changed: the live session ends.
     let child = s.live_session(&cert).await;
     let forwarding = with_ssh_role(&|roles| {

@@ -955,14 +955,21 @@ const DEFERS: &[&str] = &[
     "CREATE MATERIALIZED VIEW",
 ];
 
-/// Whether the text makes something at the server that runs statements later, where
-/// the relay does not judge them again: a prepared statement, a cursor, a rule, a
-/// function or procedure, a view, a trigger.
+/// Whether the text makes (or may make, unseen) something at the server that runs
+/// statements later, where the relay does not judge them again: a prepared statement,
+/// a cursor, a rule, a function or procedure, a view, a trigger.
 pub fn keeps_for_later(shape: &Shape) -> bool {
     shape.statements.iter().any(|s| {
-        s.kinds.first().is_some_and(|k| {
-            DEFERS.contains(&k.as_str()) || k == "DECLARE CURSOR" || k == "CREATE TRIGGER"
-        })
+        // Any kind, not the first only (`CREATE SCHEMA … CREATE VIEW`, `EXPLAIN ANALYZE
+        // CREATE MATERIALIZED VIEW`), and what the parse cannot see into at all.
+        !s.dynamic.is_empty()
+            || s.kinds.iter().any(|k| {
+                DEFERS.contains(&k.as_str())
+                    || matches!(
+                        k.as_str(),
+                        "DECLARE CURSOR" | "CREATE TRIGGER" | "CREATE EVENT TRIGGER"
+                    )
+            })
     })
 }
 
@@ -1044,6 +1051,29 @@ mod tests {
     }
 
     /// As the relay decides: what does not parse is refused too.
+    #[test]
+    fn what_keeps_statements_for_later_is_seen_wherever_it_is_nested() {
+        let later = |sql: &str| keeps_for_later(&Shape::of(sql, Dialect::default()).unwrap());
+        for sql in [
+            "prepare p as delete from t",
+            "declare c cursor with hold for select 1",
+            "create schema s create view v as select 1",
+            "explain analyze create materialized view mv as select 1",
+            "create temp view v as select 1",
+            "do $$ begin perform 1; end $$",
+            "create function f() returns int language sql as 'select 1'",
+        ] {
+            assert!(later(sql), "{sql}");
+        }
+        for sql in [
+            "select 1",
+            "delete from t where id = 1",
+            "create table t2 as select 1",
+        ] {
+            assert!(!later(sql), "{sql}");
+        }
+    }
+
     fn verdict(p: &SqlPolicy, sql: &str) -> Result<(), &'static str> {
         match Shape::of(sql, Dialect::default()) {
             Ok(s) => judge(p, &s).map_err(|r| r.rule),

@@ -239,11 +239,6 @@ pub(crate) fn recording_for(
     )
 }
 
-/// Appends one audit event in its own transaction, through the crate's one append
-/// path (`access::audit_event`). A failure is logged at error level here and returned,
-/// never dropped: the caller decides what it refuses. Where the event is the condition
-/// for going on (a forward opening) it refuses on Err; where it records a refusal (a
-/// blocked command, a refused forward or login) the refusal stands either way.
 /// Runs a change of the store to its end in a task of its own, even when the session's
 /// task that asked is stopped meanwhile (a cut aborts the client's direction): a
 /// transaction dropped half-way would hold the database's write lock past the
@@ -256,6 +251,11 @@ pub(crate) async fn to_the_end<T: Send + 'static>(
         .unwrap_or_else(|e| Err(Error::Internal(format!("a store task failed: {e}"))))
 }
 
+/// Appends one audit event in its own transaction, through the crate's one append
+/// path (`access::audit_event`). A failure is logged at error level here and returned,
+/// never dropped: the caller decides what it refuses. Where the event is the condition
+/// for going on (a forward opening) it refuses on Err; where it records a refusal (a
+/// blocked command, a refused forward or login) the refusal stands either way.
 pub(crate) async fn audit(
     state: &AppState,
     actor: &str,

@@ -914,6 +914,8 @@ impl Pump {
             let who = |d: Decision| crate::access::held::who_decided(&decisions, d);
             let refused = match status {
                 HeldStatus::Pending => continue,
+                // Approved as the session is cut: never claimed (the loop withdraws it).
+                HeldStatus::Approved if self.cut.reason().is_some() => continue,
                 // Approved, and a reload's rules refuse it now: they have the last
                 // word, and it is withdrawn, never recorded as run.
                 HeldStatus::Approved

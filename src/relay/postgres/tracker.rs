@@ -529,15 +529,14 @@ impl Tracker {
                     None => self.judge.stale().map_or(Ok(()), Err),
                 };
                 if let Err(r) = verdict {
-                    let sql = self
-                        .statements
-                        .get(&name)
-                        .map(|p| p.sql.clone())
+                    let known = self.statements.get(&name).map(|p| p.sql.clone());
+                    let shown = known
+                        .clone()
                         .unwrap_or_else(|| "(a statement the relay does not know)".into());
-                    let mut st = self.statement(Protocol::Extended, &sql);
+                    let mut st = self.statement(Protocol::Extended, &shown);
                     st.statement = (!name.is_empty()).then(|| name.clone());
                     self.portals.remove(&portal);
-                    self.refuse(st, r, Some(&sql), t);
+                    self.refuse(st, r, known.as_deref(), t);
                     return Ok(Some(judge::refused_bind(&portal, &name)));
                 }
                 let formats: Vec<i16> = (0..f.i16()?).map(|_| f.i16()).collect::<Result<_, _>>()?;

@@ -558,6 +558,11 @@ async fn hold_command(
         let who = |d: Decision| crate::access::held::who_decided(&decisions, d);
         return match status {
             HeldStatus::Pending => continue,
+            // Approved as the session is cut: never claimed.
+            HeldStatus::Approved if let Some(why) = kill.reason() => {
+                let _ = held::end(state, &h.id, HeldStatus::Withdrawn, &format!("its session ended: {why}")).await;
+                refused(format!("session ended: {why}; the held command did not run"))
+            }
             // Approved, and a reload blocked it since: the rules have the last word.
             HeldStatus::Approved
                 if let Some(why) = match command_rules(state, g) {

@@ -89,6 +89,15 @@ pub async fn authorize(
             "the certificate's principals are not the role's".into(),
         ));
     }
+    // The role's source addresses as they are now: a reload may have narrowed them
+    // since the certificate (which carries the old ones) was minted.
+    if !role.source_address.is_empty()
+        && !peer.is_some_and(|p| role.source_address.iter().any(|c| cidr_contains(c, p.ip())))
+    {
+        return Err(Refusal::Credential(
+            "not from a source address the role permits".into(),
+        ));
+    }
     Ok(admitted)
 }
 

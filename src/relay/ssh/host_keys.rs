@@ -41,7 +41,17 @@ pub async fn refuse(
 ) -> String {
     let fingerprint = presented.fingerprint(HashAlg::Sha256).to_string();
     let line = presented.to_openssh().unwrap_or_default();
-    let recorded = async {
+    // To its end even when the connection that asked is cut or times out meanwhile.
+    let recorded = {
+        let (state, resource, address, line, fingerprint) = (
+            state.clone(),
+            resource.to_string(),
+            address.to_string(),
+            line.clone(),
+            fingerprint.clone(),
+        );
+        crate::relay::lifecycle::to_the_end(async move {
+        let (resource, address) = (resource.as_str(), address.as_str());
         let now = state.now_ms();
         let mut tx = store::begin_write(&state.db).await?;
         let Some((row, added)) = store::record_host_key(
@@ -76,8 +86,9 @@ pub async fn refuse(
         }
         tx.commit().await?;
         Ok(Some(row.status))
-    }
-    .await;
+        })
+        .await
+    };
     match recorded.as_ref().copied() {
         Ok(Some(HostKeyStatus::Rejected)) => format!(
             "{address} presented host key {fingerprint}, which an admin rejected for {resource}; nothing was sent to it"
