@@ -928,3 +928,48 @@ async fn someone_outside_the_role_cannot_see_or_decide_a_request() {
         (Some("pending"), Some(0))
     );
 }
+
+/// A reload that drops an approver group drops what its members approved: the count
+/// the API shows is the one the rule uses, and the request waits for approvals the
+/// role accepts now.
+#[tokio::test]
+async fn a_reload_that_drops_an_approver_group_drops_its_approvals() {
+    let both = |c: &mut twokey::config::Config| {
+        let db = c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == "demo-db")
+            .unwrap();
+        db.roles[0].approver_groups = vec!["sre-leads".into(), "dbas".into()];
+        db.roles[0].min_approvals = 2;
+    };
+    let app = common::start_with(both).await;
+    app.user(CAROL, &["dbas"]).await;
+    let id = app
+        .api(ALICE)
+        .await
+        .file("demo-db", "read", "1h", None)
+        .await;
+    let (s, r) = app.api(BOB).await.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["approval_count"], 1);
+
+    let state = app.state().clone();
+    let mut c = state.config_as_read();
+    c.resources
+        .iter_mut()
+        .find(|r| r.name == "demo-db")
+        .unwrap()
+        .roles[0]
+        .approver_groups = vec!["dbas".into()];
+    twokey::server::reload(&state, c).await.unwrap();
+    let (_, r) = app.api(ALICE).await.get(&format!("/requests/{id}")).await;
+    assert_eq!(r["approval_count"], 0, "bob's group approves no more: {r}");
+    let (s, r) = app.api(CAROL).await.act(&id, "approve").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        r["status"], "pending",
+        "one approval of two that count: {r}"
+    );
+    assert_eq!(r["approval_count"], 1);
+}

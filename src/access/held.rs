@@ -31,7 +31,7 @@ pub struct HeldView {
 impl HeldView {
     /// Approvers who approved, counted once each.
     pub fn approval_count(&self) -> usize {
-        super::approval_count(&self.decisions)
+        super::approval_count(&self.decisions, &self.approver_groups)
     }
 
     pub fn decided_by(&self, user_id: &str) -> bool {

@@ -63,9 +63,9 @@ pub struct RequestView {
 }
 
 impl RequestView {
-    /// Approvers who approved, counted once each.
+    /// Approvers who approved, counted once each, as the rule counts them.
     pub fn approval_count(&self) -> usize {
-        approval_count(&self.approvals)
+        approval_count(&self.approvals, &self.approver_groups)
     }
 
     pub fn decided_by(&self, user_id: &str) -> bool {
@@ -73,11 +73,17 @@ impl RequestView {
     }
 }
 
-/// Distinct people among these decisions who approved (of a request or a held action).
-fn approval_count(decisions: &[ApprovalRow]) -> usize {
+/// Distinct people among these decisions who approved (of a request or a held action),
+/// from a group the role names as an approver group now, as [`policy::rule_met`] counts
+/// them.
+fn approval_count(decisions: &[ApprovalRow], approver_groups: &[String]) -> usize {
     decisions
         .iter()
         .filter(|a| a.decision == Decision::Approve)
+        // (A role no longer in the policy names none: every approval is shown.)
+        .filter(|a| {
+            approver_groups.is_empty() || a.groups().iter().any(|g| approver_groups.contains(g))
+        })
         .map(|a| a.approver_id.as_str())
         .collect::<std::collections::BTreeSet<_>>()
         .len()
