@@ -96,6 +96,31 @@ pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigErro
         message: message.into(),
     }
 }
+/// serde's words for a value of the wrong kind or an unexpected value, without the
+/// value itself (it could be a secret written in the wrong place, and this is logged):
+/// ``invalid type: integer `123456`, expected a string`` becomes `invalid type:
+/// integer, expected a string` (and so for a quoted string). Names of fields and
+/// variants are kept.
+fn without_values(message: &str) -> String {
+    if !(message.starts_with("invalid type: ") || message.starts_with("invalid value: ")) {
+        return message.to_string();
+    }
+    let (head, tail) = message.split_once(", expected").unwrap_or((message, ""));
+    let head = match [head.find(" `"), head.find(" \"")]
+        .into_iter()
+        .flatten()
+        .min()
+    {
+        Some(at) => &head[..at],
+        None => head,
+    };
+    if tail.is_empty() {
+        head.to_string()
+    } else {
+        format!("{head}, expected{tail}")
+    }
+}
+
 impl Config {
     /// Reads, applies `TWOKEY_*` overrides, and runs the config's own checks
     /// ([`Config::validate`]); `server::check_config` runs those and the checks of the
@@ -152,7 +177,10 @@ impl Config {
                     format!(" ({origin}, line {})", upto.matches('\n').count() + 1)
                 })
                 .unwrap_or_default();
-            invalid(key, format!("{}{line}", inner.message().trim_end()))
+            invalid(
+                key,
+                format!("{}{line}", without_values(inner.message().trim_end())),
+            )
         })
     }
 
@@ -331,6 +359,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_value_of_the_wrong_kind_is_named_by_its_key_without_quoting_it() {
+        let err = Config::parse("[auth]\ndev_login = \"hunter2\"\n", "twokey.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("auth.dev_login") && text.contains("expected a boolean"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
 
     #[test]
     fn a_file_that_is_not_toml_is_named_by_its_line_without_quoting_it() {
