@@ -7,9 +7,9 @@ use super::{Channel, RequestView, load_view, refuse, role_of, visible_request};
 use crate::audit::{self, NewEvent};
 use crate::error::{Error, Result};
 use crate::notify;
-use crate::policy::{self, Actor, CountedApproval, RequestStatus};
+use crate::policy::{self, Actor, RequestStatus};
 use crate::state::{AppState, Metrics};
-use crate::store::{self, ApprovalRow};
+use crate::store;
 
 pub use crate::policy::Decision;
 
@@ -150,17 +150,7 @@ async fn decide_inner(
             .await?;
             Metrics::inc(&state.metrics.approvals);
             let approvals = store::approvals_for(&mut tx, id).await?;
-            let group_lists: Vec<Vec<String>> = approvals.iter().map(ApprovalRow::groups).collect();
-            let counted: Vec<CountedApproval<'_>> = approvals
-                .iter()
-                .zip(&group_lists)
-                .filter(|(a, _)| a.decision == Decision::Approve)
-                .map(|(a, g)| CountedApproval {
-                    approver_id: &a.approver_id,
-                    groups: g,
-                })
-                .collect();
-            if policy::rule_met(role, &counted) {
+            if super::approvals_meet(&approvals, |c| policy::rule_met(role, c)) {
                 // The policy and the requester's groups may have changed since filing:
                 // grant only what could be requested now.
                 let requester = store::load_actor(

@@ -14,7 +14,7 @@ use crate::audit::{self, NewEvent};
 use crate::config::RoleConfig;
 use crate::error::{Error, Result};
 use crate::notify;
-use crate::policy::{self, Actor, CountedApproval, Decision, HeldStatus};
+use crate::policy::{self, Actor, Decision, HeldStatus};
 use crate::state::{AppState, Metrics};
 use crate::store::{self, ApprovalRow, Conn, HeldParse, HeldRow};
 
@@ -302,17 +302,7 @@ pub async fn decide(
             audit::append(&mut tx, now, &event("held.approval")).await?;
             Metrics::inc(&state.metrics.approvals);
             let decisions = store::held_decisions_for(&mut tx, id).await?;
-            let group_lists: Vec<Vec<String>> = decisions.iter().map(ApprovalRow::groups).collect();
-            let counted: Vec<CountedApproval<'_>> = decisions
-                .iter()
-                .zip(&group_lists)
-                .filter(|(a, _)| a.decision == Decision::Approve)
-                .map(|(a, g)| CountedApproval {
-                    approver_id: &a.approver_id,
-                    groups: g,
-                })
-                .collect();
-            if policy::held_rule_met(role, &counted) {
+            if super::approvals_meet(&decisions, |c| policy::held_rule_met(role, c)) {
                 if !store::move_held(&mut tx, id, HeldStatus::Pending, HeldStatus::Approved, now)
                     .await?
                 {

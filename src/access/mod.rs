@@ -89,6 +89,25 @@ fn approval_count(decisions: &[ApprovalRow], approver_groups: &[String]) -> usiz
         .len()
 }
 
+/// Whether these decisions (of a request or a held action) meet `rule`, given their
+/// approvals, each with the approver groups recorded with it.
+fn approvals_meet(
+    decisions: &[ApprovalRow],
+    rule: impl Fn(&[policy::CountedApproval<'_>]) -> bool,
+) -> bool {
+    let groups: Vec<Vec<String>> = decisions.iter().map(ApprovalRow::groups).collect();
+    let counted: Vec<policy::CountedApproval<'_>> = decisions
+        .iter()
+        .zip(&groups)
+        .filter(|(a, _)| a.decision == Decision::Approve)
+        .map(|(a, g)| policy::CountedApproval {
+            approver_id: &a.approver_id,
+            groups: g,
+        })
+        .collect();
+    rule(&counted)
+}
+
 /// Whether this person has decided, either way.
 fn decided_by(decisions: &[ApprovalRow], user_id: &str) -> bool {
     decisions.iter().any(|a| a.approver_id == user_id)
