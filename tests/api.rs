@@ -954,15 +954,10 @@ async fn a_reload_that_drops_an_approver_group_drops_its_approvals() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(r["approval_count"], 1);
 
-    let state = app.state().clone();
-    let mut c = state.config_as_read();
-    c.resources
-        .iter_mut()
-        .find(|r| r.name == "demo-db")
-        .unwrap()
-        .roles[0]
-        .approver_groups = vec!["dbas".into()];
-    twokey::server::reload(&state, c).await.unwrap();
+    app.reload_roles("demo-db", |roles| {
+        roles[0].approver_groups = vec!["dbas".into()];
+    })
+    .await;
     let (_, r) = app.api(ALICE).await.get(&format!("/requests/{id}")).await;
     assert_eq!(r["approval_count"], 0, "bob's group approves no more: {r}");
     let (s, r) = app.api(CAROL).await.act(&id, "approve").await;

@@ -655,17 +655,9 @@ async fn a_statement_the_rules_deny_while_it_waits_never_runs_once_approved() {
     let pw = password(&s).await;
     let run = psql(&s, &pw, "delete from victims where id = 2");
     let h = filed(&s, &[]).await;
-    let state = s.app.state().clone();
-    let mut c = state.config_as_read();
-    c.resources
-        .iter_mut()
-        .find(|r| r.name == "demo-db")
-        .unwrap()
-        .roles[0]
-        .sql
-        .deny
-        .push("DELETE".into());
-    twokey::server::reload(&state, c).await.unwrap();
+    s.app
+        .reload_roles("demo-db", |roles| roles[0].sql.deny.push("DELETE".into()))
+        .await;
     assert_eq!(
         decide(&s, BOB, &h.id, "approve", "").await,
         StatusCode::SEE_OTHER

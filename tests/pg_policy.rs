@@ -890,14 +890,8 @@ async fn a_role_that_masks_gets_no_session_without_its_masks() {
 
 /// The role's rules in the configuration as its file says now, changed by `f`.
 fn rules_changed(s: &Setup, f: impl FnOnce(&mut SqlPolicy)) -> twokey::config::Config {
-    let mut c = s.app.state().config_as_read();
-    let db = c
-        .resources
-        .iter_mut()
-        .find(|r| r.name == "demo-db")
-        .unwrap();
-    f(&mut db.roles[0].sql);
-    c
+    s.app
+        .config_with_roles("demo-db", |roles| f(&mut roles[0].sql))
 }
 
 /// A reload applies to live sessions: a statement prepared while the rules let it run

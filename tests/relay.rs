@@ -1308,16 +1308,6 @@ async fn a_host_certificate_from_twokeys_ca_is_not_a_login() {
     let cert = b.sign(&ca).unwrap();
     // OpenSSH's client will not even offer a host certificate, so present it the way an
     // attacker's client would.
-    struct AnyHost;
-    impl russh::client::Handler for AnyHost {
-        type Error = russh::Error;
-        async fn check_server_key(
-            &mut self,
-            _: &russh::keys::PublicKeyOrCertificate,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-    }
     let private = russh::keys::ssh_key::PrivateKey::read_openssh_file(&s.key).unwrap();
     let mut h = russh::client::connect(
         std::sync::Arc::new(russh::client::Config::default()),
@@ -3382,6 +3372,20 @@ async fn a_held_command_runs_once_when_approved_and_never_when_denied() {
     s.app.assert_chain_ok().await;
 }
 
+/// A russh client that takes any relay host key: for presenting what OpenSSH's client
+/// would not (a host certificate), or holding a channel open without a command.
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
 /// A reload applies to the next command on a live grant: a command the role now
 /// blocks is refused; a session whose role the reload removes is ended, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3391,16 +3395,8 @@ async fn a_reload_blocks_the_next_command_and_ends_sessions_of_a_removed_role() 
     let o = s.ssh(&cert, "demo-ssh", "id -u").await;
     assert!(o.status.success(), "{:?}", text(&o));
     let state = s.app.state().clone();
-    let with_ssh_role = |f: &dyn Fn(&mut Vec<twokey::config::RoleConfig>)| {
-        let mut c = state.config_as_read();
-        f(&mut c
-            .resources
-            .iter_mut()
-            .find(|r| r.name == "demo-ssh")
-            .unwrap()
-            .roles);
-        c
-    };
+    let with_ssh_role =
+        |f: &dyn Fn(&mut Vec<twokey::config::RoleConfig>)| s.app.config_with_roles("demo-ssh", f);
     let blocked = with_ssh_role(&|roles| roles[0].blocked_commands.push("id *".into()));
     let r = twokey::server::reload(&state, blocked).await.unwrap();
     assert_eq!(r.reload.changed, vec!["demo-ssh/admin".to_string()]);
@@ -3502,16 +3498,6 @@ async fn a_held_command_not_decided_in_time_never_runs() {
 async fn a_channel_opened_before_a_reload_is_judged_by_the_new_rules() {
     let s = setup().await;
     let (_, cert) = s.grant().await;
-    struct AnyHost;
-    impl russh::client::Handler for AnyHost {
-        type Error = russh::Error;
-        async fn check_server_key(
-            &mut self,
-            _: &russh::keys::PublicKeyOrCertificate,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-    }
     let private = russh::keys::ssh_key::PrivateKey::read_openssh_file(&s.key).unwrap();
     let cert = russh::keys::ssh_key::Certificate::read_file(&cert).unwrap();
     let mut h = russh::client::connect(
@@ -3527,16 +3513,11 @@ async fn a_channel_opened_before_a_reload_is_judged_by_the_new_rules() {
         .unwrap();
     assert!(auth.success());
     let mut channel = h.channel_open_session().await.unwrap();
-    let state = s.app.state().clone();
-    let mut c = state.config_as_read();
-    c.resources
-        .iter_mut()
-        .find(|r| r.name == "demo-ssh")
-        .unwrap()
-        .roles[0]
-        .blocked_commands
-        .push("id *".into());
-    twokey::server::reload(&state, c).await.unwrap();
+    s.app
+        .reload_roles("demo-ssh", |roles| {
+            roles[0].blocked_commands.push("id *".into())
+        })
+        .await;
     channel.exec(true, "id -u").await.unwrap();
     let (mut stderr, mut status) = (Vec::new(), None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -76,6 +76,33 @@ impl TestApp {
         &self.server.state
     }
 
+    /// The configuration as its file says now, with `f` applied to `resource`'s roles:
+    /// a file to reload.
+    pub fn config_with_roles(
+        &self,
+        resource: &str,
+        f: impl FnOnce(&mut Vec<twokey::config::RoleConfig>),
+    ) -> Config {
+        let mut c = self.state().config_as_read();
+        f(&mut c
+            .resources
+            .iter_mut()
+            .find(|r| r.name == resource)
+            .unwrap()
+            .roles);
+        c
+    }
+
+    /// Reloads the configuration with `f` applied to `resource`'s roles.
+    pub async fn reload_roles(
+        &self,
+        resource: &str,
+        f: impl FnOnce(&mut Vec<twokey::config::RoleConfig>),
+    ) -> twokey::server::Reloaded {
+        let c = self.config_with_roles(resource, f);
+        twokey::server::reload(self.state(), c).await.unwrap()
+    }
+
     /// Creates (or updates) a user with exactly these groups, in one transaction as
     /// sign-in does (the relay's cut watcher must never see the user with no groups).
     pub async fn user(&self, email: &str, groups: &[&str]) {
